@@ -1,0 +1,28 @@
+//! What Procurator's binaries share: the deployment artifact, validated names
+//! and store paths, identities and TLS, logging.
+
+pub mod artifact;
+pub mod identity;
+pub mod names;
+pub mod pki;
+pub mod store_path;
+pub mod telemetry;
+pub mod tls;
+
+pub use artifact::DeploymentArtifact;
+pub use identity::{Identity, Role};
+pub use names::{DeploymentId, MachineName};
+pub use store_path::StorePath;
+
+/// The agent protocol version this build speaks. The control plane accepts
+/// agents speaking `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION`.
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

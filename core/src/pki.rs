@@ -1,0 +1,254 @@
+//! The fleet's PKI: one CA, a server certificate for the control plane, and
+//! client certificates whose SAN URI carries a role and a name.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::identity::{Identity, Role};
+use crate::names::MachineName;
+
+const CA_VALIDITY_DAYS: i64 = 3650;
+const LEAF_VALIDITY_DAYS: i64 = 825;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{0} already holds a fleet CA (ca.key); issue more certificates with `procurator-ctl pki issue`, or pick an empty directory")]
+    AlreadyInitialised(PathBuf),
+    #[error("{0} holds no fleet CA (ca.crt and ca.key); create one with `procurator-ctl pki init --dir {0}`")]
+    NoCa(PathBuf),
+    #[error("{0} already exists; pass --force to replace it")]
+    Exists(PathBuf),
+    #[error("{0:?} is not a valid name for a certificate: {1}")]
+    BadName(String, String),
+    #[error("{0:?} is not a usable subject alternative name: {1}")]
+    BadSan(String, rcgen::Error),
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("cannot write {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    #[error("the CA in {0} cannot be loaded: {1}")]
+    BadCa(PathBuf, rcgen::Error),
+    #[error("generating a certificate failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Where a certificate and its key were written.
+#[derive(Debug, Clone)]
+pub struct IssuedFiles {
+    pub identity: Identity,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Files `pki init` writes.
+#[derive(Debug, Clone)]
+pub struct InitFiles {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub control_plane: IssuedFiles,
+    pub operator: IssuedFiles,
+}
+
+pub fn ca_cert_path(dir: &Path) -> PathBuf {
+    dir.join("ca.crt")
+}
+
+/// Where `issue` writes the certificate and key for an identity:
+/// `<role>-<name>.crt`/`.key`, or `control-plane.crt`/`.key` for the server.
+pub fn leaf_paths(dir: &Path, role: Role, name: &MachineName) -> (PathBuf, PathBuf) {
+    let stem = match role {
+        Role::ControlPlane => "control-plane".to_owned(),
+        _ => format!("{role}-{name}"),
+    };
+    (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")))
+}
+
+/// Create a fleet CA in `dir`, a server certificate for the control plane
+/// (valid for `localhost`, `127.0.0.1`, `::1` and every `sans` entry) and an
+/// operator certificate named `operator_name`.
+pub fn init(dir: &Path, sans: &[String], operator_name: &str) -> Result<InitFiles, PkiError> {
+    let ca_key_path = dir.join("ca.key");
+    if ca_key_path.exists() {
+        return Err(PkiError::AlreadyInitialised(dir.to_owned()));
+    }
+    fs::create_dir_all(dir).map_err(|e| PkiError::Write(dir.to_owned(), e))?;
+
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "Procurator fleet CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = params.self_signed(&ca_key)?;
+
+    let ca_cert_path = ca_cert_path(dir);
+    write_file(&ca_cert_path, ca_cert.pem().as_bytes(), 0o644, false)?;
+    write_file(&ca_key_path, ca_key.serialize_pem().as_bytes(), 0o600, false)?;
+
+    let issuer = Issuer::new(params, ca_key);
+    let server_name = MachineName::parse("control-plane").map_err(|e| PkiError::BadName("control-plane".into(), e.to_string()))?;
+    let mut server_sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    server_sans.extend(sans.iter().cloned());
+    let control_plane = issue_with(dir, &issuer, Role::ControlPlane, &server_name, &server_sans, false)?;
+    let operator_name = parse_name(operator_name)?;
+    let operator = issue_with(dir, &issuer, Role::Operator, &operator_name, &[], false)?;
+    Ok(InitFiles { ca_cert: ca_cert_path, ca_key: ca_key_path, control_plane, operator })
+}
+
+/// Issue a certificate for `role`/`name`, signed by the CA in `dir`.
+pub fn issue(
+    dir: &Path,
+    role: Role,
+    name: &str,
+    sans: &[String],
+    force: bool,
+) -> Result<IssuedFiles, PkiError> {
+    let name = parse_name(name)?;
+    let issuer = load_issuer(dir)?;
+    issue_with(dir, &issuer, role, &name, sans, force)
+}
+
+fn parse_name(name: &str) -> Result<MachineName, PkiError> {
+    MachineName::parse(name).map_err(|e| PkiError::BadName(name.to_owned(), e.to_string()))
+}
+
+fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let (cert_path, key_path) = (ca_cert_path(dir), dir.join("ca.key"));
+    if !cert_path.exists() || !key_path.exists() {
+        return Err(PkiError::NoCa(dir.to_owned()));
+    }
+    let cert_pem = fs::read_to_string(&cert_path).map_err(|e| PkiError::Read(cert_path.clone(), e))?;
+    let key_pem = fs::read_to_string(&key_path).map_err(|e| PkiError::Read(key_path.clone(), e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadCa(key_path.clone(), e))?;
+    Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::BadCa(cert_path, e))
+}
+
+fn issue_with(
+    dir: &Path,
+    issuer: &Issuer<'_, KeyPair>,
+    role: Role,
+    name: &MachineName,
+    sans: &[String],
+    force: bool,
+) -> Result<IssuedFiles, PkiError> {
+    let identity = Identity::new(role, name.clone());
+    let (cert_path, key_path) = leaf_paths(dir, role, name);
+    if !force {
+        for p in [&cert_path, &key_path] {
+            if p.exists() {
+                return Err(PkiError::Exists(p.clone()));
+            }
+        }
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    for san in sans {
+        params.subject_alt_names.push(match san.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                san.clone().try_into().map_err(|e| PkiError::BadSan(san.clone(), e))?,
+            ),
+        });
+    }
+    let uri = identity.uri();
+    params
+        .subject_alt_names
+        .push(SanType::URI(uri.clone().try_into().map_err(|e| PkiError::BadSan(uri, e))?));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.to_string());
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = match role {
+        Role::ControlPlane => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    // The key first: a certificate without its key is useless, the reverse is harmless.
+    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, force)?;
+    write_file(&cert_path, cert.pem().as_bytes(), 0o644, force)?;
+    Ok(IssuedFiles { identity, cert: cert_path, key: key_path })
+}
+
+/// Write atomically: a temporary file with the final mode from the start
+/// (a key is never readable by others, not even for a moment), then rename.
+fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Result<(), PkiError> {
+    if !replace && path.exists() {
+        return Err(PkiError::Exists(path.to_owned()));
+    }
+    let err = |e| PkiError::Write(path.to_owned(), e);
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(contents).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn init_then_issue_writes_identities_and_private_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let init = init(dir.path(), &["cp.example".into()], "alice").unwrap();
+        assert_eq!(init.operator.identity.to_string(), "operator/alice");
+        let agent = issue(dir.path(), Role::Agent, "worker-1", &[], false).unwrap();
+        let der = pem_to_der(&fs::read_to_string(&agent.cert).unwrap());
+        let id = Identity::from_certificate_der(&der).unwrap();
+        assert_eq!(id.to_string(), "agent/worker-1");
+        for key in [&init.ca_key, &init.control_plane.key, &init.operator.key, &agent.key] {
+            let mode = fs::metadata(key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        assert!(matches!(init_again(dir.path()), Err(PkiError::AlreadyInitialised(_))));
+        assert!(matches!(
+            issue(dir.path(), Role::Agent, "worker-1", &[], false),
+            Err(PkiError::Exists(_))
+        ));
+        issue(dir.path(), Role::Agent, "worker-1", &[], true).unwrap();
+        assert!(matches!(
+            issue(dir.path(), Role::Agent, "../x", &[], false),
+            Err(PkiError::BadName(..))
+        ));
+    }
+
+    #[test]
+    fn issue_without_a_ca_says_how_to_make_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = issue(dir.path(), Role::Ci, "ci", &[], false).unwrap_err().to_string();
+        assert!(err.contains("pki init"), "{err}");
+    }
+
+    fn init_again(dir: &Path) -> Result<InitFiles, PkiError> {
+        init(dir, &[], "bob")
+    }
+
+    fn pem_to_der(pem: &str) -> Vec<u8> {
+        let mut reader = std::io::BufReader::new(pem.as_bytes());
+        rustls_pemfile::certs(&mut reader).next().unwrap().unwrap().to_vec()
+    }
+}

@@ -1,0 +1,167 @@
+//! Loading the fleet's TLS material and reading the peer's identity.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, ServerTlsConfig};
+
+use crate::identity::{Identity, IdentityError, Role};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{what} {path} holds no PEM {expected}")]
+    NotPem { what: &'static str, path: PathBuf, expected: &'static str },
+    #[error("the certificate {path} is not usable: {source}")]
+    Identity { path: PathBuf, source: IdentityError },
+    #[error("{0:?} is not a control-plane address: {1} (expected e.g. https://cp.example:7700)")]
+    BadUrl(String, String),
+    #[error("TLS configuration failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The three files every party needs: the fleet CA, its own certificate and key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// PEM contents of [`TlsFiles`], plus the identity in the certificate.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub identity: Identity,
+}
+
+impl TlsFiles {
+    pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        let ca_pem = read(&self.ca, "CA certificate", "CERTIFICATE")?;
+        let cert_pem = read(&self.cert, "certificate", "CERTIFICATE")?;
+        let key_pem = read(&self.key, "private key", "PRIVATE KEY")?;
+        warn_if_readable_by_others(&self.key);
+        let der = first_certificate_der(&cert_pem).ok_or_else(|| TlsError::NotPem {
+            what: "certificate",
+            path: self.cert.clone(),
+            expected: "CERTIFICATE",
+        })?;
+        let identity = Identity::from_certificate_der(&der)
+            .map_err(|source| TlsError::Identity { path: self.cert.clone(), source })?;
+        Ok(TlsMaterial { ca_pem, cert_pem, key_pem, identity })
+    }
+}
+
+impl TlsMaterial {
+    /// Server side: present our certificate, require a client certificate
+    /// signed by the fleet CA.
+    pub fn server_config(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .timeout(HANDSHAKE_TIMEOUT)
+    }
+
+    /// Client side: trust only the fleet CA and present our certificate.
+    pub fn client_config(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+    }
+
+    /// An endpoint for `url` (`https://host:port`) over mutual TLS, with
+    /// HTTP/2 keepalive so a dead peer behind NAT is noticed.
+    pub fn endpoint(&self, url: &str, keepalive: Duration) -> Result<Endpoint, TlsError> {
+        let uri: tonic::codegen::http::Uri =
+            url.parse().map_err(|e: tonic::codegen::http::uri::InvalidUri| {
+                TlsError::BadUrl(url.to_owned(), e.to_string())
+            })?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none() {
+            return Err(TlsError::BadUrl(url.to_owned(), "it must be https://HOST:PORT".into()));
+        }
+        let mut tls = self.client_config();
+        // rustls wants the bare address for IP literals (`[::1]` -> `::1`).
+        if let Some(host) = uri.host() {
+            tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+        }
+        Ok(Endpoint::from(uri)
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(keepalive)
+            .keep_alive_timeout(keepalive.max(Duration::from_secs(5)))
+            .keep_alive_while_idle(true))
+    }
+
+    /// Connect lazily: the first RPC dials.
+    pub fn channel(&self, url: &str) -> Result<Channel, TlsError> {
+        Ok(self.endpoint(url, Duration::from_secs(20))?.connect_lazy())
+    }
+}
+
+/// The identity in the peer's client certificate, or the status to refuse with.
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<Identity, tonic::Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    Identity::from_certificate_der(leaf.as_ref())
+        .map_err(|e| tonic::Status::unauthenticated(format!("client certificate refused: {e}")))
+}
+
+/// Refuse unless the peer holds one of `allowed` roles.
+pub fn require_role<T>(
+    request: &tonic::Request<T>,
+    allowed: &[Role],
+) -> Result<Identity, tonic::Status> {
+    let identity = peer_identity(request)?;
+    if allowed.contains(&identity.role) {
+        Ok(identity)
+    } else {
+        let allowed: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        Err(tonic::Status::permission_denied(format!(
+            "{identity} may not do this; it needs a certificate with role {}",
+            allowed.join(" or ")
+        )))
+    }
+}
+
+fn read(path: &Path, what: &'static str, expected: &'static str) -> Result<Vec<u8>, TlsError> {
+    let bytes = std::fs::read(path)
+        .map_err(|source| TlsError::Read { what, path: path.to_owned(), source })?;
+    let marker = format!("-----BEGIN {expected}");
+    let has_marker = String::from_utf8_lossy(&bytes).lines().any(|l| {
+        l.starts_with(&marker) || (expected == "PRIVATE KEY" && l.contains("PRIVATE KEY-----"))
+    });
+    if has_marker {
+        Ok(bytes)
+    } else {
+        Err(TlsError::NotPem { what, path: path.to_owned(), expected })
+    }
+}
+
+fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
+    let mut reader = std::io::BufReader::new(pem);
+    rustls_pemfile::certs(&mut reader).next()?.ok().map(|c| c.to_vec())
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "private key is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Human names for the protocol's enums, as `watch` and `status` print them.
+
+use crate::v1::{DeploymentState, MachineState};
+
+impl MachineState {
+    /// Whether a machine in this state is done with its deployment.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MachineState::Succeeded
+                | MachineState::Skipped
+                | MachineState::Failed
+                | MachineState::RolledBack
+                | MachineState::RollbackFailed
+                | MachineState::Superseded
+                | MachineState::Cancelled
+                | MachineState::Unreachable
+        )
+    }
+
+    /// Whether this final state counts against the deployment.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            MachineState::Failed
+                | MachineState::RolledBack
+                | MachineState::RollbackFailed
+                | MachineState::Unreachable
+        )
+    }
+
+    /// The short lower-case name used in CLI output and JSON, e.g. `rolled-back`.
+    pub fn label(self) -> &'static str {
+        match self {
+            MachineState::Unspecified => "unknown",
+            MachineState::Pending => "pending",
+            MachineState::Sent => "sent",
+            MachineState::Copying => "copying",
+            MachineState::Activating => "activating",
+            MachineState::Checking => "checking",
+            MachineState::Confirming => "confirming",
+            MachineState::Committing => "committing",
+            MachineState::Succeeded => "succeeded",
+            MachineState::Skipped => "skipped",
+            MachineState::Failed => "failed",
+            MachineState::RollingBack => "rolling-back",
+            MachineState::RolledBack => "rolled-back",
+            MachineState::RollbackFailed => "rollback-failed",
+            MachineState::Superseded => "superseded",
+            MachineState::Cancelled => "cancelled",
+            MachineState::Unreachable => "unreachable",
+        }
+    }
+}
+
+impl std::fmt::Display for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl DeploymentState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, DeploymentState::Running | DeploymentState::Unspecified)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DeploymentState::Unspecified => "unknown",
+            DeploymentState::Running => "running",
+            DeploymentState::Succeeded => "succeeded",
+            DeploymentState::Failed => "failed",
+            DeploymentState::Superseded => "superseded",
+            DeploymentState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for DeploymentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}

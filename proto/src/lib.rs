@@ -1,0 +1,14 @@
+//! Procurator's wire protocol, generated from `proto/procurator/v1/*.proto`.
+//!
+//! Nothing here is hand-written except small conversions in sibling modules.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("procurator.v1");
+
+    /// The encoded `FileDescriptorSet` for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("procurator_descriptor");
+}
+
+mod display;
