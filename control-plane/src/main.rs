@@ -1,1 +1,117 @@
-fn main() {}
+//! `procurator-control-plane`: the gRPC server agents dial into, the state
+//! store and the event log that `procurator-ctl watch` follows.
+
+mod agent_service;
+mod connections;
+mod deployment_service;
+mod rollout;
+mod server;
+mod store;
+mod watch;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod test_support;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use procurator_core::telemetry::{self, LogFormat};
+use procurator_core::tls::TlsFiles;
+use tokio_util::sync::CancellationToken;
+
+/// Procurator's control plane: receives deployments from CI, hands each
+/// agent the closure its machine should run, and records every step.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port (see --ready-file).
+    #[arg(long, env = "PROCURATOR_LISTEN", default_value = "0.0.0.0:7700")]
+    listen: String,
+    /// Directory of the state database (procurator.db).
+    #[arg(
+        long,
+        env = "PROCURATOR_DATA_DIR",
+        default_value = "/var/lib/procurator"
+    )]
+    data_dir: PathBuf,
+    /// The fleet CA certificate: clients must present a certificate it signed.
+    #[arg(long, env = "PROCURATOR_TLS_CA")]
+    tls_ca: PathBuf,
+    /// The control plane's certificate.
+    #[arg(long, env = "PROCURATOR_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// The control plane's private key.
+    #[arg(long, env = "PROCURATOR_TLS_KEY")]
+    tls_key: PathBuf,
+    /// Once serving, write `HOST:PORT` of the bound socket here (atomically).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Seconds an agent has to send Hello after connecting.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    hello_timeout: u64,
+    /// Seconds between HTTP/2 keepalive pings; a peer silent for as long again is dropped.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive: u64,
+    /// Log as human-readable `text` or as `json` lines.
+    #[arg(long, env = "PROCURATOR_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.log_format, "info");
+
+    let config = server::Config {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        tls: TlsFiles {
+            ca: args.tls_ca,
+            cert: args.tls_cert,
+            key: args.tls_key,
+        },
+        ready_file: args.ready_file,
+        hello_timeout: Duration::from_secs(args.hello_timeout),
+        keepalive: Duration::from_secs(args.keepalive),
+    };
+    let signal = CancellationToken::new();
+    tokio::spawn(watch_signals(signal.clone()));
+    server::run(config, signal)
+        .await
+        .context("the control plane stopped")?;
+    Ok(())
+}
+
+/// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.
+async fn watch_signals(signal: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal as unix_signal};
+    let (mut term, mut int) = match (
+        unix_signal(SignalKind::terminate()),
+        unix_signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers; stop me with SIGKILL");
+            return;
+        }
+    };
+    for received in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if received == 0 {
+            tracing::info!("signal received; shutting down (send another to exit at once)");
+            signal.cancel();
+        } else {
+            tracing::warn!("second signal; exiting now");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! `AgentService.Connect`: the one long-lived stream each agent dials in on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use procurator_core::tls::require_role;
+use procurator_core::{DeploymentId, MIN_PROTOCOL_VERSION, MachineName, PROTOCOL_VERSION, Role};
+use procurator_proto::v1::agent_service_server::AgentService;
+use procurator_proto::v1::{
+    AgentMessage, ControlMessage, Hello, MachineState, Welcome, agent_message, control_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use crate::connections::{Conn, Connections, dispatch_to};
+use crate::rollout;
+use crate::store::{ResultOutcome, Store, StoreError};
+
+/// Frames queued towards one agent before the sender waits.
+const OUTBOUND_CAPACITY: usize = 16;
+/// How long the closing status may wait for room on the agent's stream.
+const FINAL_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no Hello within {0:?}; an agent must send Hello as its first frame")]
+    HelloTimeout(Duration),
+    #[error("the first frame must be Hello")]
+    NotHello,
+    #[error("the stream ended before Hello")]
+    NoHello,
+    #[error(
+        "the agent speaks protocol version {got}; this control plane speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the older side"
+    )]
+    Version { got: u32 },
+    #[error("replaced by a newer connection")]
+    Replaced,
+    #[error("the control plane is shutting down; reconnect")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ConnectError> for Status {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::HelloTimeout(_) => Status::deadline_exceeded(e.to_string()),
+            ConnectError::NotHello | ConnectError::NoHello => {
+                Status::invalid_argument(e.to_string())
+            }
+            ConnectError::Version { .. } => Status::failed_precondition(e.to_string()),
+            ConnectError::Replaced => Status::aborted(e.to_string()),
+            ConnectError::ShuttingDown => Status::unavailable(e.to_string()),
+            ConnectError::Store(e) => e.into(),
+        }
+    }
+}
+
+pub struct AgentSvc {
+    pub store: Store,
+    pub connections: Arc<Connections>,
+    pub hello_timeout: Duration,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
+
+    /// Status codes: see `agent.proto`.
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let machine = require_role(&request, &[Role::Agent])?.name;
+        let mut inbound = request.into_inner();
+        let hello = self.await_hello(&mut inbound).await?;
+
+        let generation = self.connections.next_generation();
+        // Committed before the agent hears Welcome.
+        let newest = self
+            .store
+            .agent_connected(machine.clone(), generation, hello.clone())
+            .await
+            .map_err(ConnectError::from)?;
+        if !newest {
+            return Err(ConnectError::Replaced.into());
+        }
+        tracing::info!(
+            machine = %machine,
+            generation,
+            agent_version = %hello.agent_version,
+            current_system = %hello.current_system,
+            "agent connected"
+        );
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let welcome = Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            machine: machine.to_string(),
+            control_plane_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        // Queued before the stream is registered, so Welcome is always first.
+        let welcome = ControlMessage {
+            kind: Some(control_message::Kind::Welcome(welcome)),
+        };
+        if tx.try_send(Ok(welcome)).is_err() {
+            return Err(Status::internal(
+                "could not queue Welcome on a fresh stream",
+            ));
+        }
+        let conn = Conn::new(generation, tx, &self.shutdown);
+        self.connections.register(machine.clone(), conn.clone());
+
+        let stream = AgentStream {
+            store: self.store.clone(),
+            connections: self.connections.clone(),
+            shutdown: self.shutdown.clone(),
+            machine: machine.clone(),
+            conn,
+        };
+        let span = tracing::info_span!("agent", machine = %machine, generation);
+        self.tasks.spawn(stream.run(inbound).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl AgentSvc {
+    async fn await_hello(&self, inbound: &mut Streaming<AgentMessage>) -> Result<Hello, Status> {
+        let first = tokio::select! {
+            () = self.shutdown.cancelled() => return Err(ConnectError::ShuttingDown.into()),
+            first = tokio::time::timeout(self.hello_timeout, inbound.message()) => first,
+        };
+        let hello = match first {
+            Err(_) => return Err(ConnectError::HelloTimeout(self.hello_timeout).into()),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(ConnectError::NoHello.into()),
+            Ok(Ok(Some(AgentMessage {
+                kind: Some(agent_message::Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => return Err(ConnectError::NotHello.into()),
+        };
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol_version) {
+            return Err(ConnectError::Version {
+                got: hello.protocol_version,
+            }
+            .into());
+        }
+        Ok(hello)
+    }
+}
+
+/// The inbound side of one agent's stream, after the handshake.
+struct AgentStream {
+    store: Store,
+    connections: Arc<Connections>,
+    shutdown: CancellationToken,
+    machine: MachineName,
+    conn: Conn,
+}
+
+impl AgentStream {
+    async fn run(self, mut inbound: Streaming<AgentMessage>) {
+        let ended = self.serve(&mut inbound).await;
+        // Whatever waits to send on this stream gives up now.
+        self.conn.closing.cancel();
+        if let Err(e) = ended {
+            tracing::info!(reason = %e, "closing agent stream");
+            // Best effort, bounded: an agent that stopped reading never gets it.
+            let status = Err(Status::from(e));
+            let _ = tokio::time::timeout(FINAL_STATUS_TIMEOUT, self.conn.tx.send(status)).await;
+        }
+        self.connections
+            .remove_if_current(&self.machine, self.conn.generation);
+        match self
+            .store
+            .agent_disconnected(self.machine.clone(), self.conn.generation)
+            .await
+        {
+            Ok(true) => tracing::info!("agent disconnected"),
+            Ok(false) => tracing::debug!("stream ended after a newer one took over"),
+            Err(e) => tracing::warn!(error = %e, "could not record the disconnect"),
+        }
+    }
+
+    /// Read frames until the agent hangs up (`Ok`) or the stream must end
+    /// with a status.
+    async fn serve(&self, inbound: &mut Streaming<AgentMessage>) -> Result<(), ConnectError> {
+        // A machine that reconnects gets its desired state again.
+        dispatch_to(&self.store, &self.conn, &self.machine).await?;
+        loop {
+            let frame = tokio::select! {
+                () = self.conn.closing.cancelled() => {
+                    return Err(if self.shutdown.is_cancelled() {
+                        ConnectError::ShuttingDown
+                    } else {
+                        ConnectError::Replaced
+                    });
+                }
+                frame = inbound.message() => frame,
+            };
+            match frame {
+                Ok(Some(message)) => self.handle(message).await?,
+                Ok(None) => return Ok(()),
+                Err(status) => {
+                    tracing::debug!(%status, "agent stream broke");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, message: AgentMessage) -> Result<(), ConnectError> {
+        let machine = self.machine.clone();
+        match message.kind {
+            Some(agent_message::Kind::Progress(progress)) => {
+                let state = MachineState::try_from(progress.state).unwrap_or_default();
+                let Some(id) = self.deployment_id(&progress.deployment_id) else {
+                    return Ok(());
+                };
+                if !rollout::is_progress_state(state) {
+                    tracing::debug!(%state, "progress with a state progress cannot set; ignored");
+                    return Ok(());
+                }
+                if !self
+                    .store
+                    .record_progress(machine, id.clone(), state, progress)
+                    .await?
+                {
+                    tracing::debug!(deployment = %id, "progress for a finished or unknown row; ignored");
+                }
+            }
+            Some(agent_message::Kind::Result(result)) => {
+                let state = MachineState::try_from(result.state).unwrap_or_default();
+                let Some(id) = self.deployment_id(&result.deployment_id) else {
+                    return Ok(());
+                };
+                if !rollout::is_result_state(state) {
+                    tracing::warn!(deployment = %id, %state, "result with a state that is not a result; ignored");
+                    return Ok(());
+                }
+                let reason = result.reason.clone();
+                match self
+                    .store
+                    .record_result(machine, id.clone(), state, result)
+                    .await?
+                {
+                    ResultOutcome::Recorded { finished } => {
+                        tracing::info!(deployment = %id, %state, %reason, "machine finished");
+                        if let Some(outcome) = finished {
+                            tracing::info!(deployment = %id, state = %outcome, "deployment finished");
+                        }
+                    }
+                    ResultOutcome::Stale => {
+                        tracing::debug!(deployment = %id, %state, "result for a row that is already final");
+                    }
+                }
+                // A newer deployment may be waiting for this machine.
+                dispatch_to(&self.store, &self.conn, &self.machine).await?;
+            }
+            Some(agent_message::Kind::Heartbeat(beat)) => {
+                self.store
+                    .agent_heartbeat(machine, beat.current_system)
+                    .await?;
+            }
+            Some(agent_message::Kind::Hello(_)) => {
+                tracing::warn!("a second Hello on the same stream; ignored");
+            }
+            None => tracing::debug!("an empty frame; ignored"),
+        }
+        Ok(())
+    }
+
+    fn deployment_id(&self, raw: &str) -> Option<DeploymentId> {
+        match DeploymentId::parse(raw) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::debug!(error = %e, "report for a malformed deployment id; ignored");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The agents' open streams, at most one per machine, and sending a machine
+//! its desired state over its stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use procurator_core::MachineName;
+use procurator_proto::v1::{ControlMessage, control_message};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+
+/// The sending half of an agent's response stream.
+pub type Outbound = mpsc::Sender<Result<ControlMessage, tonic::Status>>;
+
+/// One agent stream.
+#[derive(Clone)]
+pub struct Conn {
+    /// Distinguishes this stream from earlier and later ones of the same machine.
+    pub generation: u64,
+    pub tx: Outbound,
+    /// Held from reading the desired state until it is queued on the stream,
+    /// so an older desired state can never overtake a newer one.
+    send_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Fired when the stream is ending: a newer stream for the same machine
+    /// took over, the control plane shuts down (a child of its token), or
+    /// the agent hung up. Nothing waits on a closing stream.
+    pub closing: CancellationToken,
+}
+
+impl Conn {
+    pub fn new(generation: u64, tx: Outbound, shutdown: &CancellationToken) -> Self {
+        Self {
+            generation,
+            tx,
+            send_lock: Arc::default(),
+            closing: shutdown.child_token(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Connections {
+    streams: Mutex<HashMap<MachineName, Conn>>,
+    last_generation: AtomicU64,
+}
+
+impl Connections {
+    pub fn next_generation(&self) -> u64 {
+        self.last_generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Make `conn` the machine's stream; the stream it replaces is told to
+    /// end. Two streams racing through the handshake: the newer generation
+    /// wins, whichever registers last.
+    pub fn register(&self, machine: MachineName, conn: Conn) {
+        let mut streams = self.lock();
+        match streams.get(&machine) {
+            Some(current) if current.generation > conn.generation => conn.closing.cancel(),
+            _ => {
+                if let Some(old) = streams.insert(machine, conn) {
+                    old.closing.cancel();
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, machine: &MachineName) -> Option<Conn> {
+        self.lock().get(machine).cloned()
+    }
+
+    /// Forget the machine's stream if it is still `generation`. False when a
+    /// newer stream has taken over.
+    pub fn remove_if_current(&self, machine: &MachineName, generation: u64) -> bool {
+        let mut streams = self.lock();
+        if streams
+            .get(machine)
+            .is_some_and(|c| c.generation == generation)
+        {
+            streams.remove(machine);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MachineName, Conn>> {
+        // The map holds no invariant a panicking holder could have broken.
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Send `machine` its desired state if it is connected and has one.
+pub async fn dispatch(
+    store: &Store,
+    connections: &Connections,
+    machine: &MachineName,
+) -> Result<(), StoreError> {
+    match connections.get(machine) {
+        Some(conn) => dispatch_to(store, &conn, machine).await,
+        None => Ok(()),
+    }
+}
+
+/// Send the machine's current desired state over `conn`. Sending it again is
+/// harmless: the agent dedupes by deployment id.
+pub async fn dispatch_to(
+    store: &Store,
+    conn: &Conn,
+    machine: &MachineName,
+) -> Result<(), StoreError> {
+    let _order = tokio::select! {
+        () = conn.closing.cancelled() => return Ok(()),
+        order = conn.send_lock.lock() => order,
+    };
+    if conn.tx.is_closed() || conn.closing.is_cancelled() {
+        // Do not mark it SENT for a stream that is gone; the next one gets it.
+        return Ok(());
+    }
+    let Some(desired) = store.take_desired(machine.clone()).await? else {
+        return Ok(());
+    };
+    tracing::info!(
+        deployment = %desired.deployment_id,
+        machine = %machine,
+        closure = %desired.closure,
+        "sending desired state"
+    );
+    let message = ControlMessage {
+        kind: Some(control_message::Kind::DesiredState(desired)),
+    };
+    let sent = tokio::select! {
+        () = conn.closing.cancelled() => false,
+        sent = conn.tx.send(Ok(message)) => sent.is_ok(),
+    };
+    if !sent {
+        tracing::debug!(machine = %machine, "agent stream closed; it gets the desired state when it reconnects");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests {
+    use super::*;
+
+    fn conn(
+        connections: &Connections,
+    ) -> (Conn, mpsc::Receiver<Result<ControlMessage, tonic::Status>>) {
+        let (tx, rx) = mpsc::channel(1);
+        (
+            Conn::new(connections.next_generation(), tx, &CancellationToken::new()),
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_newer_stream_replaces_the_older_one() {
+        let connections = Connections::default();
+        let machine = MachineName::parse("worker-1").unwrap();
+        let (first, _rx1) = conn(&connections);
+        let (second, _rx2) = conn(&connections);
+        assert!(second.generation > first.generation);
+
+        connections.register(machine.clone(), first.clone());
+        connections.register(machine.clone(), second.clone());
+        assert!(first.closing.is_cancelled());
+        assert!(!second.closing.is_cancelled());
+
+        // The old stream ending must not remove the new one.
+        assert!(!connections.remove_if_current(&machine, first.generation));
+        assert_eq!(
+            connections.get(&machine).map(|c| c.generation),
+            Some(second.generation)
+        );
+        assert!(connections.remove_if_current(&machine, second.generation));
+        assert!(connections.get(&machine).is_none());
+
+        // An older generation registering late is turned away at once.
+        let (newer, _rx3) = conn(&connections);
+        connections.register(machine.clone(), newer.clone());
+        let late = Conn::new(
+            newer.generation - 1,
+            first.tx.clone(),
+            &CancellationToken::new(),
+        );
+        connections.register(machine.clone(), late.clone());
+        assert!(late.closing.is_cancelled());
+        assert!(!newer.closing.is_cancelled());
+        assert_eq!(
+            connections.get(&machine).map(|c| c.generation),
+            Some(newer.generation)
+        );
+    }
+}

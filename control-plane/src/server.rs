@@ -1,0 +1,198 @@
+//! Wiring: open the store, bind, serve every service over mutual TLS on one
+//! port, and shut down in order when told to.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use procurator_core::Role;
+use procurator_core::artifact::MAX_ARTIFACT_BYTES;
+use procurator_core::tls::{TlsError, TlsFiles};
+use procurator_proto::v1::agent_service_server::AgentServiceServer;
+use procurator_proto::v1::deployment_service_server::DeploymentServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::agent_service::AgentSvc;
+use crate::connections::Connections;
+use crate::deployment_service::DeploymentSvc;
+use crate::store::{Store, StoreError};
+
+/// How long in-flight RPCs may take to finish after a shutdown signal.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Room for a maximal artifact plus the request's framing.
+const MAX_SUBMIT_BYTES: usize = MAX_ARTIFACT_BYTES + 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub ready_file: Option<PathBuf>,
+    pub hello_timeout: Duration,
+    pub keepalive: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot load the TLS material: {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}; is another process using it?")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write the ready file {path}: {source}")]
+    ReadyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the gRPC server task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+type AgentServer = AgentServiceServer<AgentSvc>;
+type DeploymentServer = DeploymentServiceServer<DeploymentSvc>;
+
+/// Serve until `signal` fires, then: health NOT_SERVING, agent and watch
+/// streams end with UNAVAILABLE, in-flight RPCs drain for at most
+/// [`DRAIN_DEADLINE`].
+pub async fn run(config: Config, signal: CancellationToken) -> Result<(), ServerError> {
+    let tls = config.tls.load()?;
+    if tls.identity.role != Role::ControlPlane {
+        tracing::warn!(identity = %tls.identity, "the server certificate is not a control-plane certificate");
+    }
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+        .await
+        .map_err(StoreError::from)??;
+    tracing::info!(path = %config.data_dir.join(crate::store::DB_FILE).display(), "state store open");
+
+    // Only now, with the store open, does anything report SERVING.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    tracing::info!(address = %addr, "listening");
+
+    // Streams end on `stop`, which fires only after health went NOT_SERVING.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let connections = Arc::new(Connections::default());
+    let agents = AgentSvc {
+        store: store.clone(),
+        connections: connections.clone(),
+        hello_timeout: config.hello_timeout,
+        shutdown: stop.clone(),
+        tasks: tasks.clone(),
+    };
+    let deployments = DeploymentSvc {
+        store,
+        connections,
+        shutdown: stop.clone(),
+        tasks: tasks.clone(),
+    };
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(procurator_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+
+    let router = Server::builder()
+        .tls_config(tls.server_config())?
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive))
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(AgentServer::new(agents))
+        .add_service(
+            DeploymentServer::new(deployments).max_decoding_message_size(MAX_SUBMIT_BYTES),
+        );
+    let server_stop = stop.clone();
+    let mut serving = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            server_stop.cancelled().await
+        }),
+    );
+
+    if let Some(path) = &config.ready_file {
+        write_ready_file(path, addr).map_err(|source| ServerError::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
+    tokio::select! {
+        () = signal.cancelled() => {}
+        ended = &mut serving => {
+            // The server stopped without being asked: report why.
+            stop.cancel();
+            ended??;
+            return Ok(());
+        }
+    }
+
+    tracing::info!("shutting down");
+    for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    stop.cancel();
+    tasks.close();
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        let served = serving.await;
+        tasks.wait().await;
+        served
+    })
+    .await;
+    match drained {
+        Ok(served) => served??,
+        Err(_) => tracing::warn!(
+            deadline_secs = DRAIN_DEADLINE.as_secs(),
+            "in-flight RPCs did not finish in time; exiting anyway"
+        ),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Write `HOST:PORT\n` so that a reader never sees a partial file: write a
+/// temporary file beside it, sync, rename.
+fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(format!("{addr}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,192 @@
+//! Agents: who is connected, what they run, what they last reported.
+
+use procurator_core::MachineName;
+use procurator_proto::v1::{Agent, AgentConnection, Hello, MachineState, event};
+use rusqlite::params;
+
+use super::{Store, StoreError, Tx};
+
+impl Store {
+    /// A stream for `machine` completed its handshake. `generation` names this
+    /// connection; only the same generation can mark it disconnected. False
+    /// (nothing changed) when a newer generation got here first.
+    pub async fn agent_connected(
+        &self,
+        machine: MachineName,
+        generation: u64,
+        hello: Hello,
+    ) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            let changed = tx.sql.execute(
+                "INSERT INTO agents (machine, connected, generation, current_system, booted_system,
+                                     agent_version, nix_version, last_seen_ms)
+                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (machine) DO UPDATE SET
+                     connected = 1, generation = ?2, current_system = ?3, booted_system = ?4,
+                     agent_version = ?5, nix_version = ?6, last_seen_ms = ?7
+                 WHERE excluded.generation > agents.generation",
+                params![
+                    machine.as_str(),
+                    generation_to_sql(generation),
+                    hello.current_system,
+                    hello.booted_system,
+                    hello.agent_version,
+                    hello.nix_version,
+                    tx.now
+                ],
+            )?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            emit_connection(tx, &machine, true, hello.current_system)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// The agent is alive and runs `current_system` (empty: unchanged).
+    pub async fn agent_heartbeat(
+        &self,
+        machine: MachineName,
+        current_system: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            tx.sql.execute(
+                "UPDATE agents SET last_seen_ms = ?2,
+                     current_system = CASE WHEN ?3 = '' THEN current_system ELSE ?3 END
+                 WHERE machine = ?1",
+                params![machine.as_str(), tx.now, current_system],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Connection `generation` of `machine` ended. Returns false (and changes
+    /// nothing) when a newer connection has taken over since.
+    pub async fn agent_disconnected(
+        &self,
+        machine: MachineName,
+        generation: u64,
+    ) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            let changed = tx.sql.execute(
+                "UPDATE agents SET connected = 0, last_seen_ms = ?3
+                 WHERE machine = ?1 AND generation = ?2 AND connected = 1",
+                params![machine.as_str(), generation_to_sql(generation), tx.now],
+            )?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            let current: String = tx.sql.query_row(
+                "SELECT current_system FROM agents WHERE machine = ?1",
+                [machine.as_str()],
+                |r| r.get(0),
+            )?;
+            emit_connection(tx, &machine, false, current)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Every agent ever seen, by machine name.
+    pub async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT machine, connected, current_system, booted_system, agent_version,
+                        nix_version, last_seen_ms, last_deployment_id, last_state, last_reason
+                 FROM agents ORDER BY machine",
+            )?;
+            let agents = stmt
+                .query_map([], |r| {
+                    Ok(Agent {
+                        machine: r.get(0)?,
+                        connected: r.get(1)?,
+                        current_system: r.get(2)?,
+                        booted_system: r.get(3)?,
+                        agent_version: r.get(4)?,
+                        nix_version: r.get(5)?,
+                        last_seen_ms: r.get(6)?,
+                        last_deployment_id: r.get(7)?,
+                        last_state: r.get(8)?,
+                        last_reason: r.get(9)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(agents)
+        })
+        .await
+    }
+}
+
+/// On startup: no stream survived the restart.
+pub(super) fn disconnect_all(tx: &mut Tx<'_>) -> Result<(), StoreError> {
+    let stale: Vec<(String, String)> = {
+        let mut stmt = tx
+            .sql
+            .prepare("SELECT machine, current_system FROM agents WHERE connected = 1")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    tx.sql
+        .execute("UPDATE agents SET connected = 0 WHERE connected = 1", [])?;
+    for (machine, current_system) in stale {
+        tx.emit(
+            "",
+            event::Kind::Agent(AgentConnection {
+                machine,
+                connected: false,
+                current_system,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+/// The agent reported how a deployment ended on its machine.
+pub(super) fn record_last_result(
+    tx: &mut Tx<'_>,
+    machine: &MachineName,
+    deployment_id: &str,
+    state: MachineState,
+    reason: &str,
+    current_system: &str,
+) -> Result<(), StoreError> {
+    tx.sql.execute(
+        "UPDATE agents SET last_seen_ms = ?2, last_deployment_id = ?3, last_state = ?4,
+             last_reason = ?5,
+             current_system = CASE WHEN ?6 = '' THEN current_system ELSE ?6 END
+         WHERE machine = ?1",
+        params![
+            machine.as_str(),
+            tx.now,
+            deployment_id,
+            state as i32,
+            reason,
+            current_system
+        ],
+    )?;
+    Ok(())
+}
+
+fn emit_connection(
+    tx: &mut Tx<'_>,
+    machine: &MachineName,
+    connected: bool,
+    current_system: String,
+) -> Result<(), StoreError> {
+    tx.emit(
+        "",
+        event::Kind::Agent(AgentConnection {
+            machine: machine.to_string(),
+            connected,
+            current_system,
+        }),
+    )?;
+    Ok(())
+}
+
+fn generation_to_sql(generation: u64) -> i64 {
+    // Generations count connections of one process; they never get near i64::MAX.
+    i64::try_from(generation).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,105 @@
+//! Reading deployments back as the protocol shows them.
+
+use procurator_core::DeploymentId;
+use procurator_proto::v1::{CopyProgress, Deployment, DeploymentState, MachineStatus};
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
+
+use super::deployments::{from_sql, machine_state};
+use super::{Store, StoreError};
+
+const DEPLOYMENT_COLUMNS: &str =
+    "id, git_commit, state, created_ms, finished_ms, submitted_by FROM deployments";
+
+impl Store {
+    pub async fn get_deployment(&self, id: DeploymentId) -> Result<Option<Deployment>, StoreError> {
+        self.read(move |conn| {
+            let deployment = conn
+                .query_row(
+                    &format!("SELECT {DEPLOYMENT_COLUMNS} WHERE id = ?1"),
+                    [id.as_str()],
+                    deployment_row,
+                )
+                .optional()?;
+            deployment.map(|d| with_machines(conn, d)).transpose()
+        })
+        .await
+    }
+
+    /// The newest `limit` deployments, newest first.
+    pub async fn list_deployments(&self, limit: u32) -> Result<Vec<Deployment>, StoreError> {
+        self.read(move |conn| {
+            let deployments: Vec<Deployment> = {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} ORDER BY seq DESC LIMIT ?1"
+                ))?;
+                stmt.query_map([limit], deployment_row)?
+                    .collect::<Result<_, _>>()?
+            };
+            deployments
+                .into_iter()
+                .map(|d| with_machines(conn, d))
+                .collect()
+        })
+        .await
+    }
+
+    /// A deployment's state, or `None` when there is no such deployment.
+    pub async fn deployment_state(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<DeploymentState>, StoreError> {
+        self.read(move |conn| {
+            let state: Option<i32> = conn
+                .query_row(
+                    "SELECT state FROM deployments WHERE id = ?1",
+                    [id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(state.map(|s| DeploymentState::try_from(s).unwrap_or(DeploymentState::Unspecified)))
+        })
+        .await
+    }
+}
+
+fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
+    Ok(Deployment {
+        id: r.get(0)?,
+        git_commit: r.get(1)?,
+        state: r.get(2)?,
+        created_at_ms: r.get(3)?,
+        finished_at_ms: r.get(4)?,
+        machines: Vec::new(),
+        submitted_by: r.get(5)?,
+    })
+}
+
+fn with_machines(conn: &Connection, mut deployment: Deployment) -> Result<Deployment, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT machine, closure, state, failed_phase, reason, output_tail, bytes_done,
+                bytes_expected, paths_done, paths_expected, updated_ms
+         FROM machines WHERE deployment_id = ?1 ORDER BY machine",
+    )?;
+    deployment.machines = stmt
+        .query_map(params![deployment.id], |r| {
+            let copy = CopyProgress {
+                bytes_done: from_sql(r.get(6)?),
+                bytes_expected: from_sql(r.get(7)?),
+                paths_done: from_sql(r.get(8)?),
+                paths_expected: from_sql(r.get(9)?),
+            };
+            Ok(MachineStatus {
+                machine: r.get(0)?,
+                closure: r.get(1)?,
+                state: machine_state(r.get(2)?) as i32,
+                failed_phase: machine_state(r.get(3)?) as i32,
+                reason: r.get(4)?,
+                output_tail: r.get(5)?,
+                // No copy report yet: leave it out rather than show zeros.
+                copy: (copy != CopyProgress::default()).then_some(copy),
+                updated_at_ms: r.get(10)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(deployment)
+}

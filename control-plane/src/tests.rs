@@ -1,0 +1,361 @@
+//! The server on 127.0.0.1:0 with a PKI made for the test, driven by the
+//! generated clients over mutual TLS.
+
+use std::path::Path;
+use std::time::Duration;
+
+use procurator_core::pki;
+use procurator_core::tls::TlsFiles;
+use procurator_core::{PROTOCOL_VERSION, Role};
+use procurator_proto::v1::agent_service_client::AgentServiceClient;
+use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
+use procurator_proto::v1::{
+    ActivationResult, AgentMessage, ControlMessage, DeploymentState, GetDeploymentRequest, Hello,
+    ListAgentsRequest, MachineState, Progress, SubmitRequest, WatchRequest, agent_message,
+    control_message, event,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use crate::server::{self, ServerError};
+use crate::test_support::artifact_json;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+struct TestServer {
+    dir: tempfile::TempDir,
+    addr: String,
+    signal: CancellationToken,
+    handle: JoinHandle<Result<(), ServerError>>,
+}
+
+impl TestServer {
+    async fn start(hello_timeout: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki_dir = dir.path().join("pki");
+        let init = pki::init(&pki_dir, &[], "admin").unwrap();
+        pki::issue(&pki_dir, Role::Agent, "web-1", &[], false).unwrap();
+        pki::issue(&pki_dir, Role::Ci, "ci", &[], false).unwrap();
+        let ready = dir.path().join("ready");
+        let config = server::Config {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().join("data"),
+            tls: TlsFiles {
+                ca: init.ca_cert,
+                cert: init.control_plane.cert,
+                key: init.control_plane.key,
+            },
+            ready_file: Some(ready.clone()),
+            hello_timeout,
+            keepalive: Duration::from_secs(20),
+        };
+        let signal = CancellationToken::new();
+        let handle = tokio::spawn(server::run(config, signal.clone()));
+        let addr = wait_for_ready_file(&ready).await;
+        Self {
+            dir,
+            addr,
+            signal,
+            handle,
+        }
+    }
+
+    fn channel(&self, role: Role, name: &str) -> Channel {
+        let pki_dir = self.dir.path().join("pki");
+        let (cert, key) = pki::leaf_paths(&pki_dir, role, &name.parse().unwrap());
+        let files = TlsFiles {
+            ca: pki::ca_cert_path(&pki_dir),
+            cert,
+            key,
+        };
+        files
+            .load()
+            .unwrap()
+            .channel(&format!("https://{}", self.addr))
+            .unwrap()
+    }
+
+    fn deployments(&self, role: Role, name: &str) -> DeploymentServiceClient<Channel> {
+        DeploymentServiceClient::new(self.channel(role, name))
+    }
+
+    /// Dial as agent `web-1`, send `first`, return the outbound sender and the
+    /// response (or the status the handshake failed with).
+    async fn dial(
+        &self,
+        role: Role,
+        name: &str,
+        first: Option<AgentMessage>,
+    ) -> (
+        mpsc::Sender<AgentMessage>,
+        Result<Streaming<ControlMessage>, tonic::Status>,
+    ) {
+        let (tx, rx) = mpsc::channel(8);
+        if let Some(first) = first {
+            tx.send(first).await.unwrap();
+        }
+        let mut client = AgentServiceClient::new(self.channel(role, name));
+        let response = client
+            .connect(ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner());
+        (tx, response)
+    }
+}
+
+async fn wait_for_ready_file(path: &Path) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.trim().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never wrote {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn hello() -> AgentMessage {
+    agent(agent_message::Kind::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        current_system: "/nix/store/old".into(),
+        ..Default::default()
+    }))
+}
+
+fn agent(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+async fn next(stream: &mut Streaming<ControlMessage>) -> control_message::Kind {
+    let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("no message within 30 s")
+        .expect("stream failed")
+        .expect("stream ended");
+    message.kind.expect("empty control message")
+}
+
+async fn ending_status(stream: &mut Streaming<ControlMessage>) -> Code {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return Code::Ok,
+            Ok(Err(status)) => return status.code(),
+            Err(_) => panic!("the stream did not end within 30 s"),
+        }
+    }
+}
+
+fn submit_request(machines: &[(&str, &str)]) -> SubmitRequest {
+    SubmitRequest {
+        artifact_json: artifact_json(COMMIT, machines),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_receives_and_completes_its_desired_state() {
+    let server = TestServer::start(Duration::from_secs(10)).await;
+    let mut ci = server.deployments(Role::Ci, "ci");
+    let submitted = ci
+        .submit(submit_request(&[("web-1", "sys-new")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(submitted.created);
+    let id = submitted.deployment_id;
+
+    let (tx, response) = server.dial(Role::Agent, "web-1", Some(hello())).await;
+    let mut stream = response.unwrap();
+    let control_message::Kind::Welcome(welcome) = next(&mut stream).await else {
+        panic!("not Welcome")
+    };
+    assert_eq!(welcome.machine, "web-1");
+    let control_message::Kind::DesiredState(desired) = next(&mut stream).await else {
+        panic!("no DesiredState")
+    };
+    assert_eq!(desired.deployment_id, id);
+    assert!(desired.closure.ends_with("-sys-new"));
+    assert_eq!(desired.health_checks.len(), 1);
+
+    let mut watch = ci
+        .watch(WatchRequest {
+            deployment_id: id.clone(),
+            from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(agent(agent_message::Kind::Progress(Progress {
+        deployment_id: id.clone(),
+        state: MachineState::Activating as i32,
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    tx.send(agent(agent_message::Kind::Result(ActivationResult {
+        deployment_id: id.clone(),
+        state: MachineState::Succeeded as i32,
+        current_system: desired.closure.clone(),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+
+    // The watch replays from the start and ends with the finishing event.
+    let mut states = Vec::new();
+    let mut finished = None;
+    while let Some(event) = watch.message().await.unwrap() {
+        assert_eq!(event.deployment_id, id);
+        match event.kind {
+            Some(event::Kind::Machine(update)) => states.push(update.state()),
+            Some(event::Kind::Finished(fin)) => finished = Some(fin.state()),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        states,
+        [
+            MachineState::Sent,
+            MachineState::Activating,
+            MachineState::Succeeded
+        ]
+    );
+    assert_eq!(finished, Some(DeploymentState::Succeeded));
+
+    let request = GetDeploymentRequest {
+        deployment_id: id.clone(),
+    };
+    let deployment = ci.get_deployment(request).await.unwrap().into_inner();
+    assert_eq!(deployment.state(), DeploymentState::Succeeded);
+    let agents = ci
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1);
+    assert!(agents[0].connected);
+    assert_eq!(agents[0].current_system, desired.closure);
+
+    // Shutdown ends the agent's stream with UNAVAILABLE and the server exits cleanly.
+    server.signal.cancel();
+    assert_eq!(ending_status(&mut stream).await, Code::Unavailable);
+    server.handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn every_rpc_checks_the_role_in_the_certificate() {
+    let server = TestServer::start(Duration::from_secs(10)).await;
+    let mut as_agent = server.deployments(Role::Agent, "web-1");
+    let denied = as_agent
+        .submit(submit_request(&[("web-1", "sys")]))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = as_agent
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+
+    let (_tx, response) = server.dial(Role::Operator, "admin", Some(hello())).await;
+    assert_eq!(response.unwrap_err().code(), Code::PermissionDenied);
+
+    let mut operator = server.deployments(Role::Operator, "admin");
+    let bad = operator
+        .submit(SubmitRequest {
+            artifact_json: "{}".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("gitCommit"), "{bad:?}");
+    let missing = GetDeploymentRequest {
+        deployment_id: "d-19700101-000000-0000".into(),
+    };
+    assert_eq!(
+        operator.get_deployment(missing).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let malformed = GetDeploymentRequest {
+        deployment_id: "../x".into(),
+    };
+    assert_eq!(
+        operator.get_deployment(malformed).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let unknown = WatchRequest {
+        deployment_id: "d-19700101-000000-0000".into(),
+        from_revision: 0,
+    };
+    assert_eq!(
+        operator.watch(unknown).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn the_handshake_is_checked() {
+    let server = TestServer::start(Duration::from_millis(500)).await;
+    let old = agent(agent_message::Kind::Hello(Hello {
+        protocol_version: 0,
+        ..Default::default()
+    }));
+    let (_tx, response) = server.dial(Role::Agent, "web-1", Some(old)).await;
+    assert_eq!(response.unwrap_err().code(), Code::FailedPrecondition);
+
+    let beat = agent(agent_message::Kind::Heartbeat(Default::default()));
+    let (_tx, response) = server.dial(Role::Agent, "web-1", Some(beat)).await;
+    assert_eq!(response.unwrap_err().code(), Code::InvalidArgument);
+
+    let (_tx, response) = server.dial(Role::Agent, "web-1", None).await;
+    assert_eq!(response.unwrap_err().code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test]
+async fn a_second_connection_replaces_the_first() {
+    let server = TestServer::start(Duration::from_secs(10)).await;
+    let (_tx1, first) = server.dial(Role::Agent, "web-1", Some(hello())).await;
+    let mut first = first.unwrap();
+    assert!(matches!(
+        next(&mut first).await,
+        control_message::Kind::Welcome(_)
+    ));
+    let (_tx2, second) = server.dial(Role::Agent, "web-1", Some(hello())).await;
+    let mut second = second.unwrap();
+    assert!(matches!(
+        next(&mut second).await,
+        control_message::Kind::Welcome(_)
+    ));
+    assert_eq!(ending_status(&mut first).await, Code::Aborted);
+
+    // The old stream's end did not mark the machine disconnected: a
+    // deployment submitted now still reaches the new stream.
+    let mut ci = server.deployments(Role::Ci, "ci");
+    let id = ci
+        .submit(submit_request(&[("web-1", "sys")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .deployment_id;
+    let control_message::Kind::DesiredState(desired) = next(&mut second).await else {
+        panic!("no DesiredState")
+    };
+    assert_eq!(desired.deployment_id, id);
+    let agents = ci
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert!(agents[0].connected);
+}
