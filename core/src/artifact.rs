@@ -24,7 +24,11 @@ pub enum ArtifactError {
     )]
     Truncated { line: usize, column: usize },
     #[error("the artifact is not valid JSON (line {line}, column {column}): {message}")]
-    Syntax { line: usize, column: usize, message: String },
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Field { path: String, message: String },
     #[error(
@@ -210,7 +214,9 @@ impl TryFrom<f64> for Seconds {
         if v.fract() == 0.0 && (1.0..=86_400.0).contains(&v) {
             Ok(Self(v as u32))
         } else {
-            Err(format!("expected whole seconds between 1 and 86400, got {v}"))
+            Err(format!(
+                "expected whole seconds between 1 and 86400, got {v}"
+            ))
         }
     }
 }
@@ -308,10 +314,18 @@ impl DeploymentArtifact {
         if self.blueprint.is_empty() {
             return Err(ArtifactError::NoMachines);
         }
-        if let Some(m) = self.closures.keys().find(|m| !self.blueprint.contains_key(*m)) {
+        if let Some(m) = self
+            .closures
+            .keys()
+            .find(|m| !self.blueprint.contains_key(*m))
+        {
             return Err(ArtifactError::ClosureWithoutMachine(m.to_string()));
         }
-        if let Some(m) = self.blueprint.keys().find(|m| !self.closures.contains_key(*m)) {
+        if let Some(m) = self
+            .blueprint
+            .keys()
+            .find(|m| !self.closures.contains_key(*m))
+        {
             return Err(ArtifactError::MachineWithoutClosure(m.to_string()));
         }
         Ok(())
@@ -334,7 +348,13 @@ impl DeploymentArtifact {
     pub fn enabled_health_checks(&self, machine: &MachineName) -> Vec<&HealthCheckSpec> {
         self.blueprint
             .get(machine)
-            .map(|spec| spec.deployment.health_checks.iter().filter(|c| c.enabled).collect())
+            .map(|spec| {
+                spec.deployment
+                    .health_checks
+                    .iter()
+                    .filter(|c| c.enabled)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -350,7 +370,11 @@ fn classify(path: String, e: serde_json::Error) -> ArtifactError {
             message: strip_position(&e.to_string()),
         },
         Category::Data => ArtifactError::Field {
-            path: if path.is_empty() || path == "." { "(top level)".to_owned() } else { path },
+            path: if path.is_empty() || path == "." {
+                "(top level)".to_owned()
+            } else {
+                path
+            },
             message: strip_position(&e.to_string()),
         },
     }

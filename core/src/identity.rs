@@ -23,7 +23,6 @@ pub enum Role {
     ControlPlane,
 }
 
-
 impl Role {
     pub const ALL: [Role; 4] = [Role::Agent, Role::Ci, Role::Operator, Role::ControlPlane];
 
@@ -63,7 +62,9 @@ pub enum IdentityError {
     Missing,
     #[error("the certificate carries more than one Procurator identity")]
     Ambiguous,
-    #[error("the certificate's identity {0:?} is not {URI_PREFIX}<role>/<name> with a known role and a valid name")]
+    #[error(
+        "the certificate's identity {0:?} is not {URI_PREFIX}<role>/<name> with a known role and a valid name"
+    )]
     Invalid(String),
 }
 
@@ -87,8 +88,8 @@ impl Identity {
 
     /// Read the identity from a DER certificate (the peer's leaf).
     pub fn from_certificate_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
         let san = cert
             .subject_alternative_name()
             .map_err(|e| IdentityError::Malformed(e.to_string()))?;

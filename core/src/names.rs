@@ -11,9 +11,7 @@ pub enum NameError {
         "{0:?} is not a valid machine name: use 1 to 63 characters of a-z, A-Z, 0-9, '-' and '_', starting with a letter or digit"
     )]
     Machine(String),
-    #[error(
-        "{0:?} is not a valid deployment id: use 1 to 64 characters of a-z, 0-9 and '-'"
-    )]
+    #[error("{0:?} is not a valid deployment id: use 1 to 64 characters of a-z, 0-9 and '-'")]
     Deployment(String),
 }
 
@@ -26,7 +24,8 @@ impl MachineName {
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let ok = (1..=63).contains(&s.len())
             && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -46,7 +45,8 @@ pub struct DeploymentId(String);
 impl DeploymentId {
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let ok = (1..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Self(s.to_owned()))
         } else {

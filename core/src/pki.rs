@@ -20,9 +20,13 @@ const LEAF_VALIDITY_DAYS: i64 = 825;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{0} already holds a fleet CA (ca.key); issue more certificates with `procurator-ctl pki issue`, or pick an empty directory")]
+    #[error(
+        "{0} already holds a fleet CA (ca.key); issue more certificates with `procurator-ctl pki issue`, or pick an empty directory"
+    )]
     AlreadyInitialised(PathBuf),
-    #[error("{0} holds no fleet CA (ca.crt and ca.key); create one with `procurator-ctl pki init --dir {0}`")]
+    #[error(
+        "{0} holds no fleet CA (ca.crt and ca.key); create one with `procurator-ctl pki init --dir {0}`"
+    )]
     NoCa(PathBuf),
     #[error("{0} already exists; pass --force to replace it")]
     Exists(PathBuf),
@@ -68,7 +72,10 @@ pub fn leaf_paths(dir: &Path, role: Role, name: &MachineName) -> (PathBuf, PathB
         Role::ControlPlane => "control-plane".to_owned(),
         _ => format!("{role}-{name}"),
     };
-    (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")))
+    (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    )
 }
 
 /// Create a fleet CA in `dir`, a server certificate for the control plane
@@ -95,16 +102,34 @@ pub fn init(dir: &Path, sans: &[String], operator_name: &str) -> Result<InitFile
 
     let ca_cert_path = ca_cert_path(dir);
     write_file(&ca_cert_path, ca_cert.pem().as_bytes(), 0o644, false)?;
-    write_file(&ca_key_path, ca_key.serialize_pem().as_bytes(), 0o600, false)?;
+    write_file(
+        &ca_key_path,
+        ca_key.serialize_pem().as_bytes(),
+        0o600,
+        false,
+    )?;
 
     let issuer = Issuer::new(params, ca_key);
-    let server_name = MachineName::parse("control-plane").map_err(|e| PkiError::BadName("control-plane".into(), e.to_string()))?;
+    let server_name = MachineName::parse("control-plane")
+        .map_err(|e| PkiError::BadName("control-plane".into(), e.to_string()))?;
     let mut server_sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     server_sans.extend(sans.iter().cloned());
-    let control_plane = issue_with(dir, &issuer, Role::ControlPlane, &server_name, &server_sans, false)?;
+    let control_plane = issue_with(
+        dir,
+        &issuer,
+        Role::ControlPlane,
+        &server_name,
+        &server_sans,
+        false,
+    )?;
     let operator_name = parse_name(operator_name)?;
     let operator = issue_with(dir, &issuer, Role::Operator, &operator_name, &[], false)?;
-    Ok(InitFiles { ca_cert: ca_cert_path, ca_key: ca_key_path, control_plane, operator })
+    Ok(InitFiles {
+        ca_cert: ca_cert_path,
+        ca_key: ca_key_path,
+        control_plane,
+        operator,
+    })
 }
 
 /// Issue a certificate for `role`/`name`, signed by the CA in `dir`.
@@ -129,7 +154,8 @@ fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
     if !cert_path.exists() || !key_path.exists() {
         return Err(PkiError::NoCa(dir.to_owned()));
     }
-    let cert_pem = fs::read_to_string(&cert_path).map_err(|e| PkiError::Read(cert_path.clone(), e))?;
+    let cert_pem =
+        fs::read_to_string(&cert_path).map_err(|e| PkiError::Read(cert_path.clone(), e))?;
     let key_pem = fs::read_to_string(&key_path).map_err(|e| PkiError::Read(key_path.clone(), e))?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadCa(key_path.clone(), e))?;
     Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::BadCa(cert_path, e))
@@ -154,21 +180,30 @@ fn issue_with(
     }
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     for san in sans {
-        params.subject_alt_names.push(match san.parse::<std::net::IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(
-                san.clone().try_into().map_err(|e| PkiError::BadSan(san.clone(), e))?,
-            ),
-        });
+        params
+            .subject_alt_names
+            .push(match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    san.clone()
+                        .try_into()
+                        .map_err(|e| PkiError::BadSan(san.clone(), e))?,
+                ),
+            });
     }
     let uri = identity.uri();
-    params
-        .subject_alt_names
-        .push(SanType::URI(uri.clone().try_into().map_err(|e| PkiError::BadSan(uri, e))?));
+    params.subject_alt_names.push(SanType::URI(
+        uri.clone()
+            .try_into()
+            .map_err(|e| PkiError::BadSan(uri, e))?,
+    ));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, identity.to_string());
     params.distinguished_name = dn;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = match role {
         Role::ControlPlane => vec![ExtendedKeyUsagePurpose::ServerAuth],
         _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
@@ -182,7 +217,11 @@ fn issue_with(
     // The key first: a certificate without its key is useless, the reverse is harmless.
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, force)?;
     write_file(&cert_path, cert.pem().as_bytes(), 0o644, force)?;
-    Ok(IssuedFiles { identity, cert: cert_path, key: key_path })
+    Ok(IssuedFiles {
+        identity,
+        cert: cert_path,
+        key: key_path,
+    })
 }
 
 /// Write atomically: a temporary file with the final mode from the start
@@ -220,11 +259,19 @@ mod tests {
         let der = pem_to_der(&fs::read_to_string(&agent.cert).unwrap());
         let id = Identity::from_certificate_der(&der).unwrap();
         assert_eq!(id.to_string(), "agent/worker-1");
-        for key in [&init.ca_key, &init.control_plane.key, &init.operator.key, &agent.key] {
+        for key in [
+            &init.ca_key,
+            &init.control_plane.key,
+            &init.operator.key,
+            &agent.key,
+        ] {
             let mode = fs::metadata(key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
-        assert!(matches!(init_again(dir.path()), Err(PkiError::AlreadyInitialised(_))));
+        assert!(matches!(
+            init_again(dir.path()),
+            Err(PkiError::AlreadyInitialised(_))
+        ));
         assert!(matches!(
             issue(dir.path(), Role::Agent, "worker-1", &[], false),
             Err(PkiError::Exists(_))
@@ -239,7 +286,9 @@ mod tests {
     #[test]
     fn issue_without_a_ca_says_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
-        let err = issue(dir.path(), Role::Ci, "ci", &[], false).unwrap_err().to_string();
+        let err = issue(dir.path(), Role::Ci, "ci", &[], false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pki init"), "{err}");
     }
 
@@ -249,6 +298,10 @@ mod tests {
 
     fn pem_to_der(pem: &str) -> Vec<u8> {
         let mut reader = std::io::BufReader::new(pem.as_bytes());
-        rustls_pemfile::certs(&mut reader).next().unwrap().unwrap().to_vec()
+        rustls_pemfile::certs(&mut reader)
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
     }
 }

@@ -25,7 +25,9 @@ pub enum StorePathError {
         "{0:?} is not a Nix store path: the name must be 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9+-._?=] and not start with '.'"
     )]
     BadName(String),
-    #[error("{0:?} is not a Nix store path: it names something inside a store path, not the path itself")]
+    #[error(
+        "{0:?} is not a Nix store path: it names something inside a store path, not the path itself"
+    )]
     Nested(String),
 }
 
@@ -123,12 +125,24 @@ mod tests {
         for (bad, why) in [
             ("/tmp/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-x", "must start with"),
             ("/nix/store/abc123-nixos-system", "32 characters"),
-            ("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hse-x", "32 characters"),
-            ("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa", "32 characters"),
+            (
+                "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hse-x",
+                "32 characters",
+            ),
+            (
+                "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa",
+                "32 characters",
+            ),
             ("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-", "the name"),
-            ("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-a b", "the name"),
+            (
+                "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-a b",
+                "the name",
+            ),
             ("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-.x", "the name"),
-            ("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-x/bin", "inside a store path"),
+            (
+                "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-x/bin",
+                "inside a store path",
+            ),
             ("", "must start with"),
         ] {
             let err = StorePath::parse(bad).unwrap_err().to_string();

@@ -14,11 +14,22 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
-    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} {path} holds no PEM {expected}")]
-    NotPem { what: &'static str, path: PathBuf, expected: &'static str },
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
     #[error("the certificate {path} is not usable: {source}")]
-    Identity { path: PathBuf, source: IdentityError },
+    Identity {
+        path: PathBuf,
+        source: IdentityError,
+    },
     #[error("{0:?} is not a control-plane address: {1} (expected e.g. https://cp.example:7700)")]
     BadUrl(String, String),
     #[error("TLS configuration failed: {0}")]
@@ -53,9 +64,17 @@ impl TlsFiles {
             path: self.cert.clone(),
             expected: "CERTIFICATE",
         })?;
-        let identity = Identity::from_certificate_der(&der)
-            .map_err(|source| TlsError::Identity { path: self.cert.clone(), source })?;
-        Ok(TlsMaterial { ca_pem, cert_pem, key_pem, identity })
+        let identity =
+            Identity::from_certificate_der(&der).map_err(|source| TlsError::Identity {
+                path: self.cert.clone(),
+                source,
+            })?;
+        Ok(TlsMaterial {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            identity,
+        })
     }
 }
 
@@ -64,7 +83,10 @@ impl TlsMaterial {
     /// signed by the fleet CA.
     pub fn server_config(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .timeout(HANDSHAKE_TIMEOUT)
     }
@@ -73,18 +95,25 @@ impl TlsMaterial {
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
     }
 
     /// An endpoint for `url` (`https://host:port`) over mutual TLS, with
     /// HTTP/2 keepalive so a dead peer behind NAT is noticed.
     pub fn endpoint(&self, url: &str, keepalive: Duration) -> Result<Endpoint, TlsError> {
         let uri: tonic::codegen::http::Uri =
-            url.parse().map_err(|e: tonic::codegen::http::uri::InvalidUri| {
-                TlsError::BadUrl(url.to_owned(), e.to_string())
-            })?;
+            url.parse()
+                .map_err(|e: tonic::codegen::http::uri::InvalidUri| {
+                    TlsError::BadUrl(url.to_owned(), e.to_string())
+                })?;
         if uri.scheme_str() != Some("https") || uri.host().is_none() {
-            return Err(TlsError::BadUrl(url.to_owned(), "it must be https://HOST:PORT".into()));
+            return Err(TlsError::BadUrl(
+                url.to_owned(),
+                "it must be https://HOST:PORT".into(),
+            ));
         }
         let mut tls = self.client_config();
         // rustls wants the bare address for IP literals (`[::1]` -> `::1`).
@@ -135,8 +164,11 @@ pub fn require_role<T>(
 }
 
 fn read(path: &Path, what: &'static str, expected: &'static str) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path)
-        .map_err(|source| TlsError::Read { what, path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
     let marker = format!("-----BEGIN {expected}");
     let has_marker = String::from_utf8_lossy(&bytes).lines().any(|l| {
         l.starts_with(&marker) || (expected == "PRIVATE KEY" && l.contains("PRIVATE KEY-----"))
@@ -144,13 +176,20 @@ fn read(path: &Path, what: &'static str, expected: &'static str) -> Result<Vec<u
     if has_marker {
         Ok(bytes)
     } else {
-        Err(TlsError::NotPem { what, path: path.to_owned(), expected })
+        Err(TlsError::NotPem {
+            what,
+            path: path.to_owned(),
+            expected,
+        })
     }
 }
 
 fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
     let mut reader = std::io::BufReader::new(pem);
-    rustls_pemfile::certs(&mut reader).next()?.ok().map(|c| c.to_vec())
+    rustls_pemfile::certs(&mut reader)
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
 }
 
 fn warn_if_readable_by_others(path: &Path) {

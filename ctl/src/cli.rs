@@ -1,0 +1,178 @@
+//! Global options and dispatch to `command/<name>.rs`.
+
+use clap::{Parser, Subcommand};
+
+use crate::Outcome;
+use crate::command;
+use crate::connection::ConnectionArgs;
+
+/// GitOps for NixOS fleets: submit deployments, follow them live, manage the
+/// fleet's certificates.
+#[derive(Debug, Parser)]
+#[command(name = "procurator-ctl", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the fleet's CA and issue certificates.
+    #[command(subcommand)]
+    Pki(command::pki::Command),
+    /// Check a deployment.json locally, without contacting the control plane.
+    Validate(command::validate::Args),
+    /// Validate a deployment.json and hand it to the control plane.
+    Submit(command::submit::Args),
+    /// Follow a deployment live until it ends.
+    Watch(command::watch::Args),
+    /// Show the fleet's agents: connected or not, what they run.
+    Status(command::status::Args),
+    /// List deployments, newest first.
+    Deployments(command::deployments::Args),
+    /// Print a shell completion script to stdout.
+    Completions(command::completions::Args),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let conn = &cli.connection;
+    match cli.command {
+        Command::Pki(cmd) => command::pki::run(cmd),
+        Command::Validate(args) => command::validate::run(args),
+        Command::Submit(args) => command::submit::run(conn, args).await,
+        Command::Watch(args) => command::watch::run(conn, args).await,
+        Command::Status(args) => command::status::run(conn, args).await,
+        Command::Deployments(args) => command::deployments::run(conn, args).await,
+        Command::Completions(args) => command::completions::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+    use crate::output::OutputFormat;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("procurator-ctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn connection_flags_work_before_and_after_the_subcommand() {
+        let before = parse(&["--control-plane", "https://cp:7700", "status"]).unwrap();
+        assert_eq!(
+            before.connection.control_plane.as_deref(),
+            Some("https://cp:7700")
+        );
+        let after = parse(&[
+            "status",
+            "--tls-ca",
+            "ca.crt",
+            "--control-plane",
+            "https://x:1",
+        ])
+        .unwrap();
+        assert_eq!(
+            after.connection.control_plane.as_deref(),
+            Some("https://x:1")
+        );
+        assert_eq!(
+            after.connection.tls_ca.as_deref(),
+            Some(std::path::Path::new("ca.crt"))
+        );
+    }
+
+    #[test]
+    fn submit_takes_a_file_wait_and_output() {
+        let cli = parse(&["submit", "deployment.json", "--wait", "--output", "json"]).unwrap();
+        let Command::Submit(args) = cli.command else {
+            panic!("not submit")
+        };
+        assert_eq!(args.file, std::path::Path::new("deployment.json"));
+        assert!(args.wait);
+        assert_eq!(args.output.output, OutputFormat::Json);
+        assert!(parse(&["submit"]).is_err(), "the file is required");
+        assert!(parse(&["submit", "d.json", "--output", "yaml"]).is_err());
+    }
+
+    #[test]
+    fn watch_defaults_to_the_newest_deployment_from_the_start() {
+        let cli = parse(&["watch"]).unwrap();
+        let Command::Watch(args) = cli.command else {
+            panic!("not watch")
+        };
+        assert_eq!(args.deployment, None);
+        assert_eq!(args.from_revision, 0);
+        assert_eq!(args.output.output, OutputFormat::Text);
+        let cli = parse(&["watch", "d-1", "--from-revision", "42"]).unwrap();
+        let Command::Watch(args) = cli.command else {
+            panic!("not watch")
+        };
+        assert_eq!(args.deployment.as_deref(), Some("d-1"));
+        assert_eq!(args.from_revision, 42);
+        assert!(parse(&["watch", "--from-revision", "-1"]).is_err());
+    }
+
+    #[test]
+    fn pki_issue_needs_a_known_role() {
+        let cli = parse(&[
+            "pki", "issue", "--dir", "pki", "--role", "agent", "--name", "worker-1",
+        ])
+        .unwrap();
+        let Command::Pki(command::pki::Command::Issue(args)) = cli.command else {
+            panic!("not pki issue")
+        };
+        assert_eq!(args.role.role(), procurator_core::Role::Agent);
+        assert!(!args.force);
+        for bad in ["control-plane", "admin", ""] {
+            let err = parse(&["pki", "issue", "--dir", "p", "--role", bad, "--name", "n"]);
+            assert!(err.is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pki_init_defaults_to_an_admin_operator() {
+        let cli = parse(&[
+            "pki",
+            "init",
+            "--dir",
+            "pki",
+            "--san",
+            "cp.example",
+            "--san",
+            "10.0.0.1",
+        ])
+        .unwrap();
+        let Command::Pki(command::pki::Command::Init(args)) = cli.command else {
+            panic!("not pki init")
+        };
+        assert_eq!(args.operator, "admin");
+        assert_eq!(args.san, ["cp.example", "10.0.0.1"]);
+    }
+
+    #[test]
+    fn deployments_has_a_limit() {
+        let cli = parse(&["deployments", "--limit", "5"]).unwrap();
+        let Command::Deployments(args) = cli.command else {
+            panic!("not deployments")
+        };
+        assert_eq!(args.limit, 5);
+    }
+
+    #[test]
+    fn a_usage_error_exits_2() {
+        let err = parse(&["frobnicate"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["validate"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

@@ -1,0 +1,10 @@
+//! One module per subcommand: an `Args` struct (its help is the doc
+//! comments) and a `run`.
+
+pub mod completions;
+pub mod deployments;
+pub mod pki;
+pub mod status;
+pub mod submit;
+pub mod validate;
+pub mod watch;

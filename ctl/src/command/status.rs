@@ -1,0 +1,174 @@
+//! `procurator-ctl status`: the fleet's agents as the control plane sees them.
+
+use procurator_proto::v1::{Agent, ListAgentsRequest, MachineState};
+use serde_json::{Value, json};
+
+use crate::connection::ConnectionArgs;
+use crate::output::{self, OutputArgs, OutputFormat};
+use crate::{Outcome, format};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
+    let mut conn = conn.connect()?;
+    let mut agents = conn
+        .client
+        .list_agents(ListAgentsRequest {})
+        .await
+        .map_err(|status| conn.error(&status, "listing agents"))?
+        .into_inner()
+        .agents;
+    agents.sort_by(|a, b| a.machine.cmp(&b.machine));
+    match args.output.output {
+        OutputFormat::Text => output::print(&agents_table(&agents, procurator_core::now_ms()))?,
+        OutputFormat::Json => {
+            output::print_json(&Value::Array(agents.iter().map(agent_json).collect()))?
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
+    if agents.is_empty() {
+        return "no agent has connected yet; start procurator-agent on a machine with its certificate\n"
+            .to_owned();
+    }
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.machine.clone(),
+                if a.connected { "yes" } else { "no" }.to_owned(),
+                if a.current_system.is_empty() {
+                    "-".to_owned()
+                } else {
+                    a.current_system.clone()
+                },
+                if a.connected {
+                    "now".to_owned()
+                } else {
+                    format::ago(now_ms, a.last_seen_ms)
+                },
+                last_result(a),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "MACHINE",
+            "CONNECTED",
+            "CURRENT-SYSTEM",
+            "LAST-SEEN",
+            "LAST-RESULT",
+        ],
+        &rows,
+    )
+}
+
+/// `rolled-back (checking) in d-1: health check … failed`, kept short.
+fn last_result(a: &Agent) -> String {
+    if a.last_deployment_id.is_empty() && a.last_state() == MachineState::Unspecified {
+        return "-".to_owned();
+    }
+    let mut text = a.last_state().label().to_owned();
+    if !a.last_deployment_id.is_empty() {
+        text.push_str(&format!(" in {}", a.last_deployment_id));
+    }
+    if !a.last_reason.is_empty() {
+        text.push_str(&format!(
+            ": {}",
+            format::truncate(a.last_reason.lines().next().unwrap_or(""), 60)
+        ));
+    }
+    text
+}
+
+pub fn agent_json(a: &Agent) -> Value {
+    let last_state = match a.last_state() {
+        MachineState::Unspecified => Value::Null,
+        s => s.label().into(),
+    };
+    json!({
+        "machine": a.machine,
+        "connected": a.connected,
+        "currentSystem": a.current_system,
+        "bootedSystem": a.booted_system,
+        "agentVersion": a.agent_version,
+        "nixVersion": a.nix_version,
+        "lastSeen": format::rfc3339_or_null(a.last_seen_ms),
+        "lastDeploymentId": a.last_deployment_id,
+        "lastState": last_state,
+        "lastReason": a.last_reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_748_762_102_000;
+
+    fn agents() -> Vec<Agent> {
+        vec![
+            Agent {
+                machine: "worker-1".into(),
+                connected: true,
+                current_system: "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-nixos-system".into(),
+                last_seen_ms: NOW,
+                last_deployment_id: "d-1".into(),
+                last_state: MachineState::Succeeded as i32,
+                ..Default::default()
+            },
+            Agent {
+                machine: "worker-2".into(),
+                connected: false,
+                last_seen_ms: NOW - 300_000,
+                last_deployment_id: "d-1".into(),
+                last_state: MachineState::RolledBack as i32,
+                last_reason: "health check `true` failed\nmore".into(),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn the_table_has_one_row_per_agent() {
+        let table = agents_table(&agents(), NOW);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            lines[0].starts_with("MACHINE   CONNECTED  CURRENT-SYSTEM"),
+            "{table}"
+        );
+        assert!(
+            lines[1].starts_with("worker-1  yes        /nix/store/0c5m"),
+            "{table}"
+        );
+        assert!(lines[1].ends_with("now        succeeded in d-1"), "{table}");
+        assert!(lines[2].contains(" no "), "{table}");
+        assert!(lines[2].contains("5m ago"), "{table}");
+        assert!(
+            lines[2].ends_with("rolled-back in d-1: health check `true` failed"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn no_agents_says_how_to_get_one() {
+        assert!(agents_table(&[], NOW).contains("procurator-agent"));
+    }
+
+    #[test]
+    fn json_uses_labels_and_rfc3339() {
+        let v = agent_json(&agents()[1]);
+        assert_eq!(v["machine"], "worker-2");
+        assert_eq!(v["connected"], false);
+        assert_eq!(v["lastState"], "rolled-back");
+        assert_eq!(v["lastSeen"], "2025-06-01T07:10:02.000Z");
+        assert_eq!(agent_json(&Agent::default())["lastSeen"], Value::Null);
+    }
+}

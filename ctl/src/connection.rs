@@ -1,0 +1,287 @@
+//! Connecting to the control plane over mutual TLS, and turning gRPC statuses
+//! into messages that say what to do.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use procurator_core::tls::TlsFiles;
+use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Where the control plane is and who we are to it (docs/interfaces.md,
+/// "Connection settings"). Global, so they may follow the subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// The control plane's address, e.g. https://cp.example:7700.
+    #[arg(
+        long,
+        env = "PROCURATOR_CONTROL_PLANE",
+        global = true,
+        value_name = "URL"
+    )]
+    pub control_plane: Option<String>,
+
+    /// The fleet CA certificate (ca.crt from `pki init`).
+    #[arg(long, env = "PROCURATOR_TLS_CA", global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This client's certificate (an operator or ci certificate).
+    #[arg(long, env = "PROCURATOR_TLS_CERT", global = true, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This client's private key.
+    #[arg(long, env = "PROCURATOR_TLS_KEY", global = true, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// A client for `DeploymentService`, and the address it talks to (for messages).
+pub struct Connection {
+    pub url: String,
+    pub client: DeploymentServiceClient<Channel>,
+}
+
+impl ConnectionArgs {
+    /// Load the TLS files and prepare a channel. Nothing is dialled yet: the
+    /// first RPC connects, and its failure is reported by [`Connection::error`].
+    pub fn connect(&self) -> anyhow::Result<Connection> {
+        let url = self.control_plane.clone().ok_or_else(|| {
+            anyhow!(
+                "no control plane given: pass --control-plane https://HOST:PORT or set PROCURATOR_CONTROL_PLANE"
+            )
+        })?;
+        let files = TlsFiles {
+            ca: required(
+                &self.tls_ca,
+                "--tls-ca",
+                "PROCURATOR_TLS_CA",
+                "the fleet CA certificate (ca.crt)",
+            )?,
+            cert: required(
+                &self.tls_cert,
+                "--tls-cert",
+                "PROCURATOR_TLS_CERT",
+                "this client's certificate (e.g. operator-admin.crt)",
+            )?,
+            key: required(
+                &self.tls_key,
+                "--tls-key",
+                "PROCURATOR_TLS_KEY",
+                "this client's private key (e.g. operator-admin.key)",
+            )?,
+        };
+        let material = files
+            .load()
+            .context("cannot load the TLS files; check --tls-ca, --tls-cert and --tls-key")?;
+        // The error names the URL and the expected shape; say which setting it came from.
+        let channel = material
+            .channel(&url)
+            .map_err(|e| anyhow!("{e}; check --control-plane (PROCURATOR_CONTROL_PLANE)"))?;
+        Ok(Connection {
+            url,
+            client: DeploymentServiceClient::new(channel),
+        })
+    }
+}
+
+/// A TLS file that must be given and must exist; the error names the flag.
+fn required(value: &Option<PathBuf>, flag: &str, env: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let Some(path) = value else {
+        bail!("no {what} given: pass {flag} FILE or set {env}");
+    };
+    if !Path::new(path).exists() {
+        bail!(
+            "{flag} {}: no such file; point {flag} (or {env}) at {what}",
+            path.display()
+        );
+    }
+    Ok(path.clone())
+}
+
+impl Connection {
+    /// Turn a failed RPC into a message that says what went wrong and what to do.
+    /// `doing` says what we were trying, e.g. "submitting the deployment".
+    pub fn error(&self, status: &Status, doing: &str) -> anyhow::Error {
+        anyhow!(describe_status(status, &self.url, doing))
+    }
+}
+
+pub fn describe_status(status: &Status, url: &str, doing: &str) -> String {
+    let detail = status_detail(status);
+    // TLS failures surface as UNAVAILABLE, UNKNOWN or CANCELLED depending on
+    // when the handshake broke; what to do about them is the same.
+    if detail.contains("certificate") {
+        return format!(
+            "the TLS handshake with the control plane at {url} failed: {detail} — check that --tls-ca is the fleet CA that signed its certificate, and that the host in --control-plane is one of its names (pki init --san)"
+        );
+    }
+    if detail.contains("received fatal alert")
+        || (detail.contains("connection closed") && status.code() != Code::Unavailable)
+    {
+        return format!(
+            "the control plane at {url} closed the connection while {doing}: {detail} — if it is running, it refused this client's certificate: check that --tls-cert and --tls-key were issued by its fleet CA"
+        );
+    }
+    match status.code() {
+        Code::Unavailable => format!(
+            "cannot reach the control plane at {url}: {detail} — is it running? check --control-plane"
+        ),
+        Code::PermissionDenied => format!(
+            "the control plane refused {doing}: {detail} (check that --tls-cert is a ci or operator certificate)"
+        ),
+        Code::Unauthenticated => format!(
+            "the control plane did not accept this client's certificate while {doing}: {detail}; check --tls-cert and --tls-key"
+        ),
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => {
+            format!("{doing} failed: {detail}")
+        }
+        Code::DeadlineExceeded => {
+            format!("the control plane at {url} did not answer in time while {doing}: {detail}")
+        }
+        Code::Unimplemented => format!(
+            "the control plane at {url} does not support {doing}: {detail}; is it the same version as procurator-ctl?"
+        ),
+        // Transport failures (refused TLS handshake, reset connection) arrive
+        // as UNKNOWN with the cause in the source chain.
+        Code::Unknown if detail.contains("transport") || detail.contains("connect") => format!(
+            "cannot talk to the control plane at {url}: {detail} — check --control-plane and that --tls-ca is the fleet CA"
+        ),
+        code => format!("{doing} failed: the control plane answered {code:?}: {detail}"),
+    }
+}
+
+/// The status message and its source chain (where tonic keeps the transport's
+/// reason, e.g. "Connection refused" or "invalid peer certificate").
+pub fn status_detail(status: &Status) -> String {
+    let mut detail = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !detail.contains(&text) {
+            if !detail.is_empty() {
+                detail.push_str(": ");
+            }
+            detail.push_str(&text);
+        }
+        source = err.source();
+    }
+    if detail.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        detail
+    }
+}
+
+/// Whether a broken `Watch` stream is worth re-opening: the control plane is
+/// restarting or the network hiccupped, not a refusal.
+pub fn is_retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_says_where_and_what_to_check() {
+        let msg = describe_status(
+            &Status::unavailable("tcp connect error"),
+            "https://cp:7700",
+            "listing agents",
+        );
+        assert!(
+            msg.contains("cannot reach the control plane at https://cp:7700"),
+            "{msg}"
+        );
+        assert!(msg.contains("tcp connect error"), "{msg}");
+        assert!(msg.contains("--control-plane"), "{msg}");
+    }
+
+    #[test]
+    fn tls_failures_point_at_the_tls_flags() {
+        let msg = describe_status(
+            &Status::unavailable("invalid peer certificate: UnknownIssuer"),
+            "https://cp:7700",
+            "listing agents",
+        );
+        assert!(msg.contains("TLS handshake"), "{msg}");
+        assert!(msg.contains("--tls-ca"), "{msg}");
+        let msg = describe_status(
+            &Status::cancelled("operation was canceled: transport error: connection closed"),
+            "https://cp:7700",
+            "listing agents",
+        );
+        assert!(msg.contains("--tls-cert"), "{msg}");
+    }
+
+    #[test]
+    fn refusals_show_the_servers_message() {
+        let msg = describe_status(
+            &Status::permission_denied("agent/worker-1 may not do this"),
+            "https://cp:7700",
+            "submitting the deployment",
+        );
+        assert!(msg.contains("agent/worker-1 may not do this"), "{msg}");
+        let msg = describe_status(
+            &Status::invalid_argument("closures.worker-1: not a store path"),
+            "https://cp:7700",
+            "submitting the deployment",
+        );
+        assert_eq!(
+            msg,
+            "submitting the deployment failed: closures.worker-1: not a store path"
+        );
+    }
+
+    #[test]
+    fn missing_settings_name_the_flag_and_variable() {
+        let args = ConnectionArgs {
+            control_plane: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        };
+        let err = args
+            .connect()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("--control-plane") && err.contains("PROCURATOR_CONTROL_PLANE"),
+            "{err}"
+        );
+
+        let args = ConnectionArgs {
+            control_plane: Some("https://localhost:7700".into()),
+            tls_ca: Some("/nonexistent/ca.crt".into()),
+            tls_cert: None,
+            tls_key: None,
+        };
+        let err = args
+            .connect()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("--tls-ca /nonexistent/ca.crt: no such file"),
+            "{err}"
+        );
+        assert!(err.contains("PROCURATOR_TLS_CA"), "{err}");
+    }
+
+    #[test]
+    fn refusals_are_not_retried() {
+        assert!(is_retryable(&Status::unavailable("shutting down")));
+        assert!(!is_retryable(&Status::permission_denied("no")));
+        assert!(!is_retryable(&Status::not_found("no such deployment")));
+    }
+}

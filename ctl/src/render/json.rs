@@ -1,0 +1,176 @@
+//! Events and results as JSON objects for scripts: camelCase keys, times in
+//! RFC 3339 UTC, states as their labels (`rolled-back`).
+
+use procurator_proto::v1::{CopyProgress, Event, MachineState, event};
+use serde_json::{Map, Value, json};
+
+use super::view::summary_label;
+use crate::format;
+
+/// One NDJSON line of `watch --output json`.
+pub fn event_json(ev: &Event) -> Value {
+    let mut obj = Map::new();
+    obj.insert("revision".into(), ev.revision.into());
+    obj.insert("at".into(), format::rfc3339(ev.at_ms).into());
+    obj.insert("deploymentId".into(), ev.deployment_id.clone().into());
+    let (kind, fields) = match &ev.kind {
+        Some(event::Kind::Submitted(s)) => (
+            "submitted",
+            json!({
+                "gitCommit": s.git_commit,
+                "machines": s.machines,
+                "submittedBy": s.submitted_by,
+            }),
+        ),
+        Some(event::Kind::Machine(u)) => (
+            "machine",
+            json!({
+                "machine": u.machine,
+                "state": u.state().label(),
+                "failedPhase": phase_json(u.failed_phase()),
+                "closure": u.closure,
+                "message": u.message,
+                "outputTail": u.output_tail,
+                "copy": u.copy.as_ref().map(copy_json),
+            }),
+        ),
+        Some(event::Kind::Finished(f)) => {
+            let summary: Map<String, Value> = f
+                .summary
+                .iter()
+                .map(|(k, n)| (summary_label(k), Value::from(*n)))
+                .collect();
+            (
+                "finished",
+                json!({ "state": f.state().label(), "summary": summary }),
+            )
+        }
+        Some(event::Kind::Agent(a)) => (
+            "agent",
+            json!({
+                "machine": a.machine,
+                "connected": a.connected,
+                "currentSystem": a.current_system,
+            }),
+        ),
+        None => ("unknown", json!({})),
+    };
+    obj.insert("type".into(), kind.into());
+    if let Value::Object(fields) = fields {
+        obj.extend(fields);
+    }
+    Value::Object(obj)
+}
+
+/// A failed phase, or null when nothing failed.
+pub fn phase_json(phase: MachineState) -> Value {
+    if phase == MachineState::Unspecified {
+        Value::Null
+    } else {
+        phase.label().into()
+    }
+}
+
+pub fn copy_json(c: &CopyProgress) -> Value {
+    json!({
+        "bytesDone": c.bytes_done,
+        "bytesExpected": c.bytes_expected,
+        "pathsDone": c.paths_done,
+        "pathsExpected": c.paths_expected,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use procurator_proto::v1::{
+        AgentConnection, DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineUpdate,
+    };
+
+    use super::*;
+
+    fn ev(kind: event::Kind) -> Event {
+        Event {
+            revision: 42,
+            at_ms: 1_748_762_102_123,
+            deployment_id: "d-abc".into(),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn a_machine_event() {
+        let v = event_json(&ev(event::Kind::Machine(MachineUpdate {
+            machine: "worker-1".into(),
+            state: MachineState::RolledBack as i32,
+            failed_phase: MachineState::Checking as i32,
+            closure: "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-nixos-system".into(),
+            message: "health check failed".into(),
+            output_tail: "boom\n".into(),
+            copy: Some(CopyProgress {
+                bytes_done: 1,
+                bytes_expected: 2,
+                paths_done: 3,
+                paths_expected: 4,
+            }),
+        })));
+        assert_eq!(
+            v,
+            json!({
+                "revision": 42,
+                "at": "2025-06-01T07:15:02.123Z",
+                "deploymentId": "d-abc",
+                "type": "machine",
+                "machine": "worker-1",
+                "state": "rolled-back",
+                "failedPhase": "checking",
+                "closure": "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-nixos-system",
+                "message": "health check failed",
+                "outputTail": "boom\n",
+                "copy": { "bytesDone": 1, "bytesExpected": 2, "pathsDone": 3, "pathsExpected": 4 },
+            })
+        );
+    }
+
+    #[test]
+    fn nothing_failed_and_no_copy_are_null() {
+        let v = event_json(&ev(event::Kind::Machine(MachineUpdate {
+            machine: "worker-1".into(),
+            state: MachineState::Activating as i32,
+            ..Default::default()
+        })));
+        assert_eq!(v["failedPhase"], Value::Null);
+        assert_eq!(v["copy"], Value::Null);
+        assert_eq!(v["state"], "activating");
+    }
+
+    #[test]
+    fn submitted_finished_and_agent_events() {
+        let v = event_json(&ev(event::Kind::Submitted(DeploymentSubmitted {
+            git_commit: "3f2c1a9".into(),
+            machines: vec!["a".into()],
+            submitted_by: "ci/ci".into(),
+        })));
+        assert_eq!(v["type"], "submitted");
+        assert_eq!(v["gitCommit"], "3f2c1a9");
+        assert_eq!(v["machines"], json!(["a"]));
+        assert_eq!(v["submittedBy"], "ci/ci");
+
+        let v = event_json(&ev(event::Kind::Finished(DeploymentFinished {
+            state: DeploymentState::Failed as i32,
+            summary: [("ROLLED_BACK".to_owned(), 1)].into(),
+        })));
+        assert_eq!(v["type"], "finished");
+        assert_eq!(v["state"], "failed");
+        assert_eq!(v["summary"], json!({ "rolled-back": 1 }));
+
+        let v = event_json(&ev(event::Kind::Agent(AgentConnection {
+            machine: "a".into(),
+            connected: true,
+            current_system: "/nix/store/x".into(),
+        })));
+        assert_eq!(v["type"], "agent");
+        assert_eq!(v["connected"], true);
+        assert_eq!(v["currentSystem"], "/nix/store/x");
+        assert_eq!(v["revision"], 42);
+    }
+}

@@ -1,0 +1,250 @@
+//! One line per event, for logs and CI (stdout is not a terminal):
+//! `07:15:02 worker-1 copying 1.2 MiB/3.4 MiB (3/7 paths)`.
+
+use std::fmt::Write as _;
+
+use procurator_proto::v1::{CopyProgress, Event, MachineState, MachineUpdate, event};
+
+use super::view::summary_label;
+use crate::format;
+
+/// The text for one event, ending in a newline; a failure's output tail
+/// follows on indented lines.
+pub fn event_text(ev: &Event) -> String {
+    let mut out = format!("{} ", format::clock(ev.at_ms));
+    match &ev.kind {
+        Some(event::Kind::Submitted(s)) => {
+            let _ = write!(
+                out,
+                "{} submitted by {}: commit {}, machines {}",
+                ev.deployment_id,
+                if s.submitted_by.is_empty() {
+                    "?"
+                } else {
+                    &s.submitted_by
+                },
+                format::short_commit(&s.git_commit),
+                s.machines.join(", ")
+            );
+        }
+        Some(event::Kind::Machine(u)) => out.push_str(&machine_text(u)),
+        Some(event::Kind::Finished(f)) => {
+            let _ = write!(out, "{} {}", ev.deployment_id, f.state().label());
+            let counts = summary_counts(&f.summary);
+            if !counts.is_empty() {
+                let _ = write!(out, ": {counts}");
+            }
+        }
+        Some(event::Kind::Agent(a)) => {
+            if a.connected {
+                let _ = write!(out, "{} connected", a.machine);
+                if !a.current_system.is_empty() {
+                    let _ = write!(out, ", running {}", a.current_system);
+                }
+            } else {
+                let _ = write!(out, "{} disconnected", a.machine);
+            }
+        }
+        None => {
+            let _ = write!(
+                out,
+                "{} (an event this version does not know)",
+                ev.deployment_id
+            );
+        }
+    }
+    out.push('\n');
+    if let Some(event::Kind::Machine(u)) = &ev.kind {
+        out.push_str(&indented_tail(&u.output_tail));
+    }
+    out
+}
+
+/// `worker-1 copying 1.2 MiB/3.4 MiB (3/7 paths)`,
+/// `worker-1 rolled-back (checking): health check … failed: exit 1`.
+pub fn machine_text(u: &MachineUpdate) -> String {
+    format!(
+        "{} {}",
+        u.machine,
+        state_text(u.state(), u.failed_phase(), &u.message, u.copy.as_ref())
+    )
+}
+
+/// The state part of a machine's line, also used by the progress view.
+pub fn state_text(
+    state: MachineState,
+    failed_phase: MachineState,
+    message: &str,
+    copy: Option<&CopyProgress>,
+) -> String {
+    let mut out = state.label().to_owned();
+    if state == MachineState::Copying
+        && let Some(c) = copy
+    {
+        let _ = write!(out, " {}", copy_text(c));
+    }
+    if failed_phase != MachineState::Unspecified {
+        let _ = write!(out, " ({})", failed_phase.label());
+    }
+    if !message.is_empty() {
+        let _ = write!(out, ": {message}");
+    }
+    out
+}
+
+/// `1.2 MiB/3.4 MiB (3/7 paths)`; parts the agent could not know are left out.
+pub fn copy_text(c: &CopyProgress) -> String {
+    let mut out = if c.bytes_expected > 0 {
+        format!(
+            "{}/{}",
+            format::bytes(c.bytes_done),
+            format::bytes(c.bytes_expected)
+        )
+    } else {
+        format::bytes(c.bytes_done)
+    };
+    if c.paths_expected > 0 {
+        let _ = write!(out, " ({}/{} paths)", c.paths_done, c.paths_expected);
+    } else if c.paths_done > 0 {
+        let _ = write!(out, " ({} paths)", c.paths_done);
+    }
+    out
+}
+
+/// `2 succeeded, 1 rolled-back`, sorted by label so the line is stable.
+pub fn summary_counts(summary: &std::collections::HashMap<String, u32>) -> String {
+    let mut counts: Vec<(String, u32)> = summary
+        .iter()
+        .map(|(k, n)| (summary_label(k), *n))
+        .collect();
+    counts.sort();
+    counts
+        .iter()
+        .map(|(label, n)| format!("{n} {label}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Command output, each line indented so it reads as belonging to the line above.
+pub fn indented_tail(tail: &str) -> String {
+    let mut out = String::new();
+    for line in tail.trim_end().lines() {
+        let _ = writeln!(out, "    {line}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use procurator_proto::v1::{
+        AgentConnection, DeploymentFinished, DeploymentState, DeploymentSubmitted,
+    };
+
+    use super::*;
+
+    /// 2025-06-01T07:15:02Z
+    const AT: i64 = 1_748_762_102_000;
+
+    fn ev(kind: event::Kind) -> Event {
+        Event {
+            revision: 7,
+            at_ms: AT,
+            deployment_id: "d-abc".into(),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn copying_shows_bytes_and_paths() {
+        let text = event_text(&ev(event::Kind::Machine(MachineUpdate {
+            machine: "worker-1".into(),
+            state: MachineState::Copying as i32,
+            copy: Some(CopyProgress {
+                bytes_done: 1_258_291,
+                bytes_expected: 3_565_158,
+                paths_done: 3,
+                paths_expected: 7,
+            }),
+            ..Default::default()
+        })));
+        assert_eq!(
+            text,
+            "07:15:02 worker-1 copying 1.2 MiB/3.4 MiB (3/7 paths)\n"
+        );
+    }
+
+    #[test]
+    fn copying_without_totals_shows_what_is_known() {
+        let c = CopyProgress {
+            bytes_done: 2048,
+            bytes_expected: 0,
+            paths_done: 0,
+            paths_expected: 0,
+        };
+        assert_eq!(copy_text(&c), "2.0 KiB");
+    }
+
+    #[test]
+    fn a_rollback_shows_phase_reason_and_indented_output() {
+        let text = event_text(&ev(event::Kind::Machine(MachineUpdate {
+            machine: "worker-1".into(),
+            state: MachineState::RolledBack as i32,
+            failed_phase: MachineState::Checking as i32,
+            message: "health check `curl -f localhost` failed: exit status 7".into(),
+            output_tail: "curl: (7) Failed to connect\nretrying\n".into(),
+            ..Default::default()
+        })));
+        assert_eq!(
+            text,
+            "07:15:02 worker-1 rolled-back (checking): health check `curl -f localhost` failed: exit status 7\n\
+             \x20   curl: (7) Failed to connect\n\
+             \x20   retrying\n"
+        );
+    }
+
+    #[test]
+    fn a_plain_phase_is_just_its_label() {
+        let text = event_text(&ev(event::Kind::Machine(MachineUpdate {
+            machine: "worker-2".into(),
+            state: MachineState::Activating as i32,
+            // Copy figures are stale once copying is over.
+            copy: Some(CopyProgress {
+                bytes_done: 1,
+                bytes_expected: 1,
+                paths_done: 1,
+                paths_expected: 1,
+            }),
+            ..Default::default()
+        })));
+        assert_eq!(text, "07:15:02 worker-2 activating\n");
+    }
+
+    #[test]
+    fn submitted_finished_and_agent_lines() {
+        let submitted = event_text(&ev(event::Kind::Submitted(DeploymentSubmitted {
+            git_commit: "3f2c1a9b8e7d6c5b4a39281706f5e4d3c2b1a098".into(),
+            machines: vec!["worker-1".into(), "worker-2".into()],
+            submitted_by: "ci/github".into(),
+        })));
+        assert_eq!(
+            submitted,
+            "07:15:02 d-abc submitted by ci/github: commit 3f2c1a9b8e7d, machines worker-1, worker-2\n"
+        );
+
+        let finished = event_text(&ev(event::Kind::Finished(DeploymentFinished {
+            state: DeploymentState::Failed as i32,
+            summary: [("SUCCEEDED".to_owned(), 2), ("ROLLED_BACK".to_owned(), 1)].into(),
+        })));
+        assert_eq!(
+            finished,
+            "07:15:02 d-abc failed: 1 rolled-back, 2 succeeded\n"
+        );
+
+        let agent = event_text(&ev(event::Kind::Agent(AgentConnection {
+            machine: "worker-1".into(),
+            connected: false,
+            current_system: String::new(),
+        })));
+        assert_eq!(agent, "07:15:02 worker-1 disconnected\n");
+    }
+}

@@ -1,0 +1,94 @@
+//! The text printed when a followed deployment ends: its state, then each
+//! machine's final state, and for failures the reason and the output tail.
+
+use std::fmt::Write as _;
+
+use procurator_proto::v1::MachineState;
+
+use super::plain::{indented_tail, state_text};
+use super::view::DeploymentView;
+use crate::format;
+
+pub fn summary_text(view: &DeploymentView) -> String {
+    let mut out = String::new();
+    let _ = write!(out, "deployment {} {}", view.id, view.state.label());
+    if !view.git_commit.is_empty() {
+        let _ = write!(out, " (commit {})", format::short_commit(&view.git_commit));
+    }
+    let failed = view
+        .machines
+        .values()
+        .filter(|m| m.state.is_failure())
+        .count();
+    let _ = writeln!(
+        out,
+        ": {} of {} machines ok, {failed} failed",
+        view.machines
+            .values()
+            .filter(|m| matches!(m.state, MachineState::Succeeded | MachineState::Skipped))
+            .count(),
+        view.machines.len()
+    );
+    let width = view.name_width();
+    for (name, m) in &view.machines {
+        // A failure's reason is what the operator came for; a success's last
+        // message ("committed") is noise.
+        let message = if m.state.is_failure() || !m.state.is_final() {
+            m.message.as_str()
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  {name:<width$}  {}",
+            state_text(m.state, m.failed_phase, message, None)
+        );
+        if m.state.is_failure() {
+            for line in indented_tail(&m.output_tail).lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use procurator_proto::v1::DeploymentState;
+
+    use super::*;
+    use crate::render::view::MachineView;
+
+    #[test]
+    fn failures_carry_reason_and_output_tail() {
+        let mut view = DeploymentView::new("d-abc");
+        view.git_commit = "3f2c1a9b8e7d6c5b".into();
+        view.state = DeploymentState::Failed;
+        view.machines.insert(
+            "worker-1".into(),
+            MachineView {
+                state: MachineState::Succeeded,
+                message: "committed".into(),
+                ..Default::default()
+            },
+        );
+        view.machines.insert(
+            "w2".into(),
+            MachineView {
+                state: MachineState::RolledBack,
+                failed_phase: MachineState::Checking,
+                message: "health check `true` failed".into(),
+                output_tail: "line 1\nline 2".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            summary_text(&view),
+            "deployment d-abc failed (commit 3f2c1a9b8e7d): 1 of 2 machines ok, 1 failed\n\
+             \x20 w2        rolled-back (checking): health check `true` failed\n\
+             \x20     line 1\n\
+             \x20     line 2\n\
+             \x20 worker-1  succeeded\n"
+        );
+    }
+}
