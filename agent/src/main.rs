@@ -1,1 +1,177 @@
-fn main() {}
+//! `procurator-agent`: dials out to the control plane, pulls and activates
+//! the closure this machine should run, rolls back on failure.
+
+// A test that cannot set up should panic.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod activation;
+mod backoff;
+mod config;
+mod confirm;
+mod connection;
+mod deployer;
+mod desired;
+mod health;
+mod journal;
+mod outbox;
+mod outcome;
+mod system;
+#[cfg(test)]
+mod testing;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use procurator_core::nix::Nix;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::activation::{Activator, ProgressSink, Settings};
+use crate::config::{Cli, Config};
+use crate::confirm::HealthConfirmer;
+use crate::connection::Dialer;
+use crate::deployer::{Activity, Deployer};
+use crate::journal::Journal;
+use crate::outbox::Outbox;
+use crate::system::SystemPaths;
+
+/// Desired states waiting for the deployer; it takes them at once.
+const INBOX_CAPACITY: usize = 16;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    procurator_core::telemetry::init(cli.log_format, "info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", report(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `context: error: cause`, leaving out causes their error already quotes.
+fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::from_cli(cli).context("the agent's configuration is not usable")?;
+    if config.trusted_public_keys.is_empty() {
+        tracing::warn!("no --trusted-public-key: no closure can be copied to this machine");
+    }
+    let cancel = CancellationToken::new();
+    watch_signals(cancel.clone())?;
+
+    let nix = Nix::new();
+    let paths = SystemPaths::new(config.system_profile.clone());
+    let outbox = Arc::new(Outbox::load(&config.state_dir));
+    let activity = Arc::new(Activity::default());
+    let activator = Arc::new(Activator {
+        nix: nix.clone(),
+        paths: paths.clone(),
+        substituters: config.substituters.clone(),
+        trusted_keys: config.trusted_public_keys.clone(),
+        journal: Journal::new(&config.state_dir),
+        settings: Settings::default(),
+        confirmer: Some(Arc::new(HealthConfirmer {
+            url: config.control_plane.clone(),
+            tls: config.tls.clone(),
+            keepalive: config.keepalive,
+        })),
+    });
+    tracing::info!(
+        identity = %config.material.identity,
+        control_plane = %config.control_plane,
+        current_system = %paths.current_system().unwrap_or_default(),
+        "starting"
+    );
+
+    // A deployment the last run did not finish is finished (or undone) first.
+    let sink: ProgressSink = Arc::new({
+        let outbox = outbox.clone();
+        move |progress| outbox.progress(progress)
+    });
+    if let Some(outcome) = activator.recover(&sink).await {
+        tracing::info!(deployment = %outcome.deployment_id, state = %outcome.state, "recovered");
+        outbox.record(outcome);
+    }
+
+    let (desired_tx, desired_rx) = tokio::sync::mpsc::channel(INBOX_CAPACITY);
+    let deployer = Deployer {
+        activator,
+        outbox: outbox.clone(),
+        activity: activity.clone(),
+    };
+    let deployer = tokio::spawn(deployer.run(desired_rx, cancel.clone()));
+    let working = activity.clone();
+    let dialer = Dialer {
+        url: config.control_plane.clone(),
+        tls: config.tls.clone(),
+        material: config.material.clone(),
+        keepalive: config.keepalive,
+        max_backoff: config.max_backoff,
+        outbox,
+        desired: desired_tx,
+        activity,
+        paths,
+        nix,
+    };
+    dialer.run(cancel.clone()).await;
+    if working.active_deployment().is_some() {
+        tracing::info!("waiting for the running activation to finish (signal again to stop now)");
+    }
+    deployer
+        .await
+        .context("the deployer stopped unexpectedly")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The first SIGTERM/SIGINT stops gracefully; a second one exits at once.
+fn watch_signals(cancel: CancellationToken) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            seen += 1;
+            if seen == 1 {
+                tracing::info!("stopping");
+                cancel.cancel();
+            } else {
+                tracing::warn!(
+                    "stopping now; the journal finishes any deployment at the next start"
+                );
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,9 +1,13 @@
 //! What Procurator's binaries share: the deployment artifact, validated names
-//! and store paths, identities and TLS, logging.
+//! and store paths, identities and TLS, logging, the `nix` CLI wrapper.
+
+// A test that cannot set up should panic.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod artifact;
 pub mod identity;
 pub mod names;
+pub mod nix;
 pub mod pki;
 pub mod store_path;
 pub mod telemetry;

@@ -1,0 +1,196 @@
+//! The agent's command line (flags and environment as docs/interfaces.md
+//! says), checked once at startup: a bad local configuration stops the agent
+//! with a clear message instead of retrying forever.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use procurator_core::Role;
+use procurator_core::telemetry::LogFormat;
+use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
+
+use crate::desired::check_substituter;
+
+/// Procurator's agent: dials out to the control plane, pulls the closure this
+/// machine should run from a binary cache, activates it behind health checks
+/// and rolls back on failure.
+#[derive(Debug, Parser)]
+#[command(name = "procurator-agent", version)]
+pub struct Cli {
+    /// The control plane, `https://HOST:PORT`.
+    #[arg(long, env = "PROCURATOR_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: String,
+    /// The fleet CA certificate.
+    #[arg(long, env = "PROCURATOR_TLS_CA", value_name = "FILE")]
+    pub tls_ca: PathBuf,
+    /// This agent's certificate (role `agent`, named after the machine).
+    #[arg(long, env = "PROCURATOR_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: PathBuf,
+    /// This agent's private key.
+    #[arg(long, env = "PROCURATOR_TLS_KEY", value_name = "FILE")]
+    pub tls_key: PathBuf,
+    /// Where the crash journal and undelivered results live.
+    #[arg(
+        long,
+        env = "PROCURATOR_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/procurator-agent"
+    )]
+    pub state_dir: PathBuf,
+    /// A binary cache to pull closures from, tried before the deployment's own
+    /// (repeatable; the environment variable is space separated).
+    #[arg(
+        long = "substituter",
+        env = "PROCURATOR_SUBSTITUTERS",
+        value_name = "URI",
+        value_delimiter = ' '
+    )]
+    pub substituters: Vec<String>,
+    /// A key closures must be signed with, `name:base64` (repeatable; the
+    /// environment variable is space separated). Without one nothing can be copied.
+    #[arg(
+        long = "trusted-public-key",
+        env = "PROCURATOR_TRUSTED_PUBLIC_KEYS",
+        value_name = "KEY",
+        value_delimiter = ' '
+    )]
+    pub trusted_public_keys: Vec<String>,
+    /// The system profile that holds the boot generations.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/nix/var/nix/profiles/system"
+    )]
+    pub system_profile: PathBuf,
+    /// HTTP/2 keepalive interval, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    pub keepalive: u64,
+    /// The longest wait between reconnection attempts, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub max_backoff: u64,
+    /// `text` or `json` logs on stderr.
+    #[arg(
+        long,
+        env = "PROCURATOR_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "{path} holds the identity {identity}, but an agent needs role agent: procurator-ctl pki issue --role agent --name MACHINE"
+    )]
+    NotAnAgent { path: PathBuf, identity: String },
+    #[error("the state directory {path} is not usable: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--substituter: {0}")]
+    Substituter(String),
+    #[error(
+        "--trusted-public-key {0:?} is not a Nix public key: expected NAME:BASE64, as `nix key convert-secret-to-public` prints"
+    )]
+    Key(String),
+    #[error("--{0} must be at least 1 second")]
+    TooShort(&'static str),
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub control_plane: String,
+    pub tls: TlsFiles,
+    pub material: TlsMaterial,
+    pub state_dir: PathBuf,
+    pub substituters: Vec<String>,
+    pub trusted_public_keys: Vec<String>,
+    pub system_profile: PathBuf,
+    pub keepalive: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Config {
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let non_empty = |values: Vec<String>| {
+            values
+                .into_iter()
+                .filter(|v| !v.is_empty())
+                .collect::<Vec<_>>()
+        };
+        let substituters = non_empty(cli.substituters);
+        for s in &substituters {
+            check_substituter(s).map_err(ConfigError::Substituter)?;
+        }
+        let trusted_public_keys = non_empty(cli.trusted_public_keys);
+        if let Some(bad) = trusted_public_keys.iter().find(|k| !is_public_key(k)) {
+            return Err(ConfigError::Key(bad.clone()));
+        }
+        if cli.keepalive == 0 {
+            return Err(ConfigError::TooShort("keepalive"));
+        }
+        if cli.max_backoff == 0 {
+            return Err(ConfigError::TooShort("max-backoff"));
+        }
+        let keepalive = Duration::from_secs(cli.keepalive);
+        let tls = TlsFiles {
+            ca: cli.tls_ca,
+            cert: cli.tls_cert,
+            key: cli.tls_key,
+        };
+        let material = tls.load()?;
+        if material.identity.role != Role::Agent {
+            return Err(ConfigError::NotAnAgent {
+                path: tls.cert.clone(),
+                identity: material.identity.to_string(),
+            });
+        }
+        // Checks the URL now rather than at every reconnection.
+        material.endpoint(&cli.control_plane, keepalive)?;
+        check_state_dir(&cli.state_dir)?;
+        Ok(Self {
+            control_plane: cli.control_plane,
+            tls,
+            material,
+            state_dir: cli.state_dir,
+            substituters,
+            trusted_public_keys,
+            system_profile: cli.system_profile,
+            keepalive,
+            max_backoff: Duration::from_secs(cli.max_backoff),
+        })
+    }
+}
+
+/// `name:base64` of an ed25519 key (32 bytes: 44 base64 characters).
+fn is_public_key(key: &str) -> bool {
+    let Some((name, data)) = key.split_once(':') else {
+        return false;
+    };
+    !name.is_empty()
+        && data.len() == 44
+        && data
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+}
+
+/// The journal must be writable before the first deployment, not during it.
+fn check_state_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
+    let err = |source| ConfigError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let probe = dir.join(".write-test");
+    crate::journal::write_atomically(&probe, b"ok").map_err(err)?;
+    std::fs::remove_file(&probe).map_err(err)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+use clap::Parser as _;
+use procurator_core::pki;
+
+use super::*;
+
+const KEY: &str = "cache-1:XGZX9+uqvrp5OMNySYCxgI+TKKLNMAa8KBB1/AOI9Fc=";
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init(dir.path(), &[], "admin").unwrap();
+        pki::issue(dir.path(), Role::Agent, "worker-1", &[], false).unwrap();
+        Pki { dir }
+    }
+
+    fn args(&self, cert: &str, extra: &[&str]) -> Vec<String> {
+        let d = self.dir.path().display();
+        let mut args: Vec<String> = [
+            "procurator-agent",
+            "--control-plane",
+            "https://127.0.0.1:7700",
+            "--tls-ca",
+            &format!("{d}/ca.crt"),
+            "--tls-cert",
+            &format!("{d}/{cert}.crt"),
+            "--tls-key",
+            &format!("{d}/{cert}.key"),
+            "--state-dir",
+            &format!("{d}/state"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// `extra` flags are added, or replace the same flag given by [`Pki::args`].
+    fn config(&self, cert: &str, extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut args = self.args(cert, &[]);
+        for pair in extra.chunks(2) {
+            match args.iter().position(|a| a == pair[0]) {
+                Some(i) if pair[0] != "--substituter" => args[i + 1] = pair[1].to_string(),
+                _ => args.extend(pair.iter().map(|s| s.to_string())),
+            }
+        }
+        Config::from_cli(Cli::try_parse_from(args).unwrap())
+    }
+}
+
+#[test]
+fn a_good_configuration_loads_with_the_documented_defaults() {
+    let pki = Pki::new();
+    let config = pki
+        .config(
+            "agent-worker-1",
+            &[
+                "--substituter",
+                "file:///srv/cache",
+                "--trusted-public-key",
+                KEY,
+            ],
+        )
+        .unwrap();
+    assert_eq!(config.substituters, ["file:///srv/cache"]);
+    assert_eq!(config.trusted_public_keys, [KEY]);
+    assert_eq!(
+        config.system_profile,
+        PathBuf::from("/nix/var/nix/profiles/system")
+    );
+    assert_eq!(
+        (config.keepalive, config.max_backoff),
+        (Duration::from_secs(20), Duration::from_secs(30))
+    );
+    assert_eq!(config.material.identity.name.as_str(), "worker-1");
+    assert!(pki.dir.path().join("state").is_dir());
+}
+
+#[test]
+fn repeated_flags_collect_and_space_separated_values_split() {
+    let pki = Pki::new();
+    let cli = Cli::try_parse_from(pki.args(
+        "agent-worker-1",
+        &[
+            "--substituter",
+            "https://a https://b",
+            "--substituter",
+            "file:///c",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(cli.substituters, ["https://a", "https://b", "file:///c"]);
+}
+
+#[test]
+fn bad_local_configuration_is_refused_with_a_clear_message() {
+    let pki = Pki::new();
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("agent-missing", vec![], "cannot read certificate"),
+        ("operator-admin", vec![], "an agent needs role agent"),
+        (
+            "agent-worker-1",
+            vec!["--trusted-public-key", "nonsense"],
+            "is not a Nix public key",
+        ),
+        (
+            "agent-worker-1",
+            vec!["--substituter", "cache/dir"],
+            "--substituter: \"cache/dir\" is not a store URI",
+        ),
+        (
+            "agent-worker-1",
+            vec!["--max-backoff", "0"],
+            "--max-backoff must be at least 1 second",
+        ),
+        (
+            "agent-worker-1",
+            vec!["--control-plane", "http://cp:1"],
+            "is not a control-plane address",
+        ),
+    ];
+    for (cert, extra, expected) in cases {
+        let err = pki.config(cert, &extra).unwrap_err().to_string();
+        assert!(err.contains(expected), "{cert} {extra:?}: {err}");
+    }
+    // An unreadable key is a startup error, not a retry loop.
+    std::fs::remove_file(pki.dir.path().join("agent-worker-1.key")).unwrap();
+    let err = pki.config("agent-worker-1", &[]).unwrap_err().to_string();
+    assert!(err.contains("cannot read private key"), "{err}");
+}
+
+#[test]
+fn an_unwritable_state_directory_is_refused() {
+    let pki = Pki::new();
+    let file = pki.dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let state = file.join("state");
+    let err = pki
+        .config("agent-worker-1", &["--state-dir", state.to_str().unwrap()])
+        .unwrap_err();
+    assert!(err.to_string().starts_with("the state directory"), "{err}");
+}

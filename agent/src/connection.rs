@@ -1,0 +1,276 @@
+//! The agent's one connection: dial out, say `Hello`, wait for `Welcome`,
+//! then pass desired states in and progress, results and heartbeats out.
+//! On any failure: back off (exponential, full jitter) and dial again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use procurator_core::PROTOCOL_VERSION;
+use procurator_core::nix::Nix;
+use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
+use procurator_proto::v1::agent_service_client::AgentServiceClient;
+use procurator_proto::v1::{
+    AgentMessage, ControlMessage, DesiredState, Heartbeat, Hello, Welcome, agent_message,
+    control_message,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{BASE, Backoff};
+use crate::deployer::Activity;
+use crate::outbox::{Outbox, Outgoing};
+use crate::system::SystemPaths;
+
+/// From dialling to `Welcome`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// A connection that lasted this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+const OUTBOUND_CAPACITY: usize = 64;
+const NIX_VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot connect: {}", chain(.0))]
+    Connect(#[from] tonic::transport::Error),
+    #[error("the control plane answered {:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("no Welcome within {}s", HANDSHAKE_TIMEOUT.as_secs())]
+    NoWelcome,
+    #[error("the control plane sent a desired state before Welcome")]
+    DesiredBeforeWelcome,
+    #[error("the control plane closed the stream")]
+    Closed,
+}
+
+impl SessionError {
+    /// Errors that dialling again will not fix: only an operator can (a new
+    /// certificate, an upgraded agent).
+    pub fn is_terminal(&self) -> bool {
+        use tonic::Code;
+        match self {
+            SessionError::Status(s) => matches!(
+                s.code(),
+                Code::FailedPrecondition
+                    | Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::Unimplemented
+            ),
+            SessionError::Tls(_) => true,
+            SessionError::Connect(_)
+            | SessionError::NoWelcome
+            | SessionError::DesiredBeforeWelcome
+            | SessionError::Closed => false,
+        }
+    }
+}
+
+/// An error and its sources, `a: b: c`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+pub struct Dialer {
+    pub url: String,
+    pub tls: TlsFiles,
+    /// The TLS material that loaded last; kept if a reload fails.
+    pub material: TlsMaterial,
+    pub keepalive: Duration,
+    pub max_backoff: Duration,
+    pub outbox: Arc<Outbox>,
+    pub desired: mpsc::Sender<DesiredState>,
+    pub activity: Arc<Activity>,
+    pub paths: SystemPaths,
+    pub nix: Nix,
+}
+
+impl Dialer {
+    /// Dials until `cancel` fires.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(BASE, self.max_backoff);
+        loop {
+            self.reload_tls();
+            let mut welcomed_at = None;
+            let ended = tokio::select! {
+                ended = self.session(&mut welcomed_at) => ended,
+                _ = cancel.cancelled() => return,
+            };
+            if welcomed_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_AFTER) {
+                backoff.reset();
+            }
+            let delay = if ended.is_terminal() {
+                let delay = backoff.terminal_delay(&mut rand::rng());
+                tracing::error!(
+                    error = %ended,
+                    retry_in = ?delay,
+                    "the control plane refuses this agent; check its certificate (role agent, signed by the fleet CA) and version"
+                );
+                delay
+            } else {
+                let delay = backoff.next_delay(&mut rand::rng());
+                tracing::warn!(error = %ended, retry_in = ?delay, "disconnected from the control plane");
+                delay
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Picks up a replaced certificate: an operator may have fixed it.
+    fn reload_tls(&mut self) {
+        match self.tls.load() {
+            Ok(material) => self.material = material,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload the TLS files; using the ones loaded before")
+            }
+        }
+    }
+
+    /// One connection, from dialling to its end (always an error: the agent
+    /// never hangs up by itself except on shutdown, which cancels this).
+    async fn session(&self, welcomed_at: &mut Option<Instant>) -> SessionError {
+        let (tx, inbound, welcome) =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(e)) => return e,
+                Err(_) => return SessionError::NoWelcome,
+            };
+        *welcomed_at = Some(Instant::now());
+        tracing::info!(
+            url = %self.url,
+            machine = %welcome.machine,
+            control_plane_version = %welcome.control_plane_version,
+            protocol_version = welcome.protocol_version,
+            "connected"
+        );
+        self.serve(tx, inbound).await
+    }
+
+    async fn handshake(
+        &self,
+    ) -> Result<
+        (
+            mpsc::Sender<AgentMessage>,
+            tonic::Streaming<ControlMessage>,
+            Welcome,
+        ),
+        SessionError,
+    > {
+        let channel = self
+            .material
+            .endpoint(&self.url, self.keepalive)?
+            .connect()
+            .await?;
+        let mut client = AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let hello = self.hello().await;
+        // The receiver is alive right here: this cannot fail.
+        let _ = tx.send(message(agent_message::Kind::Hello(hello))).await;
+        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        loop {
+            match inbound.message().await? {
+                Some(ControlMessage {
+                    kind: Some(control_message::Kind::Welcome(welcome)),
+                }) => {
+                    return Ok((tx, inbound, welcome));
+                }
+                Some(ControlMessage {
+                    kind: Some(control_message::Kind::DesiredState(_)),
+                }) => {
+                    return Err(SessionError::DesiredBeforeWelcome);
+                }
+                // A kind this build does not know: newer control plane.
+                Some(ControlMessage { kind: None }) => continue,
+                None => return Err(SessionError::Closed),
+            }
+        }
+    }
+
+    async fn hello(&self) -> Hello {
+        let nix_version = match tokio::time::timeout(NIX_VERSION_TIMEOUT, self.nix.version()).await
+        {
+            Ok(Ok(version)) => version,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot tell the Nix version");
+                String::new()
+            }
+            Err(_) => String::new(),
+        };
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            current_system: self.paths.current_system().unwrap_or_default(),
+            booted_system: self.paths.booted_system().unwrap_or_default(),
+            nix_version,
+            active_deployment_id: self.activity.active_deployment().unwrap_or_default(),
+        }
+    }
+
+    /// After `Welcome`: until the stream breaks.
+    async fn serve(
+        &self,
+        tx: mpsc::Sender<AgentMessage>,
+        mut inbound: tonic::Streaming<ControlMessage>,
+    ) -> SessionError {
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
+        loop {
+            tokio::select! {
+                received = inbound.message() => match received {
+                    Ok(Some(ControlMessage { kind: Some(control_message::Kind::DesiredState(state)) })) => {
+                        tracing::info!(deployment = %crate::desired::clip(&state.deployment_id, 64), "desired state received");
+                        if self.desired.send(state).await.is_err() {
+                            // The deployer stopped: the agent is shutting down.
+                            return SessionError::Closed;
+                        }
+                    }
+                    Ok(Some(_)) => tracing::debug!("ignoring an unexpected control message"),
+                    Ok(None) => return SessionError::Closed,
+                    Err(status) => return SessionError::Status(status),
+                },
+                outgoing = self.outbox.next() => {
+                    let (kind, result) = match outgoing {
+                        Outgoing::Result(outcome) => {
+                            (agent_message::Kind::Result(outcome.to_proto()), Some(outcome))
+                        }
+                        Outgoing::Progress(progress) => (agent_message::Kind::Progress(progress), None),
+                    };
+                    if tx.send(message(kind)).await.is_err() {
+                        return SessionError::Closed;
+                    }
+                    if let Some(outcome) = result {
+                        tracing::info!(deployment = %outcome.deployment_id, state = %outcome.state, "result sent");
+                        self.outbox.delivered(&outcome);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let beat = Heartbeat { current_system: self.paths.current_system().unwrap_or_default() };
+                    if tx.send(message(agent_message::Kind::Heartbeat(beat))).await.is_err() {
+                        return SessionError::Closed;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn message(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests;

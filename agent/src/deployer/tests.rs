@@ -1,0 +1,178 @@
+//! Delivery rules against real fixture closures: repeats never run twice,
+//! only the newest queued desired state runs next.
+
+use std::time::Duration;
+
+use procurator_core::StorePath;
+use procurator_proto::v1::HealthCheck;
+
+use super::*;
+use crate::outbox::Outgoing;
+use crate::testing::{Behaviour, Host, eventually};
+
+struct Harness {
+    host: Host,
+    outbox: Arc<Outbox>,
+    activity: Arc<Activity>,
+    tx: mpsc::Sender<DesiredState>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let host = Host::new().await;
+        let outbox = Arc::new(Outbox::load(&host.path("state")));
+        let activity = Arc::new(Activity::default());
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let deployer = Deployer {
+            activator: Arc::new(host.activator()),
+            outbox: outbox.clone(),
+            activity: activity.clone(),
+        };
+        let task = tokio::spawn(deployer.run(rx, cancel.clone()));
+        Harness {
+            host,
+            outbox,
+            activity,
+            tx,
+            cancel,
+            task,
+        }
+    }
+
+    async fn send(&self, id: &str, closure: &StorePath, checks: &[&str]) {
+        let state = DesiredState {
+            deployment_id: id.into(),
+            closure: closure.to_string(),
+            health_checks: checks
+                .iter()
+                .map(|c| HealthCheck {
+                    command: (*c).into(),
+                    timeout_secs: 30,
+                    interval_secs: 1,
+                })
+                .collect(),
+            auto_rollback: true,
+            ..DesiredState::default()
+        };
+        self.tx.send(state).await.unwrap();
+    }
+
+    /// The next result, marked delivered.
+    async fn result(&self) -> Outcome {
+        let deadline = Duration::from_secs(60);
+        loop {
+            match tokio::time::timeout(deadline, self.outbox.next())
+                .await
+                .expect("no result in time")
+            {
+                Outgoing::Result(outcome) => {
+                    self.outbox.delivered(&outcome);
+                    return outcome;
+                }
+                Outgoing::Progress(_) => continue,
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_repeat_never_runs_twice_and_a_finished_one_is_answered_again() {
+    let h = Harness::new().await;
+    let old = h.host.system("old", Behaviour::default()).await;
+    h.host.run(&old);
+    let new = h.host.system("new", Behaviour::default()).await;
+    let release = h.host.path("release");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.02; done", release.display());
+
+    h.send("d-1", &new, &[&wait]).await;
+    h.send("d-1", &new, &[&wait]).await;
+    eventually("d-1 is active", || {
+        h.activity.active_deployment().as_deref() == Some("d-1")
+    })
+    .await;
+    h.send("d-1", &new, &[&wait]).await;
+    std::fs::write(&release, "").unwrap();
+    let first = h.result().await;
+    assert_eq!(
+        (first.deployment_id.as_str(), first.state),
+        ("d-1", MachineState::Succeeded)
+    );
+
+    // Delivered already: the same desired state gets the same answer, nothing runs.
+    h.send("d-1", &new, &[&wait]).await;
+    assert_eq!(h.result().await, first);
+    assert_eq!(h.host.calls(), ["new test", "new boot"]);
+    assert_eq!(h.activity.active_deployment(), None);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_newest_desired_state_runs_after_the_current_one() {
+    let h = Harness::new().await;
+    let a = h.host.system("a", Behaviour::default()).await;
+    h.host.run(&a);
+    let b = h.host.system("b", Behaviour::default()).await;
+    let c = h.host.system("c", Behaviour::default()).await;
+    let d = h.host.system("d", Behaviour::default()).await;
+    let release = h.host.path("release");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.02; done", release.display());
+
+    h.send("d-b", &b, &[&wait]).await;
+    eventually("d-b is active", || {
+        h.activity.active_deployment().as_deref() == Some("d-b")
+    })
+    .await;
+    h.send("d-c", &c, &[]).await;
+    h.send("d-d", &d, &[]).await;
+    eventually("d-d is queued", || {
+        h.activity.queued_deployment().as_deref() == Some("d-d")
+    })
+    .await;
+    std::fs::write(&release, "").unwrap();
+
+    let first = h.result().await;
+    assert_eq!(
+        (first.deployment_id.as_str(), first.state),
+        ("d-b", MachineState::Succeeded)
+    );
+    let second = h.result().await;
+    assert_eq!(
+        (second.deployment_id.as_str(), second.state),
+        ("d-d", MachineState::Succeeded)
+    );
+    assert_eq!(second.current_system, d.as_str());
+    assert_eq!(h.host.calls(), ["b test", "b boot", "d test", "d boot"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_desired_state_is_reported_failed() {
+    let h = Harness::new().await;
+    let state = DesiredState {
+        deployment_id: "d-1".into(),
+        closure: "/tmp/not-a-store-path".into(),
+        ..DesiredState::default()
+    };
+    h.tx.send(state).await.unwrap();
+    let outcome = h.result().await;
+    assert_eq!(outcome.state, MachineState::Failed);
+    assert!(
+        outcome
+            .reason
+            .starts_with("refused the desired state: bad closure: \"/tmp/not-a-store-path\""),
+        "{}",
+        outcome.reason
+    );
+    h.stop().await;
+}

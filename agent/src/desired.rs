@@ -1,0 +1,160 @@
+//! A `DesiredState` from the control plane, validated before anything runs.
+
+use std::time::Duration;
+
+use procurator_core::names::NameError;
+use procurator_core::store_path::StorePathError;
+use procurator_core::{DeploymentId, StorePath};
+use procurator_proto::v1::DesiredState;
+
+use crate::health::Check;
+
+const MAX_SUBSTITUTER_LEN: usize = 1024;
+const MAX_HEALTH_CHECKS: usize = 64;
+const MAX_CHECK_COMMAND_LEN: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidDesired {
+    #[error("bad deployment id: {0}")]
+    DeploymentId(NameError),
+    #[error("bad closure: {0}")]
+    Closure(StorePathError),
+    #[error("bad substituter: {0}")]
+    Substituter(String),
+    #[error("bad health check: {0}")]
+    HealthCheck(String),
+}
+
+/// What this machine should run, and how to get there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub deployment_id: DeploymentId,
+    pub closure: StorePath,
+    /// Tried after the agent's own substituters.
+    pub substituters: Vec<String>,
+    pub health_checks: Vec<Check>,
+    pub auto_rollback: bool,
+    /// Zero: no connectivity confirmation.
+    pub confirm_timeout: Duration,
+}
+
+impl Desired {
+    pub fn from_proto(state: &DesiredState) -> Result<Self, InvalidDesired> {
+        let deployment_id =
+            DeploymentId::parse(&state.deployment_id).map_err(InvalidDesired::DeploymentId)?;
+        let closure = StorePath::parse(&state.closure).map_err(InvalidDesired::Closure)?;
+        for substituter in &state.substituters {
+            check_substituter(substituter).map_err(InvalidDesired::Substituter)?;
+        }
+        if state.health_checks.len() > MAX_HEALTH_CHECKS {
+            return Err(InvalidDesired::HealthCheck(format!(
+                "{} checks; at most {MAX_HEALTH_CHECKS} are run",
+                state.health_checks.len()
+            )));
+        }
+        for check in &state.health_checks {
+            if check.command.trim().is_empty() || check.command.len() > MAX_CHECK_COMMAND_LEN {
+                return Err(InvalidDesired::HealthCheck(format!(
+                    "the command must be 1 to {MAX_CHECK_COMMAND_LEN} bytes, not blank"
+                )));
+            }
+        }
+        Ok(Self {
+            deployment_id,
+            closure,
+            substituters: state.substituters.clone(),
+            health_checks: state.health_checks.iter().map(Check::from_proto).collect(),
+            auto_rollback: state.auto_rollback,
+            confirm_timeout: Duration::from_secs(u64::from(state.confirm_timeout_secs)),
+        })
+    }
+}
+
+/// A substituter is a store URI (`https://…`, `file:///…`, `s3://…`) or an
+/// absolute path. It is one argument of `nix copy`, so it must not look like
+/// an option or hold whitespace.
+pub fn check_substituter(uri: &str) -> Result<(), String> {
+    let shape_ok = uri.contains("://") || uri.starts_with('/');
+    if uri.is_empty()
+        || uri.len() > MAX_SUBSTITUTER_LEN
+        || !shape_ok
+        || uri.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{uri:?} is not a store URI: expected e.g. https://cache.example or file:///srv/cache, without spaces, at most {MAX_SUBSTITUTER_LEN} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// A string from the wire, cut short enough to log and echo back.
+pub fn clip(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use procurator_proto::v1::HealthCheck;
+
+    use super::*;
+
+    const CLOSURE: &str = "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-nixos-system-worker-1-25.11";
+
+    fn state() -> DesiredState {
+        DesiredState {
+            deployment_id: "d-1".into(),
+            closure: CLOSURE.into(),
+            substituters: vec!["https://cache.example".into(), "file:///srv/cache".into()],
+            health_checks: vec![HealthCheck {
+                command: "true".into(),
+                timeout_secs: 5,
+                interval_secs: 1,
+            }],
+            auto_rollback: true,
+            confirm_timeout_secs: 30,
+        }
+    }
+
+    #[test]
+    fn a_good_desired_state_is_accepted() {
+        let desired = Desired::from_proto(&state()).unwrap();
+        assert_eq!(desired.closure.as_str(), CLOSURE);
+        assert_eq!(desired.health_checks.len(), 1);
+        assert_eq!(desired.confirm_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_fields_are_refused_with_the_reason() {
+        type Spoil = fn(&mut DesiredState);
+        let cases: Vec<(Spoil, &str)> = vec![
+            (|s| s.deployment_id = "D 1".into(), "bad deployment id"),
+            (|s| s.closure = "/tmp/evil".into(), "bad closure"),
+            (|s| s.closure = format!("{CLOSURE}/bin"), "bad closure"),
+            (
+                |s| s.substituters.push("--option".into()),
+                "bad substituter",
+            ),
+            (
+                |s| s.substituters.push("https://a b".into()),
+                "bad substituter",
+            ),
+            (|s| s.substituters.push(String::new()), "bad substituter"),
+            (
+                |s| s.health_checks[0].command = " ".into(),
+                "bad health check",
+            ),
+        ];
+        for (spoil, expected) in cases {
+            let mut s = state();
+            spoil(&mut s);
+            let err = Desired::from_proto(&s).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn absolute_paths_are_stores_too() {
+        assert!(check_substituter("/srv/chroot-store").is_ok());
+        assert!(check_substituter("relative/path").is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! The crash journal: which deployment the agent is in, the closure that ran
+//! before it, and the phase it entered last, written atomically and fsynced
+//! before each phase so a restart can finish or undo what was started.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use procurator_proto::v1::MachineState;
+use serde::{Deserialize, Serialize};
+
+use crate::outcome::Failure;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a journal this agent wrote ({source}); move it away to start afresh")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The phase a deployment entered last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Copying,
+    Activating,
+    Checking,
+    Confirming,
+    Committing,
+    RollingBack,
+    /// Finished one way or another; nothing to recover.
+    Done,
+}
+
+impl Phase {
+    /// The machine state a deployment in this phase is in.
+    pub fn machine_state(self) -> MachineState {
+        match self {
+            Phase::Copying => MachineState::Copying,
+            Phase::Activating => MachineState::Activating,
+            Phase::Checking => MachineState::Checking,
+            Phase::Confirming => MachineState::Confirming,
+            Phase::Committing => MachineState::Committing,
+            Phase::RollingBack => MachineState::RollingBack,
+            Phase::Done => MachineState::Unspecified,
+        }
+    }
+}
+
+/// One deployment's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub deployment_id: String,
+    /// The closure being deployed.
+    pub closure: String,
+    /// `readlink -f /run/current-system` before anything changed.
+    pub previous: Option<String>,
+    /// What the system profile pointed at before anything changed.
+    #[serde(default)]
+    pub previous_profile: Option<String>,
+    pub phase: Phase,
+    pub auto_rollback: bool,
+    /// Why a rollback started (set with [`Phase::RollingBack`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+/// `STATE_DIR/journal.json`.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    path: PathBuf,
+}
+
+impl Journal {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("journal.json"),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last entry written, or `None` if there never was one.
+    pub fn read(&self) -> Result<Option<Entry>, JournalError> {
+        read_json(&self.path)
+    }
+
+    pub fn write(&self, entry: &Entry) -> Result<(), JournalError> {
+        write_json(&self.path, entry)
+    }
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, JournalError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(JournalError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| JournalError::Corrupt {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JournalError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| JournalError::Write {
+        path: path.to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    bytes.push(b'\n');
+    write_atomically(path, &bytes).map_err(|source| JournalError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the
+/// new content: write a temporary file beside it, fsync, rename, fsync the
+/// directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(phase: Phase) -> Entry {
+        Entry {
+            deployment_id: "d-1".into(),
+            closure: "/nix/store/00000000000000000000000000000000-new".into(),
+            previous: Some("/nix/store/11111111111111111111111111111111-old".into()),
+            previous_profile: None,
+            phase,
+            auto_rollback: true,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_the_last_write_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        assert_eq!(journal.read().unwrap(), None);
+        journal.write(&entry(Phase::Copying)).unwrap();
+        journal.write(&entry(Phase::RollingBack)).unwrap();
+        assert_eq!(journal.read().unwrap(), Some(entry(Phase::RollingBack)));
+        // Only the journal is left: no temporary files.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("journal.json")]);
+        let text = std::fs::read_to_string(journal.path()).unwrap();
+        assert!(text.contains("\"phase\": \"rolling-back\""), "{text}");
+        assert!(text.contains("\"deployment_id\": \"d-1\""), "{text}");
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_an_error_that_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        std::fs::write(journal.path(), b"{\"deployment_id\": ").unwrap();
+        let err = journal.read().unwrap_err().to_string();
+        assert!(err.contains("journal.json is not a journal"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_journal_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        journal.write(&entry(Phase::Copying)).unwrap();
+        // The target is now a non-empty directory: rename fails.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir_all(blocked.join("x")).unwrap();
+        assert!(write_atomically(&blocked, b"new").is_err());
+        assert!(blocked.join("x").is_dir());
+        assert_eq!(journal.read().unwrap(), Some(entry(Phase::Copying)));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+}

@@ -1,0 +1,287 @@
+//! The typed wrapper around the `nix` CLI.
+//!
+//! Every command is an argument vector (no shell), its exit status is checked
+//! before its output is parsed, and errors carry the command and the end of
+//! its output with colour removed. Works with Debian's Nix 2.8 and later.
+
+mod command;
+mod copy;
+mod progress;
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+pub use command::{CommandOutput, RunError, Tail, describe, run_captured};
+pub use progress::{CopyProgress, CopyTracker, strip_ansi};
+
+use crate::store_path::{StorePath, StorePathError};
+
+/// Lines of output kept for error messages.
+pub const TAIL_LINES: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("{command} failed ({status}){}", last_line(tail))]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        tail: String,
+    },
+    #[error("{command} printed what Nix does not print: {message}")]
+    BadOutput { command: String, message: String },
+    #[error("{command} printed a path outside the store: {source}")]
+    BadStorePath {
+        command: String,
+        source: StorePathError,
+    },
+}
+
+impl NixError {
+    /// The last lines of the failing command's output (may be empty).
+    pub fn tail(&self) -> &str {
+        match self {
+            NixError::Run(e) => e.tail(),
+            NixError::Failed { tail, .. } => tail,
+            NixError::BadOutput { .. } | NixError::BadStorePath { .. } => "",
+        }
+    }
+}
+
+fn last_line(tail: &str) -> String {
+    match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => format!(": {}", line.trim()),
+        None => String::new(),
+    }
+}
+
+/// How to run Nix: which programs, with which `--option`s and environment.
+#[derive(Debug, Clone)]
+pub struct Nix {
+    nix: PathBuf,
+    nix_env: PathBuf,
+    options: Vec<(String, String)>,
+    env: Vec<(OsString, OsString)>,
+    destination: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl Default for Nix {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Nix {
+    /// `nix` and `nix-env` from `PATH`, the local store, no timeout.
+    pub fn new() -> Self {
+        Self {
+            nix: "nix".into(),
+            nix_env: "nix-env".into(),
+            options: Vec::new(),
+            env: Vec::new(),
+            destination: None,
+            timeout: None,
+        }
+    }
+
+    /// Other `nix` and `nix-env` programs.
+    pub fn with_programs(mut self, nix: impl Into<PathBuf>, nix_env: impl Into<PathBuf>) -> Self {
+        self.nix = nix.into();
+        self.nix_env = nix_env.into();
+        self
+    }
+
+    /// Adds `--option NAME VALUE` to every command.
+    pub fn with_option(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets an environment variable for every command (e.g. `NIX_CONF_DIR`).
+    pub fn with_env(mut self, name: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Makes [`Nix::copy_from`] copy into the store at `destination` (passed
+    /// as `--to`, e.g. a chroot store `/tmp/host/root`) instead of the local
+    /// store.
+    pub fn with_store(mut self, destination: impl Into<String>) -> Self {
+        self.destination = Some(destination.into());
+        self
+    }
+
+    /// Kills any command that runs longer than `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// `program args... --option NAME VALUE...` with the configured environment.
+    fn command<I, S>(&self, program: &Path, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(program);
+        command.args(args);
+        for (name, value) in &self.options {
+            command.arg("--option").arg(name).arg(value);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    fn nix(&self, args: &[&str]) -> Command {
+        self.command(&self.nix, args.iter().copied())
+    }
+
+    /// `nix --version`, e.g. `nix (Nix) 2.8.0`.
+    pub async fn version(&self) -> Result<String, NixError> {
+        let stdout = self.stdout_of(self.nix(&["--version"])).await?;
+        Ok(stdout.trim().to_owned())
+    }
+
+    /// `nix-env -p PROFILE --set CLOSURE`: a new generation of `profile`
+    /// pointing at `closure`.
+    pub async fn set_profile(&self, profile: &Path, closure: &StorePath) -> Result<(), NixError> {
+        let args = [
+            OsStr::new("-p"),
+            profile.as_os_str(),
+            OsStr::new("--set"),
+            OsStr::new(closure.as_str()),
+        ];
+        self.stdout_of(self.command(&self.nix_env, args))
+            .await
+            .map(drop)
+    }
+
+    /// `nix copy --to DESTINATION PATHS...`, e.g. to publish to a cache
+    /// (`file:///dir?secret-key=/path/sk` signs while copying).
+    pub async fn copy_to(&self, destination: &str, paths: &[StorePath]) -> Result<(), NixError> {
+        let mut command = self.nix(&["copy", "--to", destination]);
+        command.args(paths.iter().map(StorePath::as_str));
+        self.stdout_of(command).await.map(drop)
+    }
+
+    /// `nix build --no-link --json ARGS...`: the `out` output of each
+    /// installable built.
+    pub async fn build(&self, args: &[&str]) -> Result<Vec<StorePath>, NixError> {
+        let mut command = self.nix(&["build", "--no-link", "--json"]);
+        command.args(args);
+        let name = describe(&command);
+        let stdout = self.stdout_of(command).await?;
+        let built: Vec<serde_json::Value> =
+            serde_json::from_str(&stdout).map_err(|e| NixError::BadOutput {
+                command: name.clone(),
+                message: e.to_string(),
+            })?;
+        built
+            .iter()
+            .map(|b| {
+                let out = b
+                    .pointer("/outputs/out")
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| NixError::BadOutput {
+                        command: name.clone(),
+                        message: format!("no outputs.out in {b}"),
+                    })?;
+                StorePath::parse(out).map_err(|source| NixError::BadStorePath {
+                    command: name.clone(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// `nix eval --json ARGS...`, parsed.
+    pub async fn eval_json(&self, args: &[&str]) -> Result<serde_json::Value, NixError> {
+        let mut command = self.nix(&["eval", "--json"]);
+        command.args(args);
+        let name = describe(&command);
+        let stdout = self.stdout_of(command).await?;
+        serde_json::from_str(&stdout).map_err(|e| NixError::BadOutput {
+            command: name,
+            message: e.to_string(),
+        })
+    }
+
+    /// Runs `command`, checks its exit status, returns its stdout. Stderr
+    /// (colour removed) goes into the error.
+    async fn stdout_of(&self, mut command: Command) -> Result<String, NixError> {
+        let name = describe(&command);
+        command.stdin(Stdio::null()).kill_on_drop(true);
+        let run = command.output();
+        let output = match self.timeout {
+            Some(limit) => {
+                tokio::time::timeout(limit, run)
+                    .await
+                    .map_err(|_| RunError::TimedOut {
+                        command: name.clone(),
+                        timeout: limit,
+                        tail: String::new(),
+                    })?
+            }
+            None => run.await,
+        }
+        .map_err(|source| RunError::Spawn {
+            command: name.clone(),
+            source,
+        })?;
+        if !output.status.success() {
+            let mut tail = Tail::new(TAIL_LINES);
+            for line in String::from_utf8_lossy(&output.stderr).lines() {
+                tail.push(strip_ansi(line));
+            }
+            return Err(NixError::Failed {
+                command: name,
+                status: output.status,
+                tail: tail.render(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_messages_name_the_command_and_the_last_line() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let err = NixError::Failed {
+            command: "nix copy --from file:///c /nix/store/x".into(),
+            status: ExitStatus::from_raw(256),
+            tail: "copying path\nerror: it lacks a valid signature\n".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "nix copy --from file:///c /nix/store/x failed (exit status: 1): error: it lacks a valid signature"
+        );
+        assert!(err.tail().starts_with("copying path"));
+    }
+
+    #[test]
+    fn options_and_env_reach_every_command() {
+        let nix = Nix::new()
+            .with_option("sandbox", "false")
+            .with_env("NIX_CONF_DIR", "/x");
+        let command = nix.nix(&["--version"]);
+        assert_eq!(describe(&command), "nix --version --option sandbox false");
+        let envs: Vec<_> = command.as_std().get_envs().collect();
+        assert_eq!(
+            envs,
+            vec![(
+                std::ffi::OsStr::new("NIX_CONF_DIR"),
+                Some(std::ffi::OsStr::new("/x"))
+            )]
+        );
+    }
+}
