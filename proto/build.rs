@@ -8,11 +8,17 @@ use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/");
-    let files = ["proto/procurator/v1/agent.proto", "proto/procurator/v1/deployment.proto"];
+    let files = [
+        "proto/procurator/v1/agent.proto",
+        "proto/procurator/v1/deployment.proto",
+    ];
     let descriptors = protox::compile(files, ["proto"])?;
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("procurator_descriptor.bin"), descriptors.encode_to_vec())?;
+    std::fs::write(
+        out_dir.join("procurator_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
 
     tonic_prost_build::configure()
         .build_server(true)

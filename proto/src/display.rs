@@ -61,7 +61,10 @@ impl std::fmt::Display for MachineState {
 
 impl DeploymentState {
     pub fn is_final(self) -> bool {
-        !matches!(self, DeploymentState::Running | DeploymentState::Unspecified)
+        !matches!(
+            self,
+            DeploymentState::Running | DeploymentState::Unspecified
+        )
     }
 
     pub fn label(self) -> &'static str {

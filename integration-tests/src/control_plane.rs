@@ -1,0 +1,138 @@
+//! `procurator-control-plane` on 127.0.0.1, restartable on the same address
+//! and data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::nixenv::NixEnv;
+use crate::pki::Pki;
+use crate::process::{Process, STOP_GRACE, guarded};
+
+/// How long the control plane may take to write its ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ControlPlane {
+    dir: PathBuf,
+    pki: Pki,
+    process: Option<Process>,
+    addr: Option<SocketAddr>,
+    starts: u32,
+}
+
+impl ControlPlane {
+    /// Starts a control plane listening on `127.0.0.1:0`, with its data in
+    /// `dir/data`, and waits until it is serving (its `--ready-file`).
+    pub fn start(nix: &NixEnv, dir: &Path, pki: &Pki) -> Result<Self> {
+        crate::mkdir(dir)?;
+        let mut cp = Self {
+            dir: dir.to_owned(),
+            pki: pki.clone(),
+            process: None,
+            addr: None,
+            starts: 0,
+        };
+        cp.spawn(nix, "127.0.0.1:0")?;
+        Ok(cp)
+    }
+
+    fn spawn(&mut self, nix: &NixEnv, listen: &str) -> Result<()> {
+        let ready = self.dir.join("ready");
+        match std::fs::remove_file(&ready) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context("removing the old ready file");
+            }
+            _ => {}
+        }
+        let server = self.pki.control_plane();
+        let mut cmd = guarded(&crate::bin("procurator-control-plane")?);
+        cmd.arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--tls-ca")
+            .arg(self.pki.ca())
+            .arg("--tls-cert")
+            .arg(&server.cert)
+            .arg("--tls-key")
+            .arg(&server.key)
+            .arg("--ready-file")
+            .arg(&ready);
+        nix.apply(&mut cmd);
+        self.starts += 1;
+        let log = self.dir.join(format!("control-plane-{}.log", self.starts));
+        let mut process = Process::spawn("procurator-control-plane", cmd, &log)?;
+        let addr = crate::wait_for("the control plane's ready file", READY_TIMEOUT, || {
+            if let Some(status) = process.try_status()? {
+                bail!(
+                    "procurator-control-plane exited ({status}) before it was ready:\n{}",
+                    crate::log_tail(&log, 40)
+                );
+            }
+            // Written atomically, so a present file is a complete one.
+            match std::fs::read_to_string(&ready) {
+                Ok(text) => {
+                    let addr = text
+                        .trim()
+                        .parse::<SocketAddr>()
+                        .with_context(|| format!("the ready file holds {text:?}, not HOST:PORT"))?;
+                    Ok(Some(addr))
+                }
+                Err(_) => Ok(None),
+            }
+        })
+        .with_context(|| format!("log:\n{}", crate::log_tail(&log, 40)))?;
+        self.process = Some(process);
+        self.addr = Some(addr);
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn addr(&self) -> Result<SocketAddr> {
+        self.addr.context("the control plane has not started")
+    }
+
+    /// `https://127.0.0.1:PORT`, as clients and agents are given it.
+    pub fn url(&self) -> Result<String> {
+        Ok(format!("https://{}", self.addr()?))
+    }
+
+    /// `127.0.0.1:PORT`, as grpcurl wants it.
+    pub fn host_port(&self) -> Result<String> {
+        Ok(self.addr()?.to_string())
+    }
+
+    /// SIGTERM; returns how it exited (SIGKILL after a grace period).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let mut process = self
+            .process
+            .take()
+            .context("the control plane is not running")?;
+        process.stop(STOP_GRACE)
+    }
+
+    /// Starts it again on the address it had, with the same data directory,
+    /// so agents configured with its URL reconnect.
+    pub fn restart(&mut self, nix: &NixEnv) -> Result<()> {
+        if self.process.is_some() {
+            self.stop()?;
+        }
+        let listen = self.host_port()?;
+        self.spawn(nix, &listen)
+    }
+
+    /// Everything it logged since it last started.
+    pub fn log(&self) -> String {
+        self.process.as_ref().map(Process::log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("control-plane-{}.log", self.starts))
+    }
+}

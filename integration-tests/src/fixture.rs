@@ -1,0 +1,106 @@
+//! The fixture flake (`fixtures/fleet`), copied into a test's own directory
+//! so the test can write its own `settings.json`: no git there, so it is a
+//! plain `path:` flake that sees every file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::nixenv::NixEnv;
+use crate::pki::SigningKey;
+
+/// Machine name -> system closure.
+pub type Closures = BTreeMap<String, String>;
+
+pub struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    /// Copies the fixture flake into `dir`.
+    pub fn copy_to(dir: &Path) -> Result<Self> {
+        crate::mkdir(dir)?;
+        let source = crate::fixture_source();
+        for file in ["flake.nix", "settings.json"] {
+            std::fs::copy(source.join(file), dir.join(file))
+                .with_context(|| format!("copying {file} from {}", source.display()))?;
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn flake_ref(&self) -> String {
+        format!("path:{}", self.dir.display())
+    }
+
+    /// Writes `settings.json`, e.g.
+    /// `{"generation": 2, "machines": {"worker-2": {"health": "broken"}}}`.
+    pub fn write_settings(&self, settings: &Value) -> Result<()> {
+        std::fs::write(
+            self.dir.join("settings.json"),
+            serde_json::to_vec_pretty(settings)?,
+        )
+        .context("writing settings.json")
+    }
+
+    /// `nix eval --json path:DIR#blueprintJSON`.
+    pub fn blueprint(&self, nix: &NixEnv) -> Result<Value> {
+        nix.eval_json(&format!("{}#blueprintJSON", self.flake_ref()))
+    }
+
+    /// Builds every machine's toplevel with the current settings.
+    pub fn build(&self, nix: &NixEnv) -> Result<Closures> {
+        let installables: Vec<String> = crate::MACHINES
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}#nixosConfigurations.{m}.config.system.build.toplevel",
+                    self.flake_ref()
+                )
+            })
+            .collect();
+        let paths = nix.build(&installables)?;
+        Ok(crate::MACHINES
+            .iter()
+            .map(|m| m.to_string())
+            .zip(paths)
+            .collect())
+    }
+
+    /// Writes `settings`, then builds.
+    pub fn build_with(&self, nix: &NixEnv, settings: &Value) -> Result<Closures> {
+        self.write_settings(settings)?;
+        self.build(nix)
+    }
+}
+
+/// `nix copy --to file://CACHE[?secret-key=…] PATHS…`: publishes closures
+/// to a binary cache, signed when a key is given.
+pub fn publish(
+    nix: &NixEnv,
+    cache: &Path,
+    key: Option<&SigningKey>,
+    closures: &Closures,
+) -> Result<()> {
+    let mut to = format!("file://{}", cache.display());
+    if let Some(key) = key {
+        to.push_str(&format!("?secret-key={}", key.secret.display()));
+    }
+    let mut args = vec!["copy".to_owned(), "--to".to_owned(), to];
+    args.extend(closures.values().cloned());
+    nix.run("nix", &args)
+        .context("publishing closures to the binary cache")?;
+    Ok(())
+}
+
+/// The deployment artifact: `{gitCommit, blueprint, closures}`.
+pub fn deployment(commit: &str, blueprint: &Value, closures: &Closures) -> Value {
+    json!({ "gitCommit": commit, "blueprint": blueprint, "closures": closures })
+}

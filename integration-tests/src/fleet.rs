@@ -1,0 +1,277 @@
+//! A whole fleet in one temporary directory: PKI, signing key, fixture
+//! flake, binary cache, control plane and one test host per machine with
+//! its agent. Dropping it stops the agents, then the control plane, then
+//! removes the directory (the mounts were private to the agents'
+//! namespaces and went away with them).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::control_plane::ControlPlane;
+use crate::ctl::{Ctl, Grpcurl};
+use crate::fixture::{self, Closures, Fixture};
+use crate::host::{AgentOptions, TestHost};
+use crate::nixenv::NixEnv;
+use crate::pki::{Pki, SigningKey};
+
+/// How long agents may take to connect (or reconnect after a restart).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// settings.json of the closures the hosts start with.
+    pub initial_settings: Value,
+    /// Machines whose agent is started (all of them by default).
+    pub agents: Vec<String>,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self {
+            initial_settings: json!({ "generation": 0 }),
+            agents: crate::MACHINES.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+}
+
+// Field order is drop order: agents first, then the control plane, then the
+// files.
+pub struct Fleet {
+    pub hosts: BTreeMap<String, TestHost>,
+    pub control_plane: ControlPlane,
+    pub pki: Pki,
+    pub key: SigningKey,
+    pub fixture: Fixture,
+    /// The file:// binary cache the agents pull from.
+    pub cache: PathBuf,
+    /// The closures the hosts started with.
+    pub initial: Closures,
+    pub nix: NixEnv,
+    dir: TempDir,
+}
+
+impl Fleet {
+    /// A fleet with every agent connected, each host on its generation-0
+    /// closure.
+    pub fn start() -> Result<Self> {
+        Self::start_with(FleetOptions::default())
+    }
+
+    pub fn start_with(opts: FleetOptions) -> Result<Self> {
+        crate::require_root()?;
+        let dir = tempfile::Builder::new()
+            .prefix("procurator-fleet-")
+            .tempdir()?;
+        let root = dir.path().to_owned();
+        let nix = NixEnv::in_dir(&root.join("nix"))?;
+        let pki = Pki::init(&nix, &root.join("pki"))?;
+        for m in crate::MACHINES {
+            pki.issue(&nix, "agent", m)?;
+        }
+        pki.issue(&nix, "ci", "github")?;
+        let key = SigningKey::generate(&nix, &root.join("signing"), "procurator-test-1")?;
+        let fixture = Fixture::copy_to(&root.join("flake"))?;
+        let initial = fixture.build_with(&nix, &opts.initial_settings)?;
+        let control_plane = ControlPlane::start(&nix, &root.join("control-plane"), &pki)?;
+        let mut hosts = BTreeMap::new();
+        for m in crate::MACHINES {
+            let host = TestHost::create(&nix, &root.join("hosts").join(m), m, &initial[m])?;
+            hosts.insert(m.to_owned(), host);
+        }
+        let mut fleet = Self {
+            hosts,
+            control_plane,
+            pki,
+            key,
+            fixture,
+            cache: root.join("cache"),
+            initial,
+            nix,
+            dir,
+        };
+        for m in &opts.agents {
+            fleet.start_agent(m)?;
+        }
+        fleet.wait_connected(&opts.agents)?;
+        Ok(fleet)
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    pub fn agent_options(&self, machine: &str) -> Result<AgentOptions> {
+        Ok(AgentOptions {
+            control_plane: self.control_plane.url()?,
+            ca: self.pki.ca(),
+            identity: self.pki.agent(machine),
+            substituters: vec![format!("file://{}", self.cache.display())],
+            trusted_public_keys: vec![self.key.public.clone()],
+        })
+    }
+
+    pub fn start_agent(&mut self, machine: &str) -> Result<()> {
+        let opts = self.agent_options(machine)?;
+        let host = self
+            .hosts
+            .get_mut(machine)
+            .with_context(|| format!("no host {machine}"))?;
+        host.start_agent(&self.nix, &opts)
+    }
+
+    pub fn host(&self, machine: &str) -> &TestHost {
+        &self.hosts[machine]
+    }
+
+    /// `procurator-ctl` as the operator `pki init` made.
+    pub fn ctl(&self) -> Result<Ctl> {
+        Ctl::new(
+            &self.nix,
+            &self.control_plane.url()?,
+            &self.pki.ca(),
+            &self.pki.operator(),
+        )
+    }
+
+    pub fn grpcurl(&self) -> Result<Grpcurl> {
+        Grpcurl::new(&self.control_plane.host_port()?, &self.pki.ca())
+    }
+
+    /// `ListAgents` as the operator.
+    pub fn agents(&self) -> Result<Vec<Value>> {
+        let reply = self.grpcurl()?.call_json(
+            &self.pki.operator(),
+            "procurator.v1.DeploymentService/ListAgents",
+            "{}",
+        )?;
+        Ok(reply
+            .get("agents")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Waits until the control plane lists every one of `machines` as connected.
+    pub fn wait_connected(&mut self, machines: &[String]) -> Result<()> {
+        let result = crate::wait_for("the agents to connect", CONNECT_TIMEOUT, || {
+            for m in machines {
+                if !self.hosts.get_mut(m).is_some_and(TestHost::agent_running) {
+                    bail!("{m}'s agent exited:\n{}", self.hosts[m].agent_log());
+                }
+            }
+            let agents = self.agents()?;
+            let connected = |m: &String| {
+                agents.iter().any(|a| {
+                    a.get("machine").and_then(Value::as_str) == Some(m)
+                        && a.get("connected").and_then(Value::as_bool) == Some(true)
+                })
+            };
+            Ok(machines.iter().all(connected).then_some(()))
+        });
+        result.with_context(|| self.logs())
+    }
+
+    /// Writes settings.json, builds every machine's closure.
+    pub fn build(&self, settings: &Value) -> Result<Closures> {
+        self.fixture.build_with(&self.nix, settings)
+    }
+
+    /// Publishes closures to the fleet's cache, signed with the fleet's key.
+    pub fn publish(&self, closures: &Closures) -> Result<()> {
+        fixture::publish(&self.nix, &self.cache, Some(&self.key), closures)
+    }
+
+    /// Publishes without signatures: agents must refuse these.
+    pub fn publish_unsigned(&self, closures: &Closures) -> Result<()> {
+        fixture::publish(&self.nix, &self.cache, None, closures)
+    }
+
+    /// Writes deployment.json for `closures` with a fresh commit id; returns
+    /// the file and the commit.
+    pub fn write_deployment(&self, closures: &Closures) -> Result<(PathBuf, String)> {
+        let commit = crate::commit_id();
+        let blueprint = self.fixture.blueprint(&self.nix)?;
+        let artifact = fixture::deployment(&commit, &blueprint, closures);
+        let dir = self.dir.path().join("deployments");
+        crate::mkdir(&dir)?;
+        let path = dir.join(format!("{commit}.json"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&artifact)?)?;
+        Ok((path, commit))
+    }
+
+    /// Builds, publishes (signed) and writes the artifact.
+    pub fn prepare(&self, settings: &Value) -> Result<(Closures, PathBuf, String)> {
+        let closures = self.build(settings)?;
+        self.publish(&closures)?;
+        let (path, commit) = self.write_deployment(&closures)?;
+        Ok((closures, path, commit))
+    }
+
+    /// The deployment of `commit` as `ListDeployments` returns it.
+    pub fn deployment_by_commit(&self, commit: &str) -> Result<Value> {
+        let reply = self.grpcurl()?.call_json(
+            &self.pki.operator(),
+            "procurator.v1.DeploymentService/ListDeployments",
+            "{}",
+        )?;
+        reply
+            .get("deployments")
+            .and_then(Value::as_array)
+            .and_then(|ds| {
+                ds.iter()
+                    .find(|d| d.get("gitCommit").and_then(Value::as_str) == Some(commit))
+            })
+            .cloned()
+            .with_context(|| format!("no deployment of commit {commit} in {reply}"))
+    }
+
+    /// Machine name -> its status object in a `Deployment`.
+    pub fn machine_states(deployment: &Value) -> BTreeMap<String, Value> {
+        deployment
+            .get("machines")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| Some((m.get("machine")?.as_str()?.to_owned(), m.clone())))
+            .collect()
+    }
+
+    /// The tail of every log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = format!(
+            "=== control plane ({})\n{}\n",
+            self.control_plane.log_path().display(),
+            crate::log_tail(&self.control_plane.log_path(), 60)
+        );
+        for (m, host) in &self.hosts {
+            if let Some(path) = host.agent_log_path() {
+                out.push_str(&format!(
+                    "=== agent of {m}\n{}\n",
+                    crate::log_tail(path, 60)
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "fleet in {} failed; logs:\n{}",
+                self.dir.path().display(),
+                self.logs()
+            );
+        }
+        if std::env::var_os("PROCURATOR_KEEP_TEST_DIRS").is_some() {
+            eprintln!("keeping {}", self.dir.path().display());
+            self.dir.disable_cleanup(true);
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Rollouts end to end: three agents on their own test hosts pull signed
+//! closures from a file:// cache with real Nix and activate them; failures
+//! roll back to exactly what ran before.
+
+use procurator_integration_tests::{Fleet, MACHINES, fixture};
+use serde_json::{Value, json};
+
+fn state(machine: &Value) -> &str {
+    machine
+        .get("state")
+        .and_then(Value::as_str)
+        .unwrap_or("MACHINE_STATE_UNSPECIFIED")
+}
+
+/// `ROLLED_BACK`, `rolled back` and `rolled-back` all read the same.
+fn normalized(text: &str) -> String {
+    text.to_lowercase().replace(['_', ' '], "-")
+}
+
+#[test]
+fn three_agents_converge_on_a_deployment() {
+    let fleet = Fleet::start().expect("fleet");
+    let (closures, artifact, commit) = fleet.prepare(&json!({ "generation": 1 })).expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+
+    let out = ctl
+        .run(&["submit", artifact.to_str().expect("utf-8 path"), "--wait"])
+        .expect("submit");
+    out.expect_code(0).expect("submit --wait succeeds");
+
+    for m in MACHINES {
+        let host = fleet.host(m);
+        let want = Some(closures[m].as_str());
+        assert_ne!(closures[m], fleet.initial[m]);
+        assert_eq!(
+            host.current_system().expect("current").as_deref(),
+            want,
+            "{m}: /run/current-system"
+        );
+        assert_eq!(
+            host.system_profile().expect("profile").as_deref(),
+            want,
+            "{m}: system profile"
+        );
+        assert_eq!(
+            host.system_generation().expect("generation"),
+            "system-2-link",
+            "{m}: one new generation"
+        );
+        assert_eq!(
+            host.boot_entry().expect("boot").as_deref(),
+            want,
+            "{m}: boot entry"
+        );
+        assert_eq!(
+            host.booted_system().expect("booted").as_deref(),
+            Some(fleet.initial[m].as_str()),
+            "{m}: nothing rebooted"
+        );
+    }
+
+    let deployment = fleet.deployment_by_commit(&commit).expect("deployment");
+    assert_eq!(
+        deployment["state"], "DEPLOYMENT_STATE_SUCCEEDED",
+        "{deployment}"
+    );
+    for (m, status) in Fleet::machine_states(&deployment) {
+        assert_eq!(state(&status), "MACHINE_STATE_SUCCEEDED", "{m}: {status}");
+    }
+
+    // The agents report what they run now.
+    let agents = fleet.agents().expect("agents");
+    for m in MACHINES {
+        let agent = agents
+            .iter()
+            .find(|a| a["machine"] == m)
+            .expect("agent listed");
+        assert_eq!(agent["currentSystem"], closures[m].as_str(), "{agent}");
+    }
+}
+
+#[test]
+fn the_same_closures_again_are_skipped_without_copying() {
+    let fleet = Fleet::start().expect("fleet");
+    let (closures, artifact, _) = fleet.prepare(&json!({ "generation": 1 })).expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+    ctl.run(&["submit", artifact.to_str().expect("utf-8 path"), "--wait"])
+        .expect("submit")
+        .expect_code(0)
+        .expect("first deployment succeeds");
+
+    // Any copy attempt would now fail: the cache is gone.
+    std::fs::rename(&fleet.cache, fleet.dir().join("cache-moved-away")).expect("move the cache");
+    let (again, commit) = fleet.write_deployment(&closures).expect("second artifact");
+    let out = ctl
+        .run(&["submit", again.to_str().expect("utf-8 path"), "--wait"])
+        .expect("submit again");
+    out.expect_code(0)
+        .expect("a deployment with nothing to do succeeds");
+
+    let deployment = fleet.deployment_by_commit(&commit).expect("deployment");
+    let machines = Fleet::machine_states(&deployment);
+    assert_eq!(machines.len(), MACHINES.len(), "{deployment}");
+    for (m, status) in machines {
+        assert_eq!(state(&status), "MACHINE_STATE_SKIPPED", "{m}: {status}");
+    }
+    for m in MACHINES {
+        let host = fleet.host(m);
+        assert_eq!(
+            host.current_system().expect("current").as_deref(),
+            Some(closures[m].as_str())
+        );
+        assert_eq!(
+            host.system_generation().expect("generation"),
+            "system-2-link",
+            "{m}: no new generation"
+        );
+    }
+}
+
+#[test]
+fn a_failing_health_check_rolls_back_to_the_old_closure() {
+    let fleet = Fleet::start().expect("fleet");
+    let settings = json!({ "generation": 1, "machines": { "worker-2": { "health": "broken" } } });
+    let (closures, artifact, commit) = fleet.prepare(&settings).expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+
+    let out = ctl
+        .run(&["submit", artifact.to_str().expect("utf-8 path"), "--wait"])
+        .expect("submit");
+    out.expect_code(3)
+        .expect("a rolled-back machine fails the deployment");
+    let said = out.all();
+    assert!(
+        said.contains("/run/current-system/health"),
+        "submit --wait says which check failed: {out}"
+    );
+
+    let worker2 = fleet.host("worker-2");
+    let old = Some(fleet.initial["worker-2"].as_str());
+    assert_eq!(
+        worker2.current_system().expect("current").as_deref(),
+        old,
+        "worker-2 runs the old closure again"
+    );
+    assert_eq!(
+        worker2.system_profile().expect("profile").as_deref(),
+        old,
+        "the profile did not move"
+    );
+    assert_eq!(
+        worker2.system_generation().expect("generation"),
+        "system-1-link",
+        "no generation was added"
+    );
+    assert_eq!(
+        worker2.boot_entry().expect("boot").as_deref(),
+        old,
+        "the boot entry did not move"
+    );
+    for m in ["control-plane-1", "worker-1"] {
+        let host = fleet.host(m);
+        assert_eq!(
+            host.current_system().expect("current").as_deref(),
+            Some(closures[m].as_str()),
+            "{m}"
+        );
+        assert_eq!(
+            host.system_profile().expect("profile").as_deref(),
+            Some(closures[m].as_str()),
+            "{m}"
+        );
+    }
+
+    let deployment = fleet.deployment_by_commit(&commit).expect("deployment");
+    assert_eq!(
+        deployment["state"], "DEPLOYMENT_STATE_FAILED",
+        "{deployment}"
+    );
+    let machines = Fleet::machine_states(&deployment);
+    assert_eq!(
+        state(&machines["worker-2"]),
+        "MACHINE_STATE_ROLLED_BACK",
+        "{deployment}"
+    );
+    assert_eq!(
+        machines["worker-2"]["failedPhase"], "MACHINE_STATE_CHECKING",
+        "{deployment}"
+    );
+    for m in ["control-plane-1", "worker-1"] {
+        assert_eq!(
+            state(&machines[m]),
+            "MACHINE_STATE_SUCCEEDED",
+            "{m}: {deployment}"
+        );
+    }
+
+    // `watch` replays it as plain text (stdout is a pipe, not a tty).
+    let id = deployment["id"].as_str().expect("deployment id");
+    let watched = ctl.run(&["watch", id]).expect("watch");
+    watched
+        .expect_code(3)
+        .expect("watch of a failed deployment");
+    let text = normalized(&watched.stdout);
+    assert!(
+        text.contains("rolled-back"),
+        "watch shows the rollback: {watched}"
+    );
+    assert!(watched.stdout.contains("worker-2"), "{watched}");
+    assert!(
+        watched.stdout.contains("/run/current-system/health"),
+        "watch shows why (the check's command): {watched}"
+    );
+}
+
+#[test]
+fn an_unsigned_closure_is_refused_and_the_host_stays() {
+    let fleet = Fleet::start().expect("fleet");
+    let closures = fleet.build(&json!({ "generation": 1 })).expect("build");
+    fleet
+        .publish_unsigned(&closures)
+        .expect("publish without a key");
+    let (artifact, commit) = fleet.write_deployment(&closures).expect("artifact");
+    let ctl = fleet.ctl().expect("ctl");
+
+    let out = ctl
+        .run(&["submit", artifact.to_str().expect("utf-8 path"), "--wait"])
+        .expect("submit");
+    out.expect_code(3).expect("nothing could be copied");
+
+    let deployment = fleet.deployment_by_commit(&commit).expect("deployment");
+    for (m, status) in Fleet::machine_states(&deployment) {
+        assert_eq!(state(&status), "MACHINE_STATE_FAILED", "{m}: {status}");
+        assert_eq!(
+            status["failedPhase"], "MACHINE_STATE_COPYING",
+            "{m}: {status}"
+        );
+        let reason = status["reason"].as_str().unwrap_or_default().to_lowercase();
+        assert!(
+            reason.contains("signature") || reason.contains("sign") || reason.contains("trust"),
+            "{m}: the reason names the missing signature: {status}"
+        );
+    }
+    for m in MACHINES {
+        let host = fleet.host(m);
+        let old = Some(fleet.initial[m].as_str());
+        assert_eq!(
+            host.current_system().expect("current").as_deref(),
+            old,
+            "{m}"
+        );
+        assert_eq!(
+            host.system_profile().expect("profile").as_deref(),
+            old,
+            "{m}"
+        );
+        assert!(
+            !host.has_path(&closures[m]),
+            "{m}: the unsigned closure is not in the host's store"
+        );
+    }
+}
+
+#[test]
+fn a_failing_activation_leaves_the_old_closure_running() {
+    let fleet = Fleet::start().expect("fleet");
+    let settings =
+        json!({ "generation": 1, "machines": { "worker-1": { "failActivation": true } } });
+    let (closures, artifact, commit) = fleet.prepare(&settings).expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+
+    let out = ctl
+        .run(&["submit", artifact.to_str().expect("utf-8 path"), "--wait"])
+        .expect("submit");
+    out.expect_code(3).expect("worker-1 fails");
+
+    let worker1 = fleet.host("worker-1");
+    let old = Some(fleet.initial["worker-1"].as_str());
+    assert_eq!(worker1.current_system().expect("current").as_deref(), old);
+    assert_eq!(worker1.system_profile().expect("profile").as_deref(), old);
+    assert_eq!(worker1.boot_entry().expect("boot").as_deref(), old);
+    let deployment = fleet.deployment_by_commit(&commit).expect("deployment");
+    let machines = Fleet::machine_states(&deployment);
+    let worker1_state = state(&machines["worker-1"]);
+    assert!(
+        ["MACHINE_STATE_ROLLED_BACK", "MACHINE_STATE_FAILED"].contains(&worker1_state),
+        "{deployment}"
+    );
+    assert_eq!(
+        machines["worker-1"]["failedPhase"], "MACHINE_STATE_ACTIVATING",
+        "{deployment}"
+    );
+    assert_eq!(
+        fleet
+            .host("worker-2")
+            .current_system()
+            .expect("current")
+            .as_deref(),
+        Some(closures["worker-2"].as_str())
+    );
+}
+
+/// The harness's own publishing must not sign by accident: the unsigned
+/// cache really carries no signature.
+#[test]
+fn unsigned_publishing_carries_no_signature() {
+    let nix = procurator_integration_tests::NixEnv::temp().expect("nix");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fx =
+        procurator_integration_tests::Fixture::copy_to(&dir.path().join("flake")).expect("fixture");
+    let closures = fx.build(&nix).expect("build");
+    let cache = dir.path().join("cache");
+    fixture::publish(&nix, &cache, None, &closures).expect("publish");
+    for entry in std::fs::read_dir(&cache).expect("cache dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "narinfo") {
+            let info = std::fs::read_to_string(&path).expect("narinfo");
+            assert!(!info.contains("Sig:"), "{}: {info}", path.display());
+        }
+    }
+}

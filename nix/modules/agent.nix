@@ -1,0 +1,223 @@
+# services.procurator-agent: dials out to the control plane, pulls the
+# closure this machine should run from a binary cache, activates it behind
+# health checks and rolls back on failure (flags as docs/interfaces.md says).
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+let
+  cfg = config.services.procurator-agent;
+
+  inherit (import ./types.nix lib) secretPath;
+
+  # What `procurator-agent --substituter` and `nix copy --from` accept.
+  storeUri = lib.types.strMatching "(/|[A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]+";
+
+  # `nix key convert-secret-to-public` output: NAME:BASE64 of an ed25519 key.
+  publicKey = lib.types.strMatching "[^:[:space:]]+:[A-Za-z0-9+/=]{44}";
+in
+{
+  options.services.procurator-agent = {
+    enable = lib.mkEnableOption "the Procurator agent, which deploys the closures the control plane assigns to this machine";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      defaultText = lib.literalExpression "procurator.packages.\${system}.procurator-agent";
+      description = ''
+        The package providing `bin/procurator-agent`. The flake's
+        `nixosModules.agent` sets it to the flake's own build.
+      '';
+    };
+
+    controlPlane = lib.mkOption {
+      type = lib.types.strMatching "https://[^[:space:]]+";
+      example = "https://control-plane-1.example.org:7700";
+      description = ''
+        The control plane to dial, `https://HOST:PORT`. The agent always
+        dials out, so it works behind NAT; HOST must be a name in the control
+        plane's certificate.
+      '';
+    };
+
+    tls = {
+      caFile = lib.mkOption {
+        type = lib.types.path;
+        example = "/etc/procurator/tls/ca.crt";
+        description = "The fleet CA certificate (`ca.crt` of `procurator-ctl pki init`).";
+      };
+      certFile = lib.mkOption {
+        type = lib.types.path;
+        example = "/etc/procurator/tls/agent.crt";
+        description = ''
+          This machine's agent certificate, from
+          `procurator-ctl pki issue --role agent --name MACHINE`. Its name is
+          the machine's identity: the control plane sends it only the
+          deployments of the blueprint entry of that name.
+        '';
+      };
+      keyFile = lib.mkOption {
+        type = secretPath;
+        example = "/etc/procurator/tls/agent.key";
+        description = ''
+          The agent certificate's private key. Keep it out of the Nix store:
+          provision it with a secrets tool (agenix, sops-nix) or by hand. The
+          service reads it through `LoadCredential=`.
+        '';
+      };
+    };
+
+    substituters = lib.mkOption {
+      type = lib.types.listOf storeUri;
+      default = [ ];
+      example = [ "https://cache.example.org" ];
+      description = ''
+        Binary caches to pull closures from, tried before the ones a
+        deployment names. Any store URI `nix copy --from` takes.
+      '';
+    };
+
+    trustedPublicKeys = lib.mkOption {
+      type = lib.types.listOf publicKey;
+      default = [ ];
+      example = [ "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        The keys a closure must be signed with (the public half of the key CI
+        signs with: `procurator-ctl ci --signing-key`). They live only here,
+        in the machine's own configuration, so the control plane cannot make
+        the agent trust a new key. With none, nothing can be copied.
+      '';
+    };
+
+    stateDirectory = lib.mkOption {
+      type = lib.types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]*";
+      default = "procurator-agent";
+      description = ''
+        The directory under {file}`/var/lib` (systemd `StateDirectory=`) for
+        the agent's crash journal and undelivered results.
+      '';
+    };
+
+    logFormat = lib.mkOption {
+      type = lib.types.enum [
+        "text"
+        "json"
+      ];
+      default = "text";
+      description = "`text` or `json` log lines on stderr (the journal).";
+    };
+
+    extraPackages = lib.mkOption {
+      type = lib.types.listOf lib.types.package;
+      default = [ ];
+      example = lib.literalExpression "[ pkgs.curl pkgs.openssh ]";
+      description = ''
+        Programs on the agent's `PATH`, for the blueprint's health checks
+        (e.g. `curl`) and for store URIs that need a client (`ssh` for
+        `ssh-ng://`). `nix`, `sh`, coreutils and `systemctl` are always there.
+      '';
+    };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [
+        "--max-backoff"
+        "60"
+      ];
+      description = "More command-line arguments for `procurator-agent`.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    warnings = lib.optional (cfg.trustedPublicKeys == [ ]) ''
+      services.procurator-agent.trustedPublicKeys is empty: the agent refuses
+      every closure, since none can be signed with a key it trusts. Add the
+      public key of the key CI signs closures with.
+    '';
+
+    systemd.services.procurator-agent = {
+      description = "Procurator agent";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      # The agent retries the control plane by itself; systemd only restarts
+      # a crashed agent, and never stops trying.
+      startLimitIntervalSec = 0;
+
+      # `nix` and `nix-env` copy closures and move the system profile; health
+      # checks run with `sh -c`.
+      path = [
+        config.nix.package
+        pkgs.bash
+      ]
+      ++ cfg.extraPackages;
+
+      # switch-to-configuration, run by this very service, restarts the units
+      # whose definitions changed. Restarting this one would kill its own
+      # control group, and with it the activation half-way through. A new
+      # agent therefore takes over at the next start (boot, crash or
+      # `systemctl restart procurator-agent`).
+      restartIfChanged = false;
+
+      serviceConfig = {
+        Type = "exec";
+        ExecStart = lib.concatStringsSep " " (
+          [
+            (utils.escapeSystemdExecArgs (
+              [
+                (lib.getExe' cfg.package "procurator-agent")
+                "--control-plane"
+                cfg.controlPlane
+                "--state-dir"
+                "/var/lib/${cfg.stateDirectory}"
+                "--log-format"
+                cfg.logFormat
+              ]
+              ++ lib.concatMap (uri: [
+                "--substituter"
+                uri
+              ]) cfg.substituters
+              ++ lib.concatMap (key: [
+                "--trusted-public-key"
+                key
+              ]) cfg.trustedPublicKeys
+            ))
+            # %d is the credentials directory LoadCredential= fills; it is
+            # left unescaped so systemd expands it.
+            "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
+          ]
+          ++ lib.optional (cfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs cfg.extraArgs)
+        );
+        LoadCredential = [
+          "ca.crt:${cfg.tls.caFile}"
+          "tls.crt:${cfg.tls.certFile}"
+          "tls.key:${cfg.tls.keyFile}"
+        ];
+        StateDirectory = cfg.stateDirectory;
+        StateDirectoryMode = "0700";
+
+        Restart = "always";
+        RestartSec = "1s";
+        RestartSteps = 5;
+        RestartMaxDelaySec = "30s";
+
+        # Hardening is limited on purpose. The agent activates whole NixOS
+        # systems: as root it writes /nix/store, /nix/var/nix/profiles, /etc,
+        # /boot and /run, installs the boot loader, creates users, home
+        # directories and setuid wrappers, sets the host name and restarts
+        # units. Every sandboxing option that gives the service a mount
+        # namespace of its own (ProtectSystem, ProtectHome, PrivateTmp,
+        # PrivateDevices, ProtectKernel*, ...) would also hide the mounts
+        # activation makes (/run/wrappers, /run/keys, /boot) from the rest of
+        # the machine; dropping capabilities, NoNewPrivileges,
+        # RestrictSUIDSGID or a system-call filter would break parts of
+        # activation. What is left cannot get in activation's way:
+        LockPersonality = true;
+        RestrictRealtime = true;
+      };
+    };
+  };
+}

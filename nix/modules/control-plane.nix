@@ -1,0 +1,221 @@
+# services.procurator-control-plane: the gRPC server agents dial into and CI
+# submits deployments to (flags as docs/interfaces.md says).
+{
+  config,
+  lib,
+  utils,
+  ...
+}:
+let
+  cfg = config.services.procurator-control-plane;
+
+  # IPv6 literals need brackets in HOST:PORT.
+  listen =
+    if lib.hasInfix ":" cfg.listenAddress then
+      "[${cfg.listenAddress}]:${toString cfg.port}"
+    else
+      "${cfg.listenAddress}:${toString cfg.port}";
+
+  # A port below 1024 needs CAP_NET_BIND_SERVICE, which a private user
+  # namespace would take away again.
+  privilegedPort = cfg.port < 1024;
+
+  inherit (import ./types.nix lib) secretPath;
+in
+{
+  options.services.procurator-control-plane = {
+    enable = lib.mkEnableOption "the Procurator control plane, which agents connect to and CI submits deployments to";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      defaultText = lib.literalExpression "procurator.packages.\${system}.procurator-control-plane";
+      description = ''
+        The package providing `bin/procurator-control-plane`. The flake's
+        `nixosModules.control-plane` sets it to the flake's own build.
+      '';
+    };
+
+    listenAddress = lib.mkOption {
+      type = lib.types.str;
+      default = "0.0.0.0";
+      example = "::";
+      description = "The address to listen on for agents, CI and operators (gRPC over mutual TLS).";
+    };
+
+    port = lib.mkOption {
+      type = lib.types.port;
+      default = 7700;
+      description = "The TCP port to listen on.";
+    };
+
+    openFirewall = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Open {option}`services.procurator-control-plane.port` in the firewall.
+        Every client must present a certificate of the fleet CA, so the port
+        can face the machines' network.
+      '';
+    };
+
+    tls = {
+      caFile = lib.mkOption {
+        type = lib.types.path;
+        example = "/etc/procurator/tls/ca.crt";
+        description = ''
+          The fleet CA certificate (`ca.crt` of `procurator-ctl pki init`);
+          clients must present a certificate it signed.
+        '';
+      };
+      certFile = lib.mkOption {
+        type = lib.types.path;
+        example = "/etc/procurator/tls/control-plane.crt";
+        description = ''
+          The control plane's server certificate (`control-plane.crt`). Its
+          names must include the host name agents and CI dial
+          (`procurator-ctl pki init --san NAME`).
+        '';
+      };
+      keyFile = lib.mkOption {
+        type = secretPath;
+        example = "/etc/procurator/tls/control-plane.key";
+        description = ''
+          The server certificate's private key (`control-plane.key`). It may
+          be readable by root only: systemd hands the service a copy
+          (`LoadCredential=`). Keep it out of the Nix store: provision it with
+          a secrets tool (agenix, sops-nix) or by hand.
+        '';
+      };
+    };
+
+    stateDirectory = lib.mkOption {
+      type = lib.types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]*";
+      default = "procurator";
+      description = ''
+        The directory under {file}`/var/lib` (systemd `StateDirectory=`) that
+        holds the SQLite store `procurator.db`: deployments, agents and the
+        event log. Back it up.
+      '';
+    };
+
+    logFormat = lib.mkOption {
+      type = lib.types.enum [
+        "text"
+        "json"
+      ];
+      default = "text";
+      description = "`text` or `json` log lines on stderr (the journal).";
+    };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [
+        "--keepalive"
+        "30"
+        "--hello-timeout"
+        "5"
+      ];
+      description = "More command-line arguments for `procurator-control-plane`.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];
+
+    systemd.services.procurator-control-plane = {
+      description = "Procurator control plane";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      # Keep retrying (with the backoff below) rather than give up after five
+      # quick failures: agents and CI wait on this service.
+      startLimitIntervalSec = 0;
+
+      serviceConfig = {
+        # The binary does not send sd_notify readiness yet; `exec` at least
+        # fails the start when the binary cannot be executed.
+        Type = "exec";
+        ExecStart = lib.concatStringsSep " " (
+          [
+            (utils.escapeSystemdExecArgs [
+              (lib.getExe' cfg.package "procurator-control-plane")
+              "--listen"
+              listen
+              "--data-dir"
+              "/var/lib/${cfg.stateDirectory}"
+              "--log-format"
+              cfg.logFormat
+            ])
+            # %d is the credentials directory LoadCredential= fills; it is
+            # left unescaped so systemd expands it.
+            "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
+          ]
+          ++ lib.optional (cfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs cfg.extraArgs)
+        );
+        # Copies readable by the dynamic user only, whatever the modes of the
+        # originals.
+        LoadCredential = [
+          "ca.crt:${cfg.tls.caFile}"
+          "tls.crt:${cfg.tls.certFile}"
+          "tls.key:${cfg.tls.keyFile}"
+        ];
+
+        # SIGTERM drains in-flight RPCs for at most 10 s, then exits 0.
+        KillSignal = "SIGTERM";
+        TimeoutStopSec = "30s";
+        Restart = "always";
+        RestartSec = "1s";
+        RestartSteps = 5;
+        RestartMaxDelaySec = "30s";
+        # One socket per connected agent.
+        LimitNOFILE = 1048576;
+
+        # It needs nothing but its state directory and its port: lock down
+        # the rest.
+        DynamicUser = true;
+        StateDirectory = cfg.stateDirectory;
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+        CapabilityBoundingSet = if privilegedPort then [ "CAP_NET_BIND_SERVICE" ] else "";
+        AmbientCapabilities = lib.mkIf privilegedPort [ "CAP_NET_BIND_SERVICE" ];
+        PrivateUsers = !privilegedPort;
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        DevicePolicy = "closed";
+        PrivateIPC = true;
+        ProtectHostname = true;
+        ProtectClock = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        # AF_UNIX for the journal and, later, sd_notify.
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RemoveIPC = true;
+        LockPersonality = true;
+        # Rust and bundled SQLite: no JIT, no writable executable memory.
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+          "~@resources"
+        ];
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}

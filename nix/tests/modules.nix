@@ -1,0 +1,238 @@
+# Checks of the NixOS modules, evaluated with ./stub-nixos.nix. Evaluates to
+# the list of what is wrong; run.sh expects [ ].
+let
+  stub = import ./stub-nixos.nix;
+
+  fakePackage = name: {
+    inherit name;
+    type = "derivation";
+    outPath = "/nix/store/00000000000000000000000000000000-${name}";
+  };
+
+  key = "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
+  agentSettings = {
+    services.procurator-agent = {
+      enable = true;
+      package = fakePackage "procurator-agent";
+      controlPlane = "https://control-plane-1.example.org:7700";
+      tls = {
+        caFile = "/etc/procurator/tls/ca.crt";
+        certFile = "/etc/procurator/tls/agent.crt";
+        keyFile = "/etc/procurator/tls/agent.key";
+      };
+      # `%` and `$` must reach the agent as they are, not as a systemd
+      # specifier or variable.
+      substituters = [
+        "https://cache.example.org"
+        "s3://fleet-cache?endpoint=minio.internal&profile=%user$HOME"
+      ];
+      trustedPublicKeys = [ key ];
+      logFormat = "json";
+      extraPackages = [ (fakePackage "curl") ];
+      extraArgs = [
+        "--max-backoff"
+        "60"
+      ];
+    };
+  };
+
+  agentConfig = {
+    nix.package = fakePackage "nix";
+  };
+  agentPkgs = {
+    bash = fakePackage "bash";
+  };
+
+  agent =
+    settings:
+    stub.evalModule {
+      module = ../modules/agent.nix;
+      inherit settings;
+      config = agentConfig;
+      pkgs = agentPkgs;
+    };
+
+  controlPlaneSettings = {
+    services.procurator-control-plane = {
+      enable = true;
+      package = fakePackage "procurator-control-plane";
+      openFirewall = true;
+      tls = {
+        caFile = "/etc/procurator/tls/ca.crt";
+        certFile = "/etc/procurator/tls/control-plane.crt";
+        keyFile = "/etc/procurator/tls/control-plane.key";
+      };
+    };
+  };
+
+  controlPlane =
+    settings:
+    stub.evalModule {
+      module = ../modules/control-plane.nix;
+      inherit settings;
+    };
+
+  withControlPlane =
+    extra:
+    controlPlaneSettings
+    // {
+      services.procurator-control-plane = controlPlaneSettings.services.procurator-control-plane // extra;
+    };
+
+  agentUnit = (agent agentSettings).config.systemd.services.procurator-agent;
+  cpUnit = (controlPlane controlPlaneSettings).config.systemd.services.procurator-control-plane;
+  cpLowPort =
+    (controlPlane (withControlPlane {
+      port = 443;
+      listenAddress = "::";
+    })).config.systemd.services.procurator-control-plane;
+
+  credentials = [
+    "ca.crt:/etc/procurator/tls/ca.crt"
+    "tls.crt:/etc/procurator/tls/agent.crt"
+    "tls.key:/etc/procurator/tls/agent.key"
+  ];
+
+  # [ "what: expected X, got Y" ] when they differ.
+  expect =
+    what: expected: actual:
+    if expected == actual then
+      [ ]
+    else
+      [ "${what}: expected ${builtins.toJSON expected}, got ${builtins.toJSON actual}" ];
+
+  # Every option says what it is for and has a type its default fits.
+  optionChecks =
+    module: options:
+    builtins.concatMap (
+      { path, option }:
+      (if builtins.isString (option.description or null) && option.description != "" then
+        [ ]
+      else
+        [ "${module}: option ${path} has no description" ])
+      ++ (if option.type._type or null == "option-type" then
+        [ ]
+      else
+        [ "${module}: option ${path} has no type" ])
+      ++ (if !(option ? default) || option.type.check option.default then
+        [ ]
+      else
+        [ "${module}: option ${path}: the default does not fit the type" ])
+      ++ (
+        if !(option ? example) || option.example._type or null == "literalExpression" || option.type.check option.example then
+          [ ]
+        else
+          [ "${module}: option ${path}: the example does not fit the type" ]
+      )
+    ) (stub.optionList "" options);
+in
+optionChecks "agent.nix" (agent agentSettings).options
+++ optionChecks "control-plane.nix" (controlPlane controlPlaneSettings).options
+
+# The agent.
+++ expect "agent ExecStart" (builtins.concatStringsSep " " [
+  ''"/nix/store/00000000000000000000000000000000-procurator-agent/bin/procurator-agent"''
+  ''"--control-plane" "https://control-plane-1.example.org:7700"''
+  ''"--state-dir" "/var/lib/procurator-agent" "--log-format" "json"''
+  ''"--substituter" "https://cache.example.org"''
+  ''"--substituter" "s3://fleet-cache?endpoint=minio.internal&profile=%%user$$HOME"''
+  ''"--trusted-public-key" "${key}"''
+  "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
+  ''"--max-backoff" "60"''
+]) agentUnit.serviceConfig.ExecStart
+++ expect "agent LoadCredential" credentials agentUnit.serviceConfig.LoadCredential
+++ expect "agent StateDirectory" "procurator-agent" agentUnit.serviceConfig.StateDirectory
+++ expect "agent PATH" [ "nix" "bash" "curl" ] (map (p: p.name) agentUnit.path)
+++ expect "agent Restart" "always" agentUnit.serviceConfig.Restart
+++ expect "agent restartIfChanged" false agentUnit.restartIfChanged
+++ expect "agent after" [ "network-online.target" ] agentUnit.after
+++ expect "agent wants" [ "network-online.target" ] agentUnit.wants
+++ expect "agent runs as root" false (agentUnit.serviceConfig ? User || agentUnit.serviceConfig ? DynamicUser)
+++ expect "agent has no mount namespace" [ ] (
+  builtins.filter (option: agentUnit.serviceConfig ? ${option}) [
+    "ProtectSystem"
+    "ProtectHome"
+    "PrivateTmp"
+    "PrivateDevices"
+    "ProtectKernelModules"
+    "ProtectKernelTunables"
+  ]
+)
+++ expect "agent warnings with keys" [ ] (agent agentSettings).config.warnings
+++ expect "agent warns without keys" 1 (
+  builtins.length
+    (agent (agentSettings // {
+      services.procurator-agent = agentSettings.services.procurator-agent // {
+        trustedPublicKeys = [ ];
+      };
+    })).config.warnings
+)
+++ expect "agent disabled" { } (
+  agent {
+    services.procurator-agent = agentSettings.services.procurator-agent // {
+      enable = false;
+    };
+  }
+).config
+
+# The control plane.
+++ expect "control plane ExecStart" (builtins.concatStringsSep " " [
+  ''"/nix/store/00000000000000000000000000000000-procurator-control-plane/bin/procurator-control-plane"''
+  ''"--listen" "0.0.0.0:7700" "--data-dir" "/var/lib/procurator" "--log-format" "text"''
+  "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
+]) cpUnit.serviceConfig.ExecStart
+++ expect "control plane LoadCredential" [
+  "ca.crt:/etc/procurator/tls/ca.crt"
+  "tls.crt:/etc/procurator/tls/control-plane.crt"
+  "tls.key:/etc/procurator/tls/control-plane.key"
+] cpUnit.serviceConfig.LoadCredential
+++ expect "control plane firewall" [ 7700 ]
+  (controlPlane controlPlaneSettings).config.networking.firewall.allowedTCPPorts
+++ expect "control plane firewall closed" { } (
+  controlPlane (withControlPlane { openFirewall = false; })
+).config.networking.firewall
+++ expect "control plane sandbox" {
+  DynamicUser = true;
+  ProtectSystem = "strict";
+  PrivateTmp = true;
+  NoNewPrivileges = true;
+  CapabilityBoundingSet = "";
+  PrivateUsers = true;
+  StateDirectory = "procurator";
+  SystemCallFilter = [
+    "@system-service"
+    "~@privileged"
+    "~@resources"
+  ];
+  RestrictAddressFamilies = [
+    "AF_INET"
+    "AF_INET6"
+    "AF_UNIX"
+  ];
+  Restart = "always";
+} (builtins.intersectAttrs {
+  DynamicUser = null;
+  ProtectSystem = null;
+  PrivateTmp = null;
+  NoNewPrivileges = null;
+  CapabilityBoundingSet = null;
+  PrivateUsers = null;
+  StateDirectory = null;
+  SystemCallFilter = null;
+  RestrictAddressFamilies = null;
+  Restart = null;
+} cpUnit.serviceConfig)
+++ expect "control plane on a low port" {
+  CapabilityBoundingSet = [ "CAP_NET_BIND_SERVICE" ];
+  AmbientCapabilities = [ "CAP_NET_BIND_SERVICE" ];
+  PrivateUsers = false;
+} (builtins.intersectAttrs {
+  CapabilityBoundingSet = null;
+  AmbientCapabilities = null;
+  PrivateUsers = null;
+} cpLowPort.serviceConfig)
+++ expect "control plane on IPv6" true (
+  builtins.match ''.*"--listen" "\[::]:443".*'' cpLowPort.serviceConfig.ExecStart != null
+)
+++ expect "control plane AmbientCapabilities on a high port" false (cpUnit.serviceConfig ? AmbientCapabilities)

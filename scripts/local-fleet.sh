@@ -1,0 +1,298 @@
+#!/usr/bin/env bash
+# The local fleet demo, end to end, on one machine as root: a control plane
+# and three agents (control-plane-1, worker-1, worker-2), each agent on a
+# test host of its own (its own Nix store and /run, in a mount namespace),
+# deploying closures built with real Nix from the fixture flake
+# (integration-tests/fixtures/fleet) through a signed file:// binary cache.
+#
+# Usage: scripts/local-fleet.sh [--keep] [--work-dir DIR] [--broken-health MACHINE]
+#   --keep                   leave the work directory (logs, state, cache) behind
+#   --work-dir DIR           use DIR (must not exist or be empty) instead of a temp dir
+#   --broken-health MACHINE  give MACHINE a closure whose health check fails,
+#                            to watch it roll back
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+keep=0
+work=
+broken=
+
+usage() {
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+while (($# > 0)); do
+    case "$1" in
+        --keep) keep=1 ;;
+        --work-dir)
+            [[ $# -ge 2 ]] || { usage >&2; exit 2; }
+            work=$2
+            shift
+            ;;
+        --broken-health)
+            [[ $# -ge 2 ]] || { usage >&2; exit 2; }
+            broken=$2
+            shift
+            ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "local-fleet: unknown argument $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+machines=(control-plane-1 worker-1 worker-2)
+if [[ -n $broken ]]; then
+    known=0
+    for m in "${machines[@]}"; do [[ $m == "$broken" ]] && known=1; done
+    if ((!known)); then
+        echo "local-fleet: --broken-health wants one of: ${machines[*]}" >&2
+        exit 2
+    fi
+fi
+
+# Bold headings on a terminal, plain text in a log.
+if [[ -t 1 ]]; then
+    say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+else
+    say() { printf '\n==> %s\n' "$*"; }
+fi
+
+"$repo/scripts/setup.sh"
+export PATH="${HOME:-/root}/.cargo/bin:/usr/local/bin:$PATH"
+
+say "building the binaries (cargo build --workspace --bins)"
+(cd "$repo" && cargo build --workspace --bins)
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
+ctl_bin="$bin/procurator-ctl"
+
+if [[ -z $work ]]; then
+    work=$(mktemp -d /tmp/procurator-local-fleet.XXXXXX)
+else
+    mkdir -p "$work"
+    work=$(cd "$work" && pwd)
+fi
+
+# Every process started below is recorded here as the leader of a process
+# group of its own, so cleanup stops it and whatever it started.
+pids=()
+# shellcheck disable=SC2317 # called by the EXIT trap
+cleanup() {
+    local status=$?
+    set +e
+    for pid in "${pids[@]}"; do
+        kill -TERM -- "-$pid" 2>/dev/null
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 100); do
+            kill -0 -- "-$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL -- "-$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    # The mounts lived in the agents' private namespaces: they are gone
+    # with the agents, nothing to unmount here.
+    if ((keep)); then
+        echo "local-fleet: kept $work (logs: $work/control-plane.log, $work/hosts/*/agent.log)"
+    else
+        rm -rf "$work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+say "work directory: $work"
+
+# Nix with a configuration of its own: nothing in /etc/nix is needed.
+export NIX_CONF_DIR="$work/nix"
+export XDG_CACHE_HOME="$work/xdg-cache"
+mkdir -p "$NIX_CONF_DIR" "$XDG_CACHE_HOME"
+cat >"$NIX_CONF_DIR/nix.conf" <<'EOF'
+experimental-features = nix-command flakes
+build-users-group =
+substituters =
+sandbox = true
+sandbox-paths = /bin/sh=/bin/busybox
+EOF
+
+say "fleet PKI (procurator-ctl pki init / issue)"
+pki="$work/pki"
+"$ctl_bin" pki init --dir "$pki"
+for m in "${machines[@]}"; do
+    "$ctl_bin" pki issue --dir "$pki" --role agent --name "$m"
+done
+ls "$pki"
+
+say "binary-cache signing key (nix key generate-secret)"
+nix key generate-secret --key-name procurator-local-fleet-1 >"$work/cache.secret"
+nix key convert-secret-to-public <"$work/cache.secret" >"$work/cache.public"
+public_key=$(cat "$work/cache.public")
+echo "$public_key"
+
+flake="$work/flake"
+mkdir -p "$flake"
+cp "$repo/integration-tests/fixtures/fleet/flake.nix" "$flake/"
+toplevel() { echo "path:$flake#nixosConfigurations.$1.config.system.build.toplevel"; }
+
+# settings.json of the fixture flake: generation N, maybe a broken machine.
+write_settings() {
+    local machines_json='{}'
+    if [[ -n $2 ]]; then
+        machines_json="{\"$2\": {\"health\": \"broken\"}}"
+    fi
+    printf '{ "generation": %s, "machines": %s }\n' "$1" "$machines_json" >"$flake/settings.json"
+}
+
+build_all() {
+    local installables=() m
+    for m in "${machines[@]}"; do installables+=("$(toplevel "$m")"); done
+    nix build --no-link "${installables[@]}"
+}
+
+declare -A old new
+say "building the machines' current closures (generation 0)"
+write_settings 0 ""
+build_all
+for m in "${machines[@]}"; do old[$m]=$(nix eval --raw "$(toplevel "$m").outPath"); done
+
+say "building the closures to deploy (generation 1${broken:+, $broken with a failing health check})"
+write_settings 1 "$broken"
+build_all
+for m in "${machines[@]}"; do
+    new[$m]=$(nix eval --raw "$(toplevel "$m").outPath")
+    echo "$m => ${new[$m]}"
+done
+
+say "publishing them, signed, to file://$work/cache"
+nix copy --to "file://$work/cache?secret-key=$work/cache.secret" "${new[@]}"
+
+say "starting the control plane"
+setsid "$bin/procurator-control-plane" \
+    --listen 127.0.0.1:0 \
+    --data-dir "$work/control-plane" \
+    --tls-ca "$pki/ca.crt" \
+    --tls-cert "$pki/control-plane.crt" \
+    --tls-key "$pki/control-plane.key" \
+    --ready-file "$work/control-plane.addr" \
+    >"$work/control-plane.log" 2>&1 &
+pids+=("$!")
+cp_pid=$!
+for _ in $(seq 1 300); do
+    [[ -s $work/control-plane.addr ]] && break
+    kill -0 "$cp_pid" 2>/dev/null || { cat "$work/control-plane.log" >&2; exit 1; }
+    sleep 0.1
+done
+[[ -s $work/control-plane.addr ]] || { echo "local-fleet: the control plane did not get ready" >&2; exit 1; }
+addr=$(tr -d '[:space:]' <"$work/control-plane.addr")
+echo "listening on $addr"
+
+export PROCURATOR_CONTROL_PLANE="https://$addr"
+export PROCURATOR_TLS_CA="$pki/ca.crt"
+export PROCURATOR_TLS_CERT="$pki/operator-admin.crt"
+export PROCURATOR_TLS_KEY="$pki/operator-admin.key"
+
+# A test host: HOST/root/nix is its store (seeded with its current closure),
+# HOST/run its /run. The agent runs in a mount and PID namespace with those
+# on /nix and /run, so its `nix` and /run/current-system are the host's own.
+# shellcheck disable=SC2016 # expanded by the inner shell
+namespace_script='set -e
+mount --bind "$1/root/nix" /nix
+mount --bind "$1/run" /run
+[ -L /run/current-system ] || ln -s "$2" /run/current-system
+[ -L /run/booted-system ] || ln -s "$2" /run/booted-system
+shift 2
+exec "$@"'
+
+for m in "${machines[@]}"; do
+    say "test host $m: seeding its store with ${old[$m]}"
+    host="$work/hosts/$m"
+    mkdir -p "$host/root" "$host/run" "$host/state"
+    nix copy --no-check-sigs --to "$host/root" "${old[$m]}"
+    mkdir -p "$host/root/nix/var/nix/profiles" "$host/root/nix/var/nix/procurator-test"
+    ln -sfn "${old[$m]}" "$host/root/nix/var/nix/profiles/system-1-link"
+    ln -sfn system-1-link "$host/root/nix/var/nix/profiles/system"
+    ln -sfn "${old[$m]}" "$host/root/nix/var/nix/procurator-test/boot-entry"
+
+    setsid unshare --mount --propagation private --pid --mount-proc --kill-child -- \
+        sh -c "$namespace_script" sh "$host" "${old[$m]}" \
+        "$bin/procurator-agent" \
+        --control-plane "$PROCURATOR_CONTROL_PLANE" \
+        --tls-ca "$pki/ca.crt" \
+        --tls-cert "$pki/agent-$m.crt" \
+        --tls-key "$pki/agent-$m.key" \
+        --state-dir "$host/state" \
+        --substituter "file://$work/cache" \
+        --trusted-public-key "$public_key" \
+        >"$host/agent.log" 2>&1 &
+    pids+=("$!")
+done
+
+say "waiting for the agents to connect"
+# ListAgents through the real grpcurl: its JSON is the protocol's own.
+list_agents() {
+    grpcurl -cacert "$pki/ca.crt" -cert "$pki/operator-admin.crt" -key "$pki/operator-admin.key" \
+        -import-path "$repo/proto/proto" -proto procurator/v1/deployment.proto \
+        -d '{}' "$addr" procurator.v1.DeploymentService/ListAgents 2>/dev/null
+}
+connected=0
+for _ in $(seq 1 300); do
+    connected=$(list_agents | grep -c '"connected": true' || true)
+    ((connected >= ${#machines[@]})) && break
+    sleep 0.2
+done
+"$ctl_bin" status
+((connected >= ${#machines[@]})) || echo "local-fleet: only $connected agents connected; deploying anyway"
+
+say "deployment.json: nix eval --json .#blueprintJSON + the closures + a commit id"
+commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null || date +%s%N | sha1sum | cut -c1-40)
+{
+    printf '{\n  "gitCommit": "%s",\n  "blueprint": %s,\n  "closures": {' "$commit" "$(nix eval --json "path:$flake#blueprintJSON")"
+    sep=
+    for m in "${machines[@]}"; do
+        printf '%s\n    "%s": "%s"' "$sep" "$m" "${new[$m]}"
+        sep=,
+    done
+    printf '\n  }\n}\n'
+} >"$work/deployment.json"
+"$ctl_bin" validate "$work/deployment.json"
+
+say "procurator-ctl submit"
+submitted=$("$ctl_bin" submit --output json "$work/deployment.json")
+echo "$submitted"
+id=$(sed -n 's/.*"deploymentId" *: *"\([^"]*\)".*/\1/p' <<<"$submitted")
+[[ -n $id ]] || { echo "local-fleet: no deployment id in the answer" >&2; exit 1; }
+
+say "procurator-ctl watch $id"
+watch_status=0
+"$ctl_bin" watch "$id" || watch_status=$?
+
+say "procurator-ctl status"
+"$ctl_bin" status
+
+say "what each host runs now"
+for m in "${machines[@]}"; do
+    host="$work/hosts/$m"
+    printf '%-16s current-system %s\n' "$m" "$(readlink "$host/run/current-system")"
+    printf '%-16s system profile %s -> %s\n' "" "$(readlink "$host/root/nix/var/nix/profiles/system")" \
+        "$(readlink "$host/root/nix/var/nix/profiles/$(readlink "$host/root/nix/var/nix/profiles/system")")"
+    printf '%-16s boot entry     %s\n' "" "$(readlink "$host/root/nix/var/nix/procurator-test/boot-entry")"
+done
+
+case $watch_status in
+    0) say "deployment $id succeeded" ;;
+    3)
+        if [[ -n $broken ]]; then
+            say "deployment $id did not succeed, as expected: the health check of $broken was made to fail"
+        else
+            say "deployment $id did not succeed (see above)"
+        fi
+        ;;
+    *) say "procurator-ctl watch failed (exit $watch_status)" ;;
+esac
+if [[ -n $broken ]]; then
+    # The rollback is the point of the demo: exit 0 when it happened.
+    ((watch_status == 3)) && exit 0
+fi
+exit "$watch_status"

