@@ -133,7 +133,8 @@ echo "$public_key"
 
 flake="$work/flake"
 mkdir -p "$flake"
-cp "$repo/integration-tests/fixtures/fleet/flake.nix" "$flake/"
+# procurator-lib.nix links to nix/lib.nix: copy what it points at.
+cp -L "$repo/integration-tests/fixtures/fleet/flake.nix" "$repo/integration-tests/fixtures/fleet/procurator-lib.nix" "$flake/"
 toplevel() { echo "path:$flake#nixosConfigurations.$1.config.system.build.toplevel"; }
 
 # settings.json of the fixture flake: generation N, maybe a broken machine.

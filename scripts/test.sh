@@ -24,6 +24,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
 
+step "nix/tests/run.sh: the Nix library and modules, evaluated by real Nix"
+"$repo/nix/tests/run.sh"
+
 step "cargo test --workspace"
 cargo test --workspace
 

@@ -33,6 +33,16 @@ pub enum Command {
     Status(command::status::Args),
     /// List deployments, newest first.
     Deployments(command::deployments::Args),
+    /// Evaluate and build the flake; show which machines changed since the
+    /// previous deployment.
+    Plan(command::plan::Args),
+    /// Copy the closures to a binary cache (signed), skipping what is there.
+    Publish(command::publish::Args),
+    /// Evaluate and build the flake; write deployment.json.
+    Artifact(command::artifact::Args),
+    /// CI on every push: evaluate, build, detect change, publish, write the
+    /// artifact, submit, and with --wait follow the rollout.
+    Ci(command::ci::Args),
     /// Print a shell completion script to stdout.
     Completions(command::completions::Args),
 }
@@ -46,6 +56,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Watch(args) => command::watch::run(conn, args).await,
         Command::Status(args) => command::status::run(conn, args).await,
         Command::Deployments(args) => command::deployments::run(conn, args).await,
+        Command::Plan(args) => command::plan::run(args).await,
+        Command::Publish(args) => command::publish::run(args).await,
+        Command::Artifact(args) => command::artifact::run(args).await,
+        Command::Ci(args) => command::ci::run(conn, args).await,
         Command::Completions(args) => command::completions::run(args),
     }
 }
@@ -166,6 +180,39 @@ mod tests {
             panic!("not deployments")
         };
         assert_eq!(args.limit, 5);
+    }
+
+    #[test]
+    fn ci_commands_need_their_inputs() {
+        let cli = parse(&[
+            "ci",
+            "--flake",
+            "f",
+            "--publish-to",
+            "file:///c",
+            "--jobs",
+            "3",
+        ])
+        .unwrap();
+        let Command::Ci(args) = cli.command else {
+            panic!("not ci")
+        };
+        assert_eq!(args.flake.jobs(), 3);
+        assert!(!args.wait);
+        assert!(
+            parse(&["ci", "--flake", "f"]).is_err(),
+            "--publish-to is required"
+        );
+        assert!(parse(&["plan", "--flake", "f", "--jobs", "0"]).is_err());
+        assert!(
+            parse(&["publish", "--to", "file:///c"]).is_err(),
+            "a source is required"
+        );
+        assert!(parse(&["publish", "--to", "c", "--artifact", "a", "--flake", "f"]).is_err());
+        assert!(
+            parse(&["artifact", "--flake", "f"]).is_err(),
+            "--out is required"
+        );
     }
 
     #[test]

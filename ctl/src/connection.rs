@@ -110,7 +110,13 @@ pub fn describe_status(status: &Status, url: &str, doing: &str) -> String {
     let detail = status_detail(status);
     // TLS failures surface as UNAVAILABLE, UNKNOWN or CANCELLED depending on
     // when the handshake broke; what to do about them is the same.
-    if detail.contains("certificate") {
+    // A refusal may mention "certificate" too ("it needs a certificate with
+    // role ci"): that is the server's answer, not a failed handshake.
+    let refused = matches!(
+        status.code(),
+        Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument
+    );
+    if detail.contains("certificate") && !refused {
         return format!(
             "the TLS handshake with the control plane at {url} failed: {detail} — check that --tls-ca is the fleet CA that signed its certificate, and that the host in --control-plane is one of its names (pki init --san)"
         );
@@ -240,6 +246,22 @@ mod tests {
             msg,
             "submitting the deployment failed: closures.worker-1: not a store path"
         );
+    }
+
+    #[test]
+    fn a_refusal_that_mentions_certificates_is_still_a_refusal() {
+        let msg = describe_status(
+            &Status::permission_denied(
+                "agent/worker-1 may not do this; it needs a certificate with role ci or operator",
+            ),
+            "https://cp:7700",
+            "submitting the deployment",
+        );
+        assert!(
+            msg.starts_with("the control plane refused submitting the deployment"),
+            "{msg}"
+        );
+        assert!(!msg.contains("TLS handshake"), "{msg}");
     }
 
     #[test]

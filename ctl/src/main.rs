@@ -1,8 +1,9 @@
 //! `procurator-ctl`: the CLI for CI and operators.
 //!
-//! Exit codes (docs/interfaces.md): 0 success, 1 an error, 2 a usage error
-//! (clap), 3 a followed deployment ended failed, superseded or cancelled,
-//! 130 interrupted.
+//! Exit codes (docs/interfaces.md, `failure.rs`): 0 success, 1 an error,
+//! 2 a usage error (clap), 3 a followed deployment ended failed, superseded
+//! or cancelled, 4 evaluation failed, 5 build failed, 6 publish failed,
+//! 7 submit refused, 8 nothing changed, 130 interrupted.
 
 // A test that cannot set up its input should fail loudly.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -10,14 +11,17 @@
 mod cli;
 mod command;
 mod connection;
+mod failure;
 mod follow;
 mod format;
 mod output;
+mod pipeline;
 mod render;
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use failure::{EXIT_ERROR, EXIT_INTERRUPTED};
 
 /// What a command that ran to completion has to say to the shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +30,9 @@ pub enum Outcome {
     Success,
     /// Exit 3: the followed deployment did not succeed.
     DeploymentFailed,
+    /// Exit 8: `ci` found nothing to deploy.
+    NothingChanged,
 }
-
-const EXIT_ERROR: u8 = 1;
-const EXIT_DEPLOYMENT_FAILED: u8 = 3;
-/// 128 + SIGINT, as shells report a command ended by Ctrl-C.
-const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -62,11 +63,11 @@ fn main() -> ExitCode {
             eprintln!("\ninterrupted");
             ExitCode::from(EXIT_INTERRUPTED)
         }
-        Some(Ok(Outcome::Success)) => ExitCode::SUCCESS,
-        Some(Ok(Outcome::DeploymentFailed)) => ExitCode::from(EXIT_DEPLOYMENT_FAILED),
-        Some(Err(e)) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+        Some(result) => {
+            if let Err(e) = &result {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(failure::exit_code(&result))
         }
     }
 }

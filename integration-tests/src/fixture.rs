@@ -16,6 +16,10 @@ pub type Closures = BTreeMap<String, String>;
 
 pub struct Fixture {
     dir: PathBuf,
+    /// Baked into every store path the fixture builds, so tests running at
+    /// the same time never share a path (and never see each other's
+    /// signatures on it in the host's store).
+    nonce: String,
 }
 
 impl Fixture {
@@ -23,13 +27,19 @@ impl Fixture {
     pub fn copy_to(dir: &Path) -> Result<Self> {
         crate::mkdir(dir)?;
         let source = crate::fixture_source();
-        for file in ["flake.nix", "settings.json"] {
+        // `procurator-lib.nix` links to nix/lib.nix; `fs::copy` follows it.
+        for file in ["flake.nix", "procurator-lib.nix"] {
             std::fs::copy(source.join(file), dir.join(file))
                 .with_context(|| format!("copying {file} from {}", source.display()))?;
         }
-        Ok(Self {
+        let fixture = Self {
             dir: dir.to_owned(),
-        })
+            nonce: unique_nonce(dir),
+        };
+        let defaults = std::fs::read(source.join("settings.json"))
+            .context("reading the fixture's settings.json")?;
+        fixture.write_settings(&serde_json::from_slice(&defaults)?)?;
+        Ok(fixture)
     }
 
     pub fn dir(&self) -> &Path {
@@ -41,11 +51,18 @@ impl Fixture {
     }
 
     /// Writes `settings.json`, e.g.
-    /// `{"generation": 2, "machines": {"worker-2": {"health": "broken"}}}`.
+    /// `{"generation": 2, "machines": {"worker-2": {"health": "broken"}}}`,
+    /// with this fixture's nonce added.
     pub fn write_settings(&self, settings: &Value) -> Result<()> {
+        let mut settings = settings.clone();
+        if let Some(object) = settings.as_object_mut() {
+            object
+                .entry("nonce")
+                .or_insert_with(|| Value::String(self.nonce.clone()));
+        }
         std::fs::write(
             self.dir.join("settings.json"),
-            serde_json::to_vec_pretty(settings)?,
+            serde_json::to_vec_pretty(&settings)?,
         )
         .context("writing settings.json")
     }
@@ -79,6 +96,19 @@ impl Fixture {
         self.write_settings(settings)?;
         self.build(nix)
     }
+}
+
+/// A nonce unique to this process and directory: the pid tells concurrent
+/// test binaries apart, the temp dir's name tells tests of one binary apart.
+fn unique_nonce(dir: &Path) -> String {
+    let tag: String = dir
+        .to_string_lossy()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .rev()
+        .take(24)
+        .collect();
+    format!("p{}-{tag}", std::process::id())
 }
 
 /// `nix copy --to file://CACHE[?secret-key=…] PATHS…`: publishes closures

@@ -17,6 +17,7 @@
 //! - `PROCURATOR_KEEP_TEST_DIRS`: keep each fleet's directory (logs, stores);
 //! - `PROCURATOR_TEST_TRACE`: print every command run, its time and exit code.
 
+pub mod ci;
 pub mod control_plane;
 pub mod ctl;
 pub mod fixture;

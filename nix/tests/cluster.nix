@@ -1,11 +1,12 @@
 # The seed's three machines, described the way a user would, for the tests
 # in run.sh. `nixosSystem` defaults to the fake; run.sh also passes one that
-# throws, to prove the blueprint never evaluates NixOS.
+# throws, to prove the blueprint never evaluates NixOS, and the flake's own
+# `lib` as `procurator`.
 {
   nixosSystem ? import ./fake-nixos-system.nix,
+  procurator ? import ../lib.nix,
 }:
 let
-  procurator = import ../lib.nix;
   inherit (procurator) healthCheck;
 in
 procurator.mkCluster {
@@ -24,11 +25,12 @@ procurator.mkCluster {
       deployment = {
         addr = "192.168.1.10";
         backend = "cloud-hypervisor";
+        # No interval and no enabled: the blueprint fills them in.
         healthChecks = [
-          (healthCheck {
+          {
             command = "systemctl is-active procurator-control-plane.service";
             timeout = 30;
-          })
+          }
         ];
       };
       configuration = {

@@ -108,7 +108,7 @@ let
       mapAttrs (
         name: option:
         let
-          here = "${path}.${name}";
+          here = if path == "" then name else "${path}.${name}";
         in
         if !isOption option then
           settle here option (settings.${name} or { })

@@ -7,6 +7,7 @@
 mod command;
 mod copy;
 mod progress;
+mod query;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use tokio::process::Command;
 
 pub use command::{CommandOutput, RunError, Tail, describe, run_captured};
 pub use progress::{CopyProgress, CopyTracker, strip_ansi};
+pub use query::{PathInfo, PathInfoQuery};
 
 use crate::store_path::{StorePath, StorePathError};
 
@@ -124,6 +126,8 @@ impl Nix {
     }
 
     /// `program args... --option NAME VALUE...` with the configured environment.
+    /// `program ARGS --option NAME VALUE…`: the options follow `args`, so
+    /// `args` must end with a complete flag (never a flag awaiting its value).
     fn command<I, S>(&self, program: &Path, args: I) -> Command
     where
         I: IntoIterator<Item = S>,

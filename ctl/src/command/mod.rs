@@ -1,9 +1,13 @@
 //! One module per subcommand: an `Args` struct (its help is the doc
 //! comments) and a `run`.
 
+pub mod artifact;
+pub mod ci;
 pub mod completions;
 pub mod deployments;
 pub mod pki;
+pub mod plan;
+pub mod publish;
 pub mod status;
 pub mod submit;
 pub mod validate;

@@ -1,0 +1,41 @@
+//! `procurator-ctl artifact --flake PATH --out deployment.json`: evaluate,
+//! build, and write the deployment artifact (nothing at all on any error).
+
+use std::path::PathBuf;
+
+use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build};
+use crate::{Outcome, output};
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exit codes: 0 written, 1 error (e.g. no commit), 2 usage, 4 evaluation failed, 5 build failed; nothing is written unless 0."
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub flake: FlakeArgs,
+
+    /// Where to write deployment.json (replaced atomically).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// The commit the flake was built from (default: `git -C PATH rev-parse HEAD`).
+    #[arg(long, value_name = "SHA")]
+    pub git_commit: Option<String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<Outcome> {
+    let flake = Flake::open(&args.flake.flake)?;
+    // Before building: a missing commit should not cost a build.
+    let commit = artifact::resolve_commit(flake.dir(), args.git_commit.as_deref())?;
+    let nix = crate::pipeline::nix();
+    let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
+    let (deployment, text) = artifact::render(&commit, &evaluated)?;
+    artifact::write_atomically(&args.out, &text)?;
+    output::print(&format!(
+        "wrote {} ({} machines, commit {})\n",
+        args.out.display(),
+        deployment.blueprint.len(),
+        deployment.git_commit
+    ))?;
+    Ok(Outcome::Success)
+}

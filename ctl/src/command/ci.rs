@@ -1,0 +1,235 @@
+//! `procurator-ctl ci`: the whole chain a CI job runs on every push —
+//! evaluate, build, detect change, publish, write the artifact, submit, and
+//! with `--wait` follow the rollout.
+
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use procurator_proto::v1::SubmitRequest;
+use serde_json::{Value, json};
+
+use crate::connection::{ConnectionArgs, is_retryable};
+use crate::failure::{self, Stage, StageError};
+use crate::output::{OutputArgs, OutputFormat};
+use crate::pipeline::change::{Plan, load_previous};
+use crate::pipeline::publish::{Destination, Published, publish};
+use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build};
+use crate::render::{self, PlainRenderer};
+use crate::{Outcome, follow, output};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Exit codes:
+  0  deployed (with --wait: and the rollout succeeded)
+  1  another error (bad input, no connection to the control plane, …)
+  2  usage error
+  3  the rollout failed, was superseded or cancelled (--wait)
+  4  evaluation failed (nix eval, or an invalid blueprint)
+  5  a machine's build failed
+  6  publishing to the binary cache failed
+  7  the control plane refused the deployment
+  8  nothing changed since --previous: nothing published, written or submitted")]
+pub struct Args {
+    #[command(flatten)]
+    pub flake: FlakeArgs,
+
+    /// The deployment.json of the last deployment; without it every machine
+    /// counts as changed.
+    #[arg(long, value_name = "FILE")]
+    pub previous: Option<PathBuf>,
+
+    /// The binary cache the agents pull from: a Nix store URI or attic:CACHE.
+    #[arg(long, value_name = "STORE_URI")]
+    pub publish_to: String,
+
+    /// Sign what is published with this secret key (`nix key generate-secret`).
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+
+    /// Also write the artifact here (atomically), e.g. to keep it as the
+    /// next run's --previous.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// The commit the flake was built from (default: `git -C PATH rev-parse HEAD`).
+    #[arg(long, value_name = "SHA")]
+    pub git_commit: Option<String>,
+
+    /// Follow the rollout until it ends; exit 3 if it failed.
+    #[arg(long)]
+    pub wait: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// What `--output json` prints at the end, filled in as the chain goes.
+#[derive(Debug, Default)]
+struct Report {
+    git_commit: Option<String>,
+    plan: Option<Plan>,
+    published: Option<Published>,
+    artifact: Option<PathBuf>,
+    deployment_id: Option<String>,
+}
+
+impl Report {
+    fn json(&self, result: &anyhow::Result<Outcome>) -> Value {
+        let label = match result {
+            Ok(Outcome::Success) => "deployed",
+            Ok(Outcome::DeploymentFailed) => "rollout-failed",
+            Ok(Outcome::NothingChanged) => "nothing-changed",
+            Err(e) => failure::stage_of(e).map_or("error", Stage::result_label),
+        };
+        json!({
+            "result": label,
+            "exitCode": failure::exit_code(result),
+            "gitCommit": self.git_commit,
+            "deploymentId": self.deployment_id,
+            "machines": self.plan.as_ref().map_or_else(|| json!([]), Plan::machines_json),
+            "published": self.published.as_ref().map(|p| json!({"paths": p.paths, "bytes": p.bytes, "alreadyThere": p.already_there})),
+            "artifact": self.artifact.as_ref().map(|p| p.display().to_string()),
+            "error": result.as_ref().err().map(|e| format!("{e:#}")),
+        })
+    }
+}
+
+pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
+    let mut report = Report::default();
+    let result = chain(conn, &args, &mut report).await;
+    if args.output.output == OutputFormat::Json {
+        output::print_json(&report.json(&result))?;
+    }
+    result
+}
+
+/// Results go to stdout in text mode; with `--output json` stdout holds only
+/// the final object, so everything else goes to stderr.
+fn say(args: &Args, text: &str) -> anyhow::Result<()> {
+    match args.output.output {
+        OutputFormat::Text => output::print(text),
+        OutputFormat::Json => {
+            eprint!("{text}");
+            Ok(())
+        }
+    }
+}
+
+async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyhow::Result<Outcome> {
+    // Everything that can be wrong with the settings is found before a
+    // build that may take an hour.
+    let mut conn = conn.connect()?;
+    let destination = Destination::parse(&args.publish_to)?;
+    let previous = args.previous.as_deref().map(load_previous).transpose()?;
+    let flake = Flake::open(&args.flake.flake)?;
+    let commit = artifact::resolve_commit(flake.dir(), args.git_commit.as_deref())?;
+    report.git_commit = Some(commit.to_string());
+
+    let nix = crate::pipeline::nix();
+    let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
+    let mut plan = Plan::compare(previous.as_ref(), &evaluated);
+    // Sizes are for people; a store that cannot say them stops nothing.
+    if let Err(e) = plan.fill_sizes(&nix).await {
+        eprintln!("warning: {e:#}");
+    }
+    say(args, &format!("{}\n{}\n", plan.table(), plan.verdict()))?;
+    let changed = plan.changed();
+    report.plan = Some(plan);
+    if !changed {
+        let since = previous
+            .map(|p| p.git_commit.to_string())
+            .unwrap_or_default();
+        eprintln!(
+            "nothing changed since commit {since}: nothing was published, written or submitted"
+        );
+        return Ok(Outcome::NothingChanged);
+    }
+
+    // Checked before publishing: an artifact the control plane would refuse
+    // is not worth a cache upload.
+    let (_, artifact_json) = artifact::render(&commit, &evaluated)?;
+    let closures: Vec<_> = evaluated.closures.values().cloned().collect();
+    let published = publish(&nix, &destination, args.signing_key.as_deref(), &closures).await?;
+    say(args, &format!("{}\n", published.summary()))?;
+    report.published = Some(published);
+
+    if let Some(out) = &args.out {
+        artifact::write_atomically(out, &artifact_json)?;
+        say(args, &format!("wrote {}\n", out.display()))?;
+        report.artifact = Some(out.clone());
+    }
+
+    let retry = match &args.out {
+        Some(out) => format!(
+            "; once fixed, submit it again with `procurator-ctl submit {}`",
+            out.display()
+        ),
+        None => String::new(),
+    };
+    let response = match conn.client.submit(SubmitRequest { artifact_json }).await {
+        Ok(response) => response.into_inner(),
+        // Unreachable is not a refusal: the same submit may work in a minute.
+        Err(status) if is_retryable(&status) => {
+            return Err(anyhow!(
+                "{}{retry}",
+                conn.error(&status, "submitting the deployment")
+            ));
+        }
+        Err(status) => {
+            let message = conn.error(&status, "submitting the deployment");
+            return Err(StageError::new(Stage::Submit, format!("{message}{retry}")).into());
+        }
+    };
+    report.deployment_id = Some(response.deployment_id.clone());
+    say(
+        args,
+        &format!("submitted deployment {}\n", response.deployment_id),
+    )?;
+    if !response.created {
+        eprintln!("(the control plane had it already)");
+    }
+    if !args.wait {
+        return Ok(Outcome::Success);
+    }
+    let mut renderer = match args.output.output {
+        OutputFormat::Text => render::for_output(OutputFormat::Text),
+        // The rollout as plain lines on stderr: stdout is for the summary.
+        OutputFormat::Json => Box::new(PlainRenderer {
+            out: Box::new(std::io::stderr()),
+        }),
+    };
+    // Start just before the submit so the `submitted` event is shown.
+    let from = response.revision.saturating_sub(1);
+    follow::follow(&mut conn, &response.deployment_id, from, renderer.as_mut()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_summary_names_the_result_and_its_code() {
+        let report = Report {
+            git_commit: Some("3f2c1a9".into()),
+            ..Report::default()
+        };
+        let v = report.json(&Ok(Outcome::NothingChanged));
+        assert_eq!(v["result"], "nothing-changed");
+        assert_eq!(v["exitCode"], 8);
+        assert_eq!(v["deploymentId"], Value::Null);
+        let v = report.json(&Err(StageError::new(Stage::Build, "worker-1").into()));
+        assert_eq!(v["result"], "build-failed");
+        assert_eq!(v["exitCode"], 5);
+        assert!(v["error"].as_str().unwrap_or_default().contains("worker-1"));
+        let v = report.json(&Err(anyhow!("no such file")));
+        assert_eq!(
+            (v["result"].as_str(), v["exitCode"].as_u64()),
+            (Some("error"), Some(1))
+        );
+        let v = report.json(&Ok(Outcome::DeploymentFailed));
+        assert_eq!(
+            (v["result"].as_str(), v["exitCode"].as_u64()),
+            (Some("rollout-failed"), Some(3))
+        );
+    }
+}

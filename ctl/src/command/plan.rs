@@ -1,0 +1,50 @@
+//! `procurator-ctl plan --flake PATH`: evaluate, build every machine, and
+//! show what changed against the previous deployment. Publishes nothing,
+//! submits nothing.
+
+use std::path::PathBuf;
+
+use crate::output::{OutputArgs, OutputFormat};
+use crate::pipeline::change::{Plan, load_previous};
+use crate::pipeline::{Flake, FlakeArgs, evaluate_and_build};
+use crate::{Outcome, output};
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Exit codes: 0 planned (whether or not anything changed; see 'changed' in --output json), 1 error, 2 usage, 4 evaluation failed, 5 build failed."
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub flake: FlakeArgs,
+
+    /// The deployment.json of the last deployment. Without it every machine
+    /// counts as added.
+    #[arg(long, value_name = "FILE")]
+    pub previous: Option<PathBuf>,
+
+    /// Show `nix store diff-closures OLD NEW` for each machine with a new
+    /// closure (when both closures are in the local store).
+    #[arg(long)]
+    pub diff: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<Outcome> {
+    // Read before building: a wrong path should not cost a build.
+    let previous = args.previous.as_deref().map(load_previous).transpose()?;
+    let flake = Flake::open(&args.flake.flake)?;
+    let nix = crate::pipeline::nix();
+    let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
+    let mut plan = Plan::compare(previous.as_ref(), &evaluated);
+    plan.fill_sizes(&nix).await?;
+    if args.diff {
+        plan.fill_diffs(&nix).await?;
+    }
+    match args.output.output {
+        OutputFormat::Text => output::print(&format!("{}\n{}\n", plan.table(), plan.verdict()))?,
+        OutputFormat::Json => output::print_json(&plan.json())?,
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,165 @@
+//! `deployment.json`: `{gitCommit, blueprint, closures}` put together from
+//! what was built, validated as the control plane would, and written so
+//! that the file is either whole or not there.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, anyhow, bail};
+use procurator_core::DeploymentArtifact;
+use procurator_core::artifact::GitCommit;
+use serde_json::json;
+
+use super::Evaluated;
+
+/// `--git-commit` if given, else `git -C DIR rev-parse HEAD`.
+pub fn resolve_commit(flake_dir: &Path, given: Option<&str>) -> anyhow::Result<GitCommit> {
+    if let Some(sha) = given {
+        return GitCommit::try_from(sha.trim().to_owned())
+            .map_err(|e| anyhow!("--git-commit: {e}"));
+    }
+    let advice = "run it inside a git checkout of the flake, or pass --git-commit SHA";
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(flake_dir)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .with_context(|| format!("cannot run git to find the flake's commit; {advice}"))?;
+    if !output.status.success() {
+        bail!(
+            "cannot tell which commit {} is at: `git -C {} rev-parse HEAD` failed: {}; {advice}",
+            flake_dir.display(),
+            flake_dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let sha = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    GitCommit::try_from(sha).map_err(|e| anyhow!("git rev-parse HEAD printed {e}"))
+}
+
+/// The artifact as it will be written and submitted: the blueprint exactly
+/// as evaluated. Parsed back with [`DeploymentArtifact::from_json`], so what
+/// is written is what the control plane accepts.
+pub fn render(
+    commit: &GitCommit,
+    evaluated: &Evaluated,
+) -> anyhow::Result<(DeploymentArtifact, String)> {
+    let value = json!({
+        "gitCommit": commit.as_str(),
+        "blueprint": evaluated.blueprint,
+        "closures": evaluated.closures,
+    });
+    let mut text = serde_json::to_string_pretty(&value).context("cannot serialize the artifact")?;
+    text.push('\n');
+    let artifact = DeploymentArtifact::from_json(text.as_bytes())
+        .context("the deployment artifact would not be valid; nothing was written")?;
+    Ok((artifact, text))
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory,
+/// flushed to disk before it is renamed over `path`: a reader sees the old
+/// file or the new one, never half of one.
+pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(".deployment-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot create a file in {}; check that the directory exists and is writable",
+                dir.display()
+            )
+        })?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", file.path().display()))?;
+    // The temporary file is private (0600); the artifact is not a secret.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set the mode of {}", file.path().display()))?;
+    }
+    file.persist(path).map_err(|e| {
+        anyhow!(
+            "cannot move the artifact into place at {}: {}",
+            path.display(),
+            e.error
+        )
+    })?;
+    // The rename itself is durable once the directory is.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use procurator_core::{MachineName, StorePath};
+
+    use super::*;
+
+    fn evaluated() -> Evaluated {
+        let blueprint = json!({
+            "worker-1": {
+                "role": "worker", "cpu": 2, "memory": {"amount": 4, "unit": "GB"},
+                "deployment": {"addr": "10.0.0.1", "backend": "nixos"}
+            }
+        });
+        let m = MachineName::parse("worker-1").unwrap();
+        let closure =
+            StorePath::parse("/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-nixos-system-worker-1")
+                .unwrap();
+        Evaluated {
+            specs: serde_json::from_value(blueprint.clone()).unwrap(),
+            closures: BTreeMap::from([(m, closure)]),
+            blueprint,
+        }
+    }
+
+    #[test]
+    fn the_blueprint_is_written_as_evaluated() {
+        let commit = GitCommit::try_from("3F2C1A9".to_owned()).unwrap();
+        let (artifact, text) = render(&commit, &evaluated()).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // Not normalized: no defaults (replicas, sshPort) were added.
+        assert_eq!(value["blueprint"], evaluated().blueprint);
+        assert_eq!(value["gitCommit"], "3f2c1a9");
+        assert_eq!(artifact.blueprint.len(), 1);
+    }
+
+    #[test]
+    fn a_given_commit_is_checked() {
+        let err = resolve_commit(Path::new("/"), Some("not-a-sha")).unwrap_err();
+        assert!(err.to_string().contains("--git-commit"), "{err}");
+        let ok = resolve_commit(Path::new("/"), Some("abcdef0")).unwrap();
+        assert_eq!(ok.as_str(), "abcdef0");
+    }
+
+    #[test]
+    fn without_git_the_error_says_to_pass_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = resolve_commit(dir.path(), None).unwrap_err();
+        assert!(format!("{err:#}").contains("--git-commit"), "{err:#}");
+    }
+
+    #[test]
+    fn writing_replaces_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deployment.json");
+        std::fs::write(&path, "old").unwrap();
+        write_atomically(&path, "new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file left behind");
+        let err = write_atomically(&dir.path().join("missing/deployment.json"), "x").unwrap_err();
+        assert!(err.to_string().contains("cannot create a file in"), "{err}");
+    }
+}
