@@ -61,6 +61,7 @@ let
     "sshPort"
     "healthChecks"
     "autoRollback"
+    "allowReboot"
   ];
   healthCheckKeys = [
     "enabled"
@@ -176,7 +177,14 @@ let
       sshPort = integerBetween "${path}.sshPort" 1 65535 (deployment.sshPort or 22);
       healthChecks = listOf "${path}.healthChecks" normalizeHealthCheck (deployment.healthChecks or [ ]);
       autoRollback = bool "${path}.autoRollback" (deployment.autoRollback or true);
-    };
+    }
+    # Only when set: the blueprint stays exactly as written otherwise.
+    // (
+      if deployment ? allowReboot then
+        { allowReboot = bool "${path}.allowReboot" deployment.allowReboot; }
+      else
+        { }
+    );
 
   normalizeMemory =
     path: value:

@@ -10,8 +10,7 @@ use procurator_core::nix::Nix;
 use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
-    AgentMessage, ControlMessage, DesiredState, Heartbeat, Hello, Welcome, agent_message,
-    control_message,
+    AgentMessage, ControlMessage, Heartbeat, Hello, Welcome, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BASE, Backoff};
 use crate::deployer::Activity;
+use crate::desired::Inbound;
 use crate::outbox::{Outbox, Outgoing};
 use crate::system::SystemPaths;
 
@@ -41,7 +41,7 @@ pub enum SessionError {
     Status(#[from] tonic::Status),
     #[error("no Welcome within {}s", HANDSHAKE_TIMEOUT.as_secs())]
     NoWelcome,
-    #[error("the control plane sent a desired state before Welcome")]
+    #[error("the control plane sent a desired state or a cancellation before Welcome")]
     DesiredBeforeWelcome,
     #[error("the control plane closed the stream")]
     Closed,
@@ -90,7 +90,8 @@ pub struct Dialer {
     pub keepalive: Duration,
     pub max_backoff: Duration,
     pub outbox: Arc<Outbox>,
-    pub desired: mpsc::Sender<DesiredState>,
+    /// Desired states and cancellations, for the deployer.
+    pub desired: mpsc::Sender<Inbound>,
     pub activity: Arc<Activity>,
     pub paths: SystemPaths,
     pub nix: Nix,
@@ -189,7 +190,11 @@ impl Dialer {
                     return Ok((tx, inbound, welcome));
                 }
                 Some(ControlMessage {
-                    kind: Some(control_message::Kind::DesiredState(_)),
+                    kind:
+                        Some(
+                            control_message::Kind::DesiredState(_)
+                            | control_message::Kind::Cancel(_),
+                        ),
                 }) => {
                     return Err(SessionError::DesiredBeforeWelcome);
                 }
@@ -233,8 +238,14 @@ impl Dialer {
                 received = inbound.message() => match received {
                     Ok(Some(ControlMessage { kind: Some(control_message::Kind::DesiredState(state)) })) => {
                         tracing::info!(deployment = %crate::desired::clip(&state.deployment_id, 64), "desired state received");
-                        if self.desired.send(state).await.is_err() {
+                        if self.desired.send(state.into()).await.is_err() {
                             // The deployer stopped: the agent is shutting down.
+                            return SessionError::Closed;
+                        }
+                    }
+                    Ok(Some(ControlMessage { kind: Some(control_message::Kind::Cancel(cancel)) })) => {
+                        tracing::info!(deployment = %crate::desired::clip(&cancel.deployment_id, 64), "cancellation received");
+                        if self.desired.send(cancel.into()).await.is_err() {
                             return SessionError::Closed;
                         }
                     }

@@ -5,16 +5,17 @@
 use std::sync::{Arc, Mutex};
 
 use futures::future::OptionFuture;
-use procurator_proto::v1::{DesiredState, MachineState};
+use procurator_proto::v1::{Cancel, DesiredState, MachineState};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::activation::{Activator, ProgressSink};
-use crate::desired::{Desired, clip};
+use crate::desired::{Desired, Inbound, clip};
 use crate::outbox::Outbox;
 use crate::outcome::{Failure, Outcome};
+use crate::reboot::reboot_after_report;
 
 /// What the agent is working on, for `Hello` and for logs.
 #[derive(Debug, Default)]
@@ -55,6 +56,8 @@ fn key_of(desired: &Desired) -> Key {
 
 struct Running {
     key: Key,
+    /// Reboot after committing if the new closure needs it.
+    allow_reboot: bool,
     task: JoinHandle<Outcome>,
 }
 
@@ -68,7 +71,7 @@ impl Deployer {
     /// Serves `inbox` until it closes or `cancel` fires; a running activation
     /// is always awaited (its journal would make a restart finish it anyway,
     /// but finishing is quicker than undoing).
-    pub async fn run(self, mut inbox: mpsc::Receiver<DesiredState>, cancel: CancellationToken) {
+    pub async fn run(self, mut inbox: mpsc::Receiver<Inbound>, cancel: CancellationToken) {
         let mut running: Option<Running> = None;
         let mut pending: Option<Desired> = None;
         let mut open = true;
@@ -80,13 +83,14 @@ impl Deployer {
             tokio::select! {
                 _ = cancel.cancelled(), if !stopping => {}
                 message = inbox.recv(), if !stopping => match message {
-                    Some(state) => self.accept(state, &mut running, &mut pending),
+                    Some(Inbound::Desired(state)) => self.accept(state, &mut running, &mut pending),
+                    Some(Inbound::Cancel(cancelled)) => self.cancel(&cancelled, running.as_ref(), &mut pending),
                     None => open = false,
                 },
                 Some(joined) = OptionFuture::from(running.as_mut().map(|r| &mut r.task)) => {
                     let Some(done) = running.take() else { continue };
                     let outcome = joined.unwrap_or_else(|e| {
-                        let (deployment_id, closure) = done.key;
+                        let (deployment_id, closure) = done.key.clone();
                         Outcome::failed(
                             &deployment_id,
                             &closure,
@@ -95,6 +99,14 @@ impl Deployer {
                             String::new(),
                         )
                     });
+                    let reboot = outcome.state == MachineState::Succeeded
+                        && outcome.reboot_required
+                        && done.allow_reboot;
+                    if reboot && self.activator.settings.can_reboot {
+                        tokio::spawn(reboot_after_report(self.outbox.clone(), outcome.clone()));
+                    } else if reboot {
+                        tracing::warn!("the new closure needs a reboot, but systemd is not PID 1 here; not rebooting");
+                    }
                     self.outbox.record(outcome);
                     write(&self.activity.active, None);
                     write(&self.activity.queued, None);
@@ -151,8 +163,35 @@ impl Deployer {
         *running = Some(self.start(desired));
     }
 
+    /// Drops the queued desired state of a cancelled deployment. One that
+    /// already started runs on: the control plane refuses its confirmation,
+    /// which rolls it back.
+    fn cancel(&self, cancelled: &Cancel, running: Option<&Running>, pending: &mut Option<Desired>) {
+        let id = cancelled.deployment_id.as_str();
+        if let Some(dropped) = pending.take_if(|p| p.deployment_id.as_str() == id) {
+            tracing::info!(deployment = %dropped.deployment_id, "cancelled before it started");
+            write(&self.activity.queued, None);
+            let reason = if cancelled.reason.trim().is_empty() {
+                "cancelled before it started".to_owned()
+            } else {
+                clip(&cancelled.reason, 1024)
+            };
+            self.outbox.record(Outcome::cancelled(
+                dropped.deployment_id.as_str(),
+                dropped.closure.as_str(),
+                reason,
+                self.activator.paths.current_system().unwrap_or_default(),
+            ));
+        } else if running.is_some_and(|r| r.key.0 == id) {
+            tracing::info!(deployment = %clip(id, 64), "cancelled while running; it finishes or rolls back");
+        } else {
+            tracing::debug!(deployment = %clip(id, 64), "cancellation of a deployment not held here");
+        }
+    }
+
     fn start(&self, desired: Desired) -> Running {
         let key = key_of(&desired);
+        let allow_reboot = desired.allow_reboot;
         write(&self.activity.active, Some(key.0.clone()));
         let activator = self.activator.clone();
         let outbox = self.outbox.clone();
@@ -167,7 +206,11 @@ impl Deployer {
             }
             .instrument(span),
         );
-        Running { key, task }
+        Running {
+            key,
+            allow_reboot,
+            task,
+        }
     }
 }
 

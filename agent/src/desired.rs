@@ -5,7 +5,7 @@ use std::time::Duration;
 use procurator_core::names::NameError;
 use procurator_core::store_path::StorePathError;
 use procurator_core::{DeploymentId, StorePath};
-use procurator_proto::v1::DesiredState;
+use procurator_proto::v1::{Cancel, DesiredState};
 
 use crate::health::Check;
 
@@ -36,6 +36,27 @@ pub struct Desired {
     pub auto_rollback: bool,
     /// Zero: no connectivity confirmation.
     pub confirm_timeout: Duration,
+    /// Reboot after committing when the new closure needs it.
+    pub allow_reboot: bool,
+}
+
+/// What the stream hands the deployer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    Desired(DesiredState),
+    Cancel(Cancel),
+}
+
+impl From<DesiredState> for Inbound {
+    fn from(state: DesiredState) -> Self {
+        Inbound::Desired(state)
+    }
+}
+
+impl From<Cancel> for Inbound {
+    fn from(cancel: Cancel) -> Self {
+        Inbound::Cancel(cancel)
+    }
 }
 
 impl Desired {
@@ -66,6 +87,7 @@ impl Desired {
             health_checks: state.health_checks.iter().map(Check::from_proto).collect(),
             auto_rollback: state.auto_rollback,
             confirm_timeout: Duration::from_secs(u64::from(state.confirm_timeout_secs)),
+            allow_reboot: state.allow_reboot,
         })
     }
 }
@@ -112,6 +134,7 @@ mod tests {
             }],
             auto_rollback: true,
             confirm_timeout_secs: 30,
+            allow_reboot: false,
         }
     }
 

@@ -13,8 +13,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Retries never come faster than this, whatever the blueprint says.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One check as the agent runs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One check as the agent runs it (and as the journal keeps it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Check {
     pub command: String,
     /// From the first attempt's start to the end of the last one.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use procurator_proto::v1::MachineState;
 use serde::{Deserialize, Serialize};
 
+use crate::health::Check;
 use crate::outcome::Failure;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,8 @@ pub enum JournalError {
 }
 
 /// The phase a deployment entered last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// In the order a deployment goes through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     Copying,
@@ -75,6 +77,45 @@ pub struct Entry {
     /// Why a rollback started (set with [`Phase::RollingBack`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// What a restart needs to run the deployment's steps again.
+    #[serde(default)]
+    pub plan: Plan,
+    /// The `switch-to-configuration` running outside the agent, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Launched>,
+}
+
+/// The parts of the desired state a resumed deployment needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default)]
+    pub substituters: Vec<String>,
+    #[serde(default)]
+    pub health_checks: Vec<Check>,
+    #[serde(default)]
+    pub confirm_timeout_secs: u64,
+    #[serde(default)]
+    pub allow_reboot: bool,
+}
+
+/// One `switch-to-configuration` started through `run-detached`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launched {
+    /// Counts the deployment's launches; names the files and the unit.
+    pub n: u32,
+    /// Appears, atomically, when the activation is over.
+    pub status_file: PathBuf,
+    pub output_file: PathBuf,
+    /// The transient systemd unit, where systemd runs the activation.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// The detached runner's process id (its session and process group).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The command, for messages: `…/bin/switch-to-configuration test`.
+    pub command: String,
 }
 
 /// `STATE_DIR/journal.json`.
@@ -88,6 +129,11 @@ impl Journal {
         Self {
             path: state_dir.join("journal.json"),
         }
+    }
+
+    /// The state directory the journal lives in.
+    pub fn state_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     #[cfg(test)]
@@ -177,6 +223,8 @@ mod tests {
             phase,
             auto_rollback: true,
             failure: None,
+            plan: Plan::default(),
+            activation: None,
         }
     }
 

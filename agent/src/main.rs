@@ -11,10 +11,12 @@ mod confirm;
 mod connection;
 mod deployer;
 mod desired;
+mod detached;
 mod health;
 mod journal;
 mod outbox;
 mod outcome;
+mod reboot;
 mod system;
 #[cfg(test)]
 mod testing;
@@ -25,12 +27,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use procurator_core::nix::Nix;
+use procurator_proto::v1::MachineState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::activation::{Activator, ProgressSink, Settings};
+use crate::activation::{Activator, Detached, Launcher, ProgressSink, Settings};
 use crate::config::{Cli, Config};
-use crate::confirm::HealthConfirmer;
+use crate::confirm::GrpcConfirmer;
 use crate::connection::Dialer;
 use crate::deployer::{Activity, Deployer};
 use crate::journal::Journal;
@@ -41,6 +44,12 @@ use crate::system::SystemPaths;
 const INBOX_CAPACITY: usize = 16;
 
 fn main() -> ExitCode {
+    // The hidden activation runner: no configuration, no runtime, no logging
+    // setup; it must work whatever state the agent's configuration is in.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|first| first == detached::MODE) {
+        return detached::main(argv);
+    }
     let cli = Cli::parse();
     procurator_core::telemetry::init(cli.log_format, "info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -88,6 +97,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let nix = Nix::new();
     let paths = SystemPaths::new(config.system_profile.clone());
     let outbox = Arc::new(Outbox::load(&config.state_dir));
+    // systemd as PID 1 runs activations in transient units and can reboot.
+    let systemd = std::path::Path::new("/run/systemd/system").exists();
     let activity = Arc::new(Activity::default());
     let activator = Arc::new(Activator {
         nix: nix.clone(),
@@ -95,8 +106,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         substituters: config.substituters.clone(),
         trusted_keys: config.trusted_public_keys.clone(),
         journal: Journal::new(&config.state_dir),
-        settings: Settings::default(),
-        confirmer: Some(Arc::new(HealthConfirmer {
+        settings: Settings {
+            can_reboot: systemd,
+            launcher: Launcher::Detached(Detached {
+                exe: std::env::current_exe()
+                    .context("cannot find the agent's own executable to run activations")?,
+                systemd,
+                dir: config.state_dir.join("activations"),
+            }),
+            ..Settings::default()
+        },
+        confirmer: Some(Arc::new(GrpcConfirmer {
             url: config.control_plane.clone(),
             tls: config.tls.clone(),
             keepalive: config.keepalive,
@@ -114,9 +134,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let outbox = outbox.clone();
         move |progress| outbox.progress(progress)
     });
+    let allow_reboot = activator
+        .journal
+        .read()
+        .ok()
+        .flatten()
+        .is_some_and(|entry| entry.plan.allow_reboot);
     if let Some(outcome) = activator.recover(&sink).await {
         tracing::info!(deployment = %outcome.deployment_id, state = %outcome.state, "recovered");
-        outbox.record(outcome);
+        let reboot = outcome.state == MachineState::Succeeded
+            && outcome.reboot_required
+            && allow_reboot
+            && systemd;
+        outbox.record(outcome.clone());
+        if reboot {
+            tokio::spawn(reboot::reboot_after_report(outbox.clone(), outcome));
+        }
     }
 
     let (desired_tx, desired_rx) = tokio::sync::mpsc::channel(INBOX_CAPACITY);

@@ -154,6 +154,15 @@ impl Outbox {
         }
     }
 
+    /// Whether the result for `outcome`'s (deployment, closure) was written
+    /// to a stream.
+    pub fn is_delivered(&self, outcome: &Outcome) -> bool {
+        self.lock()
+            .results
+            .iter()
+            .any(|s| same(&s.outcome, &outcome.deployment_id, &outcome.closure) && s.delivered)
+    }
+
     /// `outcome` was written to a stream.
     pub fn delivered(&self, outcome: &Outcome) {
         let mut state = self.lock();

@@ -40,6 +40,13 @@ pub struct Outcome {
     pub output_tail: String,
     /// `readlink -f /run/current-system` when it was over.
     pub current_system: String,
+    /// The new closure's kernel, initrd or kernel modules differ from the
+    /// booted system's (only on SUCCEEDED).
+    #[serde(default)]
+    pub reboot_required: bool,
+    /// What differs, e.g. "kernel, initrd".
+    #[serde(default)]
+    pub reboot_reason: String,
 }
 
 impl Outcome {
@@ -57,6 +64,28 @@ impl Outcome {
             reason: String::new(),
             output_tail: String::new(),
             current_system,
+            reboot_required: false,
+            reboot_reason: String::new(),
+        }
+    }
+
+    /// A desired state dropped before it started.
+    pub fn cancelled(
+        deployment_id: &str,
+        closure: &str,
+        reason: String,
+        current_system: String,
+    ) -> Self {
+        Self {
+            deployment_id: deployment_id.to_owned(),
+            closure: closure.to_owned(),
+            state: MachineState::Cancelled,
+            failed_phase: MachineState::Unspecified,
+            reason,
+            output_tail: String::new(),
+            current_system,
+            reboot_required: false,
+            reboot_reason: String::new(),
         }
     }
 
@@ -75,6 +104,8 @@ impl Outcome {
             reason: failure.reason,
             output_tail: failure.tail,
             current_system,
+            reboot_required: false,
+            reboot_reason: String::new(),
         }
     }
 
@@ -86,6 +117,8 @@ impl Outcome {
             reason: self.reason.clone(),
             output_tail: self.output_tail.clone(),
             current_system: self.current_system.clone(),
+            reboot_required: self.reboot_required,
+            reboot_reason: self.reboot_reason.clone(),
         }
     }
 }

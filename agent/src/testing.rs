@@ -25,6 +25,9 @@ sandbox-paths = /bin/sh=/bin/busybox
 pub struct Behaviour {
     pub fail_test: bool,
     pub fail_boot: bool,
+    /// `kernel`, `initrd` and `kernel-modules` link into a kernel package
+    /// built from this content (the same content: the same store path).
+    pub kernel: Option<&'static str>,
 }
 
 pub struct Host {
@@ -88,9 +91,23 @@ impl Host {
         } else {
             String::new()
         };
+        let (kernel_let, kernel_links) = match behaviour.kernel {
+            Some(content) => (
+                format!(
+                    r#"let kernel = builtins.derivation {{
+  name = "linux-{content}";
+  system = "x86_64-linux";
+  builder = "/bin/sh";
+  args = [ "-c" "mkdir -p $out/lib/modules; echo {content} > $out/bzImage; echo {content} > $out/initrd" ];
+}}; in "#
+                ),
+                "ln -s ${kernel}/bzImage $out/kernel; ln -s ${kernel}/initrd $out/initrd; ln -s ${kernel}/lib $out/kernel-modules",
+            ),
+            None => (String::new(), ""),
+        };
         // `$out` is expanded while building, `\$1` when the script runs.
         let expr = format!(
-            r#"builtins.derivation {{
+            r#"{kernel_let}builtins.derivation {{
   name = "nixos-system-{tag}";
   system = "x86_64-linux";
   builder = "/bin/sh";
@@ -108,6 +125,7 @@ impl Host {
     EOF
     chmod +x $out/bin/switch-to-configuration
     echo {tag} > $out/nixos-version
+    {kernel_links}
   '' ];
 }}"#
         );

@@ -1,13 +1,17 @@
-//! `AgentService.Connect`: the one long-lived stream each agent dials in on.
+//! `AgentService.Connect`: the one long-lived stream each agent dials in on;
+//! `AgentService.Confirm`: the connectivity proof over a new connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use procurator_core::tls::require_role;
-use procurator_core::{DeploymentId, MIN_PROTOCOL_VERSION, MachineName, PROTOCOL_VERSION, Role};
+use procurator_core::{
+    DeploymentId, MIN_PROTOCOL_VERSION, MachineName, PROTOCOL_VERSION, Role, StorePath,
+};
 use procurator_proto::v1::agent_service_server::AgentService;
 use procurator_proto::v1::{
-    AgentMessage, ControlMessage, Hello, MachineState, Welcome, agent_message, control_message,
+    AgentMessage, ConfirmRequest, ConfirmResponse, ControlMessage, Hello, MachineState, Welcome,
+    agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,8 +21,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::connections::{Conn, Connections, dispatch_to};
+use crate::dispatcher::Dispatcher;
 use crate::rollout;
-use crate::store::{ResultOutcome, Store, StoreError};
+use crate::store::{Confirmation, ResultOutcome, Store, StoreError};
 
 /// Frames queued towards one agent before the sender waits.
 const OUTBOUND_CAPACITY: usize = 16;
@@ -60,9 +65,35 @@ impl From<ConnectError> for Status {
     }
 }
 
+/// Why `Confirm` was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfirmError {
+    #[error("{0}")]
+    InvalidId(#[from] procurator_core::names::NameError),
+    #[error("{0}")]
+    InvalidClosure(#[from] procurator_core::store_path::StorePathError),
+    #[error("this machine has no deployment {0} with that closure")]
+    NotFound(DeploymentId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ConfirmError> for Status {
+    fn from(e: ConfirmError) -> Self {
+        match e {
+            ConfirmError::InvalidId(_) | ConfirmError::InvalidClosure(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            ConfirmError::NotFound(_) => Status::not_found(e.to_string()),
+            ConfirmError::Store(e) => e.into(),
+        }
+    }
+}
+
 pub struct AgentSvc {
     pub store: Store,
     pub connections: Arc<Connections>,
+    pub dispatcher: Dispatcher,
     pub hello_timeout: Duration,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -120,6 +151,7 @@ impl AgentService for AgentSvc {
         let stream = AgentStream {
             store: self.store.clone(),
             connections: self.connections.clone(),
+            dispatcher: self.dispatcher.clone(),
             shutdown: self.shutdown.clone(),
             machine: machine.clone(),
             conn,
@@ -127,6 +159,43 @@ impl AgentService for AgentSvc {
         let span = tracing::info_span!("agent", machine = %machine, generation);
         self.tasks.spawn(stream.run(inbound).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    /// Status codes: see `agent.proto`.
+    async fn confirm(
+        &self,
+        request: Request<ConfirmRequest>,
+    ) -> Result<Response<ConfirmResponse>, Status> {
+        let machine = require_role(&request, &[Role::Agent])?.name;
+        let ConfirmRequest {
+            deployment_id,
+            closure,
+        } = request.into_inner();
+        let id = DeploymentId::parse(&deployment_id).map_err(ConfirmError::from)?;
+        let closure = StorePath::parse(&closure).map_err(ConfirmError::from)?;
+        let answer = self
+            .store
+            .confirm(machine.clone(), id.clone(), closure.to_string())
+            .await
+            .map_err(ConfirmError::from)?;
+        let response = match answer {
+            Confirmation::NotFound => return Err(ConfirmError::NotFound(id).into()),
+            Confirmation::Refused(reason) => {
+                tracing::info!(machine = %machine, deployment = %id, %reason, "confirmation refused");
+                ConfirmResponse {
+                    confirmed: false,
+                    reason,
+                }
+            }
+            Confirmation::Confirmed => {
+                tracing::info!(machine = %machine, deployment = %id, "confirmed");
+                ConfirmResponse {
+                    confirmed: true,
+                    reason: String::new(),
+                }
+            }
+        };
+        Ok(Response::new(response))
     }
 }
 
@@ -159,6 +228,7 @@ impl AgentSvc {
 struct AgentStream {
     store: Store,
     connections: Arc<Connections>,
+    dispatcher: Dispatcher,
     shutdown: CancellationToken,
     machine: MachineName,
     conn: Conn,
@@ -191,8 +261,14 @@ impl AgentStream {
     /// Read frames until the agent hangs up (`Ok`) or the stream must end
     /// with a status.
     async fn serve(&self, inbound: &mut Streaming<AgentMessage>) -> Result<(), ConnectError> {
+        // A machine given up as unreachable converges after all.
+        if self.store.reopen_unreachable(self.machine.clone()).await? {
+            tracing::info!("re-opened the machine's unreachable row");
+        }
         // A machine that reconnects gets its desired state again.
         dispatch_to(&self.store, &self.conn, &self.machine).await?;
+        // Its pending rows may be sendable now that it is connected.
+        self.dispatcher.kick().await?;
         loop {
             let frame = tokio::select! {
                 () = self.conn.closing.cancelled() => {
@@ -260,8 +336,10 @@ impl AgentStream {
                         tracing::debug!(deployment = %id, %state, "result for a row that is already final");
                     }
                 }
-                // A newer deployment may be waiting for this machine.
+                // A newer deployment may be waiting for this machine, the
+                // next wave may start or the rollout may halt.
                 dispatch_to(&self.store, &self.conn, &self.machine).await?;
+                self.dispatcher.kick().await?;
             }
             Some(agent_message::Kind::Heartbeat(beat)) => {
                 self.store

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use procurator_core::MachineName;
-use procurator_proto::v1::{ControlMessage, control_message};
+use procurator_proto::v1::{Cancel, ControlMessage, control_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Outbound as ToSend, Store, StoreError};
 
 /// The sending half of an agent's response stream.
 pub type Outbound = mpsc::Sender<Result<ControlMessage, tonic::Status>>;
@@ -104,8 +104,8 @@ pub async fn dispatch(
     }
 }
 
-/// Send the machine's current desired state over `conn`. Sending it again is
-/// harmless: the agent dedupes by deployment id.
+/// Send the machine's current desired state (or the cancel of it) over
+/// `conn`. Sending it again is harmless: the agent dedupes by deployment id.
 pub async fn dispatch_to(
     store: &Store,
     conn: &Conn,
@@ -119,18 +119,31 @@ pub async fn dispatch_to(
         // Do not mark it SENT for a stream that is gone; the next one gets it.
         return Ok(());
     }
-    let Some(desired) = store.take_desired(machine.clone()).await? else {
+    let Some(outbound) = store.take_desired(machine.clone()).await? else {
         return Ok(());
     };
-    tracing::info!(
-        deployment = %desired.deployment_id,
-        machine = %machine,
-        closure = %desired.closure,
-        "sending desired state"
-    );
-    let message = ControlMessage {
-        kind: Some(control_message::Kind::DesiredState(desired)),
+    let kind = match outbound {
+        ToSend::Desired(desired) => {
+            tracing::info!(
+                deployment = %desired.deployment_id,
+                machine = %machine,
+                closure = %desired.closure,
+                "sending desired state"
+            );
+            control_message::Kind::DesiredState(desired)
+        }
+        ToSend::Cancel {
+            deployment_id,
+            reason,
+        } => {
+            tracing::info!(deployment = %deployment_id, machine = %machine, "sending cancel");
+            control_message::Kind::Cancel(Cancel {
+                deployment_id,
+                reason,
+            })
+        }
     };
+    let message = ControlMessage { kind: Some(kind) };
     let sent = tokio::select! {
         () = conn.closing.cancelled() => false,
         sent = conn.tx.send(Ok(message)) => sent.is_ok(),

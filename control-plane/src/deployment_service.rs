@@ -1,25 +1,22 @@
 //! `DeploymentService`: what CI and operators call.
 
-use std::sync::Arc;
-
+use crate::dispatcher::Dispatcher;
+use crate::store::{Cancelled, RolledBack, Store, StoreError, SubmitError, Submitted};
+use crate::watch;
 use procurator_core::artifact::ArtifactError;
 use procurator_core::names::NameError;
 use procurator_core::tls::require_role;
 use procurator_core::{DeploymentArtifact, DeploymentId, Role};
 use procurator_proto::v1::deployment_service_server::DeploymentService;
 use procurator_proto::v1::{
-    Deployment, Event, GetDeploymentRequest, ListAgentsRequest, ListAgentsResponse,
-    ListDeploymentsRequest, ListDeploymentsResponse, SubmitRequest, SubmitResponse, WatchRequest,
+    CancelRequest, Deployment, Event, GetDeploymentRequest, ListAgentsRequest, ListAgentsResponse,
+    ListDeploymentsRequest, ListDeploymentsResponse, RollbackRequest, SubmitRequest,
+    SubmitResponse, WatchRequest,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
-
-use crate::connections::{Connections, dispatch};
-use crate::store::{Store, StoreError};
-use crate::watch;
 
 /// Every DeploymentService RPC is for CI and operators, never agents.
 const ROLES: &[Role] = &[Role::Ci, Role::Operator];
@@ -37,6 +34,12 @@ pub enum ApiError {
     NotFound(DeploymentId),
     #[error("the control plane is shutting down; retry")]
     ShuttingDown,
+    #[error("the artifact is stale: {0}")]
+    Stale(String),
+    #[error("deployment {id} already finished ({state}); there is nothing to cancel")]
+    AlreadyFinished { id: DeploymentId, state: String },
+    #[error("{0}")]
+    NothingToRollBackTo(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -47,16 +50,30 @@ impl From<ApiError> for Status {
             ApiError::InvalidArtifact(_) | ApiError::InvalidId(_) => {
                 Status::invalid_argument(e.to_string())
             }
-            ApiError::NotFound(_) => Status::not_found(e.to_string()),
+            ApiError::NotFound(_) | ApiError::NothingToRollBackTo(_) => {
+                Status::not_found(e.to_string())
+            }
+            ApiError::Stale(_) | ApiError::AlreadyFinished { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
             ApiError::ShuttingDown => Status::unavailable(e.to_string()),
             ApiError::Store(e) => e.into(),
         }
     }
 }
 
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Stale(_) => ApiError::Stale(e.to_string()),
+            SubmitError::Store(e) => ApiError::Store(e),
+        }
+    }
+}
+
 pub struct DeploymentSvc {
     pub store: Store,
-    pub connections: Arc<Connections>,
+    pub dispatcher: Dispatcher,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -70,12 +87,15 @@ impl DeploymentService for DeploymentSvc {
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let caller = require_role(&request, ROLES)?;
-        let json = request.into_inner().artifact_json;
+        let SubmitRequest {
+            artifact_json: json,
+            force,
+        } = request.into_inner();
         let artifact = DeploymentArtifact::from_json(json.as_bytes()).map_err(ApiError::from)?;
         let git_commit = artifact.git_commit.to_string();
         let submitted = self
             .store
-            .submit(artifact, json, caller.name.to_string())
+            .submit(artifact, json, caller.name.to_string(), force)
             .await
             .map_err(ApiError::from)?;
         if submitted.created {
@@ -84,24 +104,10 @@ impl DeploymentService for DeploymentSvc {
                 git_commit,
                 submitted_by = %caller,
                 machines = submitted.machines.len(),
+                force,
                 "deployment submitted"
             );
-            // Committed; now hand each connected machine its new desired
-            // state, one task each so a slow agent delays no other.
-            for machine in &submitted.machines {
-                let machine = machine.clone();
-                let (store, connections) = (self.store.clone(), self.connections.clone());
-                let span =
-                    tracing::info_span!("dispatch", deployment = %submitted.id, machine = %machine);
-                self.tasks.spawn(
-                    async move {
-                        if let Err(e) = dispatch(&store, &connections, &machine).await {
-                            tracing::warn!(error = %e, "could not dispatch; the agent gets it when it reconnects");
-                        }
-                    }
-                    .instrument(span),
-                );
-            }
+            self.started(&submitted).await;
         } else {
             tracing::info!(deployment = %submitted.id, submitted_by = %caller, "artifact submitted again");
         }
@@ -179,5 +185,93 @@ impl DeploymentService for DeploymentSvc {
         require_role(&request, ROLES)?;
         let agents = self.store.list_agents().await.map_err(ApiError::from)?;
         Ok(Response::new(ListAgentsResponse { agents }))
+    }
+
+    /// NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION (already finished),
+    /// PERMISSION_DENIED, UNAUTHENTICATED.
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<Deployment>, Status> {
+        let caller = require_role(&request, ROLES)?;
+        let CancelRequest {
+            deployment_id,
+            reason,
+        } = request.into_inner();
+        let id = DeploymentId::parse(&deployment_id).map_err(ApiError::from)?;
+        let reason = match reason.trim() {
+            "" => format!("cancelled by {}", caller.name),
+            why => format!("cancelled by {}: {why}", caller.name),
+        };
+        match self
+            .store
+            .cancel(id.clone(), reason.clone())
+            .await
+            .map_err(ApiError::from)?
+        {
+            Cancelled::NotFound => return Err(ApiError::NotFound(id).into()),
+            Cancelled::AlreadyFinished(state) => {
+                return Err(ApiError::AlreadyFinished {
+                    id,
+                    state: state.to_string(),
+                }
+                .into());
+            }
+            Cancelled::Done { in_flight } => {
+                tracing::info!(deployment = %id, %reason, in_flight = in_flight.len(), "deployment cancelled");
+                // Committed; the machines in flight are told to drop it.
+                for machine in in_flight {
+                    self.dispatcher.send(machine);
+                }
+            }
+        }
+        match self
+            .store
+            .get_deployment(id.clone())
+            .await
+            .map_err(ApiError::from)?
+        {
+            Some(deployment) => Ok(Response::new(deployment)),
+            None => Err(ApiError::NotFound(id).into()),
+        }
+    }
+
+    /// NOT_FOUND (no such deployment, or nothing to roll back to),
+    /// INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED.
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let caller = require_role(&request, ROLES)?;
+        let to = match request.into_inner().to_deployment_id.as_str() {
+            "" => None,
+            id => Some(DeploymentId::parse(id).map_err(ApiError::from)?),
+        };
+        let submitted = match self
+            .store
+            .rollback(to, caller.name.to_string())
+            .await
+            .map_err(ApiError::from)?
+        {
+            RolledBack::NotFound(why) => return Err(ApiError::NothingToRollBackTo(why).into()),
+            RolledBack::Done(submitted) => submitted,
+        };
+        tracing::info!(deployment = %submitted.id, submitted_by = %caller, "rollback submitted");
+        self.started(&submitted).await;
+        Ok(Response::new(SubmitResponse {
+            deployment_id: submitted.id.to_string(),
+            created: true,
+            revision: submitted.revision,
+        }))
+    }
+}
+
+impl DeploymentSvc {
+    /// A new deployment is committed: schedule its first wave.
+    async fn started(&self, submitted: &Submitted) {
+        if let Err(e) = self.dispatcher.kick().await {
+            // Stored all the same; the next tick or connect schedules it.
+            tracing::warn!(deployment = %submitted.id, error = %e, "could not schedule the deployment yet");
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod agent_service;
 mod connections;
 mod deployment_service;
+mod dispatcher;
 mod rollout;
 mod server;
 mod store;

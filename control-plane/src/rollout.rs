@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 
+mod schedule;
+pub use schedule::{Limits, Progress, Row, Step, is_in_flight, schedule};
+
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{DeploymentState, DesiredState, HealthCheck, MachineState};
 
@@ -24,10 +27,9 @@ pub fn desired_state(
             interval_secs: c.interval.get(),
         })
         .collect();
-    let auto_rollback = artifact
-        .blueprint
-        .get(machine)
-        .is_none_or(|spec| spec.deployment.auto_rollback);
+    let spec = artifact.blueprint.get(machine);
+    let auto_rollback = spec.is_none_or(|spec| spec.deployment.auto_rollback);
+    let allow_reboot = spec.is_some_and(|spec| spec.deployment.allow_reboot);
     DesiredState {
         deployment_id: deployment_id.to_owned(),
         closure: closure.to_owned(),
@@ -35,7 +37,8 @@ pub fn desired_state(
         substituters: Vec::new(),
         health_checks,
         auto_rollback,
-        confirm_timeout_secs: 0,
+        confirm_timeout_secs: artifact.rollout().confirm_timeout_secs(),
+        allow_reboot,
     }
 }
 
@@ -62,18 +65,50 @@ pub fn is_result_state(state: MachineState) -> bool {
             | MachineState::Failed
             | MachineState::RolledBack
             | MachineState::RollbackFailed
+            // An agent dropped a cancelled deployment it had not started.
+            | MachineState::Cancelled
     )
 }
 
+/// Why a deployment stopped before every machine ran it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Halted,
+    Cancelled,
+}
+
+impl Stop {
+    pub fn to_sql(stop: Option<Stop>) -> i64 {
+        match stop {
+            None => 0,
+            Some(Stop::Halted) => 1,
+            Some(Stop::Cancelled) => 2,
+        }
+    }
+
+    pub fn from_sql(value: i64) -> Option<Stop> {
+        match value {
+            1 => Some(Stop::Halted),
+            2 => Some(Stop::Cancelled),
+            _ => None,
+        }
+    }
+}
+
 /// How a deployment ended, or `None` while a machine is not final.
-/// Superseded wins (a newer deployment took over), then any failure, then
-/// cancellation; otherwise every machine succeeded or was skipped.
-pub fn outcome(states: &[MachineState]) -> Option<DeploymentState> {
+/// An operator's cancel wins, then a halt (both say why the rollout
+/// stopped), then superseded (a newer deployment took over), then any
+/// failure, then cancellation; otherwise every machine succeeded or was skipped.
+pub fn outcome(states: &[MachineState], stop: Option<Stop>) -> Option<DeploymentState> {
     if !states.iter().all(|s| s.is_final()) {
         return None;
     }
     let any = |f: fn(MachineState) -> bool| states.iter().any(|s| f(*s));
-    Some(if any(|s| s == MachineState::Superseded) {
+    Some(if stop == Some(Stop::Cancelled) {
+        DeploymentState::Cancelled
+    } else if stop == Some(Stop::Halted) {
+        DeploymentState::Halted
+    } else if any(|s| s == MachineState::Superseded) {
         DeploymentState::Superseded
     } else if any(MachineState::is_failure) {
         DeploymentState::Failed
@@ -149,7 +184,8 @@ mod tests {
         assert_eq!(d.closure, closure);
         assert!(!d.auto_rollback);
         assert!(d.substituters.is_empty());
-        assert_eq!(d.confirm_timeout_secs, 0);
+        assert_eq!(d.confirm_timeout_secs, 30);
+        assert!(!d.allow_reboot);
         assert_eq!(
             d.health_checks,
             vec![HealthCheck {
@@ -163,26 +199,34 @@ mod tests {
     #[test]
     fn outcome_needs_every_machine_final() {
         use MachineState::*;
-        assert_eq!(outcome(&[Succeeded, Copying]), None);
+        assert_eq!(outcome(&[Succeeded, Copying], None), None);
         assert_eq!(
-            outcome(&[Succeeded, Skipped]),
+            outcome(&[Succeeded, Skipped], None),
             Some(DeploymentState::Succeeded)
         );
         assert_eq!(
-            outcome(&[Succeeded, RolledBack]),
+            outcome(&[Succeeded, RolledBack], None),
             Some(DeploymentState::Failed)
         );
-        assert_eq!(outcome(&[Unreachable]), Some(DeploymentState::Failed));
+        assert_eq!(outcome(&[Unreachable], None), Some(DeploymentState::Failed));
         assert_eq!(
-            outcome(&[RollbackFailed, Succeeded]),
+            outcome(&[RollbackFailed, Succeeded], None),
             Some(DeploymentState::Failed)
         );
         assert_eq!(
-            outcome(&[Superseded, Failed]),
+            outcome(&[Superseded, Failed], None),
             Some(DeploymentState::Superseded)
         );
         assert_eq!(
-            outcome(&[Cancelled, Succeeded]),
+            outcome(&[Cancelled, Succeeded], None),
+            Some(DeploymentState::Cancelled)
+        );
+        assert_eq!(
+            outcome(&[Cancelled, Failed], Some(Stop::Halted)),
+            Some(DeploymentState::Halted)
+        );
+        assert_eq!(
+            outcome(&[Cancelled, Failed], Some(Stop::Cancelled)),
             Some(DeploymentState::Cancelled)
         );
     }
@@ -203,6 +247,7 @@ mod tests {
         assert!(!is_progress_state(MachineState::Succeeded));
         assert!(is_result_state(MachineState::RolledBack));
         assert!(!is_result_state(MachineState::Superseded));
+        assert!(is_result_state(MachineState::Cancelled));
         assert!(!is_result_state(MachineState::Checking));
     }
 

@@ -22,6 +22,7 @@ use tonic_health::ServingStatus;
 use crate::agent_service::AgentSvc;
 use crate::connections::Connections;
 use crate::deployment_service::DeploymentSvc;
+use crate::dispatcher::Dispatcher;
 use crate::store::{Store, StoreError};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
@@ -105,16 +106,25 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let connections = Arc::new(Connections::default());
-    let agents = AgentSvc {
+    let dispatcher = Dispatcher {
         store: store.clone(),
         connections: connections.clone(),
+        tasks: tasks.clone(),
+    };
+    // Offline machines become unreachable on time, and a restarted control
+    // plane carries on with the rollouts its store holds.
+    tasks.spawn(dispatcher.clone().tick(stop.clone()));
+    let agents = AgentSvc {
+        store: store.clone(),
+        connections,
+        dispatcher: dispatcher.clone(),
         hello_timeout: config.hello_timeout,
         shutdown: stop.clone(),
         tasks: tasks.clone(),
     };
     let deployments = DeploymentSvc {
         store,
-        connections,
+        dispatcher,
         shutdown: stop.clone(),
         tasks: tasks.clone(),
     };

@@ -5,6 +5,12 @@ use procurator_core::DeploymentArtifact;
 /// A valid `deployment.json` for `machines` (name, closure name), each with
 /// one enabled health check.
 pub fn artifact_json(commit: &str, machines: &[(&str, &str)]) -> String {
+    artifact_json_with(commit, machines, "")
+}
+
+/// As [`artifact_json`], with `extra` top-level keys (`"rollout": {…}`, …)
+/// spliced in; an empty `extra` adds nothing.
+pub fn artifact_json_with(commit: &str, machines: &[(&str, &str)], extra: &str) -> String {
     let blueprint: Vec<String> = machines
         .iter()
         .map(|(m, _)| {
@@ -19,11 +25,27 @@ pub fn artifact_json(commit: &str, machines: &[(&str, &str)]) -> String {
         .iter()
         .map(|(m, c)| format!(r#""{m}": "/nix/store/{}-{c}""#, "a".repeat(32)))
         .collect();
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
     format!(
-        r#"{{"gitCommit": "{commit}", "blueprint": {{{}}}, "closures": {{{}}}}}"#,
+        r#"{{"gitCommit": "{commit}", "blueprint": {{{}}}, "closures": {{{}}}{extra}}}"#,
         blueprint.join(","),
         closures.join(",")
     )
+}
+
+pub fn artifact_with(
+    commit: &str,
+    machines: &[(&str, &str)],
+    extra: &str,
+) -> (DeploymentArtifact, String) {
+    let json = artifact_json_with(commit, machines, extra);
+    let parsed = DeploymentArtifact::from_json(json.as_bytes())
+        .unwrap_or_else(|e| panic!("test artifact is invalid: {e}\n{json}"));
+    (parsed, json)
 }
 
 pub fn artifact(commit: &str, machines: &[(&str, &str)]) -> (DeploymentArtifact, String) {

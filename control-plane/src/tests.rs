@@ -158,6 +158,7 @@ async fn ending_status(stream: &mut Streaming<ControlMessage>) -> Code {
 fn submit_request(machines: &[(&str, &str)]) -> SubmitRequest {
     SubmitRequest {
         artifact_json: artifact_json(COMMIT, machines),
+        force: false,
     }
 }
 
@@ -274,6 +275,7 @@ async fn every_rpc_checks_the_role_in_the_certificate() {
     let bad = operator
         .submit(SubmitRequest {
             artifact_json: "{}".into(),
+            force: false,
         })
         .await
         .unwrap_err();
@@ -359,3 +361,5 @@ async fn a_second_connection_replaces_the_first() {
         .agents;
     assert!(agents[0].connected);
 }
+
+mod rollout;

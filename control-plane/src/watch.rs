@@ -212,7 +212,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (parsed, json) = artifact("abcdef0", &[("web-1", "sys")]);
-        let submitted = store.submit(parsed, json, "ci".into()).await.unwrap();
+        let submitted = store
+            .submit(parsed, json, "ci".into(), false)
+            .await
+            .unwrap();
         let id = submitted.id;
         let result = ActivationResult {
             state: MachineState::Succeeded as i32,

@@ -39,6 +39,8 @@ pub enum ArtifactError {
         "blueprint.{0}: machine {0:?} has no closure in closures; build it, or remove it from the blueprint"
     )]
     MachineWithoutClosure(String),
+    #[error("{0}")]
+    Rollout(String),
     #[error("blueprint: the blueprint names no machine; there is nothing to deploy")]
     NoMachines,
 }
@@ -53,6 +55,13 @@ pub struct DeploymentArtifact {
     pub blueprint: BTreeMap<MachineName, MachineSpec>,
     /// The system closure each machine should run.
     pub closures: BTreeMap<MachineName, StorePath>,
+    /// The commit's committer time (Unix seconds), so the control plane can
+    /// refuse an artifact older than the one in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_commit_time: Option<i64>,
+    /// How the deployment moves through the fleet (docs/rollouts.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 /// One machine of the blueprint (`VmSpec` in the workflow notes).
@@ -168,6 +177,10 @@ pub struct DeploymentSpec {
     /// Re-activate the closure that ran before when activation or a check fails.
     #[serde(default = "yes")]
     pub auto_rollback: bool,
+    /// Reboot after committing when the new closure needs it; otherwise the
+    /// agent only reports that a reboot is needed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_reboot: bool,
 }
 
 fn root() -> String {
@@ -328,6 +341,9 @@ impl DeploymentArtifact {
         {
             return Err(ArtifactError::MachineWithoutClosure(m.to_string()));
         }
+        if let Some(rollout) = &self.rollout {
+            rollout.check(&self.blueprint).map_err(ArtifactError::Rollout)?;
+        }
         Ok(())
     }
 
@@ -387,6 +403,21 @@ fn strip_position(message: &str) -> String {
         None => message.to_owned(),
     }
 }
+
+impl DeploymentArtifact {
+    /// The rollout settings, defaults filled in when the key is absent.
+    pub fn rollout(&self) -> Rollout {
+        self.rollout.clone().unwrap_or_default()
+    }
+
+    /// The waves of this deployment, every machine in exactly one.
+    pub fn waves(&self) -> Vec<PlannedWave> {
+        self.rollout().plan(&self.blueprint)
+    }
+}
+
+mod rollout;
+pub use rollout::{PlannedWave, Rollout, WaveSpec};
 
 #[cfg(test)]
 mod tests;

@@ -29,6 +29,11 @@ pub enum Command {
     Submit(command::submit::Args),
     /// Follow a deployment live until it ends.
     Watch(command::watch::Args),
+    /// Stop a running deployment: machines not started end cancelled, those
+    /// in flight roll back.
+    Cancel(command::cancel::Args),
+    /// Deploy an earlier deployment's closures again, as a new deployment.
+    Rollback(command::rollback::Args),
     /// Show the fleet's agents: connected or not, what they run.
     Status(command::status::Args),
     /// List deployments, newest first.
@@ -54,6 +59,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Validate(args) => command::validate::run(args),
         Command::Submit(args) => command::submit::run(conn, args).await,
         Command::Watch(args) => command::watch::run(conn, args).await,
+        Command::Cancel(args) => command::cancel::run(conn, args).await,
+        Command::Rollback(args) => command::rollback::run(conn, args).await,
         Command::Status(args) => command::status::run(conn, args).await,
         Command::Deployments(args) => command::deployments::run(conn, args).await,
         Command::Plan(args) => command::plan::run(args).await,
@@ -212,6 +219,59 @@ mod tests {
         assert!(
             parse(&["artifact", "--flake", "f"]).is_err(),
             "--out is required"
+        );
+    }
+
+    #[test]
+    fn submit_and_ci_take_force() {
+        let cli = parse(&["submit", "d.json", "--force"]).unwrap();
+        let Command::Submit(args) = cli.command else {
+            panic!("not submit")
+        };
+        assert!(args.force);
+        let cli = parse(&["ci", "--flake", "f", "--publish-to", "c", "--force"]).unwrap();
+        let Command::Ci(args) = cli.command else {
+            panic!("not ci")
+        };
+        assert!(args.force);
+    }
+
+    #[test]
+    fn cancel_defaults_to_the_newest_without_a_reason() {
+        let cli = parse(&["cancel"]).unwrap();
+        let Command::Cancel(args) = cli.command else {
+            panic!("not cancel")
+        };
+        assert_eq!(args.deployment, None);
+        assert_eq!(args.reason, None);
+        assert!(!args.wait);
+        let cli = parse(&["cancel", "d-1", "--reason", "bad kernel", "--wait"]).unwrap();
+        let Command::Cancel(args) = cli.command else {
+            panic!("not cancel")
+        };
+        assert_eq!(args.deployment.as_deref(), Some("d-1"));
+        assert_eq!(args.reason.as_deref(), Some("bad kernel"));
+        assert!(args.wait);
+        assert!(parse(&["cancel", "--reason"]).is_err());
+    }
+
+    #[test]
+    fn rollback_takes_an_optional_target() {
+        let cli = parse(&["rollback"]).unwrap();
+        let Command::Rollback(args) = cli.command else {
+            panic!("not rollback")
+        };
+        assert_eq!(args.to, None);
+        let cli = parse(&["rollback", "--to", "d-1", "--wait", "--output", "json"]).unwrap();
+        let Command::Rollback(args) = cli.command else {
+            panic!("not rollback")
+        };
+        assert_eq!(args.to.as_deref(), Some("d-1"));
+        assert!(args.wait);
+        assert_eq!(args.output.output, OutputFormat::Json);
+        assert!(
+            parse(&["rollback", "d-1"]).is_err(),
+            "the target needs --to"
         );
     }
 

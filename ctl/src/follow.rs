@@ -24,12 +24,25 @@ pub async fn follow(
     from_revision: u64,
     renderer: &mut dyn Renderer,
 ) -> anyhow::Result<Outcome> {
+    let view = follow_view(conn, deployment_id, from_revision, renderer).await?;
+    Ok(view.outcome())
+}
+
+/// [`follow`], returning what was learnt, for commands whose success is not
+/// the deployment's (`cancel --wait`).
+pub async fn follow_view(
+    conn: &mut Connection,
+    deployment_id: &str,
+    from_revision: u64,
+    renderer: &mut dyn Renderer,
+) -> anyhow::Result<DeploymentView> {
     let deployment = get_deployment(conn, deployment_id).await?;
     let mut view = DeploymentView::new(deployment_id);
     if from_revision == 0 {
         // The events replay the whole history: start from the machine names
         // alone and let them walk each machine forward.
         view.git_commit.clone_from(&deployment.git_commit);
+        view.rollback_of.clone_from(&deployment.rollback_of);
         for m in &deployment.machines {
             view.machines.entry(m.machine.clone()).or_default();
         }
@@ -82,7 +95,7 @@ pub async fn follow(
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     renderer.finish(&view)?;
-    Ok(view.outcome())
+    Ok(view)
 }
 
 enum StreamEnd {
@@ -157,7 +170,7 @@ fn take(view: &mut DeploymentView, last_revision: &mut u64, ev: &Event) -> bool 
     true
 }
 
-async fn get_deployment(conn: &mut Connection, id: &str) -> anyhow::Result<Deployment> {
+pub async fn get_deployment(conn: &mut Connection, id: &str) -> anyhow::Result<Deployment> {
     let request = GetDeploymentRequest {
         deployment_id: id.to_owned(),
     };

@@ -1,8 +1,8 @@
 //! `procurator-ctl`: the CLI for CI and operators.
 //!
 //! Exit codes (docs/interfaces.md, `failure.rs`): 0 success, 1 an error,
-//! 2 a usage error (clap), 3 a followed deployment ended failed, superseded
-//! or cancelled, 4 evaluation failed, 5 build failed, 6 publish failed,
+//! 2 a usage error (clap), 3 a followed deployment ended failed, halted,
+//! superseded or cancelled, 4 evaluation failed, 5 build failed, 6 publish failed,
 //! 7 submit refused, 8 nothing changed, 130 interrupted.
 
 // A test that cannot set up its input should fail loudly.
@@ -28,7 +28,8 @@ use failure::{EXIT_ERROR, EXIT_INTERRUPTED};
 pub enum Outcome {
     /// Exit 0.
     Success,
-    /// Exit 3: the followed deployment did not succeed.
+    /// Exit 3: the followed deployment did not succeed (for `cancel --wait`:
+    /// did not end cancelled).
     DeploymentFailed,
     /// Exit 8: `ci` found nothing to deploy.
     NothingChanged,

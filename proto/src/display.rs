@@ -75,6 +75,7 @@ impl DeploymentState {
             DeploymentState::Failed => "failed",
             DeploymentState::Superseded => "superseded",
             DeploymentState::Cancelled => "cancelled",
+            DeploymentState::Halted => "halted",
         }
     }
 }

@@ -3,10 +3,12 @@
 //! control plane is still reachable, then move the profile and boot entry —
 //! or re-activate the exact closure that ran before.
 
+mod launch;
 mod recovery;
 mod steps;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -14,9 +16,12 @@ use procurator_core::StorePath;
 use procurator_core::nix::{CopyProgress, Nix};
 use procurator_proto::v1::{self as pb, MachineState, Progress};
 
+pub use self::launch::{Detached, Launcher};
+pub use crate::confirm::Verdict;
 use crate::desired::Desired;
-use crate::journal::{Entry, Journal, Phase};
+use crate::journal::{Entry, Journal, Phase, Plan};
 use crate::outcome::{Failure, Outcome};
+use crate::reboot::reboot_reason;
 use crate::system::{Goal, Profile, SystemPaths};
 
 /// Where progress goes (the outbox in production, a vector in tests).
@@ -25,7 +30,14 @@ pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
 /// Proves the control plane is reachable over a new connection after
 /// activation (the CONFIRMING phase).
 pub trait Confirm: Send + Sync {
-    fn confirm(&self, timeout: Duration) -> BoxFuture<'_, Result<(), String>>;
+    /// Asks the control plane to confirm (deployment, closure), retrying
+    /// until `timeout`.
+    fn confirm<'a>(
+        &'a self,
+        deployment_id: &'a str,
+        closure: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Verdict>;
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +48,10 @@ pub struct Settings {
     pub tail_lines: usize,
     /// Copy progress is sent at most this often (plus a final one).
     pub progress_interval: Duration,
+    /// How `switch-to-configuration` is started.
+    pub launcher: Launcher,
+    /// `systemctl reboot` works here (systemd is PID 1).
+    pub can_reboot: bool,
 }
 
 impl Default for Settings {
@@ -44,6 +60,8 @@ impl Default for Settings {
             switch_timeout: Duration::from_secs(15 * 60),
             tail_lines: procurator_core::nix::TAIL_LINES,
             progress_interval: Duration::from_millis(250),
+            launcher: Launcher::Child,
+            can_reboot: false,
         }
     }
 }
@@ -92,6 +110,13 @@ impl Activator {
             phase: Phase::Copying,
             auto_rollback: desired.auto_rollback,
             failure: None,
+            plan: Plan {
+                substituters: desired.substituters.clone(),
+                health_checks: desired.health_checks.clone(),
+                confirm_timeout_secs: desired.confirm_timeout.as_secs(),
+                allow_reboot: desired.allow_reboot,
+            },
+            activation: None,
         };
         let mut deployment = Deployment {
             activator: self,
@@ -99,22 +124,10 @@ impl Activator {
             closure: desired.closure.clone(),
             previous,
             entry,
+            launches: AtomicU32::new(0),
         };
-        match deployment.forward(desired).await {
-            Ok(()) => deployment.succeed(),
-            Err(Stop {
-                failure,
-                changed: false,
-            }) => deployment.fail(MachineState::Failed, failure),
-            Err(Stop {
-                failure,
-                changed: true,
-            }) if desired.auto_rollback => deployment.roll_back(failure).await,
-            Err(Stop {
-                failure,
-                changed: true,
-            }) => deployment.fail(MachineState::Failed, failure),
-        }
+        let result = deployment.forward(desired, Phase::Copying).await;
+        deployment.finish(result, desired.auto_rollback).await
     }
 }
 
@@ -126,10 +139,13 @@ struct Deployment<'a> {
     closure: StorePath,
     /// The closure to re-activate on failure.
     previous: Option<StorePath>,
+    /// `run-detached` launches so far (names their files).
+    launches: AtomicU32,
 }
 
 impl Deployment<'_> {
-    async fn forward(&mut self, desired: &Desired) -> Result<(), Stop> {
+    /// Runs the steps from `from` on (a restart resumes in the middle).
+    async fn forward(&mut self, desired: &Desired, from: Phase) -> Result<(), Stop> {
         let unchanged = |failure| Stop {
             failure,
             changed: false,
@@ -139,48 +155,37 @@ impl Deployment<'_> {
             changed: true,
         };
 
-        self.enter(Phase::Copying).map_err(unchanged)?;
-        self.copy(&desired.substituters).await.map_err(unchanged)?;
+        if from <= Phase::Copying {
+            self.enter(Phase::Copying).map_err(unchanged)?;
+            self.copy(&desired.substituters).await.map_err(unchanged)?;
+            self.add_gc_root().await;
+        }
         let profile = Profile::new(self.closure.clone())
             .map_err(|e| unchanged(Failure::new(MachineState::Activating, e.to_string(), "")))?;
 
-        self.enter(Phase::Activating).map_err(unchanged)?;
-        self.report(
-            MachineState::Activating,
-            format!("{} test", switch_name(&self.closure)),
-        );
-        self.switch(&profile, Goal::Test, MachineState::Activating)
-            .await
-            .map_err(changed)?;
-        self.expect_running(&self.closure, MachineState::Activating)
-            .map_err(changed)?;
+        if from <= Phase::Activating {
+            self.enter(Phase::Activating).map_err(unchanged)?;
+            self.report(
+                MachineState::Activating,
+                format!("{} test", switch_name(&self.closure)),
+            );
+            self.switch(&profile, Goal::Test, MachineState::Activating)
+                .await
+                .map_err(changed)?;
+            self.expect_running(&self.closure, MachineState::Activating)
+                .map_err(changed)?;
+        }
 
-        if !desired.health_checks.is_empty() {
+        if from <= Phase::Checking && !desired.health_checks.is_empty() {
             self.enter(Phase::Checking).map_err(changed)?;
             self.check(&desired.health_checks).await.map_err(changed)?;
         }
 
-        if !desired.confirm_timeout.is_zero() {
-            match self.activator.confirmer.clone() {
-                Some(confirmer) => {
-                    self.enter(Phase::Confirming).map_err(changed)?;
-                    self.report(
-                        MachineState::Confirming,
-                        "reaching the control plane over a new connection".into(),
-                    );
-                    confirmer.confirm(desired.confirm_timeout).await.map_err(|e| {
-                        changed(Failure::new(
-                            MachineState::Confirming,
-                            format!(
-                                "the control plane was not reachable over a new connection within {}s: {e}",
-                                desired.confirm_timeout.as_secs()
-                            ),
-                            "",
-                        ))
-                    })?;
-                }
-                None => tracing::warn!("no way to confirm connectivity here; skipping CONFIRMING"),
-            }
+        if from <= Phase::Confirming && !desired.confirm_timeout.is_zero() {
+            self.enter(Phase::Confirming).map_err(changed)?;
+            self.confirm(desired.confirm_timeout)
+                .await
+                .map_err(changed)?;
         }
 
         self.enter(Phase::Committing).map_err(changed)?;
@@ -189,6 +194,28 @@ impl Deployment<'_> {
             "moving the system profile and the boot entry".into(),
         );
         self.commit(&profile).await.map_err(changed)
+    }
+
+    /// How the forward steps' result ends the deployment.
+    async fn finish(&mut self, result: Result<(), Stop>, auto_rollback: bool) -> Outcome {
+        match result {
+            Ok(()) => self.succeed(),
+            Err(Stop {
+                failure,
+                changed: false,
+            }) => self.fail(MachineState::Failed, failure),
+            // A confirmation that failed always rolls back: that is its point.
+            Err(Stop {
+                failure,
+                changed: true,
+            }) if auto_rollback || failure.phase == MachineState::Confirming => {
+                self.roll_back(failure).await
+            }
+            Err(Stop {
+                failure,
+                changed: true,
+            }) => self.fail(MachineState::Failed, failure),
+        }
     }
 
     /// Re-activates the exact closure that ran before.
@@ -260,12 +287,18 @@ impl Deployment<'_> {
 
     fn succeed(&mut self) -> Outcome {
         self.done();
-        Outcome::succeeded(
+        let mut outcome = Outcome::succeeded(
             &self.entry.deployment_id,
             &self.entry.closure,
             MachineState::Succeeded,
             self.current_system(),
-        )
+        );
+        let closure = std::path::Path::new(self.closure.as_str());
+        if let Some(reason) = reboot_reason(closure, &self.activator.paths.booted_system) {
+            outcome.reboot_required = true;
+            outcome.reboot_reason = reason;
+        }
+        outcome
     }
 
     fn fail(&mut self, state: MachineState, failure: Failure) -> Outcome {
@@ -284,6 +317,8 @@ impl Deployment<'_> {
         if let Err(e) = self.enter(Phase::Done) {
             tracing::error!(error = %e.reason, "cannot close the journal entry");
         }
+        self.remove_gc_root();
+        self.remove_launch_files();
     }
 
     fn current_system(&self) -> String {
@@ -325,5 +360,9 @@ fn switch_name(closure: &StorePath) -> String {
     format!("{closure}/bin/switch-to-configuration")
 }
 
+#[cfg(test)]
+mod confirm_tests;
+#[cfg(test)]
+mod resume_tests;
 #[cfg(test)]
 mod tests;

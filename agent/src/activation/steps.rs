@@ -1,12 +1,16 @@
 //! The commands one deployment runs, each turned into a [`Failure`] that
 //! says which command failed and how.
 
-use std::time::Instant;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use procurator_core::StorePath;
 use procurator_proto::v1::MachineState;
 
-use super::{Deployment, switch_name};
+use super::launch::Ended;
+use super::{Deployment, Launcher, Verdict, switch_name};
+use crate::detached::RunStatus;
 use crate::health::{Check, run_check};
 use crate::outcome::Failure;
 use crate::system::{Goal, Profile};
@@ -110,26 +114,30 @@ impl Deployment<'_> {
         phase: MachineState,
     ) -> Result<(), Failure> {
         let settings = &self.activator.settings;
-        match profile
-            .activate(goal, settings.switch_timeout, settings.tail_lines)
-            .await
-        {
-            Ok(out) if out.success() => {
-                tracing::debug!(closure = %profile.closure(), goal = goal.as_str(), output = %out.tail, "activated");
-                Ok(())
+        let command = format!("{} {}", switch_name(profile.closure()), goal.as_str());
+        let ended = match &settings.launcher {
+            Launcher::Child => match profile
+                .activate(goal, settings.switch_timeout, settings.tail_lines)
+                .await
+            {
+                Ok(out) => Ended {
+                    status: Ok(RunStatus {
+                        code: out.status.code(),
+                        signal: out.status.signal(),
+                        error: None,
+                    }),
+                    tail: out.tail,
+                },
+                Err(e) => return Err(Failure::new(phase, e.to_string(), e.tail())),
+            },
+            Launcher::Detached(how) => {
+                let program =
+                    Path::new(profile.closure().as_str()).join("bin/switch-to-configuration");
+                self.run_detached(how, &program, &[goal.as_str()], phase)
+                    .await?
             }
-            Ok(out) => Err(Failure::new(
-                phase,
-                format!(
-                    "{} {} failed ({})",
-                    switch_name(profile.closure()),
-                    goal.as_str(),
-                    out.status
-                ),
-                out.tail,
-            )),
-            Err(e) => Err(Failure::new(phase, e.to_string(), e.tail())),
-        }
+        };
+        judge(ended, &command, phase)
     }
 
     /// `nix-env -p <system profile> --set <closure>`.
@@ -171,5 +179,88 @@ impl Deployment<'_> {
             ),
             "",
         ))
+    }
+
+    /// `STATE_DIR/gcroots/deploying`: the closure from the copy until it is
+    /// committed or rolled back.
+    fn gc_root(&self) -> std::path::PathBuf {
+        self.activator.journal.state_dir().join("gcroots/deploying")
+    }
+
+    /// Keeps the copied closure from a garbage collection until the end. A
+    /// failure is only logged: the window it leaves open is small.
+    pub(super) async fn add_gc_root(&self) {
+        let link = self.gc_root();
+        let added = match link.parent().map(std::fs::create_dir_all) {
+            Some(Err(e)) => Err(e.to_string()),
+            _ => self
+                .activator
+                .nix
+                .add_root(&link, &self.closure)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = added {
+            tracing::warn!(error = %e, "cannot register the closure as a GC root");
+        }
+    }
+
+    pub(super) fn remove_gc_root(&self) {
+        match std::fs::remove_file(self.gc_root()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(error = %e, "cannot remove the GC root of the deployment");
+            }
+            _ => {}
+        }
+    }
+
+    /// CONFIRMING: the control plane must confirm over a new connection
+    /// before the profile moves; a refusal or silence rolls back.
+    pub(super) async fn confirm(&self, timeout: Duration) -> Result<(), Failure> {
+        let Some(confirmer) = self.activator.confirmer.clone() else {
+            tracing::warn!("no way to confirm connectivity here; skipping CONFIRMING");
+            return Ok(());
+        };
+        self.report(
+            MachineState::Confirming,
+            "asking the control plane to confirm over a new connection".into(),
+        );
+        let verdict = confirmer
+            .confirm(&self.entry.deployment_id, &self.entry.closure, timeout)
+            .await;
+        match verdict {
+            Verdict::Confirmed => Ok(()),
+            Verdict::Refused(reason) => Err(Failure::new(MachineState::Confirming, reason, "")),
+            Verdict::NoAnswer(last) => {
+                let previous = self
+                    .previous
+                    .as_ref()
+                    .map_or_else(|| "the previous system".to_owned(), ToString::to_string);
+                Err(Failure::new(
+                    MachineState::Confirming,
+                    format!(
+                        "no confirmation from the control plane within {} s over a new connection: the new system may have cut this machine off; rolled back to {previous}",
+                        timeout.as_secs()
+                    ),
+                    format!("last attempt: {last}"),
+                ))
+            }
+        }
+    }
+}
+
+/// A finished `switch-to-configuration` as the phase's result.
+pub(super) fn judge(ended: Ended, command: &str, phase: MachineState) -> Result<(), Failure> {
+    match ended.status {
+        Ok(status) if status.success() => {
+            tracing::debug!(command, output = %ended.tail, "activated");
+            Ok(())
+        }
+        Ok(status) => Err(Failure::new(
+            phase,
+            format!("{command} failed ({})", status.describe()),
+            ended.tail,
+        )),
+        Err(why) => Err(Failure::new(phase, format!("{command}: {why}"), ended.tail)),
     }
 }

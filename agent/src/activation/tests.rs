@@ -24,6 +24,7 @@ fn desired(closure: &StorePath, checks: &[&str], auto_rollback: bool) -> Desired
             .collect(),
         auto_rollback,
         confirm_timeout: Duration::ZERO,
+        allow_reboot: false,
     }
 }
 
@@ -305,12 +306,28 @@ async fn a_restart_during_checks_restores_the_previous_closure() {
             phase: Phase::Checking,
             auto_rollback: false,
             failure: None,
+            plan: Plan {
+                health_checks: vec![Check {
+                    command: "echo still unhealthy; exit 1".into(),
+                    timeout: Duration::from_millis(300),
+                    interval: Duration::from_millis(50),
+                }],
+                ..Plan::default()
+            },
+            activation: None,
         })
         .unwrap();
     let (sink, _) = recorder();
     let outcome = activator.recover(&sink).await.unwrap();
     assert_eq!(outcome.state, MachineState::RolledBack, "{outcome:?}");
-    assert_eq!(outcome.reason, "the agent stopped during checking");
+    // The checks ran again, from the start, and failed again.
+    assert!(
+        outcome
+            .reason
+            .contains("health check `echo still unhealthy; exit 1` did not pass"),
+        "{}",
+        outcome.reason
+    );
     assert_eq!(
         host.resolve("current-system").as_deref(),
         Some(old.as_str())
@@ -334,6 +351,8 @@ async fn a_restart_while_committing_finishes_the_commit() {
         phase: Phase::Committing,
         auto_rollback: true,
         failure: None,
+        plan: Plan::default(),
+        activation: None,
     };
     activator.journal.write(&entry).unwrap();
     let (sink, _) = recorder();

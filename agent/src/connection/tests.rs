@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use procurator_core::Role;
 use procurator_core::pki;
 use procurator_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
-use procurator_proto::v1::{MachineState, Progress};
+use procurator_proto::v1::{ConfirmRequest, ConfirmResponse, DesiredState, MachineState, Progress};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -99,12 +99,22 @@ impl AgentService for Fake {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn confirm(
+        &self,
+        _request: Request<ConfirmRequest>,
+    ) -> Result<Response<ConfirmResponse>, Status> {
+        Ok(Response::new(ConfirmResponse {
+            confirmed: true,
+            reason: String::new(),
+        }))
+    }
 }
 
 struct Harness {
     dir: tempfile::TempDir,
     events: mpsc::UnboundedReceiver<Event>,
-    desired: mpsc::Receiver<DesiredState>,
+    desired: mpsc::Receiver<Inbound>,
     outbox: Arc<Outbox>,
     cancel: CancellationToken,
     dialer: tokio::task::JoinHandle<()>,
@@ -240,7 +250,7 @@ async fn hello_then_results_progress_and_desired_states_flow_and_a_dropped_strea
     let received = tokio::time::timeout(Duration::from_secs(10), h.desired.recv())
         .await
         .unwrap();
-    assert_eq!(received, Some(state));
+    assert_eq!(received, Some(Inbound::Desired(state)));
 
     h.outbox.progress(Progress {
         deployment_id: "d-1".into(),

@@ -14,7 +14,7 @@ struct Harness {
     host: Host,
     outbox: Arc<Outbox>,
     activity: Arc<Activity>,
-    tx: mpsc::Sender<DesiredState>,
+    tx: mpsc::Sender<Inbound>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -57,7 +57,7 @@ impl Harness {
             auto_rollback: true,
             ..DesiredState::default()
         };
-        self.tx.send(state).await.unwrap();
+        self.tx.send(state.into()).await.unwrap();
     }
 
     /// The next result, marked delivered.
@@ -164,7 +164,7 @@ async fn an_invalid_desired_state_is_reported_failed() {
         closure: "/tmp/not-a-store-path".into(),
         ..DesiredState::default()
     };
-    h.tx.send(state).await.unwrap();
+    h.tx.send(state.into()).await.unwrap();
     let outcome = h.result().await;
     assert_eq!(outcome.state, MachineState::Failed);
     assert!(
@@ -174,5 +174,53 @@ async fn an_invalid_desired_state_is_reported_failed() {
         "{}",
         outcome.reason
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_queued_state_is_dropped_and_a_running_one_continues() {
+    let h = Harness::new().await;
+    let a = h.host.system("a", Behaviour::default()).await;
+    h.host.run(&a);
+    let b = h.host.system("b", Behaviour::default()).await;
+    let c = h.host.system("c", Behaviour::default()).await;
+    let release = h.host.path("release");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.02; done", release.display());
+
+    h.send("d-b", &b, &[&wait]).await;
+    eventually("d-b is active", || {
+        h.activity.active_deployment().as_deref() == Some("d-b")
+    })
+    .await;
+    h.send("d-c", &c, &[]).await;
+    eventually("d-c is queued", || {
+        h.activity.queued_deployment().as_deref() == Some("d-c")
+    })
+    .await;
+    for id in ["d-c", "d-b"] {
+        let cancel = Cancel {
+            deployment_id: id.into(),
+            reason: "cancelled by alice".into(),
+        };
+        h.tx.send(cancel.into()).await.unwrap();
+    }
+    let dropped = h.result().await;
+    assert_eq!(
+        (
+            dropped.deployment_id.as_str(),
+            dropped.state,
+            dropped.reason.as_str()
+        ),
+        ("d-c", MachineState::Cancelled, "cancelled by alice")
+    );
+    assert_eq!(dropped.to_proto().state(), MachineState::Cancelled);
+    assert_eq!(h.activity.queued_deployment(), None);
+    std::fs::write(&release, "").unwrap();
+    let running = h.result().await;
+    assert_eq!(
+        (running.deployment_id.as_str(), running.state),
+        ("d-b", MachineState::Succeeded)
+    );
+    assert_eq!(h.host.calls(), ["b test", "b boot"]);
     h.stop().await;
 }

@@ -1,13 +1,12 @@
-//! Deployments and their per-machine rows: submit (with dedupe and
-//! supersede), hand a machine its desired state, finish a deployment once
-//! every machine is final.
+//! Deployments and their per-machine rows: submit (with dedupe, the
+//! stale-commit check and supersede), finish a deployment once every
+//! machine is final.
 
 use std::collections::BTreeSet;
 
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{
-    DeploymentFinished, DeploymentState, DeploymentSubmitted, DesiredState, MachineState,
-    MachineUpdate, event,
+    DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineState, MachineUpdate, event,
 };
 use rusqlite::{OptionalExtension as _, params};
 
@@ -25,60 +24,153 @@ pub struct Submitted {
     pub machines: Vec<MachineName>,
 }
 
+/// Why `submit` refused an artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(
+        "{0}; a stale artifact is refused so CI cannot roll the fleet back by accident; pass --force to deploy it anyway"
+    )]
+    Stale(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A wave as stored with its deployment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct StoredWave {
+    pub name: String,
+    pub machines: Vec<String>,
+}
+
 impl Store {
-    /// Store a validated artifact, or return the deployment that already
-    /// holds the same one. Older deployments' unfinished rows for the same
-    /// machines become SUPERSEDED.
+    /// Store a validated artifact, or return the newest deployment when it
+    /// holds the same one. Refuses a stale commit unless `force`. Older
+    /// deployments' unfinished rows for the same machines become SUPERSEDED.
     pub async fn submit(
         &self,
         artifact: DeploymentArtifact,
         artifact_json: String,
         submitted_by: String,
-    ) -> Result<Submitted, StoreError> {
-        self.write(move |tx| submit(tx, &artifact, &artifact_json, &submitted_by))
-            .await
-    }
-
-    /// The desired state of `machine`: its row in the newest deployment that
-    /// names it, unless that row is final. A PENDING row becomes SENT
-    /// (committed before the caller sends it).
-    pub async fn take_desired(
-        &self,
-        machine: MachineName,
-    ) -> Result<Option<DesiredState>, StoreError> {
-        self.write(move |tx| take_desired(tx, &machine)).await
+        force: bool,
+    ) -> Result<Submitted, SubmitError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut refused = None;
+            let submitted = store.write_blocking(|tx| {
+                if let Some(existing) = same_as_newest(tx, &artifact)? {
+                    return Ok(Some(existing));
+                }
+                if !force && let Some(why) = stale(tx, &artifact)? {
+                    refused = Some(why);
+                    return Ok(None);
+                }
+                insert(tx, &artifact, &artifact_json, &submitted_by, "").map(Some)
+            })?;
+            match (submitted, refused) {
+                (Some(s), _) => Ok(s),
+                (None, why) => Err(SubmitError::Stale(why.unwrap_or_default())),
+            }
+        })
+        .await
+        .map_err(StoreError::from)?
     }
 }
 
-fn submit(
+/// The newest deployment, when it holds this very artifact.
+fn same_as_newest(
+    tx: &Tx<'_>,
+    artifact: &DeploymentArtifact,
+) -> Result<Option<Submitted>, StoreError> {
+    let newest: Option<(String, String, i64)> = tx
+        .sql
+        .query_row(
+            "SELECT id, digest, revision FROM deployments ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    match newest {
+        Some((id, digest, revision)) if digest == artifact.digest() => Ok(Some(Submitted {
+            id: parse_id(&id)?,
+            created: false,
+            revision: from_sql(revision),
+            machines: artifact.closures.keys().cloned().collect(),
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// Why the artifact is older than the deployment in force (the newest one
+/// not cancelled), if it is.
+fn stale(tx: &Tx<'_>, artifact: &DeploymentArtifact) -> Result<Option<String>, StoreError> {
+    let in_force: Option<(i64, String, String, Option<i64>)> = tx
+        .sql
+        .query_row(
+            "SELECT seq, id, git_commit, git_commit_time FROM deployments
+             WHERE state != ?1 AND stopped != ?2 ORDER BY seq DESC LIMIT 1",
+            params![
+                DeploymentState::Cancelled as i32,
+                rollout::Stop::to_sql(Some(rollout::Stop::Cancelled))
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((seq, id, commit, time)) = in_force else {
+        return Ok(None);
+    };
+    let commit_new = artifact.git_commit.as_str();
+    let older: Option<String> = tx
+        .sql
+        .query_row(
+            "SELECT id FROM deployments WHERE git_commit = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT 1",
+            params![commit_new, seq],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(older) = older
+        && commit_new != commit
+    {
+        return Ok(Some(format!(
+            "commit {commit_new} was deployed by {older}, before {id} (commit {commit}) which is in force"
+        )));
+    }
+    if let (Some(new), Some(current)) = (artifact.git_commit_time, time)
+        && new < current
+    {
+        return Ok(Some(format!(
+            "commit {commit_new} (committed at {new}) is older than commit {commit} of {id} in force (committed at {current})"
+        )));
+    }
+    Ok(None)
+}
+
+/// Store a new deployment of `artifact` with its rows, waves and
+/// `DeploymentSubmitted` event, and supersede older rows of its machines.
+pub(super) fn insert(
     tx: &mut Tx<'_>,
     artifact: &DeploymentArtifact,
     artifact_json: &str,
     submitted_by: &str,
+    rollback_of: &str,
 ) -> Result<Submitted, StoreError> {
     let digest = artifact.digest();
     let machines: Vec<MachineName> = artifact.closures.keys().cloned().collect();
-    let existing: Option<(String, i64)> = tx
-        .sql
-        .query_row(
-            "SELECT id, revision FROM deployments WHERE digest = ?1",
-            [&digest],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    if let Some((id, revision)) = existing {
-        return Ok(Submitted {
-            id: parse_id(&id)?,
-            created: false,
-            revision: from_sql(revision),
-            machines,
-        });
-    }
+    let waves = artifact.waves();
+    let stored: Vec<StoredWave> = waves
+        .iter()
+        .map(|w| StoredWave {
+            name: w.name.clone(),
+            machines: w.machines.iter().map(ToString::to_string).collect(),
+        })
+        .collect();
+    let waves_json = serde_json::to_string(&stored)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode the waves: {e}")))?;
 
     let id = fresh_id(tx, &digest)?;
     tx.sql.execute(
-        "INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
+                                  git_commit_time, waves, rollback_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             id.as_str(),
             artifact.git_commit.as_str(),
@@ -86,19 +178,29 @@ fn submit(
             digest,
             DeploymentState::Running as i32,
             tx.now,
-            submitted_by
+            submitted_by,
+            artifact.git_commit_time,
+            waves_json,
+            rollback_of
         ],
     )?;
     for (machine, closure) in &artifact.closures {
+        // Every machine of the blueprint is in a wave; a closure without a
+        // blueprint entry (not accepted by the parser) would go last.
+        let wave = waves
+            .iter()
+            .position(|w| w.machines.contains(machine))
+            .unwrap_or(waves.len());
         tx.sql.execute(
-            "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 id.as_str(),
                 machine.as_str(),
                 closure.as_str(),
                 MachineState::Pending as i32,
-                tx.now
+                tx.now,
+                i64::try_from(wave).unwrap_or(i64::MAX)
             ],
         )?;
     }
@@ -190,49 +292,6 @@ fn supersede_older(
     Ok(())
 }
 
-fn take_desired(
-    tx: &mut Tx<'_>,
-    machine: &MachineName,
-) -> Result<Option<DesiredState>, StoreError> {
-    let newest: Option<(String, String, i32, String)> = tx
-        .sql
-        .query_row(
-            "SELECT m.deployment_id, m.closure, m.state, d.artifact FROM machines m
-             JOIN deployments d ON d.id = m.deployment_id
-             WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
-            [machine.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .optional()?;
-    let Some((id, closure, state, artifact)) = newest else {
-        return Ok(None);
-    };
-    let state = machine_state(state);
-    if state.is_final() {
-        return Ok(None);
-    }
-    let id = parse_id(&id)?;
-    let artifact = DeploymentArtifact::from_json(artifact.as_bytes())
-        .map_err(|e| StoreError::Corrupt(format!("the stored artifact of {id} is invalid: {e}")))?;
-    if state == MachineState::Pending {
-        set_state(tx, &id, machine, MachineState::Sent)?;
-        let update = MachineUpdate {
-            machine: machine.to_string(),
-            state: MachineState::Sent as i32,
-            closure: closure.clone(),
-            message: "sent to the agent".to_owned(),
-            ..Default::default()
-        };
-        tx.emit(id.as_str(), event::Kind::Machine(update))?;
-    }
-    Ok(Some(rollout::desired_state(
-        &artifact,
-        id.as_str(),
-        machine,
-        &closure,
-    )))
-}
-
 /// Finish a running deployment whose machines are all final.
 pub(super) fn finish_if_done(
     tx: &mut Tx<'_>,
@@ -254,7 +313,12 @@ pub(super) fn finish_if_done(
             .map(|s| s.map(machine_state))
             .collect::<Result<_, _>>()?
     };
-    let Some(outcome) = rollout::outcome(&states) else {
+    let stop: i64 =
+        tx.sql
+            .query_row("SELECT stopped FROM deployments WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
+    let Some(outcome) = rollout::outcome(&states, rollout::Stop::from_sql(stop)) else {
         return Ok(None);
     };
     tx.sql.execute(

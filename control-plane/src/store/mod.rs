@@ -8,10 +8,12 @@
 //! commit, so subscribers see revisions in order.
 
 mod agents;
+mod control;
 mod deployments;
 mod events;
 mod queries;
 mod reports;
+mod schedule;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -21,7 +23,10 @@ use procurator_proto::v1::{Event, event};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::broadcast;
 
+pub use control::{Cancelled, Confirmation, RolledBack};
+pub use deployments::{SubmitError, Submitted};
 pub use reports::ResultOutcome;
+pub use schedule::Outbound;
 
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.
@@ -81,12 +86,15 @@ pub struct Store {
 struct Inner {
     conn: Mutex<Connection>,
     events: broadcast::Sender<Event>,
+    /// When this process opened the store (Unix ms).
+    opened_ms: i64,
 }
 
 /// One write transaction and the events it appends.
 pub(crate) struct Tx<'c> {
     sql: rusqlite::Transaction<'c>,
     now: i64,
+    opened_ms: i64,
     events: Vec<Event>,
 }
 
@@ -124,6 +132,7 @@ impl Store {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
                 events,
+                opened_ms: procurator_core::now_ms(),
             }),
         };
         store.write_blocking(agents::disconnect_all)?;
@@ -147,6 +156,7 @@ impl Store {
         let mut tx = Tx {
             sql,
             now: procurator_core::now_ms(),
+            opened_ms: self.inner.opened_ms,
             events: Vec::new(),
         };
         let value = f(&mut tx)?;
@@ -203,3 +213,9 @@ impl Store {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_migration;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_rollout;

@@ -1,14 +1,14 @@
 //! Reading deployments back as the protocol shows them.
 
 use procurator_core::DeploymentId;
-use procurator_proto::v1::{CopyProgress, Deployment, DeploymentState, MachineStatus};
+use procurator_proto::v1::{CopyProgress, Deployment, DeploymentState, MachineStatus, Wave};
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use super::deployments::{from_sql, machine_state};
+use super::deployments::{StoredWave, from_sql, machine_state};
 use super::{Store, StoreError};
 
-const DEPLOYMENT_COLUMNS: &str =
-    "id, git_commit, state, created_ms, finished_ms, submitted_by FROM deployments";
+const DEPLOYMENT_COLUMNS: &str = "id, git_commit, state, created_ms, finished_ms, submitted_by,
+     halted_reason, rollback_of, waves FROM deployments";
 
 impl Store {
     pub async fn get_deployment(&self, id: DeploymentId) -> Result<Option<Deployment>, StoreError> {
@@ -71,13 +71,33 @@ fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
         finished_at_ms: r.get(4)?,
         machines: Vec::new(),
         submitted_by: r.get(5)?,
+        halted_reason: r.get(6)?,
+        rollback_of: r.get(7)?,
+        waves: waves(&r.get::<_, String>(8)?),
     })
+}
+
+/// The stored wave list as the protocol shows it; unreadable: none.
+fn waves(json: &str) -> Vec<Wave> {
+    let stored: Vec<StoredWave> = serde_json::from_str(json).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a deployment's waves cannot be read");
+        Vec::new()
+    });
+    stored
+        .into_iter()
+        .zip(0u32..)
+        .map(|(w, index)| Wave {
+            index,
+            name: w.name,
+            machines: w.machines,
+        })
+        .collect()
 }
 
 fn with_machines(conn: &Connection, mut deployment: Deployment) -> Result<Deployment, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT machine, closure, state, failed_phase, reason, output_tail, bytes_done,
-                bytes_expected, paths_done, paths_expected, updated_ms
+                bytes_expected, paths_done, paths_expected, updated_ms, wave, reboot_required
          FROM machines WHERE deployment_id = ?1 ORDER BY machine",
     )?;
     deployment.machines = stmt
@@ -98,6 +118,8 @@ fn with_machines(conn: &Connection, mut deployment: Deployment) -> Result<Deploy
                 // No copy report yet: leave it out rather than show zeros.
                 copy: (copy != CopyProgress::default()).then_some(copy),
                 updated_at_ms: r.get(10)?,
+                wave: u32::try_from(r.get::<_, i64>(11)?).unwrap_or(u32::MAX),
+                reboot_required: r.get(12)?,
             })
         })?
         .collect::<Result<_, _>>()?;

@@ -96,7 +96,8 @@ impl Store {
                 MachineState::try_from(result.failed_phase).unwrap_or(MachineState::Unspecified);
             tx.sql.execute(
                 "UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
-                     updated_ms = ?7 WHERE deployment_id = ?1 AND machine = ?2",
+                     updated_ms = ?7, reboot_required = ?8
+                 WHERE deployment_id = ?1 AND machine = ?2",
                 params![
                     id,
                     machine.as_str(),
@@ -104,17 +105,27 @@ impl Store {
                     failed_phase as i32,
                     result.reason,
                     result.output_tail,
-                    tx.now
+                    tx.now,
+                    result.reboot_required
                 ],
             )?;
+            let message = if result.reboot_required && !result.reboot_reason.is_empty() {
+                format!(
+                    "{} (reboot required: {})",
+                    result.reason, result.reboot_reason
+                )
+            } else {
+                result.reason
+            };
             let update = MachineUpdate {
                 machine: machine.to_string(),
                 state: state as i32,
                 failed_phase: failed_phase as i32,
                 closure,
-                message: result.reason,
+                message,
                 output_tail: result.output_tail,
                 copy: None,
+                reboot_required: result.reboot_required,
             };
             tx.emit(id, event::Kind::Machine(update))?;
             let finished = finish_if_done(tx, id)?;

@@ -5,24 +5,56 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const VERSION: i64 = 1;
+const VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// The deployments table of version 2. Digests are no longer unique: a
+/// rollback or a forced resubmit stores the same artifact again.
+const DEPLOYMENTS: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
     -- Submission order: 'newest' always means the highest seq.
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    id             TEXT    NOT NULL UNIQUE,
-    git_commit     TEXT    NOT NULL,
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT    NOT NULL UNIQUE,
+    git_commit      TEXT    NOT NULL,
     -- The artifact exactly as submitted.
-    artifact       TEXT    NOT NULL,
-    digest         TEXT    NOT NULL UNIQUE,
-    state          INTEGER NOT NULL,
-    created_ms     INTEGER NOT NULL,
-    finished_ms    INTEGER NOT NULL DEFAULT 0,
-    submitted_by   TEXT    NOT NULL,
+    artifact        TEXT    NOT NULL,
+    digest          TEXT    NOT NULL,
+    state           INTEGER NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    finished_ms     INTEGER NOT NULL DEFAULT 0,
+    submitted_by    TEXT    NOT NULL,
     -- The revision of its DeploymentSubmitted event.
-    revision       INTEGER NOT NULL DEFAULT 0
+    revision        INTEGER NOT NULL DEFAULT 0,
+    -- The committer time of git_commit (Unix seconds), when the artifact had it.
+    git_commit_time INTEGER,
+    -- JSON: [{\"name\": ..., \"machines\": [...]}], as planned at submit.
+    waves           TEXT    NOT NULL DEFAULT '[]',
+    rollback_of     TEXT    NOT NULL DEFAULT '',
+    -- 0 running normally, 1 halted, 2 cancelled (rollout::Stop).
+    stopped         INTEGER NOT NULL DEFAULT 0,
+    halted_reason   TEXT    NOT NULL DEFAULT '',
+    -- The highest wave that has started (NULL: none yet) and when it did.
+    started_wave    INTEGER,
+    wave_started_ms INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS deployments_by_digest ON deployments (digest);
+CREATE INDEX IF NOT EXISTS deployments_by_commit ON deployments (git_commit);
+";
+
+/// Version 1 -> 2: the deployments table is rebuilt (SQLite cannot drop the
+/// UNIQUE on digest in place), the machines table gains columns.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE deployments RENAME TO deployments_v1;
+";
+
+const COPY_V1: &str = "
+INSERT INTO deployments (seq, id, git_commit, artifact, digest, state, created_ms,
+                         finished_ms, submitted_by, revision, started_wave)
+    SELECT seq, id, git_commit, artifact, digest, state, created_ms, finished_ms,
+           submitted_by, revision, 0 FROM deployments_v1;
+DROP TABLE deployments_v1;
+";
+
+const SCHEMA: &str = "
 
 CREATE TABLE IF NOT EXISTS machines (
     deployment_id  TEXT    NOT NULL REFERENCES deployments(id),
@@ -37,6 +69,9 @@ CREATE TABLE IF NOT EXISTS machines (
     paths_done     INTEGER NOT NULL DEFAULT 0,
     paths_expected INTEGER NOT NULL DEFAULT 0,
     updated_ms     INTEGER NOT NULL,
+    -- The index of the machine's wave, fixed at submit.
+    wave           INTEGER NOT NULL DEFAULT 0,
+    reboot_required INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (deployment_id, machine)
 );
 CREATE INDEX IF NOT EXISTS machines_by_machine ON machines (machine);
@@ -85,7 +120,53 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
              run a newer procurator-control-plane"
         )));
     }
+    if version == 1 {
+        migrate_from_1(conn)?;
+    }
+    conn.execute_batch(DEPLOYMENTS)?;
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", VERSION)?;
+    Ok(())
+}
+
+fn migrate_from_1(conn: &Connection) -> Result<(), StoreError> {
+    // The rename must not rewrite the machines' foreign key to the old
+    // table, so foreign keys are off while the table is rebuilt.
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.pragma_update(None, "legacy_alter_table", "ON")?;
+    let migrated = (|| -> Result<(), StoreError> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        conn.execute_batch(MIGRATE_1_TO_2)?;
+        conn.execute_batch(DEPLOYMENTS)?;
+        conn.execute_batch(COPY_V1)?;
+        add_column(conn, "machines", "wave", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(
+            conn,
+            "machines",
+            "reboot_required",
+            "INTEGER NOT NULL DEFAULT 0",
+        )?;
+        conn.pragma_update(None, "user_version", VERSION)?;
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    })();
+    if migrated.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    conn.pragma_update(None, "legacy_alter_table", "OFF")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrated
+}
+
+/// `ALTER TABLE … ADD COLUMN` unless the column exists.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<(), StoreError> {
+    let exists: bool = conn.query_row(
+        &format!("SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1)"),
+        [column],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
     Ok(())
 }

@@ -5,29 +5,56 @@ use procurator_proto::v1::{
     ActivationResult, CopyProgress, DeploymentState, Event, Hello, MachineState, Progress, event,
 };
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use procurator_proto::v1::DesiredState;
+
 use super::deployments::Submitted;
-use super::{ResultOutcome, Store};
+use super::{Outbound, ResultOutcome, Store};
 use crate::test_support::artifact;
 
-const COMMIT_A: &str = "aaaaaaa0000000000000000000000000000000aa";
-const COMMIT_B: &str = "bbbbbbb0000000000000000000000000000000bb";
+pub(super) const COMMIT_A: &str = "aaaaaaa0000000000000000000000000000000aa";
+pub(super) const COMMIT_B: &str = "bbbbbbb0000000000000000000000000000000bb";
 
-fn open() -> (tempfile::TempDir, Store) {
+pub(super) fn open() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     (dir, store)
 }
 
-fn m(name: &str) -> MachineName {
+pub(super) fn m(name: &str) -> MachineName {
     MachineName::parse(name).unwrap()
 }
 
-async fn submit(store: &Store, commit: &str, machines: &[(&str, &str)]) -> Submitted {
+pub(super) async fn submit(store: &Store, commit: &str, machines: &[(&str, &str)]) -> Submitted {
     let (parsed, json) = artifact(commit, machines);
-    store.submit(parsed, json, "ci-bot".into()).await.unwrap()
+    store
+        .submit(parsed, json, "ci-bot".into(), false)
+        .await
+        .unwrap()
 }
 
-async fn result(
+/// Connect `machine`'s agent (a new generation each time) and run the
+/// scheduler; returns who is to be sent a desired state.
+pub(super) async fn connect_and_schedule(store: &Store, machine: &str) -> Vec<MachineName> {
+    static GENERATION: AtomicU64 = AtomicU64::new(1);
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+    store
+        .agent_connected(m(machine), generation, Hello::default())
+        .await
+        .unwrap();
+    store.schedule().await.unwrap()
+}
+
+pub(super) async fn desired(store: &Store, machine: &str) -> Option<DesiredState> {
+    match store.take_desired(m(machine)).await.unwrap() {
+        Some(Outbound::Desired(d)) => Some(d),
+        Some(other) => panic!("not a desired state: {other:?}"),
+        None => None,
+    }
+}
+
+pub(super) async fn result(
     store: &Store,
     machine: &str,
     id: &DeploymentId,
@@ -46,11 +73,11 @@ async fn result(
         .unwrap()
 }
 
-async fn all_events(store: &Store) -> Vec<Event> {
+pub(super) async fn all_events(store: &Store) -> Vec<Event> {
     store.events_after(0, None, usize::MAX).await.unwrap()
 }
 
-async fn machine_state(store: &Store, id: &DeploymentId, machine: &str) -> MachineState {
+pub(super) async fn machine_state(store: &Store, id: &DeploymentId, machine: &str) -> MachineState {
     let d = store.get_deployment(id.clone()).await.unwrap().unwrap();
     let row = d.machines.iter().find(|r| r.machine == machine).unwrap();
     row.state()
@@ -99,7 +126,11 @@ async fn the_same_artifact_twice_is_one_deployment() {
 async fn desired_state_moves_pending_to_sent_once() {
     let (_dir, store) = open();
     let s = submit(&store, COMMIT_A, &[("web-1", "sys-a")]).await;
-    let desired = store.take_desired(m("web-1")).await.unwrap().unwrap();
+    // Not connected: it waits in PENDING.
+    assert!(store.schedule().await.unwrap().is_empty());
+    assert!(desired(&store, "web-1").await.is_none());
+    assert_eq!(connect_and_schedule(&store, "web-1").await, [m("web-1")]);
+    let desired = desired(&store, "web-1").await.unwrap();
     assert_eq!(desired.deployment_id, s.id.as_str());
     assert!(desired.closure.ends_with("-sys-a"));
     assert_eq!(desired.health_checks.len(), 1);
@@ -109,8 +140,16 @@ async fn desired_state_moves_pending_to_sent_once() {
     );
 
     // Sent again on reconnect, without another state change.
+    assert!(connect_and_schedule(&store, "web-1").await.is_empty());
     assert!(store.take_desired(m("web-1")).await.unwrap().is_some());
-    assert_eq!(all_events(&store).await.len(), 2);
+    let events = all_events(&store).await;
+    let sent = events
+        .iter()
+        .filter(
+            |e| matches!(&e.kind, Some(event::Kind::Machine(u)) if u.state() == MachineState::Sent),
+        )
+        .count();
+    assert_eq!(sent, 1, "{events:?}");
     assert!(store.take_desired(m("nobody")).await.unwrap().is_none());
 }
 
@@ -188,7 +227,7 @@ async fn results_finish_the_deployment() {
 async fn a_newer_deployment_supersedes_unfinished_rows() {
     let (_dir, store) = open();
     let old = submit(&store, COMMIT_A, &[("web-1", "sys-a"), ("db-1", "sys-a")]).await;
-    store.take_desired(m("web-1")).await.unwrap();
+    connect_and_schedule(&store, "web-1").await;
     let new = submit(&store, COMMIT_B, &[("web-1", "sys-b")]).await;
     assert!(new.created);
     assert_ne!(old.id, new.id);
@@ -202,7 +241,8 @@ async fn a_newer_deployment_supersedes_unfinished_rows() {
         machine_state(&store, &old.id, "db-1").await,
         MachineState::Pending
     );
-    let desired = store.take_desired(m("web-1")).await.unwrap().unwrap();
+    assert_eq!(store.schedule().await.unwrap(), [m("web-1")]);
+    let desired = desired(&store, "web-1").await.unwrap();
     assert_eq!(desired.deployment_id, new.id.as_str());
     assert!(desired.closure.ends_with("-sys-b"));
 

@@ -372,3 +372,80 @@ fn the_canonical_form_parses_back_to_the_same_artifact() {
     let again = DeploymentArtifact::from_json(a.canonical_json().as_bytes()).unwrap();
     assert_eq!(a, again);
 }
+
+/// Three machines: a control plane and two workers, for wave plans.
+fn fleet_with_rollout(rollout: Value) -> Value {
+    let mut v = minimal();
+    let spec = |role: &str, labels: Value| {
+        json!({
+            "role": role, "cpu": 1, "labels": labels,
+            "memory": { "amount": 1, "unit": "GiB" },
+            "deployment": { "addr": "10.0.0.1", "backend": "nixos" }
+        })
+    };
+    v["blueprint"] = json!({
+        "control-plane-1": spec("control-plane", json!(["control-plane"])),
+        "worker-1": spec("worker", json!(["worker"])),
+        "worker-2": spec("worker", json!(["worker"])),
+    });
+    v["closures"] = json!({
+        "control-plane-1": WORKER_CLOSURE, "worker-1": WORKER_CLOSURE, "worker-2": WORKER_CLOSURE,
+    });
+    v["rollout"] = rollout;
+    v
+}
+
+fn wave_names(a: &DeploymentArtifact) -> Vec<(String, Vec<String>)> {
+    a.waves()
+        .into_iter()
+        .map(|w| (w.name, w.machines.iter().map(|m| m.to_string()).collect()))
+        .collect()
+}
+
+#[test]
+fn without_a_rollout_every_machine_is_in_one_wave_with_defaults() {
+    let a = parse(&minimal()).unwrap();
+    assert_eq!(wave_names(&a), vec![("all".to_owned(), vec!["worker-1".to_owned()])]);
+    let r = a.rollout();
+    assert_eq!((r.max_in_flight, r.failure_budget), (0, 0));
+    assert_eq!(r.confirm_timeout_secs(), rollout::DEFAULT_CONFIRM_TIMEOUT_SECS);
+    assert_eq!(r.unreachable_after_secs(), rollout::DEFAULT_UNREACHABLE_AFTER_SECS);
+    // Absent optional keys stay absent, so old artifacts keep their digest.
+    assert!(!a.canonical_json().contains("rollout"));
+    assert!(!a.canonical_json().contains("allowReboot"));
+}
+
+#[test]
+fn waves_take_machines_in_order_by_role_label_and_count() {
+    let a = parse(&fleet_with_rollout(json!({
+        "maxInFlight": 1,
+        "failureBudget": 1,
+        "waves": [
+            { "name": "control-plane", "roles": ["control-plane"] },
+            { "name": "canary", "labels": ["worker"], "count": 1 },
+            { "name": "nobody", "machines": ["control-plane-1"] }
+        ]
+    })))
+    .unwrap();
+    assert_eq!(
+        wave_names(&a),
+        vec![
+            ("control-plane".to_owned(), vec!["control-plane-1".to_owned()]),
+            ("canary".to_owned(), vec!["worker-1".to_owned()]),
+            ("rest".to_owned(), vec!["worker-2".to_owned()]),
+        ]
+    );
+    assert_eq!(a.rollout().max_in_flight, 1);
+}
+
+#[test]
+fn a_wave_naming_an_unknown_machine_is_refused() {
+    let msg = refused(&fleet_with_rollout(
+        json!({ "waves": [ { "name": "a", "machines": ["worker-9"] } ] }),
+    ));
+    assert!(msg.contains("rollout.waves[0].machines") && msg.contains("worker-9"), "{msg}");
+    let msg = refused(&fleet_with_rollout(json!({ "waves": [ { "name": "a", "count": 0 } ] })));
+    assert!(msg.contains("rollout.waves[0].count"), "{msg}");
+    let msg = refused(&fleet_with_rollout(json!({ "wave": [] })));
+    assert!(msg.contains("unknown field") && msg.contains("rollout"), "{msg}");
+}

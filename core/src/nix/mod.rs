@@ -166,6 +166,30 @@ impl Nix {
             .map(drop)
     }
 
+    /// `nix-store --add-root LINK --indirect --realise PATH`: `path` survives
+    /// garbage collections for as long as `link` exists (removing the link
+    /// is enough to drop the root). `link`'s directory must exist.
+    pub async fn add_root(&self, link: &Path, path: &StorePath) -> Result<(), NixError> {
+        let args = [
+            OsStr::new("--add-root"),
+            link.as_os_str(),
+            OsStr::new("--indirect"),
+            OsStr::new("--realise"),
+            OsStr::new(path.as_str()),
+        ];
+        self.stdout_of(self.command(&self.nix_store(), args))
+            .await
+            .map(drop)
+    }
+
+    /// `nix-store` beside the configured `nix-env`.
+    fn nix_store(&self) -> PathBuf {
+        match self.nix_env.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-store"),
+            _ => "nix-store".into(),
+        }
+    }
+
     /// `nix copy --to DESTINATION PATHS...`, e.g. to publish to a cache
     /// (`file:///dir?secret-key=/path/sk` signs while copying).
     pub async fn copy_to(&self, destination: &str, paths: &[StorePath]) -> Result<(), NixError> {

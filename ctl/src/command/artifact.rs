@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build};
+use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build, rollout};
 use crate::{Outcome, output};
 
 #[derive(Debug, clap::Args)]
@@ -18,18 +18,34 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 
-    /// The commit the flake was built from (default: `git -C PATH rev-parse HEAD`).
+    /// The commit the flake was built from (default: `git -C PATH rev-parse
+    /// HEAD`, with its committer time as gitCommitTime).
     #[arg(long, value_name = "SHA")]
     pub git_commit: Option<String>,
+
+    /// The committer time of --git-commit (Unix seconds), written as
+    /// gitCommitTime so the control plane can refuse older commits.
+    #[arg(long, value_name = "SECS", requires = "git_commit")]
+    pub git_commit_time: Option<i64>,
+
+    /// A JSON file holding the artifact's `rollout` object (waves, failure
+    /// budget, …; docs/rollouts.md).
+    #[arg(long, value_name = "FILE")]
+    pub rollout: Option<PathBuf>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     let flake = Flake::open(&args.flake.flake)?;
     // Before building: a missing commit should not cost a build.
-    let commit = artifact::resolve_commit(flake.dir(), args.git_commit.as_deref())?;
+    let commit = artifact::resolve_commit(
+        flake.dir(),
+        args.git_commit.as_deref(),
+        args.git_commit_time,
+    )?;
+    let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let nix = crate::pipeline::nix();
     let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
-    let (deployment, text) = artifact::render(&commit, &evaluated)?;
+    let (deployment, text) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
     artifact::write_atomically(&args.out, &text)?;
     output::print(&format!(
         "wrote {} ({} machines, commit {})\n",

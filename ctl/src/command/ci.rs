@@ -8,12 +8,13 @@ use anyhow::anyhow;
 use procurator_proto::v1::SubmitRequest;
 use serde_json::{Value, json};
 
+use super::submit::refused;
 use crate::connection::{ConnectionArgs, is_retryable};
 use crate::failure::{self, Stage, StageError};
 use crate::output::{OutputArgs, OutputFormat};
 use crate::pipeline::change::{Plan, load_previous};
 use crate::pipeline::publish::{Destination, Published, publish};
-use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build};
+use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build, rollout};
 use crate::render::{self, PlainRenderer};
 use crate::{Outcome, follow, output};
 
@@ -23,11 +24,11 @@ Exit codes:
   0  deployed (with --wait: and the rollout succeeded)
   1  another error (bad input, no connection to the control plane, …)
   2  usage error
-  3  the rollout failed, was superseded or cancelled (--wait)
+  3  the rollout failed, halted, was superseded or cancelled (--wait)
   4  evaluation failed (nix eval, or an invalid blueprint)
   5  a machine's build failed
   6  publishing to the binary cache failed
-  7  the control plane refused the deployment
+  7  the control plane refused the deployment (a stale commit: see --force)
   8  nothing changed since --previous: nothing published, written or submitted")]
 pub struct Args {
     #[command(flatten)]
@@ -51,13 +52,29 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 
-    /// The commit the flake was built from (default: `git -C PATH rev-parse HEAD`).
+    /// The commit the flake was built from (default: `git -C PATH rev-parse
+    /// HEAD`, with its committer time as gitCommitTime).
     #[arg(long, value_name = "SHA")]
     pub git_commit: Option<String>,
+
+    /// The committer time of --git-commit (Unix seconds), written as
+    /// gitCommitTime so the control plane can refuse older commits.
+    #[arg(long, value_name = "SECS", requires = "git_commit")]
+    pub git_commit_time: Option<i64>,
+
+    /// A JSON file holding the artifact's `rollout` object (waves, failure
+    /// budget, …; docs/rollouts.md).
+    #[arg(long, value_name = "FILE")]
+    pub rollout: Option<PathBuf>,
 
     /// Follow the rollout until it ends; exit 3 if it failed.
     #[arg(long)]
     pub wait: bool,
+
+    /// Submit even if the control plane refuses the commit as stale (see
+    /// `submit --force`).
+    #[arg(long)]
+    pub force: bool,
 
     #[command(flatten)]
     pub output: OutputArgs,
@@ -122,8 +139,13 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     let destination = Destination::parse(&args.publish_to)?;
     let previous = args.previous.as_deref().map(load_previous).transpose()?;
     let flake = Flake::open(&args.flake.flake)?;
-    let commit = artifact::resolve_commit(flake.dir(), args.git_commit.as_deref())?;
-    report.git_commit = Some(commit.to_string());
+    let commit = artifact::resolve_commit(
+        flake.dir(),
+        args.git_commit.as_deref(),
+        args.git_commit_time,
+    )?;
+    report.git_commit = Some(commit.sha.to_string());
+    let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
 
     let nix = crate::pipeline::nix();
     let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
@@ -147,7 +169,10 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
 
     // Checked before publishing: an artifact the control plane would refuse
     // is not worth a cache upload.
-    let (_, artifact_json) = artifact::render(&commit, &evaluated)?;
+    let (deployment, artifact_json) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    if rollout.is_some() {
+        say(args, &rollout::waves_text(&deployment.waves()))?;
+    }
     let closures: Vec<_> = evaluated.closures.values().cloned().collect();
     let published = publish(&nix, &destination, args.signing_key.as_deref(), &closures).await?;
     say(args, &format!("{}\n", published.summary()))?;
@@ -166,7 +191,11 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
         ),
         None => String::new(),
     };
-    let response = match conn.client.submit(SubmitRequest { artifact_json }).await {
+    let request = SubmitRequest {
+        artifact_json,
+        force: args.force,
+    };
+    let response = match conn.client.submit(request).await {
         Ok(response) => response.into_inner(),
         // Unreachable is not a refusal: the same submit may work in a minute.
         Err(status) if is_retryable(&status) => {
@@ -176,7 +205,7 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
             ));
         }
         Err(status) => {
-            let message = conn.error(&status, "submitting the deployment");
+            let message = refused(&conn, &status, args.force);
             return Err(StageError::new(Stage::Submit, format!("{message}{retry}")).into());
         }
     };

@@ -61,6 +61,7 @@ pub fn deployments_table(deployments: &[Deployment]) -> String {
                 d.state().label().to_owned(),
                 format!("{ok}/{failed}/{total}"),
                 format::datetime(d.created_at_ms),
+                note(d),
             ]
         })
         .collect();
@@ -71,9 +72,32 @@ pub fn deployments_table(deployments: &[Deployment]) -> String {
             "STATE",
             "MACHINES(ok/failed/total)",
             "CREATED",
+            "NOTE",
         ],
         &rows,
     )
+}
+
+/// What else a row should say: a rollback's target, why it halted or was
+/// cancelled.
+fn note(d: &Deployment) -> String {
+    let mut parts = Vec::new();
+    if !d.rollback_of.is_empty() {
+        parts.push(format!("rollback of {}", d.rollback_of));
+    }
+    if !d.halted_reason.is_empty() {
+        parts.push(d.halted_reason.clone());
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// An empty string as null: the field does not apply.
+fn non_empty(s: &str) -> Value {
+    if s.is_empty() { Value::Null } else { s.into() }
 }
 
 pub fn deployment_json(d: &Deployment) -> Value {
@@ -91,6 +115,8 @@ pub fn deployment_json(d: &Deployment) -> Value {
                 "outputTail": m.output_tail,
                 "copy": m.copy.as_ref().map(copy_json),
                 "updatedAt": format::rfc3339_or_null(m.updated_at_ms),
+                "wave": m.wave,
+                "rebootRequired": m.reboot_required,
             })
         })
         .collect();
@@ -103,12 +129,19 @@ pub fn deployment_json(d: &Deployment) -> Value {
         "submittedBy": d.submitted_by,
         "counts": { "ok": ok, "failed": failed, "total": total },
         "machines": machines,
+        "haltedReason": non_empty(&d.halted_reason),
+        "rollbackOf": non_empty(&d.rollback_of),
+        "waves": d.waves.iter().map(|w| json!({
+            "index": w.index,
+            "name": w.name,
+            "machines": w.machines,
+        })).collect::<Vec<_>>(),
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use procurator_proto::v1::DeploymentState;
+    use procurator_proto::v1::{DeploymentState, Wave};
 
     use super::*;
 
@@ -136,8 +169,45 @@ mod tests {
     fn the_table_counts_machines() {
         assert_eq!(
             deployments_table(&[deployment()]),
-            "ID   COMMIT        STATE   MACHINES(ok/failed/total)  CREATED\n\
-             d-1  3f2c1a9b8e7d  failed  2/1/3                      2025-06-01 07:15:02\n"
+            "ID   COMMIT        STATE   MACHINES(ok/failed/total)  CREATED              NOTE\n\
+             d-1  3f2c1a9b8e7d  failed  2/1/3                      2025-06-01 07:15:02  -\n"
+        );
+    }
+
+    #[test]
+    fn rollbacks_and_halts_are_noted() {
+        let d = Deployment {
+            state: DeploymentState::Halted as i32,
+            rollback_of: "d-0".into(),
+            halted_reason: "1 machine failed, the failure budget is 0".into(),
+            waves: vec![Wave {
+                index: 0,
+                name: "canary".into(),
+                machines: vec!["a".into()],
+            }],
+            ..deployment()
+        };
+        assert_eq!(
+            note(&d),
+            "rollback of d-0; 1 machine failed, the failure budget is 0"
+        );
+        let v = deployment_json(&d);
+        assert_eq!(v["state"], "halted");
+        assert_eq!(v["rollbackOf"], "d-0");
+        assert_eq!(
+            v["haltedReason"],
+            "1 machine failed, the failure budget is 0"
+        );
+        assert_eq!(
+            v["waves"],
+            json!([{ "index": 0, "name": "canary", "machines": ["a"] }])
+        );
+        assert_eq!(v["machines"][0]["wave"], 0);
+        assert_eq!(v["machines"][0]["rebootRequired"], false);
+        let v = deployment_json(&deployment());
+        assert_eq!(
+            (v["rollbackOf"].clone(), v["haltedReason"].clone()),
+            (Value::Null, Value::Null)
         );
     }
 

@@ -2,12 +2,14 @@
 //! comments) and a `run`.
 
 pub mod artifact;
+pub mod cancel;
 pub mod ci;
 pub mod completions;
 pub mod deployments;
 pub mod pki;
 pub mod plan;
 pub mod publish;
+pub mod rollback;
 pub mod status;
 pub mod submit;
 pub mod validate;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::output::{OutputArgs, OutputFormat};
 use crate::pipeline::change::{Plan, load_previous};
-use crate::pipeline::{Flake, FlakeArgs, evaluate_and_build};
+use crate::pipeline::{Flake, FlakeArgs, evaluate_and_build, rollout};
 use crate::{Outcome, output};
 
 #[derive(Debug, clap::Args)]
@@ -27,6 +27,11 @@ pub struct Args {
     #[arg(long)]
     pub diff: bool,
 
+    /// A JSON file holding the `rollout` object (as for `artifact
+    /// --rollout`): also show the waves the machines would roll out in.
+    #[arg(long, value_name = "FILE")]
+    pub rollout: Option<PathBuf>,
+
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -34,6 +39,7 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     // Read before building: a wrong path should not cost a build.
     let previous = args.previous.as_deref().map(load_previous).transpose()?;
+    let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let flake = Flake::open(&args.flake.flake)?;
     let nix = crate::pipeline::nix();
     let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
@@ -42,9 +48,25 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     if args.diff {
         plan.fill_diffs(&nix).await?;
     }
+    let waves = rollout
+        .as_ref()
+        .map(|r| rollout::plan(r, &evaluated))
+        .transpose()?;
     match args.output.output {
-        OutputFormat::Text => output::print(&format!("{}\n{}\n", plan.table(), plan.verdict()))?,
-        OutputFormat::Json => output::print_json(&plan.json())?,
+        OutputFormat::Text => {
+            let mut text = format!("{}\n{}\n", plan.table(), plan.verdict());
+            if let Some(waves) = &waves {
+                text.push_str(&rollout::waves_text(waves));
+            }
+            output::print(&text)?;
+        }
+        OutputFormat::Json => {
+            let mut json = plan.json();
+            if let Some(waves) = &waves {
+                json["waves"] = rollout::waves_json(waves);
+            }
+            output::print_json(&json)?;
+        }
     }
     Ok(Outcome::Success)
 }

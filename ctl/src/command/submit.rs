@@ -7,11 +7,19 @@ use anyhow::anyhow;
 use procurator_proto::v1::SubmitRequest;
 use serde_json::json;
 
-use crate::connection::ConnectionArgs;
+use tonic::{Code, Status};
+
+use crate::connection::{Connection, ConnectionArgs};
 use crate::output::{OutputArgs, OutputFormat};
 use crate::{Outcome, follow, output, render};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Exit codes:
+  0  submitted (with --wait: and the rollout succeeded)
+  1  an error: invalid file, no connection, or the control plane refused it
+     (a stale commit: see --force)
+  3  the rollout failed, halted, was superseded or cancelled (--wait)")]
 pub struct Args {
     /// The deployment.json CI wrote (gitCommit, blueprint, closures).
     pub file: PathBuf,
@@ -19,6 +27,12 @@ pub struct Args {
     /// Follow the deployment like `watch` until it ends; exit 3 if it failed.
     #[arg(long)]
     pub wait: bool,
+
+    /// Submit even if the control plane refuses the commit as stale (it was
+    /// deployed before, or is older than the deployment in force), e.g. to
+    /// go back on purpose.
+    #[arg(long)]
+    pub force: bool,
 
     #[command(flatten)]
     pub output: OutputArgs,
@@ -31,9 +45,12 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     let mut conn = conn.connect()?;
     let response = conn
         .client
-        .submit(SubmitRequest { artifact_json })
+        .submit(SubmitRequest {
+            artifact_json,
+            force: args.force,
+        })
         .await
-        .map_err(|status| conn.error(&status, "submitting the deployment"))?
+        .map_err(|status| refused(&conn, &status, args.force))?
         .into_inner();
 
     match args.output.output {
@@ -57,4 +74,32 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     // the `submitted` event (machines, commit) is part of what we show.
     let from = response.revision.saturating_sub(1);
     follow::follow(&mut conn, &response.deployment_id, from, renderer.as_mut()).await
+}
+
+/// The control plane's answer, and for a stale commit how to insist.
+pub fn refused(conn: &Connection, status: &Status, force: bool) -> anyhow::Error {
+    let message = conn.error(status, "submitting the deployment");
+    anyhow!("{message}{}", force_hint(status.code(), force))
+}
+
+/// FAILED_PRECONDITION is the stale-commit refusal (docs/rollouts.md): the
+/// artifact is fine, only older than what runs, so `--force` is the way on.
+pub fn force_hint(code: Code, force: bool) -> &'static str {
+    if code == Code::FailedPrecondition && !force {
+        "\nif this older commit is what you mean to deploy, submit it again with --force"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_stale_commit_refusal_hints_force() {
+        assert!(force_hint(Code::FailedPrecondition, false).contains("--force"));
+        assert_eq!(force_hint(Code::FailedPrecondition, true), "");
+        assert_eq!(force_hint(Code::InvalidArgument, false), "");
+    }
 }

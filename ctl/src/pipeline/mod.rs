@@ -5,6 +5,7 @@
 pub mod artifact;
 pub mod change;
 pub mod publish;
+pub mod rollout;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -32,6 +32,7 @@ pub fn event_json(ev: &Event) -> Value {
                 "message": u.message,
                 "outputTail": u.output_tail,
                 "copy": u.copy.as_ref().map(copy_json),
+                "rebootRequired": u.reboot_required,
             }),
         ),
         Some(event::Kind::Finished(f)) => {
@@ -52,6 +53,20 @@ pub fn event_json(ev: &Event) -> Value {
                 "connected": a.connected,
                 "currentSystem": a.current_system,
             }),
+        ),
+        Some(event::Kind::WaveStarted(w)) => (
+            "wave-started",
+            // 0-based like `MachineStatus.wave`; the text output counts from 1.
+            json!({
+                "index": w.index,
+                "total": w.total,
+                "name": w.name,
+                "machines": w.machines,
+            }),
+        ),
+        Some(event::Kind::Halted(h)) => (
+            "halted",
+            json!({ "reason": h.reason, "failedMachines": h.failed_machines }),
         ),
         None => ("unknown", json!({})),
     };
@@ -84,6 +99,7 @@ pub fn copy_json(c: &CopyProgress) -> Value {
 mod tests {
     use procurator_proto::v1::{
         AgentConnection, DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineUpdate,
+        RolloutHalted, WaveStarted,
     };
 
     use super::*;
@@ -112,6 +128,7 @@ mod tests {
                 paths_done: 3,
                 paths_expected: 4,
             }),
+            reboot_required: false,
         })));
         assert_eq!(
             v,
@@ -127,6 +144,7 @@ mod tests {
                 "message": "health check failed",
                 "outputTail": "boom\n",
                 "copy": { "bytesDone": 1, "bytesExpected": 2, "pathsDone": 3, "pathsExpected": 4 },
+                "rebootRequired": false,
             })
         );
     }
@@ -172,5 +190,30 @@ mod tests {
         assert_eq!(v["connected"], true);
         assert_eq!(v["currentSystem"], "/nix/store/x");
         assert_eq!(v["revision"], 42);
+    }
+
+    #[test]
+    fn wave_and_halted_events() {
+        let v = event_json(&ev(event::Kind::WaveStarted(WaveStarted {
+            index: 1,
+            total: 3,
+            name: "canary".into(),
+            machines: vec!["worker-1".into()],
+        })));
+        assert_eq!(v["type"], "wave-started");
+        assert_eq!(
+            (v["index"].as_u64(), v["total"].as_u64()),
+            (Some(1), Some(3))
+        );
+        assert_eq!(v["name"], "canary");
+        assert_eq!(v["machines"], json!(["worker-1"]));
+
+        let v = event_json(&ev(event::Kind::Halted(RolloutHalted {
+            reason: "1 machine failed, the failure budget is 0".into(),
+            failed_machines: vec!["worker-1".into()],
+        })));
+        assert_eq!(v["type"], "halted");
+        assert_eq!(v["reason"], "1 machine failed, the failure budget is 0");
+        assert_eq!(v["failedMachines"], json!(["worker-1"]));
     }
 }

@@ -54,8 +54,8 @@ impl Renderer for PlainRenderer {
         Ok(())
     }
 
-    fn event(&mut self, ev: &Event, _view: &DeploymentView) -> anyhow::Result<()> {
-        write_flush(&mut self.out, &plain::event_text(ev))
+    fn event(&mut self, ev: &Event, view: &DeploymentView) -> anyhow::Result<()> {
+        write_flush(&mut self.out, &plain::event_text(ev, view))
     }
 
     fn notice(&mut self, message: &str) {
@@ -102,7 +102,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use procurator_proto::v1::{
-        DeploymentFinished, DeploymentState, MachineState, MachineUpdate, event,
+        DeploymentFinished, DeploymentState, MachineState, MachineUpdate, RolloutHalted,
+        WaveStarted, event,
     };
 
     use super::*;
@@ -183,6 +184,75 @@ mod tests {
              deployment d-1 succeeded: 1 of 1 machines ok, 0 failed\n\
              \x20 worker-1  succeeded\n"
         );
+    }
+
+    #[test]
+    fn a_halted_rollout_reads_as_such_from_wave_to_summary() {
+        let at = 1_748_762_102_000;
+        let ev = |revision, kind| Event {
+            revision,
+            at_ms: at,
+            deployment_id: "d-1".into(),
+            kind: Some(kind),
+        };
+        let machine = |name: &str, state: MachineState| {
+            event::Kind::Machine(MachineUpdate {
+                machine: name.into(),
+                state: state as i32,
+                ..Default::default()
+            })
+        };
+        let out = Captured::default();
+        let mut renderer = PlainRenderer {
+            out: Box::new(out.clone()),
+        };
+        let mut view = DeploymentView::new("d-1");
+        view.machines.entry("worker-2".into()).or_default();
+        for e in [
+            ev(
+                1,
+                event::Kind::WaveStarted(WaveStarted {
+                    index: 0,
+                    total: 2,
+                    name: "canary".into(),
+                    machines: vec!["worker-1".into()],
+                }),
+            ),
+            ev(2, machine("worker-1", MachineState::Failed)),
+            ev(
+                3,
+                event::Kind::Halted(RolloutHalted {
+                    reason: "1 machine failed, the failure budget is 0".into(),
+                    failed_machines: vec!["worker-1".into()],
+                }),
+            ),
+            ev(4, machine("worker-2", MachineState::Cancelled)),
+            ev(
+                5,
+                event::Kind::Finished(DeploymentFinished {
+                    state: DeploymentState::Halted as i32,
+                    summary: Default::default(),
+                }),
+            ),
+        ] {
+            view.apply(&e);
+            renderer.event(&e, &view).unwrap();
+        }
+        renderer.finish(&view).unwrap();
+        assert_eq!(
+            out.text(),
+            "07:15:02 wave 1/2 canary started: worker-1\n\
+             07:15:02 worker-1 failed\n\
+             07:15:02 rollout halted: 1 machine failed, the failure budget is 0 (worker-1); 1 machine left as it was\n\
+             07:15:02 worker-2 cancelled\n\
+             07:15:02 d-1 halted\n\
+             \n\
+             deployment d-1 halted: 0 of 2 machines ok, 1 failed\n\
+             \x20 halted: 1 machine failed, the failure budget is 0 (worker-1)\n\
+             \x20 worker-1  failed\n\
+             \x20 worker-2  cancelled\n"
+        );
+        assert_eq!(crate::failure::exit_code(&Ok(view.outcome())), 3);
     }
 
     #[test]

@@ -3,14 +3,17 @@
 
 use std::fmt::Write as _;
 
-use procurator_proto::v1::{CopyProgress, Event, MachineState, MachineUpdate, event};
+use procurator_proto::v1::{
+    CopyProgress, Event, MachineState, MachineUpdate, RolloutHalted, WaveStarted, event,
+};
 
-use super::view::summary_label;
+use super::view::{DeploymentView, summary_label};
 use crate::format;
 
 /// The text for one event, ending in a newline; a failure's output tail
-/// follows on indented lines.
-pub fn event_text(ev: &Event) -> String {
+/// follows on indented lines. `view` (with the event applied) says how many
+/// machines a halt left alone.
+pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
     let mut out = format!("{} ", format::clock(ev.at_ms));
     match &ev.kind {
         Some(event::Kind::Submitted(s)) => {
@@ -45,6 +48,14 @@ pub fn event_text(ev: &Event) -> String {
                 let _ = write!(out, "{} disconnected", a.machine);
             }
         }
+        Some(event::Kind::WaveStarted(w)) => out.push_str(&wave_text(w)),
+        Some(event::Kind::Halted(h)) => {
+            out.push_str(&halted_text(h));
+            let left = view.left_alone();
+            if left > 0 {
+                let _ = write!(out, "; {}", left_text(left));
+            }
+        }
         None => {
             let _ = write!(
                 out,
@@ -58,6 +69,44 @@ pub fn event_text(ev: &Event) -> String {
         out.push_str(&indented_tail(&u.output_tail));
     }
     out
+}
+
+/// `wave 2/3 canary started: worker-1`; the index is 0-based on the wire.
+pub fn wave_text(w: &WaveStarted) -> String {
+    let mut out = format!("wave {}/{}", w.index + 1, w.total);
+    if !w.name.is_empty() {
+        let _ = write!(out, " {}", w.name);
+    }
+    let _ = write!(out, " started: {}", w.machines.join(", "));
+    out
+}
+
+/// `rollout halted: <the server's reason> (worker-1)`.
+pub fn halted_text(h: &RolloutHalted) -> String {
+    let mut out = String::from("rollout halted");
+    if !h.reason.is_empty() {
+        let _ = write!(out, ": {}", h.reason);
+    }
+    // The reason may already name the machines; say them once.
+    let unnamed: Vec<&str> = h
+        .failed_machines
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !h.reason.contains(m))
+        .collect();
+    if !unnamed.is_empty() {
+        let _ = write!(out, " ({})", unnamed.join(", "));
+    }
+    out
+}
+
+/// `1 machine left as it was`, `2 machines left as they were`.
+pub fn left_text(n: usize) -> String {
+    if n == 1 {
+        "1 machine left as it was".to_owned()
+    } else {
+        format!("{n} machines left as they were")
+    }
 }
 
 /// `worker-1 copying 1.2 MiB/3.4 MiB (3/7 paths)`,
@@ -154,6 +203,10 @@ mod tests {
         }
     }
 
+    fn event_text(ev: &Event) -> String {
+        super::event_text(ev, &DeploymentView::new("d-abc"))
+    }
+
     #[test]
     fn copying_shows_bytes_and_paths() {
         let text = event_text(&ev(event::Kind::Machine(MachineUpdate {
@@ -246,5 +299,39 @@ mod tests {
             current_system: String::new(),
         })));
         assert_eq!(agent, "07:15:02 worker-1 disconnected\n");
+    }
+
+    #[test]
+    fn a_wave_counts_from_one() {
+        let text = event_text(&ev(event::Kind::WaveStarted(WaveStarted {
+            index: 1,
+            total: 3,
+            name: "canary".into(),
+            machines: vec!["worker-1".into()],
+        })));
+        assert_eq!(text, "07:15:02 wave 2/3 canary started: worker-1\n");
+    }
+
+    #[test]
+    fn a_halt_names_the_failed_machines_and_what_was_left_alone() {
+        let mut view = DeploymentView::new("d-abc");
+        for (name, state) in [
+            ("worker-1", MachineState::Failed),
+            ("worker-2", MachineState::Pending),
+        ] {
+            view.machines.entry(name.into()).or_default().state = state;
+        }
+        let text = super::event_text(
+            &ev(event::Kind::Halted(RolloutHalted {
+                reason: "1 machine failed, the failure budget is 0".into(),
+                failed_machines: vec!["worker-1".into()],
+            })),
+            &view,
+        );
+        assert_eq!(
+            text,
+            "07:15:02 rollout halted: 1 machine failed, the failure budget is 0 (worker-1); 1 machine left as it was\n"
+        );
+        assert_eq!(left_text(2), "2 machines left as they were");
     }
 }

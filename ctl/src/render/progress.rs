@@ -16,7 +16,10 @@ const TICK: Duration = Duration::from_millis(120);
 
 pub struct ProgressRenderer {
     multi: MultiProgress,
+    /// The line above the machines naming the wave being rolled out.
+    header: Option<ProgressBar>,
     bars: BTreeMap<String, ProgressBar>,
+    /// The name column's width the prefixes were last set for.
     width: usize,
 }
 
@@ -25,6 +28,7 @@ impl ProgressRenderer {
         Self {
             // stdout: we only get here when stdout is the terminal.
             multi: MultiProgress::with_draw_target(ProgressDrawTarget::stdout()),
+            header: None,
             bars: BTreeMap::new(),
             width: 0,
         }
@@ -38,21 +42,34 @@ impl ProgressRenderer {
         bar.set_style(style(SPINNER));
         bar.enable_steady_tick(TICK);
         self.bars.insert(name.to_owned(), bar.clone());
-        // Keep the names in one column as machines appear.
-        let width = name.chars().count();
-        if width > self.width {
-            self.width = width;
-            for (name, bar) in &self.bars {
-                bar.set_prefix(format!("{name:<width$}"));
-            }
-        } else {
-            bar.set_prefix(format!("{name:<w$}", w = self.width));
-        }
         bar
+    }
+
+    /// Every machine again: after a new machine widened the name column, or
+    /// at the start and the end.
+    fn show_all(&mut self, view: &DeploymentView) {
+        self.width = view.name_width();
+        for (name, m) in &view.machines {
+            self.show(name, m);
+        }
+    }
+
+    /// The current wave, in a line kept above the machines.
+    fn show_wave(&mut self, view: &DeploymentView) {
+        let Some(text) = wave_header(view) else {
+            return;
+        };
+        let header = self.header.get_or_insert_with(|| {
+            let bar = self.multi.insert(0, ProgressBar::new(0));
+            bar.set_style(style(HEADER));
+            bar
+        });
+        header.set_message(text);
     }
 
     fn show(&mut self, name: &str, m: &MachineView) {
         let bar = self.bar(name);
+        bar.set_prefix(prefix(name, m, self.width));
         if m.state.is_final() {
             let (mark, template) = match m.state {
                 MachineState::Succeeded | MachineState::Skipped => ("✔", DONE_OK),
@@ -61,10 +78,14 @@ impl ProgressRenderer {
                 _ => ("–", DONE_OTHER),
             };
             bar.set_style(style(template));
-            bar.finish_with_message(format!(
+            let mut text = format!(
                 "{mark} {}",
                 state_text(m.state, m.failed_phase, &m.message, None)
-            ));
+            );
+            if m.reboot_required {
+                text.push_str(" (reboot required)");
+            }
+            bar.finish_with_message(text);
             return;
         }
         match (&m.copy, m.state) {
@@ -87,6 +108,27 @@ impl ProgressRenderer {
     }
 }
 
+/// `worker-1  wave 2`: the name in a column, then the machine's wave (counted
+/// from 1, as `watch` prints waves) when the deployment has waves.
+fn prefix(name: &str, m: &MachineView, width: usize) -> String {
+    match m.wave {
+        Some(wave) => format!("{name:<width$}  wave {}", wave + 1),
+        None => format!("{name:<width$}"),
+    }
+}
+
+/// `wave 2/3 canary`, or None before any wave started.
+fn wave_header(view: &DeploymentView) -> Option<String> {
+    let w = view.wave.as_ref()?;
+    let mut text = format!("wave {}/{}", w.index + 1, w.total);
+    if !w.name.is_empty() {
+        text.push(' ');
+        text.push_str(&w.name);
+    }
+    Some(text)
+}
+
+const HEADER: &str = "{wide_msg:.bold}";
 const SPINNER: &str = "{prefix} {spinner:.cyan} {wide_msg}";
 const COPYING: &str = "{prefix} {spinner:.cyan} [{bar:24.cyan/blue}] {wide_msg}";
 const DONE_OK: &str = "{prefix}   {wide_msg:.green}";
@@ -109,14 +151,19 @@ impl Renderer for ProgressRenderer {
                 crate::format::short_commit(&view.git_commit)
             ));
         }
-        self.println(&header);
-        for (name, m) in &view.machines {
-            self.show(name, m);
+        if !view.rollback_of.is_empty() {
+            header.push_str(&format!(", rollback of {}", view.rollback_of));
         }
+        self.println(&header);
+        self.show_wave(view);
+        self.show_all(view);
         Ok(())
     }
 
     fn event(&mut self, ev: &Event, view: &DeploymentView) -> anyhow::Result<()> {
+        if view.name_width() != self.width {
+            self.show_all(view);
+        }
         match &ev.kind {
             Some(event::Kind::Submitted(s)) => {
                 for name in &s.machines {
@@ -131,7 +178,17 @@ impl Renderer for ProgressRenderer {
                 }
             }
             // Connections matter while waiting for agents: say so above the bars.
-            Some(event::Kind::Agent(_)) => self.println(&event_text(ev)),
+            Some(event::Kind::Agent(_)) => self.println(&event_text(ev, view)),
+            Some(event::Kind::WaveStarted(w)) => {
+                self.println(&event_text(ev, view));
+                self.show_wave(view);
+                for name in &w.machines {
+                    if let Some(m) = view.machines.get(name) {
+                        self.show(name, m);
+                    }
+                }
+            }
+            Some(event::Kind::Halted(_)) => self.println(&event_text(ev, view)),
             Some(event::Kind::Finished(_)) | None => {}
         }
         Ok(())
@@ -143,8 +200,9 @@ impl Renderer for ProgressRenderer {
 
     fn finish(&mut self, view: &DeploymentView) -> anyhow::Result<()> {
         // The view may know more than the events said (a final GetDeployment).
-        for (name, m) in &view.machines {
-            self.show(name, m);
+        self.show_all(view);
+        if let Some(header) = &self.header {
+            header.finish();
         }
         for bar in self.bars.values() {
             if !bar.is_finished() {
@@ -152,5 +210,29 @@ impl Renderer for ProgressRenderer {
             }
         }
         write_flush(&mut std::io::stdout(), &format!("\n{}", summary_text(view)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::view::WaveView;
+
+    #[test]
+    fn machines_show_their_wave_and_the_header_the_current_one() {
+        let mut view = DeploymentView::new("d-1");
+        assert_eq!(wave_header(&view), None);
+        view.wave = Some(WaveView {
+            index: 1,
+            total: 3,
+            name: "canary".into(),
+        });
+        assert_eq!(wave_header(&view).as_deref(), Some("wave 2/3 canary"));
+        let m = MachineView {
+            wave: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(prefix("w1", &m, 8), "w1        wave 2");
+        assert_eq!(prefix("w1", &MachineView::default(), 4), "w1  ");
     }
 }

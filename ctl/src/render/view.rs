@@ -17,6 +17,10 @@ pub struct MachineView {
     pub message: String,
     pub output_tail: String,
     pub copy: Option<CopyProgress>,
+    /// The 0-based index of the machine's wave, once known.
+    pub wave: Option<u32>,
+    /// The new closure needs a reboot the agent was not allowed to do.
+    pub reboot_required: bool,
 }
 
 impl Default for MachineView {
@@ -28,8 +32,19 @@ impl Default for MachineView {
             message: String::new(),
             output_tail: String::new(),
             copy: None,
+            wave: None,
+            reboot_required: false,
         }
     }
+}
+
+/// The wave being rolled out, from the latest `WaveStarted` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaveView {
+    /// 0-based.
+    pub index: u32,
+    pub total: u32,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +55,14 @@ pub struct DeploymentView {
     pub state: DeploymentState,
     /// Set once the `DeploymentFinished` event (or a final `GetDeployment`) was seen.
     pub finished: bool,
+    /// Why the rollout halted or was cancelled, when it did.
+    pub halted_reason: String,
+    /// The machines whose failures used up the budget.
+    pub halted_machines: Vec<String>,
+    /// The wave rolling out now (or last), when the deployment has waves.
+    pub wave: Option<WaveView>,
+    /// The deployment this one rolls back to, when it is a rollback.
+    pub rollback_of: String,
 }
 
 impl DeploymentView {
@@ -50,6 +73,10 @@ impl DeploymentView {
             machines: BTreeMap::new(),
             state: DeploymentState::Running,
             finished: false,
+            halted_reason: String::new(),
+            halted_machines: Vec::new(),
+            wave: None,
+            rollback_of: String::new(),
         }
     }
 
@@ -58,6 +85,11 @@ impl DeploymentView {
         self.git_commit.clone_from(&d.git_commit);
         self.state = d.state();
         self.finished = self.state.is_final();
+        if !d.halted_reason.is_empty() {
+            self.halted_reason.clone_from(&d.halted_reason);
+        }
+        self.rollback_of.clone_from(&d.rollback_of);
+        let has_waves = !d.waves.is_empty();
         for m in &d.machines {
             self.machines.insert(
                 m.machine.clone(),
@@ -68,8 +100,26 @@ impl DeploymentView {
                     message: m.reason.clone(),
                     output_tail: m.output_tail.clone(),
                     copy: m.copy,
+                    wave: has_waves.then_some(m.wave),
+                    reboot_required: m.reboot_required,
                 },
             );
+        }
+        // The newest wave that has a machine beyond pending is the current one.
+        let total = u32::try_from(d.waves.len()).unwrap_or(u32::MAX);
+        let started = d.waves.iter().rev().find(|w| {
+            w.machines.iter().any(|name| {
+                self.machines
+                    .get(name)
+                    .is_some_and(|m| m.state != MachineState::Pending)
+            })
+        });
+        if let Some(w) = started.or(d.waves.first()) {
+            self.wave = Some(WaveView {
+                index: w.index,
+                total,
+                name: w.name.clone(),
+            });
         }
     }
 
@@ -85,6 +135,20 @@ impl DeploymentView {
             Some(event::Kind::Finished(f)) => {
                 self.state = f.state();
                 self.finished = true;
+            }
+            Some(event::Kind::WaveStarted(w)) => {
+                for name in &w.machines {
+                    self.machines.entry(name.clone()).or_default().wave = Some(w.index);
+                }
+                self.wave = Some(WaveView {
+                    index: w.index,
+                    total: w.total,
+                    name: w.name.clone(),
+                });
+            }
+            Some(event::Kind::Halted(h)) => {
+                self.halted_reason.clone_from(&h.reason);
+                self.halted_machines.clone_from(&h.failed_machines);
             }
             Some(event::Kind::Agent(_)) | None => {}
         }
@@ -102,6 +166,7 @@ impl DeploymentView {
         }
         m.message.clone_from(&u.message);
         m.output_tail.clone_from(&u.output_tail);
+        m.reboot_required |= u.reboot_required;
         if u.copy.is_some() {
             m.copy = u.copy;
         } else if state != MachineState::Copying {
@@ -109,8 +174,8 @@ impl DeploymentView {
         }
     }
 
-    /// 0 if the deployment succeeded; 3 if it failed, was superseded or
-    /// cancelled, or any machine failed, rolled back or was unreachable.
+    /// 0 if the deployment succeeded; 3 if it failed, halted, was superseded
+    /// or cancelled, or any machine failed, rolled back or was unreachable.
     pub fn outcome(&self) -> Outcome {
         let any_failed = self.machines.values().any(|m| m.state.is_failure());
         if self.state == DeploymentState::Succeeded && !any_failed {
@@ -118,6 +183,15 @@ impl DeploymentView {
         } else {
             Outcome::DeploymentFailed
         }
+    }
+
+    /// Machines that were never sent the deployment (pending) or were
+    /// cancelled: what a halt leaves exactly as it was.
+    pub fn left_alone(&self) -> usize {
+        self.machines
+            .values()
+            .filter(|m| matches!(m.state, MachineState::Pending | MachineState::Cancelled))
+            .count()
     }
 
     /// The widest machine name, for aligning columns.
@@ -141,7 +215,9 @@ pub fn summary_label(key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use procurator_proto::v1::{DeploymentFinished, DeploymentSubmitted};
+    use procurator_proto::v1::{
+        DeploymentFinished, DeploymentSubmitted, RolloutHalted, WaveStarted,
+    };
 
     use super::*;
 
@@ -202,6 +278,55 @@ mod tests {
         assert_eq!(view.outcome(), Outcome::DeploymentFailed);
         view.state = DeploymentState::Superseded;
         assert_eq!(view.outcome(), Outcome::DeploymentFailed);
+    }
+
+    #[test]
+    fn waves_and_halts_are_remembered_and_a_halt_exits_3() {
+        let mut view = DeploymentView::new("d-1");
+        view.apply(&ev(
+            1,
+            event::Kind::WaveStarted(WaveStarted {
+                index: 1,
+                total: 3,
+                name: "canary".into(),
+                machines: vec!["worker-1".into()],
+            }),
+        ));
+        assert_eq!(view.machines["worker-1"].wave, Some(1));
+        assert_eq!(view.wave.as_ref().map(|w| w.name.as_str()), Some("canary"));
+        view.apply(&ev(
+            2,
+            event::Kind::Halted(RolloutHalted {
+                reason: "1 machine failed".into(),
+                failed_machines: vec!["worker-1".into()],
+            }),
+        ));
+        assert_eq!(view.halted_machines, ["worker-1"]);
+        view.apply(&ev(
+            3,
+            event::Kind::Finished(DeploymentFinished {
+                state: DeploymentState::Halted as i32,
+                summary: Default::default(),
+            }),
+        ));
+        assert!(view.finished);
+        assert_eq!(view.outcome(), Outcome::DeploymentFailed);
+    }
+
+    #[test]
+    fn reboot_required_sticks_once_reported() {
+        let mut view = DeploymentView::new("d-1");
+        view.apply(&ev(
+            1,
+            event::Kind::Machine(MachineUpdate {
+                machine: "a".into(),
+                state: MachineState::Committing as i32,
+                reboot_required: true,
+                ..Default::default()
+            }),
+        ));
+        view.apply(&ev(2, machine("a", MachineState::Succeeded)));
+        assert!(view.machines["a"].reboot_required);
     }
 
     #[test]

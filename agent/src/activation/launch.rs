@@ -1,0 +1,280 @@
+//! `switch-to-configuration` outside the agent's process tree: an activation
+//! may restart the agent, and must neither die with it nor be forgotten. The
+//! agent runs it through `procurator-agent run-detached` — in a transient
+//! systemd unit where systemd is PID 1 (a `setsid` child would die with the
+//! agent's cgroup), in its own session otherwise — records the status and
+//! output files in the journal, and polls the status file.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use procurator_core::nix::{Tail, run_captured, strip_ansi};
+use procurator_proto::v1::MachineState;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use super::{Activator, Deployment};
+use crate::detached::{self, RunStatus};
+use crate::journal::Launched;
+use crate::outcome::Failure;
+
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Liveness is asked every this many polls (`systemctl` is not free).
+const LIVENESS_EVERY: u32 = 10;
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How `switch-to-configuration` is started.
+#[derive(Debug, Clone, Default)]
+pub enum Launcher {
+    /// As a child of the agent (tests; dies with the agent).
+    #[default]
+    Child,
+    /// Through `<exe> run-detached`.
+    Detached(Detached),
+}
+
+#[derive(Debug, Clone)]
+pub struct Detached {
+    /// The agent's own executable.
+    pub exe: PathBuf,
+    /// Through `systemd-run` (systemd is PID 1) rather than `setsid`.
+    pub systemd: bool,
+    /// Where the status and output files go (`STATE_DIR/activations`).
+    pub dir: PathBuf,
+}
+
+/// How a started command ended: its status (or why there is none) and the
+/// last lines of its output.
+#[derive(Debug)]
+pub struct Ended {
+    pub status: Result<RunStatus, String>,
+    pub tail: String,
+}
+
+impl Deployment<'_> {
+    /// Starts `program args` detached, journalled, and waits for its end.
+    pub(super) async fn run_detached(
+        &self,
+        how: &Detached,
+        program: &Path,
+        args: &[&str],
+        phase: MachineState,
+    ) -> Result<Ended, Failure> {
+        let launched = self.launch(how, program, args, phase).await?;
+        Ok(self.activator.await_launched(&launched).await)
+    }
+
+    async fn launch(
+        &self,
+        how: &Detached,
+        program: &Path,
+        args: &[&str],
+        phase: MachineState,
+    ) -> Result<Launched, Failure> {
+        let io = |what: &str, e: std::io::Error| Failure::new(phase, format!("{what}: {e}"), "");
+        let n = self.launches.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = format!("{}-{n}", self.entry.deployment_id);
+        std::fs::create_dir_all(&how.dir)
+            .map_err(|e| io(&format!("cannot create {}", how.dir.display()), e))?;
+        let runner = detached::Args {
+            status_file: how.dir.join(format!("{name}.status")),
+            output_file: how.dir.join(format!("{name}.out")),
+            program: program.into(),
+            args: args.iter().map(Into::into).collect(),
+        };
+        for stale in [&runner.status_file, &runner.output_file] {
+            match std::fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(&format!("cannot remove {}", stale.display()), e));
+                }
+                _ => {}
+            }
+        }
+        let mut launched = Launched {
+            n,
+            status_file: runner.status_file.clone(),
+            output_file: runner.output_file.clone(),
+            unit: how.systemd.then(|| format!("procurator-activation-{name}")),
+            pid: None,
+            command: std::iter::once(program.display().to_string())
+                .chain(args.iter().map(|a| (*a).to_owned()))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        // Journalled before it starts: a restart then knows what to wait for.
+        self.record(Some(&launched), phase)?;
+        if let Some(unit) = &launched.unit {
+            let mut command = Command::new("systemd-run");
+            command
+                .arg(format!("--unit={unit}"))
+                .args([
+                    "--collect",
+                    "--quiet",
+                    "--no-ask-password",
+                    "--service-type=exec",
+                ])
+                .arg(&how.exe)
+                .args(runner.to_argv());
+            let tail_lines = self.activator.settings.tail_lines;
+            let out = run_captured(command, Some(HELPER_TIMEOUT), tail_lines)
+                .await
+                .map_err(|e| Failure::new(phase, e.to_string(), e.tail()))?;
+            if !out.success() {
+                return Err(Failure::new(
+                    phase,
+                    format!("systemd-run could not start {unit} ({})", out.status),
+                    out.tail,
+                ));
+            }
+        } else {
+            let mut child = Command::new("setsid")
+                .arg(&how.exe)
+                .args(runner.to_argv())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| io("cannot start setsid", e))?;
+            launched.pid = child.id();
+            // Reaps the runner when it ends; never kills it.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            // It runs now: failing here would start a rollback beside it.
+            // This run still waits for it; only a restart would not know the pid.
+            if let Err(e) = self.record(Some(&launched), phase) {
+                tracing::warn!(error = %e.reason, "cannot record the activation's pid");
+            }
+        }
+        Ok(launched)
+    }
+
+    /// Removes the status and output files of this deployment's launches,
+    /// once it is over: they would pile up otherwise.
+    pub(super) fn remove_launch_files(&self) {
+        let Launcher::Detached(how) = &self.activator.settings.launcher else {
+            return;
+        };
+        for n in 1..=self.launches.load(Ordering::Relaxed) {
+            for ext in ["status", "out"] {
+                let file = how
+                    .dir
+                    .join(format!("{}-{n}.{ext}", self.entry.deployment_id));
+                match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(file = %file.display(), error = %e, "cannot remove an activation file");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Writes the journal with `launched` as the activation in progress.
+    fn record(&self, launched: Option<&Launched>, phase: MachineState) -> Result<(), Failure> {
+        let mut entry = self.entry.clone();
+        entry.activation = launched.cloned();
+        self.activator
+            .journal
+            .write(&entry)
+            .map_err(|e| Failure::new(phase, format!("cannot write the journal: {e}"), ""))
+    }
+}
+
+impl Activator {
+    /// Waits, at most the switch timeout, for a launched command's status
+    /// file. A runner that is gone without one failed.
+    pub(super) async fn await_launched(&self, launched: &Launched) -> Ended {
+        let timeout = self.settings.switch_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut polls = 0u32;
+        let status = loop {
+            match RunStatus::read(&launched.status_file) {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) => {}
+                Err(e) => break Err(e.to_string()),
+            }
+            if polls.is_multiple_of(LIVENESS_EVERY) && !alive(launched).await {
+                // It may have written the status just before it ended.
+                break match RunStatus::read(&launched.status_file) {
+                    Ok(Some(status)) => Ok(status),
+                    _ => Err("the activation ended without leaving its exit status".into()),
+                };
+            }
+            if Instant::now() >= deadline {
+                stop(launched).await;
+                break Err(format!("did not finish within {}s", timeout.as_secs()));
+            }
+            polls = polls.wrapping_add(1);
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+        Ended {
+            status,
+            tail: tail_of(&launched.output_file, self.settings.tail_lines),
+        }
+    }
+}
+
+/// Whether the unit or the runner process still runs.
+async fn alive(launched: &Launched) -> bool {
+    if let Some(unit) = &launched.unit {
+        let mut command = Command::new("systemctl");
+        command.args(["is-active", "--quiet", unit]);
+        return match run_captured(command, Some(HELPER_TIMEOUT), 0).await {
+            Ok(out) => out.success(),
+            // Cannot tell: keep waiting, the deadline still holds.
+            Err(_) => true,
+        };
+    }
+    launched.pid.is_some_and(runner_alive)
+}
+
+/// `/proc/PID` is a live (not zombie) `run-detached` process: a pid reused
+/// by something else after a reboot does not count.
+pub fn runner_alive(pid: u32) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    let runs_runner = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == detached::MODE.as_bytes());
+    let zombie = std::fs::read_to_string(proc.join("stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    });
+    runs_runner && !zombie
+}
+
+/// Ends an activation that ran out of time: the unit, or the runner's
+/// whole process group (`setsid` made it the group's leader).
+async fn stop(launched: &Launched) {
+    let command = match (&launched.unit, launched.pid) {
+        (Some(unit), _) => {
+            let mut command = Command::new("systemctl");
+            command.args(["stop", unit]);
+            command
+        }
+        (None, Some(pid)) => {
+            let mut command = Command::new("kill");
+            command.args(["-KILL", "--", &format!("-{pid}")]);
+            command
+        }
+        (None, None) => return,
+    };
+    if let Err(e) = run_captured(command, Some(HELPER_TIMEOUT), 0).await {
+        tracing::warn!(error = %e, "cannot stop an activation that ran out of time");
+    }
+}
+
+/// The last `lines` lines of a command's output file.
+fn tail_of(path: &Path, lines: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let mut tail = Tail::new(lines);
+    for line in String::from_utf8_lossy(&bytes).lines() {
+        tail.push(strip_ansi(line));
+    }
+    tail.render()
+}

@@ -1,0 +1,66 @@
+//! Runs the rollout scheduler and sends what it decided: after every submit,
+//! result, connect and cancel, and once a second so that offline machines
+//! become unreachable on time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use procurator_core::MachineName;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::connections::{Connections, dispatch};
+use crate::store::{Store, StoreError};
+
+/// How often the scheduler runs without a trigger.
+pub const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub store: Store,
+    pub connections: Arc<Connections>,
+    pub tasks: TaskTracker,
+}
+
+impl Dispatcher {
+    /// Run the scheduler over every running deployment (its decisions are
+    /// committed), then send each machine it picked its desired state.
+    pub async fn kick(&self) -> Result<(), StoreError> {
+        let machines = self.store.schedule().await?;
+        for machine in machines {
+            self.send(machine);
+        }
+        Ok(())
+    }
+
+    /// Send `machine` what it should have now, in its own task so that a
+    /// slow agent delays no other.
+    pub fn send(&self, machine: MachineName) {
+        let (store, connections) = (self.store.clone(), self.connections.clone());
+        let span = tracing::info_span!("dispatch", machine = %machine);
+        self.tasks.spawn(
+            async move {
+                if let Err(e) = dispatch(&store, &connections, &machine).await {
+                    tracing::warn!(error = %e, "could not dispatch; the agent gets it when it reconnects");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Kick the scheduler every [`TICK`] until `shutdown`.
+    pub async fn tick(self, shutdown: CancellationToken) {
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            if let Err(e) = self.kick().await {
+                tracing::warn!(error = %e, "the scheduler failed; retrying on the next tick");
+            }
+        }
+    }
+}

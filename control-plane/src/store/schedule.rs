@@ -1,0 +1,288 @@
+//! Applying the rollout scheduler (`rollout::schedule`) to the store: every
+//! decision is committed with its event before anything is sent, so the
+//! schedule survives a restart. Also what one machine should be sent, and
+//! re-opening a machine that was given up as unreachable.
+
+use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
+use procurator_proto::v1::{
+    DeploymentState, DesiredState, MachineState, MachineUpdate, RolloutHalted, WaveStarted, event,
+};
+use rusqlite::{OptionalExtension as _, params};
+
+use super::deployments::{StoredWave, finish_if_done, machine_state, parse_id, row, set_state};
+use super::{Store, StoreError, Tx};
+use crate::rollout::{self, Step, Stop};
+
+/// What to send a machine over its stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Desired(DesiredState),
+    /// Its newest deployment was cancelled while it was in flight.
+    Cancel {
+        deployment_id: String,
+        reason: String,
+    },
+}
+
+impl Store {
+    /// Run the scheduler over every running deployment. Returns the
+    /// machines that were just moved to SENT and must be sent their desired
+    /// state now.
+    pub async fn schedule(&self) -> Result<Vec<MachineName>, StoreError> {
+        self.write(schedule_all).await
+    }
+
+    /// What `machine` should be sent on (re)connecting: its row in the newest
+    /// deployment that names it, when that row is in flight. A PENDING row
+    /// waits for the scheduler; a final one needs nothing.
+    pub async fn take_desired(&self, machine: MachineName) -> Result<Option<Outbound>, StoreError> {
+        self.read(move |conn| {
+            let newest: Option<(String, String, i32, String, i64, String)> = conn
+                .query_row(
+                    "SELECT m.deployment_id, m.closure, m.state, d.artifact, d.stopped, d.halted_reason
+                     FROM machines m JOIN deployments d ON d.id = m.deployment_id
+                     WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
+                    [machine.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                )
+                .optional()?;
+            let Some((id, closure, state, artifact, stopped, reason)) = newest else {
+                return Ok(None);
+            };
+            if !rollout::is_in_flight(machine_state(state)) {
+                return Ok(None);
+            }
+            if Stop::from_sql(stopped) == Some(Stop::Cancelled) {
+                return Ok(Some(Outbound::Cancel {
+                    deployment_id: id,
+                    reason,
+                }));
+            }
+            let artifact = parse_artifact(&id, &artifact)?;
+            Ok(Some(Outbound::Desired(rollout::desired_state(
+                &artifact, &id, &machine, &closure,
+            ))))
+        })
+        .await
+    }
+
+    /// The agent of `machine` is back: if its newest row had been given up
+    /// as UNREACHABLE, re-open it and mark it SENT (the caller sends it), so
+    /// the machine converges; the deployment runs again until that row is
+    /// final. True when a row was re-opened.
+    pub async fn reopen_unreachable(&self, machine: MachineName) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            let newest: Option<(String, i32, i64)> = tx
+                .sql
+                .query_row(
+                    "SELECT m.deployment_id, m.state, d.stopped FROM machines m
+                     JOIN deployments d ON d.id = m.deployment_id
+                     WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
+                    [machine.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((id, state, stopped)) = newest else {
+                return Ok(false);
+            };
+            // A cancelled deployment is not run after all.
+            if machine_state(state) != MachineState::Unreachable
+                || Stop::from_sql(stopped) == Some(Stop::Cancelled)
+            {
+                return Ok(false);
+            }
+            let id = parse_id(&id)?;
+            tx.sql.execute(
+                "UPDATE deployments SET state = ?2, finished_ms = 0 WHERE id = ?1",
+                params![id.as_str(), DeploymentState::Running as i32],
+            )?;
+            tx.sql.execute(
+                "UPDATE machines SET reason = '' WHERE deployment_id = ?1 AND machine = ?2",
+                params![id.as_str(), machine.as_str()],
+            )?;
+            update(
+                tx,
+                &id,
+                &machine,
+                MachineState::Pending,
+                "the agent is back: re-opened".into(),
+            )?;
+            update(
+                tx,
+                &id,
+                &machine,
+                MachineState::Sent,
+                "sent to the agent".into(),
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+}
+
+fn parse_artifact(id: &str, json: &str) -> Result<DeploymentArtifact, StoreError> {
+    DeploymentArtifact::from_json(json.as_bytes())
+        .map_err(|e| StoreError::Corrupt(format!("the stored artifact of {id} is invalid: {e}")))
+}
+
+/// Move a row to `state` and record it in the event log.
+fn update(
+    tx: &mut Tx<'_>,
+    id: &DeploymentId,
+    machine: &MachineName,
+    state: MachineState,
+    message: String,
+) -> Result<(), StoreError> {
+    let closure = row(tx, id, machine)?.map(|(c, _)| c).unwrap_or_default();
+    set_state(tx, id, machine, state)?;
+    let update = MachineUpdate {
+        machine: machine.to_string(),
+        state: state as i32,
+        closure,
+        message,
+        ..Default::default()
+    };
+    tx.emit(id.as_str(), event::Kind::Machine(update))?;
+    Ok(())
+}
+
+pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<MachineName>, StoreError> {
+    let running: Vec<String> = {
+        let mut stmt = tx
+            .sql
+            .prepare_cached("SELECT id FROM deployments WHERE state = ?1 ORDER BY seq")?;
+        stmt.query_map([DeploymentState::Running as i32], |r| r.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    let mut send = Vec::new();
+    for id in running {
+        send.extend(schedule_one(tx, &parse_id(&id)?)?);
+    }
+    Ok(send)
+}
+
+fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, StoreError> {
+    let (artifact, stopped, started_wave, wave_started_ms, waves): (
+        String,
+        i64,
+        Option<i64>,
+        i64,
+        String,
+    ) = tx.sql.query_row(
+        "SELECT artifact, stopped, started_wave, wave_started_ms, waves FROM deployments WHERE id = ?1",
+        [id.as_str()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )?;
+    let settings = parse_artifact(id.as_str(), &artifact)?.rollout();
+    let waves: Vec<StoredWave> = serde_json::from_str(&waves)
+        .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
+    let rows: Vec<rollout::Row> = {
+        let mut stmt = tx.sql.prepare_cached(
+            "SELECT m.machine, m.wave, m.state, a.connected, a.last_seen_ms FROM machines m
+             LEFT JOIN agents a ON a.machine = m.machine
+             WHERE m.deployment_id = ?1 ORDER BY m.machine",
+        )?;
+        stmt.query_map([id.as_str()], |r| {
+            let connected: Option<bool> = r.get(3)?;
+            let last_seen: Option<i64> = r.get(4)?;
+            Ok(rollout::Row {
+                machine: r.get(0)?,
+                wave: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+                state: machine_state(r.get(2)?),
+                disconnected_since: match connected {
+                    Some(true) => None,
+                    _ => Some(last_seen.unwrap_or(0)),
+                },
+            })
+        })?
+        .collect::<Result<_, _>>()?
+    };
+    let limits = rollout::Limits {
+        max_in_flight: settings.max_in_flight,
+        failure_budget: settings.failure_budget,
+        unreachable_after_ms: i64::from(settings.unreachable_after_secs()) * 1000,
+    };
+    let progress = rollout::Progress {
+        started_wave: started_wave.and_then(|w| u32::try_from(w).ok()),
+        wave_started_ms,
+        stopped: Stop::from_sql(stopped).is_some(),
+        opened_ms: tx.opened_ms,
+    };
+    let steps = rollout::schedule(&rows, limits, progress, tx.now);
+    let mut send = Vec::new();
+    let mut halted_by = String::new();
+    for step in steps {
+        match step {
+            Step::WaveStarted(index) => {
+                tx.sql.execute(
+                    "UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1",
+                    params![id.as_str(), index, tx.now],
+                )?;
+                let wave = waves.get(index as usize).cloned().unwrap_or(StoredWave {
+                    name: format!("wave {index}"),
+                    machines: Vec::new(),
+                });
+                let started = WaveStarted {
+                    index,
+                    total: u32::try_from(waves.len()).unwrap_or(u32::MAX),
+                    name: wave.name,
+                    machines: wave.machines,
+                };
+                tx.emit(id.as_str(), event::Kind::WaveStarted(started))?;
+            }
+            Step::Unreachable { machine, secs } => {
+                let machine = name(&machine)?;
+                let reason = format!("no agent connected for {secs} s");
+                tx.sql.execute(
+                    "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    params![id.as_str(), machine.as_str(), reason],
+                )?;
+                update(tx, id, &machine, MachineState::Unreachable, reason)?;
+            }
+            Step::Halted { failed } => {
+                halted_by = failed.join(", ");
+                let reason = format!(
+                    "rollout halted: {} machine(s) failed ({halted_by}), more than the failure budget of {}",
+                    failed.len(),
+                    settings.failure_budget
+                );
+                tx.sql.execute(
+                    "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
+                    params![id.as_str(), Stop::to_sql(Some(Stop::Halted)), reason],
+                )?;
+                let halted = RolloutHalted {
+                    reason,
+                    failed_machines: failed,
+                };
+                tx.emit(id.as_str(), event::Kind::Halted(halted))?;
+            }
+            Step::Cancel(machine) => {
+                let machine = name(&machine)?;
+                let reason =
+                    format!("rollout halted: the failure budget was used up by {halted_by}");
+                tx.sql.execute(
+                    "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    params![id.as_str(), machine.as_str(), reason],
+                )?;
+                update(tx, id, &machine, MachineState::Cancelled, reason)?;
+            }
+            Step::Send(machine) => {
+                let machine = name(&machine)?;
+                update(
+                    tx,
+                    id,
+                    &machine,
+                    MachineState::Sent,
+                    "sent to the agent".into(),
+                )?;
+                send.push(machine);
+            }
+        }
+    }
+    finish_if_done(tx, id.as_str())?;
+    Ok(send)
+}
+
+fn name(raw: &str) -> Result<MachineName, StoreError> {
+    MachineName::parse(raw).map_err(|e| StoreError::Corrupt(e.to_string()))
+}

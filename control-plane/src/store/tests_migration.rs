@@ -1,0 +1,79 @@
+//! Opening a database written by an earlier version of the control plane.
+
+use procurator_core::DeploymentId;
+use procurator_proto::v1::MachineState;
+
+use super::tests::COMMIT_A;
+use super::{RolledBack, Store};
+
+/// The version-1 tables that differ in version 2.
+const SCHEMA_V1: &str = "
+CREATE TABLE deployments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, git_commit TEXT NOT NULL,
+    artifact TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, state INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL, finished_ms INTEGER NOT NULL DEFAULT 0,
+    submitted_by TEXT NOT NULL, revision INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE machines (
+    deployment_id TEXT NOT NULL REFERENCES deployments(id), machine TEXT NOT NULL,
+    closure TEXT NOT NULL, state INTEGER NOT NULL, failed_phase INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '', output_tail TEXT NOT NULL DEFAULT '',
+    bytes_done INTEGER NOT NULL DEFAULT 0, bytes_expected INTEGER NOT NULL DEFAULT 0,
+    paths_done INTEGER NOT NULL DEFAULT 0, paths_expected INTEGER NOT NULL DEFAULT 0,
+    updated_ms INTEGER NOT NULL, PRIMARY KEY (deployment_id, machine));
+PRAGMA user_version = 1;
+";
+
+#[tokio::test]
+async fn a_version_1_database_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (parsed, json) = crate::test_support::artifact(COMMIT_A, &[("web-1", "sys")]);
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute(
+            "INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by)
+             VALUES ('d-20260101-000000-abcd', ?1, ?2, ?3, 1, 0, 'ci')",
+            rusqlite::params![COMMIT_A, json, parsed.digest()],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms)
+             VALUES ('d-20260101-000000-abcd', 'web-1', '/nix/store/x', 2, 0)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let id = DeploymentId::parse("d-20260101-000000-abcd").unwrap();
+    let d = store.get_deployment(id.clone()).await.unwrap().unwrap();
+    assert_eq!(d.machines[0].state(), MachineState::Sent);
+    assert_eq!(d.machines[0].wave, 0);
+    // The same artifact is the newest: deduped; a rollback stores it again.
+    let (parsed, json) = crate::test_support::artifact(COMMIT_A, &[("web-1", "sys")]);
+    let same = store
+        .submit(parsed, json, "ci".into(), false)
+        .await
+        .unwrap();
+    assert_eq!((same.created, same.id), (false, id.clone()));
+    assert!(matches!(
+        store.rollback(Some(id), "ops".into()).await.unwrap(),
+        RolledBack::Done(_)
+    ));
+    drop(store);
+    // Opening it again leaves it as it is; the machines still refer to the
+    // rebuilt table, not the one renamed away.
+    Store::open(dir.path()).unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'machines'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!sql.contains("deployments_v1"), "{sql}");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+}
