@@ -342,7 +342,9 @@ impl DeploymentArtifact {
             return Err(ArtifactError::MachineWithoutClosure(m.to_string()));
         }
         if let Some(rollout) = &self.rollout {
-            rollout.check(&self.blueprint).map_err(ArtifactError::Rollout)?;
+            rollout
+                .check(&self.blueprint)
+                .map_err(ArtifactError::Rollout)?;
         }
         Ok(())
     }

@@ -67,7 +67,10 @@ impl Rollout {
 
     /// Check what can only be checked against the blueprint: a wave that
     /// names a machine the blueprint does not have, or an empty name.
-    pub(super) fn check(&self, blueprint: &BTreeMap<MachineName, MachineSpec>) -> Result<(), String> {
+    pub(super) fn check(
+        &self,
+        blueprint: &BTreeMap<MachineName, MachineSpec>,
+    ) -> Result<(), String> {
         for (i, wave) in self.waves.iter().enumerate() {
             if wave.name.trim().is_empty() {
                 return Err(format!("rollout.waves[{i}].name: must not be empty"));
@@ -110,12 +113,19 @@ impl Rollout {
                 }
             });
             if !taken.is_empty() {
-                planned.push(PlannedWave { name: wave.name.clone(), machines: taken });
+                planned.push(PlannedWave {
+                    name: wave.name.clone(),
+                    machines: taken,
+                });
             }
         }
         if !left.is_empty() {
             planned.push(PlannedWave {
-                name: if self.waves.is_empty() { "all".to_owned() } else { "rest".to_owned() },
+                name: if self.waves.is_empty() {
+                    "all".to_owned()
+                } else {
+                    "rest".to_owned()
+                },
                 machines: left.into_iter().map(|(name, _)| name.clone()).collect(),
             });
         }

@@ -405,11 +405,20 @@ fn wave_names(a: &DeploymentArtifact) -> Vec<(String, Vec<String>)> {
 #[test]
 fn without_a_rollout_every_machine_is_in_one_wave_with_defaults() {
     let a = parse(&minimal()).unwrap();
-    assert_eq!(wave_names(&a), vec![("all".to_owned(), vec!["worker-1".to_owned()])]);
+    assert_eq!(
+        wave_names(&a),
+        vec![("all".to_owned(), vec!["worker-1".to_owned()])]
+    );
     let r = a.rollout();
     assert_eq!((r.max_in_flight, r.failure_budget), (0, 0));
-    assert_eq!(r.confirm_timeout_secs(), rollout::DEFAULT_CONFIRM_TIMEOUT_SECS);
-    assert_eq!(r.unreachable_after_secs(), rollout::DEFAULT_UNREACHABLE_AFTER_SECS);
+    assert_eq!(
+        r.confirm_timeout_secs(),
+        rollout::DEFAULT_CONFIRM_TIMEOUT_SECS
+    );
+    assert_eq!(
+        r.unreachable_after_secs(),
+        rollout::DEFAULT_UNREACHABLE_AFTER_SECS
+    );
     // Absent optional keys stay absent, so old artifacts keep their digest.
     assert!(!a.canonical_json().contains("rollout"));
     assert!(!a.canonical_json().contains("allowReboot"));
@@ -430,7 +439,10 @@ fn waves_take_machines_in_order_by_role_label_and_count() {
     assert_eq!(
         wave_names(&a),
         vec![
-            ("control-plane".to_owned(), vec!["control-plane-1".to_owned()]),
+            (
+                "control-plane".to_owned(),
+                vec!["control-plane-1".to_owned()]
+            ),
             ("canary".to_owned(), vec!["worker-1".to_owned()]),
             ("rest".to_owned(), vec!["worker-2".to_owned()]),
         ]
@@ -443,9 +455,17 @@ fn a_wave_naming_an_unknown_machine_is_refused() {
     let msg = refused(&fleet_with_rollout(
         json!({ "waves": [ { "name": "a", "machines": ["worker-9"] } ] }),
     ));
-    assert!(msg.contains("rollout.waves[0].machines") && msg.contains("worker-9"), "{msg}");
-    let msg = refused(&fleet_with_rollout(json!({ "waves": [ { "name": "a", "count": 0 } ] })));
+    assert!(
+        msg.contains("rollout.waves[0].machines") && msg.contains("worker-9"),
+        "{msg}"
+    );
+    let msg = refused(&fleet_with_rollout(
+        json!({ "waves": [ { "name": "a", "count": 0 } ] }),
+    ));
     assert!(msg.contains("rollout.waves[0].count"), "{msg}");
     let msg = refused(&fleet_with_rollout(json!({ "wave": [] })));
-    assert!(msg.contains("unknown field") && msg.contains("rollout"), "{msg}");
+    assert!(
+        msg.contains("unknown field") && msg.contains("rollout"),
+        "{msg}"
+    );
 }
