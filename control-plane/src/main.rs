@@ -5,6 +5,7 @@ mod agent_service;
 mod connections;
 mod deployment_service;
 mod dispatcher;
+mod metrics;
 mod rollout;
 mod server;
 mod store;
@@ -59,6 +60,12 @@ struct Args {
     /// Seconds between HTTP/2 keepalive pings; a peer silent for as long again is dropped.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     keepalive: u64,
+    /// Serve Prometheus metrics at `GET /metrics` over plain HTTP here; off when unset.
+    #[arg(long, env = "PROCURATOR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Once the metrics listener is bound, write its `HOST:PORT` here (atomically).
+    #[arg(long, requires = "metrics_listen")]
+    metrics_ready_file: Option<PathBuf>,
     /// Log as human-readable `text` or as `json` lines.
     #[arg(long, env = "PROCURATOR_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -80,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
         ready_file: args.ready_file,
         hello_timeout: Duration::from_secs(args.hello_timeout),
         keepalive: Duration::from_secs(args.keepalive),
+        metrics_listen: args.metrics_listen,
+        metrics_ready_file: args.metrics_ready_file,
     };
     let signal = CancellationToken::new();
     tokio::spawn(watch_signals(signal.clone()));

@@ -23,6 +23,8 @@ use crate::agent_service::AgentSvc;
 use crate::connections::Connections;
 use crate::deployment_service::DeploymentSvc;
 use crate::dispatcher::Dispatcher;
+use crate::metrics::Metrics;
+use crate::metrics::layer::RpcMetricsLayer;
 use crate::store::{Store, StoreError};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
@@ -39,6 +41,10 @@ pub struct Config {
     pub ready_file: Option<PathBuf>,
     pub hello_timeout: Duration,
     pub keepalive: Duration,
+    /// Where to serve `GET /metrics` over plain HTTP; `None` turns it off.
+    pub metrics_listen: Option<String>,
+    /// Once the metrics listener is bound, write its `HOST:PORT` here.
+    pub metrics_ready_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,17 +96,12 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
             .await;
     }
 
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen.clone(),
-        source,
-    })?;
+    let (listener, addr) = bind(&config.listen).await?;
     tracing::info!(address = %addr, "listening");
+    let metrics_listener = match &config.metrics_listen {
+        Some(listen) => Some(bind(listen).await?),
+        None => None,
+    };
 
     // Streams end on `stop`, which fires only after health went NOT_SERVING.
     let stop = CancellationToken::new();
@@ -114,6 +115,28 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     // Offline machines become unreachable on time, and a restarted control
     // plane carries on with the rollouts its store holds.
     tasks.spawn(dispatcher.clone().tick(stop.clone()));
+    let metrics = Arc::new(Metrics::new());
+    tasks.spawn(metrics.clone().watch_events(store.clone(), stop.clone()));
+    if let Some((listener, metrics_addr)) = metrics_listener {
+        tracing::info!(address = %metrics_addr, "metrics listening");
+        tasks.spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            store.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
+        if let Some(path) = &config.metrics_ready_file
+            && let Err(source) = write_ready_file(path, metrics_addr)
+        {
+            // Nothing else has started serving yet; stop what has.
+            stop.cancel();
+            return Err(ServerError::ReadyFile {
+                path: path.clone(),
+                source,
+            });
+        }
+    }
     let agents = AgentSvc {
         store: store.clone(),
         connections,
@@ -138,6 +161,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         .tls_config(tls.server_config())?
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
+        .layer(RpcMetricsLayer { metrics })
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -192,6 +216,16 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        addr: listen.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, addr))
 }
 
 /// Write `HOST:PORT\n` so that a reader never sees a partial file: write a

@@ -35,13 +35,18 @@ struct TestServer {
 
 impl TestServer {
     async fn start(hello_timeout: Duration) -> Self {
+        Self::start_with(hello_timeout, |_| {}).await
+    }
+
+    /// As [`Self::start`], with `adjust` applied to the configuration.
+    async fn start_with(hello_timeout: Duration, adjust: impl FnOnce(&mut server::Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki_dir = dir.path().join("pki");
         let init = pki::init(&pki_dir, &[], "admin").unwrap();
         pki::issue(&pki_dir, Role::Agent, "web-1", &[], false).unwrap();
         pki::issue(&pki_dir, Role::Ci, "ci", &[], false).unwrap();
         let ready = dir.path().join("ready");
-        let config = server::Config {
+        let mut config = server::Config {
             listen: "127.0.0.1:0".into(),
             data_dir: dir.path().join("data"),
             tls: TlsFiles {
@@ -52,7 +57,10 @@ impl TestServer {
             ready_file: Some(ready.clone()),
             hello_timeout,
             keepalive: Duration::from_secs(20),
+            metrics_listen: None,
+            metrics_ready_file: None,
         };
+        adjust(&mut config);
         let signal = CancellationToken::new();
         let handle = tokio::spawn(server::run(config, signal.clone()));
         let addr = wait_for_ready_file(&ready).await;
@@ -362,4 +370,5 @@ async fn a_second_connection_replaces_the_first() {
     assert!(agents[0].connected);
 }
 
+mod metrics;
 mod rollout;

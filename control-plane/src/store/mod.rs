@@ -15,6 +15,7 @@ mod queries;
 mod reports;
 mod schedule;
 mod schema;
+mod stats;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -109,13 +109,13 @@ impl Store {
                     result.reboot_required
                 ],
             )?;
-            let message = if result.reboot_required && !result.reboot_reason.is_empty() {
-                format!(
+            let message = match (result.reboot_required, result.reason.is_empty()) {
+                (true, true) => format!("reboot required: {}", result.reboot_reason),
+                (true, false) => format!(
                     "{} (reboot required: {})",
                     result.reason, result.reboot_reason
-                )
-            } else {
-                result.reason
+                ),
+                (false, _) => result.reason,
             };
             let update = MachineUpdate {
                 machine: machine.to_string(),
