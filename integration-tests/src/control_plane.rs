@@ -21,12 +21,26 @@ pub struct ControlPlane {
     process: Option<Process>,
     addr: Option<SocketAddr>,
     starts: u32,
+    /// The network namespace it runs in, if not this machine's network.
+    netns: Option<String>,
 }
 
 impl ControlPlane {
     /// Starts a control plane listening on `127.0.0.1:0`, with its data in
     /// `dir/data`, and waits until it is serving (its `--ready-file`).
     pub fn start(nix: &NixEnv, dir: &Path, pki: &Pki) -> Result<Self> {
+        Self::start_in(nix, dir, pki, None, "127.0.0.1:0")
+    }
+
+    /// Starts it inside the network namespace `netns` (if any), listening
+    /// on `listen` (an address of that namespace, port 0).
+    pub fn start_in(
+        nix: &NixEnv,
+        dir: &Path,
+        pki: &Pki,
+        netns: Option<&str>,
+        listen: &str,
+    ) -> Result<Self> {
         crate::mkdir(dir)?;
         let mut cp = Self {
             dir: dir.to_owned(),
@@ -34,9 +48,14 @@ impl ControlPlane {
             process: None,
             addr: None,
             starts: 0,
+            netns: netns.map(str::to_owned),
         };
-        cp.spawn(nix, "127.0.0.1:0")?;
+        cp.spawn(nix, listen)?;
         Ok(cp)
+    }
+
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     fn spawn(&mut self, nix: &NixEnv, listen: &str) -> Result<()> {
@@ -48,7 +67,15 @@ impl ControlPlane {
             _ => {}
         }
         let server = self.pki.control_plane();
-        let mut cmd = guarded(&crate::bin("procurator-control-plane")?);
+        let bin = crate::bin("procurator-control-plane")?;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = guarded(Path::new("ip"));
+                cmd.args(["netns", "exec", ns]).arg(&bin);
+                cmd
+            }
+            None => guarded(&bin),
+        };
         cmd.arg("--listen")
             .arg(listen)
             .arg("--data-dir")
@@ -106,6 +133,23 @@ impl ControlPlane {
     /// `127.0.0.1:PORT`, as grpcurl wants it.
     pub fn host_port(&self) -> Result<String> {
         Ok(self.addr()?.to_string())
+    }
+
+    /// SIGKILL, as a crash would: no shutdown code runs.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut process = self
+            .process
+            .take()
+            .context("the control plane is not running")?;
+        process.kill()
+    }
+
+    /// Starts it again after [`Self::kill`] or [`Self::stop`], on the same
+    /// address and data directory.
+    pub fn start_again(&mut self, nix: &NixEnv) -> Result<()> {
+        anyhow::ensure!(self.process.is_none(), "the control plane is running");
+        let listen = self.host_port()?;
+        self.spawn(nix, &listen)
     }
 
     /// SIGTERM; returns how it exited (SIGKILL after a grace period).

@@ -65,6 +65,8 @@ pub struct Ctl {
     ca: PathBuf,
     identity: Identity,
     nix_conf: PathBuf,
+    /// The network namespace it runs in (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 impl Ctl {
@@ -75,7 +77,16 @@ impl Ctl {
             ca: ca.to_owned(),
             identity: identity.clone(),
             nix_conf: nix.conf_dir().to_owned(),
+            netns: None,
         })
+    }
+
+    /// The same client run inside network namespace `netns`.
+    pub fn in_netns(&self, netns: Option<&str>) -> Self {
+        Self {
+            netns: netns.map(str::to_owned),
+            ..self.clone()
+        }
     }
 
     /// The same client presenting another certificate.
@@ -95,7 +106,7 @@ impl Ctl {
     }
 
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = crate::netns::command(self.netns.as_deref(), &self.bin);
         cmd.env("PROCURATOR_CONTROL_PLANE", &self.url)
             .env("PROCURATOR_TLS_CA", &self.ca)
             .env("PROCURATOR_TLS_CERT", &self.identity.cert)
@@ -120,6 +131,7 @@ pub struct Grpcurl {
     bin: PathBuf,
     addr: String,
     ca: PathBuf,
+    netns: Option<String>,
 }
 
 impl Grpcurl {
@@ -145,7 +157,16 @@ impl Grpcurl {
             bin: Self::find()?,
             addr: addr.to_owned(),
             ca: ca.to_owned(),
+            netns: None,
         })
+    }
+
+    /// The same client run inside network namespace `netns`.
+    pub fn in_netns(&self, netns: Option<&str>) -> Self {
+        Self {
+            netns: netns.map(str::to_owned),
+            ..self.clone()
+        }
     }
 
     pub fn with_ca(&self, ca: &Path) -> Self {
@@ -158,7 +179,7 @@ impl Grpcurl {
     /// `grpcurl -cacert CA [-cert C -key K] ARGS… ADDR TAIL…`. Without an
     /// identity grpcurl presents no client certificate.
     fn command(&self, identity: Option<&Identity>, args: &[&str], tail: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = crate::netns::command(self.netns.as_deref(), &self.bin);
         cmd.arg("-cacert").arg(&self.ca);
         if let Some(id) = identity {
             cmd.arg("-cert").arg(&id.cert).arg("-key").arg(&id.key);

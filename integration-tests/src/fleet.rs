@@ -16,6 +16,7 @@ use crate::control_plane::ControlPlane;
 use crate::ctl::{Ctl, Grpcurl};
 use crate::fixture::{self, Closures, Fixture};
 use crate::host::{AgentOptions, TestHost};
+use crate::netns::{self, NatNetwork};
 use crate::nixenv::NixEnv;
 use crate::pki::{Pki, SigningKey};
 
@@ -28,6 +29,11 @@ pub struct FleetOptions {
     pub initial_settings: Value,
     /// Machines whose agent is started (all of them by default).
     pub agents: Vec<String>,
+    /// Each host in a network namespace of its own behind a NAT router, the
+    /// control plane (and every client) in another ([`NatNetwork`]).
+    pub nat: bool,
+    /// Machines whose agent runs under a supervisor that restarts it.
+    pub supervised: Vec<String>,
 }
 
 impl Default for FleetOptions {
@@ -35,6 +41,8 @@ impl Default for FleetOptions {
         Self {
             initial_settings: json!({ "generation": 0 }),
             agents: crate::MACHINES.iter().map(|m| m.to_string()).collect(),
+            nat: false,
+            supervised: Vec::new(),
         }
     }
 }
@@ -44,6 +52,8 @@ impl Default for FleetOptions {
 pub struct Fleet {
     pub hosts: BTreeMap<String, TestHost>,
     pub control_plane: ControlPlane,
+    /// Deleted once every process in it has stopped.
+    pub network: Option<NatNetwork>,
     pub pki: Pki,
     pub key: SigningKey,
     pub fixture: Fixture,
@@ -69,7 +79,16 @@ impl Fleet {
             .tempdir()?;
         let root = dir.path().to_owned();
         let nix = NixEnv::in_dir(&root.join("nix"))?;
-        let pki = Pki::init(&nix, &root.join("pki"))?;
+        let network = if opts.nat {
+            Some(NatNetwork::create(&crate::MACHINES)?)
+        } else {
+            None
+        };
+        let pki = if network.is_some() {
+            Pki::init_with_sans(&nix, &root.join("pki"), &[netns::CONTROL_PLANE_IP])?
+        } else {
+            Pki::init(&nix, &root.join("pki"))?
+        };
         for m in crate::MACHINES {
             pki.issue(&nix, "agent", m)?;
         }
@@ -77,15 +96,30 @@ impl Fleet {
         let key = SigningKey::generate(&nix, &root.join("signing"), "procurator-test-1")?;
         let fixture = Fixture::copy_to(&root.join("flake"))?;
         let initial = fixture.build_with(&nix, &opts.initial_settings)?;
-        let control_plane = ControlPlane::start(&nix, &root.join("control-plane"), &pki)?;
+        let control_plane = match &network {
+            Some(net) => ControlPlane::start_in(
+                &nix,
+                &root.join("control-plane"),
+                &pki,
+                Some(net.control_plane.name()),
+                &format!("{}:0", netns::CONTROL_PLANE_IP),
+            )?,
+            None => ControlPlane::start(&nix, &root.join("control-plane"), &pki)?,
+        };
         let mut hosts = BTreeMap::new();
         for m in crate::MACHINES {
-            let host = TestHost::create(&nix, &root.join("hosts").join(m), m, &initial[m])?;
+            let mut host = TestHost::create(&nix, &root.join("hosts").join(m), m, &initial[m])?;
+            if let Some(net) = &network {
+                host.set_netns(net.host(m)?.0.name())?;
+            }
+            host.set_supervised(opts.supervised.iter().any(|s| s == m));
+            host.boot()?;
             hosts.insert(m.to_owned(), host);
         }
         let mut fleet = Self {
             hosts,
             control_plane,
+            network,
             pki,
             key,
             fixture,
@@ -130,16 +164,20 @@ impl Fleet {
 
     /// `procurator-ctl` as the operator `pki init` made.
     pub fn ctl(&self) -> Result<Ctl> {
-        Ctl::new(
+        Ok(Ctl::new(
             &self.nix,
             &self.control_plane.url()?,
             &self.pki.ca(),
             &self.pki.operator(),
-        )
+        )?
+        .in_netns(self.control_plane.netns()))
     }
 
     pub fn grpcurl(&self) -> Result<Grpcurl> {
-        Grpcurl::new(&self.control_plane.host_port()?, &self.pki.ca())
+        Ok(
+            Grpcurl::new(&self.control_plane.host_port()?, &self.pki.ca())?
+                .in_netns(self.control_plane.netns()),
+        )
     }
 
     /// `ListAgents` as the operator.
@@ -253,6 +291,13 @@ impl Fleet {
                 out.push_str(&format!(
                     "=== agent of {m}\n{}\n",
                     crate::log_tail(path, 60)
+                ));
+            }
+            for run in host.supervised_logs() {
+                out.push_str(&format!(
+                    "=== agent of {m}, {}\n{}\n",
+                    run.display(),
+                    crate::log_tail(&run, 40)
                 ));
             }
         }

@@ -28,6 +28,25 @@ shift 2
 exec "$@"
 "#;
 
+/// The namespace's init when the agent is supervised: it restarts the agent
+/// whenever it exits, as systemd's `Restart=always` would, and writes the
+/// running agent's pid to /run/procurator-agent.pid (what the fixture's
+/// `restartAgent` kills, and what crash tests SIGKILL). `$1` is where each
+/// run's log goes (`N` is appended), the rest is the agent's command line.
+const SUPERVISOR_SCRIPT: &str = r#"log="$1"; shift
+trap 'kill -TERM "$pid" 2>/dev/null; exit 0' TERM INT
+n=0
+while :; do
+  n=$((n + 1))
+  "$@" >>"$log.$n" 2>&1 &
+  pid=$!
+  echo "$pid" > /run/procurator-agent.pid
+  echo "$n" > /run/procurator-agent.runs
+  wait "$pid" || true
+  sleep 0.2
+done
+"#;
+
 /// What an agent is told besides its host.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -44,6 +63,11 @@ pub struct TestHost {
     initial: String,
     agent: Option<Process>,
     starts: u32,
+    /// The network namespace the host lives in (`ip netns`), if not this
+    /// machine's own network.
+    netns: Option<String>,
+    /// Whether the agent runs under [`SUPERVISOR_SCRIPT`].
+    supervised: bool,
 }
 
 impl TestHost {
@@ -74,6 +98,8 @@ impl TestHost {
             initial: initial.to_owned(),
             agent: None,
             starts: 0,
+            netns: None,
+            supervised: false,
         };
         // As nix-env would leave them after `--set`, so a profile that "did
         // not move" is one that still says generation 1.
@@ -85,6 +111,19 @@ impl TestHost {
         crate::mkdir(&boot)?;
         symlink(Path::new(initial), &boot.join("boot-entry"))?;
         Ok(host)
+    }
+
+    /// Links /run/current-system and /run/booted-system to the initial
+    /// closure now, as on a machine that booted, rather than when its agent
+    /// first starts: a fleet reads the hosts of agents never started too.
+    pub fn boot(&self) -> Result<()> {
+        for link in ["/run/current-system", "/run/booted-system"] {
+            let path = self.host_path(link);
+            if std::fs::symlink_metadata(&path).is_err() {
+                symlink(Path::new(&self.initial), &path)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -100,11 +139,57 @@ impl TestHost {
         &self.initial
     }
 
+    /// Puts the host (its agent and every command run on it from now on)
+    /// into the network namespace `netns`, which the caller made. The
+    /// marker file tells the fixture's activation it may change this
+    /// namespace's firewall.
+    pub fn set_netns(&mut self, netns: &str) -> Result<()> {
+        self.netns = Some(netns.to_owned());
+        let marker = self.dir.join("run/procurator-test");
+        crate::mkdir(&marker)?;
+        std::fs::write(marker.join("own-netns"), format!("{netns}\n"))
+            .context("writing the own-netns marker")
+    }
+
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// Runs the agent under a supervisor that restarts it whenever it
+    /// exits (see [`SUPERVISOR_SCRIPT`]); takes effect at the next start.
+    pub fn set_supervised(&mut self, supervised: bool) {
+        self.supervised = supervised;
+    }
+
+    /// The pid (in the host's PID namespace) of the agent the supervisor
+    /// runs now, and how many times it started it.
+    pub fn supervised_agent(&self) -> Option<(u32, u32)> {
+        let read = |name: &str| -> Option<u32> {
+            std::fs::read_to_string(self.dir.join("run").join(name))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some((
+            read("procurator-agent.pid")?,
+            read("procurator-agent.runs")?,
+        ))
+    }
+
     /// `unshare … sh -c NAMESPACE_SCRIPT sh HOSTDIR INITIAL PROGRAM ARGS…`,
-    /// unstarted. `--kill-child` plus the PID namespace: when unshare dies,
-    /// everything inside dies too.
+    /// unstarted (under `ip netns exec NS` for a host in its own network).
+    /// `--kill-child` plus the PID namespace: when unshare dies, everything
+    /// inside dies too.
     pub fn namespaced(&self, nix: &NixEnv, program: &Path) -> Command {
-        let mut cmd = guarded(Path::new("unshare"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = guarded(Path::new("ip"));
+                cmd.args(["netns", "exec", ns, "unshare"]);
+                cmd
+            }
+            None => guarded(Path::new("unshare")),
+        };
         cmd.args([
             "--mount",
             "--propagation",
@@ -134,7 +219,18 @@ impl TestHost {
         if self.agent.as_mut().is_some_and(Process::is_running) {
             bail!("{}'s agent is already running", self.name);
         }
-        let mut cmd = self.namespaced(nix, &crate::bin("procurator-agent")?);
+        let agent = crate::bin("procurator-agent")?;
+        self.starts += 1;
+        let log = self.dir.join(format!("agent-{}.log", self.starts));
+        let mut cmd = if self.supervised {
+            let mut cmd = self.namespaced(nix, Path::new("sh"));
+            cmd.args(["-c", SUPERVISOR_SCRIPT, "supervisor"])
+                .arg(self.dir.join(format!("agent-{}.run", self.starts)))
+                .arg(&agent);
+            cmd
+        } else {
+            self.namespaced(nix, &agent)
+        };
         cmd.arg("--control-plane")
             .arg(&opts.control_plane)
             .arg("--tls-ca")
@@ -153,8 +249,6 @@ impl TestHost {
         for k in &opts.trusted_public_keys {
             cmd.arg("--trusted-public-key").arg(k);
         }
-        self.starts += 1;
-        let log = self.dir.join(format!("agent-{}.log", self.starts));
         self.agent = Some(Process::spawn(
             &format!("agent of {}", self.name),
             cmd,
@@ -174,7 +268,79 @@ impl TestHost {
     }
 
     pub fn agent_log(&self) -> String {
-        self.agent.as_ref().map(Process::log).unwrap_or_default()
+        let mut log = self.agent.as_ref().map(Process::log).unwrap_or_default();
+        for run in self.supervised_logs() {
+            log.push_str(&format!("=== {}\n", run.display()));
+            log.push_str(&std::fs::read_to_string(&run).unwrap_or_default());
+        }
+        log
+    }
+
+    /// The logs of each run of a supervised agent, oldest first.
+    pub fn supervised_logs(&self) -> Vec<PathBuf> {
+        let prefix = format!("agent-{}.run.", self.starts);
+        let mut runs: Vec<(u32, PathBuf)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name.strip_prefix(&prefix)?.parse().ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        runs.sort();
+        runs.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// SIGKILLs the agent a supervisor runs (found from outside through its
+    /// `--state-dir` and its pid inside the host's PID namespace), as a
+    /// crash or the OOM killer would; returns the run number killed.
+    pub fn kill_supervised_agent(&self) -> Result<u32> {
+        let (inner, run) = self
+            .supervised_agent()
+            .context("no supervised agent has started")?;
+        let state_dir = self.dir.join("state");
+        let state_dir = state_dir.to_string_lossy();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_ours = args
+                .first()
+                .is_some_and(|a| a.ends_with("procurator-agent"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "--state-dir" && w[1] == state_dir);
+            if !is_ours {
+                continue;
+            }
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let ns_pid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|p| p.parse::<u32>().ok());
+            if ns_pid == Some(inner) {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .with_context(|| format!("killing {}'s agent (pid {pid})", self.name))?;
+                return Ok(run);
+            }
+        }
+        bail!(
+            "{}'s supervised agent (pid {inner} inside) is not running",
+            self.name
+        )
     }
 
     pub fn agent_log_path(&self) -> Option<&Path> {

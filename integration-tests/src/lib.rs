@@ -23,9 +23,11 @@ pub mod ctl;
 pub mod fixture;
 pub mod fleet;
 pub mod host;
+pub mod netns;
 pub mod nixenv;
 pub mod pki;
 pub mod process;
+pub mod scenario;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -25,13 +25,20 @@ impl Pki {
     /// `procurator-ctl pki init --dir DIR`: a CA, the control plane's
     /// certificate and `operator-admin`.
     pub fn init(nix: &NixEnv, dir: &Path) -> Result<Self> {
+        Self::init_with_sans(nix, dir, &[])
+    }
+
+    /// `pki init --san NAME…`: the control plane's certificate also names
+    /// `sans` (e.g. its address inside a network namespace).
+    pub fn init_with_sans(nix: &NixEnv, dir: &Path, sans: &[&str]) -> Result<Self> {
         let ctl = crate::bin("procurator-ctl")?;
         let dir_arg = dir.to_string_lossy().into_owned();
-        nix.run(
-            ctl.to_string_lossy().as_ref(),
-            ["pki", "init", "--dir", dir_arg.as_str()],
-        )
-        .context("procurator-ctl pki init")?;
+        let mut args = vec!["pki", "init", "--dir", dir_arg.as_str()];
+        for san in sans {
+            args.extend(["--san", san]);
+        }
+        nix.run(ctl.to_string_lossy().as_ref(), args)
+            .context("procurator-ctl pki init")?;
         Ok(Self {
             dir: dir.to_owned(),
         })

@@ -228,7 +228,26 @@ async fn alive(launched: &Launched) -> bool {
             Err(_) => true,
         };
     }
-    launched.pid.is_some_and(runner_alive)
+    match launched.pid {
+        Some(pid) => runner_alive(pid),
+        // The agent died between journalling the launch and recording the
+        // runner's pid: look for the runner by its status file instead.
+        None => runner_for_status_file(&launched.status_file).is_some(),
+    }
+}
+
+/// The pid of a live `run-detached` runner writing `status_file`, if any.
+fn runner_for_status_file(status_file: &Path) -> Option<u32> {
+    let wanted = status_file.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                cmdline.split(|b| *b == 0).any(|arg| arg == wanted)
+            }) && runner_alive(*pid)
+        })
 }
 
 /// `/proc/PID` is a live (not zombie) `run-detached` process: a pid reused
@@ -245,7 +264,10 @@ pub fn runner_alive(pid: u32) -> bool {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
     });
-    runs_runner && !zombie
+    // Between fork and exec a freshly spawned runner has an empty cmdline;
+    // kernel threads do too, but have no executable.
+    let starting = cmdline.is_empty() && std::fs::read_link(proc.join("exe")).is_ok();
+    (runs_runner || starting) && !zombie
 }
 
 /// Ends an activation that ran out of time: the unit, or the runner's

@@ -84,8 +84,10 @@ pub fn wave_text(w: &WaveStarted) -> String {
 /// `rollout halted: <the server's reason> (worker-1)`.
 pub fn halted_text(h: &RolloutHalted) -> String {
     let mut out = String::from("rollout halted");
-    if !h.reason.is_empty() {
-        let _ = write!(out, ": {}", h.reason);
+    // The control plane's reason may already start with these words.
+    let reason = h.reason.strip_prefix("rollout halted: ").unwrap_or(&h.reason);
+    if !reason.is_empty() {
+        let _ = write!(out, ": {reason}");
     }
     // The reason may already name the machines; say them once.
     let unnamed: Vec<&str> = h
