@@ -244,9 +244,9 @@ fn runner_for_status_file(status_file: &Path) -> Option<u32> {
         .filter_map(Result::ok)
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-                cmdline.split(|b| *b == 0).any(|arg| arg == wanted)
-            }) && runner_alive(*pid)
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == wanted))
+                && runner_alive(*pid)
         })
 }
 

@@ -85,7 +85,10 @@ pub fn wave_text(w: &WaveStarted) -> String {
 pub fn halted_text(h: &RolloutHalted) -> String {
     let mut out = String::from("rollout halted");
     // The control plane's reason may already start with these words.
-    let reason = h.reason.strip_prefix("rollout halted: ").unwrap_or(&h.reason);
+    let reason = h
+        .reason
+        .strip_prefix("rollout halted: ")
+        .unwrap_or(&h.reason);
     if !reason.is_empty() {
         let _ = write!(out, ": {reason}");
     }
