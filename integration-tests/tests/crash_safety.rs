@@ -9,6 +9,7 @@ use std::fs::File;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use procurator_integration_tests::netns::CONTROL_PLANE_IP;
 use procurator_integration_tests::scenario::{
     self, activation_count, consistent_on, journal_phase, state, submit, wait_final,
 };
@@ -57,33 +58,27 @@ fn kill_agent_in_phase(fleet: &Fleet, machine: &str, phase: &str) -> u32 {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.logs()))
 }
 
-#[test]
-fn agents_killed_while_activating_or_checking_end_on_one_closure() {
-    let fleet = supervised_fleet();
-    // worker-1 activates slowly, worker-2 checks slowly: each is killed in
-    // the middle of its slow phase.
-    let settings = json!({
-        "generation": 1,
-        "healthCheckTimeout": 20,
-        "machines": {
-            "worker-1": { "activationDelay": 5 },
-            "worker-2": { "healthDelay": 5 }
-        }
-    });
-    let (closures, artifact, _) =
-        scenario::prepare(&fleet, &settings, &json!({})).expect("prepare");
+/// Submits a rollout of `settings` (with `rollout` options) to `fleet`,
+/// SIGKILLs each listed machine's agent once its journal says the phase
+/// given, in order, and checks the outcome: every host on exactly one of its
+/// closures with the row agreeing, each killed agent started again, and no
+/// second activation of the new closure.
+fn kill_agents_in_phases(fleet: &Fleet, settings: &Value, rollout: &Value, kills: &[(&str, &str)]) {
+    let (closures, artifact, _) = scenario::prepare(fleet, settings, rollout).expect("prepare");
     let ctl = fleet.ctl().expect("ctl");
     let (id, _) = submit(&ctl, &artifact, &[]).expect("submit");
 
-    let killed1 = kill_agent_in_phase(&fleet, "worker-1", "activating");
-    let killed2 = kill_agent_in_phase(&fleet, "worker-2", "checking");
+    let killed: Vec<(&str, u32)> = kills
+        .iter()
+        .map(|(m, phase)| (*m, kill_agent_in_phase(fleet, m, phase)))
+        .collect();
 
-    let deployment = wait_final(&fleet, &id, ROLLOUT_TIMEOUT).expect("the deployment finishes");
+    let deployment = wait_final(fleet, &id, ROLLOUT_TIMEOUT).expect("the deployment finishes");
     let machines = Fleet::machine_states(&deployment);
     for m in MACHINES {
-        assert_host_matches_row(&fleet, m, &closures[m], &machines[m]);
+        assert_host_matches_row(fleet, m, &closures[m], &machines[m]);
     }
-    for (m, killed) in [("worker-1", killed1), ("worker-2", killed2)] {
+    for (m, killed) in killed {
         let (_, runs) = fleet.host(m).supervised_agent().expect("supervisor");
         assert!(
             runs > killed,
@@ -97,6 +92,64 @@ fn agents_killed_while_activating_or_checking_end_on_one_closure() {
             scenario::activations(fleet.host(m))
         );
     }
+}
+
+#[test]
+fn agents_killed_while_activating_or_checking_end_on_one_closure() {
+    // worker-1 activates slowly, worker-2 checks slowly: each is killed in
+    // the middle of its slow phase.
+    let settings = json!({
+        "generation": 1,
+        "healthCheckTimeout": 20,
+        "machines": {
+            "worker-1": { "activationDelay": 5 },
+            "worker-2": { "healthDelay": 5 }
+        }
+    });
+    kill_agents_in_phases(
+        &supervised_fleet(),
+        &settings,
+        &json!({}),
+        &[("worker-1", "activating"), ("worker-2", "checking")],
+    );
+}
+
+#[test]
+fn an_agent_killed_while_committing_ends_on_one_closure() {
+    // worker-1's boot entry is slow to write: its agent is killed while
+    // the journal says committing.
+    let settings = json!({
+        "generation": 1,
+        "machines": { "worker-1": { "bootDelay": 5 } }
+    });
+    kill_agents_in_phases(
+        &supervised_fleet(),
+        &settings,
+        &json!({}),
+        &[("worker-1", "committing")],
+    );
+}
+
+#[test]
+fn an_agent_killed_while_confirming_ends_on_one_closure() {
+    // worker-1's new system cuts it off the control plane for a few
+    // seconds, well inside the confirmation timeout: its agent is killed
+    // while it retries confirming, and the restarted agent checks and
+    // confirms again.
+    let fleet = Fleet::start_with(FleetOptions {
+        nat: true,
+        supervised: MACHINES.iter().map(|m| m.to_string()).collect(),
+        ..FleetOptions::default()
+    })
+    .expect("fleet behind NAT with supervised agents");
+    let settings = json!({
+        "generation": 1,
+        "machines": {
+            "worker-1": { "blockControlPlane": CONTROL_PLANE_IP, "blockControlPlaneFor": 4 }
+        }
+    });
+    let rollout = json!({ "rollout": { "confirmTimeout": 20 } });
+    kill_agents_in_phases(&fleet, &settings, &rollout, &[("worker-1", "confirming")]);
 }
 
 /// A `procurator-ctl watch --output json` running in the background, killed
@@ -305,4 +358,20 @@ fn an_activation_that_kills_the_agent_still_succeeds_once() {
         })
         .collect();
     assert_eq!(results.len(), 1, "worker-1's result once: {watched}");
+}
+
+#[test]
+fn an_agent_killed_while_copying_ends_on_one_closure() {
+    // worker-1's closure carries a large path: its agent is killed while
+    // the journal says copying, and the restarted agent copies again.
+    let settings = json!({
+        "generation": 1,
+        "machines": { "worker-1": { "copyPadding": 96 } }
+    });
+    kill_agents_in_phases(
+        &supervised_fleet(),
+        &settings,
+        &json!({}),
+        &[("worker-1", "copying")],
+    );
 }
