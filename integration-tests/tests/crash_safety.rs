@@ -5,6 +5,7 @@
 //! exactly one of its two closures, its profile agreeing, and the control
 //! plane's row matching the host.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -63,7 +64,12 @@ fn kill_agent_in_phase(fleet: &Fleet, machine: &str, phase: &str) -> u32 {
 /// given, in order, and checks the outcome: every host on exactly one of its
 /// closures with the row agreeing, each killed agent started again, and no
 /// second activation of the new closure.
-fn kill_agents_in_phases(fleet: &Fleet, settings: &Value, rollout: &Value, kills: &[(&str, &str)]) {
+fn kill_agents_in_phases(
+    fleet: &Fleet,
+    settings: &Value,
+    rollout: &Value,
+    kills: &[(&str, &str)],
+) -> BTreeMap<String, Value> {
     let (closures, artifact, _) = scenario::prepare(fleet, settings, rollout).expect("prepare");
     let ctl = fleet.ctl().expect("ctl");
     let (id, _) = submit(&ctl, &artifact, &[]).expect("submit");
@@ -92,6 +98,7 @@ fn kill_agents_in_phases(fleet: &Fleet, settings: &Value, rollout: &Value, kills
             scenario::activations(fleet.host(m))
         );
     }
+    machines
 }
 
 #[test]
@@ -368,10 +375,16 @@ fn an_agent_killed_while_copying_ends_on_one_closure() {
         "generation": 1,
         "machines": { "worker-1": { "copyPadding": 96 } }
     });
-    kill_agents_in_phases(
+    let machines = kill_agents_in_phases(
         &supervised_fleet(),
         &settings,
         &json!({}),
         &[("worker-1", "copying")],
+    );
+    // Nothing had changed yet: the restarted agent copies again and goes on.
+    assert_eq!(
+        machines["worker-1"]["state"], "MACHINE_STATE_SUCCEEDED",
+        "{:?}",
+        machines["worker-1"]
     );
 }

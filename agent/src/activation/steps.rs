@@ -15,6 +15,11 @@ use crate::health::{Check, run_check};
 use crate::outcome::Failure;
 use crate::system::{Goal, Profile};
 
+/// How often a copy is tried before the deployment fails, and the pause
+/// before the second attempt (doubled for the third).
+const COPY_ATTEMPTS: u32 = 3;
+const COPY_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 impl Deployment<'_> {
     /// `nix copy --from` each substituter in turn (the agent's own first)
     /// until one has the closure, signed by a key the agent trusts.
@@ -39,33 +44,50 @@ impl Deployment<'_> {
         self.report(MachineState::Copying, format!("copying {closure}"));
         let mut errors = Vec::new();
         let mut tail = String::new();
-        for substituter in substituters {
-            let message = format!("copying {closure} from {substituter}");
-            let mut last_sent: Option<Instant> = None;
-            let copied = activator
-                .nix
-                .copy_from(substituter, closure, &activator.trusted_keys, |progress| {
-                    let due = last_sent
-                        .is_none_or(|at| at.elapsed() >= activator.settings.progress_interval);
-                    if due {
-                        last_sent = Some(Instant::now());
-                        self.report_copy(MachineState::Copying, message.clone(), Some(progress));
+        // A copy interrupted (the agent killed mid-copy, a cache that hiccups)
+        // is retried a few times before the deployment fails: nothing has
+        // changed on the machine yet, so trying again is always safe.
+        for attempt in 1..=COPY_ATTEMPTS {
+            if attempt > 1 {
+                tokio::time::sleep(COPY_RETRY_DELAY * (attempt - 1)).await;
+                self.report(
+                    MachineState::Copying,
+                    format!("copying {closure}, attempt {attempt} of {COPY_ATTEMPTS}"),
+                );
+            }
+            errors.clear();
+            for &substituter in &substituters {
+                let message = format!("copying {closure} from {substituter}");
+                let mut last_sent: Option<Instant> = None;
+                let copied = activator
+                    .nix
+                    .copy_from(substituter, closure, &activator.trusted_keys, |progress| {
+                        let due = last_sent
+                            .is_none_or(|at| at.elapsed() >= activator.settings.progress_interval);
+                        if due {
+                            last_sent = Some(Instant::now());
+                            self.report_copy(
+                                MachineState::Copying,
+                                message.clone(),
+                                Some(progress),
+                            );
+                        }
+                    })
+                    .await;
+                match copied {
+                    Ok(last) => {
+                        self.report_copy(
+                            MachineState::Copying,
+                            format!("copied {closure} from {substituter}"),
+                            Some(last),
+                        );
+                        return Ok(());
                     }
-                })
-                .await;
-            match copied {
-                Ok(last) => {
-                    self.report_copy(
-                        MachineState::Copying,
-                        format!("copied {closure} from {substituter}"),
-                        Some(last),
-                    );
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(substituter, error = %e, "copy failed");
-                    errors.push(format!("{substituter}: {e}"));
-                    tail = e.tail().to_owned();
+                    Err(e) => {
+                        tracing::warn!(substituter, error = %e, "copy failed");
+                        errors.push(format!("{substituter}: {e}"));
+                        tail = e.tail().to_owned();
+                    }
                 }
             }
         }
