@@ -370,6 +370,38 @@ impl TestHost {
             .into_owned())
     }
 
+    /// Panics unless the host runs `closure` and its system profile (at
+    /// generation link `generation`, e.g. `system-2-link`) and boot entry
+    /// point at it too: what "on exactly this closure" means for a test.
+    pub fn assert_on(&self, closure: &str, generation: &str) {
+        let name = self.name();
+        let want = Some(closure);
+        let read = |what: &str, value: Result<Option<String>>| {
+            value.unwrap_or_else(|e| panic!("{name}: reading the {what}: {e:#}"))
+        };
+        assert_eq!(
+            read("current system", self.current_system()).as_deref(),
+            want,
+            "{name}: /run/current-system"
+        );
+        assert_eq!(
+            read("system profile", self.system_profile()).as_deref(),
+            want,
+            "{name}: system profile"
+        );
+        assert_eq!(
+            self.system_generation()
+                .unwrap_or_else(|e| panic!("{name}: {e:#}")),
+            generation,
+            "{name}: system profile generation"
+        );
+        assert_eq!(
+            read("boot entry", self.boot_entry()).as_deref(),
+            want,
+            "{name}: boot entry"
+        );
+    }
+
     /// The closure `switch-to-configuration boot` recorded.
     pub fn boot_entry(&self) -> Result<Option<String>> {
         self.resolve("/nix/var/nix/procurator-test/boot-entry")

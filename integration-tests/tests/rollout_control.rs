@@ -29,27 +29,7 @@ fn path(p: &std::path::Path) -> &str {
 /// never moved, nothing was activated and the new closure was never copied.
 fn assert_untouched(fleet: &Fleet, machine: &str, new_closure: &str) {
     let host = fleet.host(machine);
-    let old = Some(fleet.initial[machine].as_str());
-    assert_eq!(
-        host.current_system().expect("current").as_deref(),
-        old,
-        "{machine}: current system"
-    );
-    assert_eq!(
-        host.system_profile().expect("profile").as_deref(),
-        old,
-        "{machine}: profile"
-    );
-    assert_eq!(
-        host.system_generation().expect("generation"),
-        "system-1-link",
-        "{machine}"
-    );
-    assert_eq!(
-        host.boot_entry().expect("boot").as_deref(),
-        old,
-        "{machine}: boot entry"
-    );
+    host.assert_on(&fleet.initial[machine], "system-1-link");
     assert!(
         activations(host).is_empty(),
         "{machine} activated something: {:?}",
