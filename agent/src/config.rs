@@ -67,7 +67,7 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub keepalive: u64,
     /// The longest wait between reconnection attempts, seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = procurator_core::backoff::DEFAULT_CAP.as_secs())]
     pub max_backoff: u64,
     /// `text` or `json` logs on stderr.
     #[arg(

@@ -17,11 +17,11 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{BASE, Backoff};
 use crate::deployer::Activity;
 use crate::desired::Inbound;
 use crate::outbox::{Outbox, Outgoing};
 use crate::system::SystemPaths;
+use procurator_core::backoff::{BASE, Backoff};
 
 /// From dialling to `Welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -5,7 +5,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod activation;
-mod backoff;
 mod config;
 mod confirm;
 mod connection;

@@ -3,6 +3,7 @@
 //! become unreachable on time.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use procurator_core::MachineName;
@@ -21,16 +22,48 @@ pub struct Dispatcher {
     pub store: Store,
     pub connections: Arc<Connections>,
     pub tasks: TaskTracker,
+    kicks: Arc<Kicks>,
+}
+
+/// Coalesces kicks: a scheduler run reads every row of every running
+/// deployment, so 10,000 results each running it would cost O(n²). One run
+/// at a time, and a run answers every kick made before it started.
+#[derive(Default)]
+struct Kicks {
+    /// Kicks asked for so far; each kick's number is its position.
+    requested: AtomicU64,
+    /// Every kick up to this number has been answered by a finished run.
+    answered: AtomicU64,
+    running: tokio::sync::Mutex<()>,
 }
 
 impl Dispatcher {
+    pub fn new(store: Store, connections: Arc<Connections>, tasks: TaskTracker) -> Self {
+        Self {
+            store,
+            connections,
+            tasks,
+            kicks: Arc::default(),
+        }
+    }
+
     /// Run the scheduler over every running deployment (its decisions are
     /// committed), then send each machine it picked its desired state.
+    /// Returns once a run that started after this call has finished, so the
+    /// caller's committed changes were scheduled; concurrent callers share runs.
     pub async fn kick(&self) -> Result<(), StoreError> {
+        let mine = self.kicks.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _one_at_a_time = self.kicks.running.lock().await;
+        if self.kicks.answered.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        // Every kick asked for by now committed its changes before asking.
+        let covers = self.kicks.requested.load(Ordering::SeqCst);
         let machines = self.store.schedule().await?;
         for machine in machines {
             self.send(machine);
         }
+        self.kicks.answered.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
 

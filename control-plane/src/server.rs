@@ -107,11 +107,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let connections = Arc::new(Connections::default());
-    let dispatcher = Dispatcher {
-        store: store.clone(),
-        connections: connections.clone(),
-        tasks: tasks.clone(),
-    };
+    let dispatcher = Dispatcher::new(store.clone(), connections.clone(), tasks.clone());
     // Offline machines become unreachable on time, and a restarted control
     // plane carries on with the rollouts its store holds.
     tasks.spawn(dispatcher.clone().tick(stop.clone()));

@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod artifact;
+pub mod backoff;
 pub mod identity;
 pub mod names;
 pub mod nix;

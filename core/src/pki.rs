@@ -169,7 +169,6 @@ fn issue_with(
     sans: &[String],
     force: bool,
 ) -> Result<IssuedFiles, PkiError> {
-    let identity = Identity::new(role, name.clone());
     let (cert_path, key_path) = leaf_paths(dir, role, name);
     if !force {
         for p in [&cert_path, &key_path] {
@@ -178,6 +177,62 @@ fn issue_with(
             }
         }
     }
+    let leaf = issue_pem(issuer, role, name, sans)?;
+    // The key first: a certificate without its key is useless, the reverse is harmless.
+    write_file(&key_path, leaf.key_pem.as_bytes(), 0o600, force)?;
+    write_file(&cert_path, leaf.cert_pem.as_bytes(), 0o644, force)?;
+    Ok(IssuedFiles {
+        identity: leaf.identity,
+        cert: cert_path,
+        key: key_path,
+    })
+}
+
+/// A certificate and its key, in PEM, never written to disk.
+#[derive(Debug, Clone)]
+pub struct IssuedPem {
+    pub identity: Identity,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A fleet CA loaded once to issue many certificates in memory: the agent
+/// swarm benchmark gives each of its thousands of agents its own.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authority { .. }")
+    }
+}
+
+impl Authority {
+    /// The CA `init` wrote in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        Ok(Self {
+            issuer: load_issuer(dir)?,
+        })
+    }
+
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &MachineName,
+        sans: &[String],
+    ) -> Result<IssuedPem, PkiError> {
+        issue_pem(&self.issuer, role, name, sans)
+    }
+}
+
+fn issue_pem(
+    issuer: &Issuer<'_, KeyPair>,
+    role: Role,
+    name: &MachineName,
+    sans: &[String],
+) -> Result<IssuedPem, PkiError> {
+    let identity = Identity::new(role, name.clone());
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     for san in sans {
         params
@@ -214,13 +269,10 @@ fn issue_with(
     params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer)?;
-    // The key first: a certificate without its key is useless, the reverse is harmless.
-    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, force)?;
-    write_file(&cert_path, cert.pem().as_bytes(), 0o644, force)?;
-    Ok(IssuedFiles {
+    Ok(IssuedPem {
         identity,
-        cert: cert_path,
-        key: key_path,
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
     })
 }
 
@@ -290,6 +342,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pki init"), "{err}");
+    }
+
+    #[test]
+    fn an_authority_issues_distinct_identities_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[], "alice").unwrap();
+        let ca = Authority::load(dir.path()).unwrap();
+        let names = ["m-0", "m-1"].map(|n| MachineName::parse(n).unwrap());
+        let issued: Vec<IssuedPem> = names
+            .iter()
+            .map(|n| ca.issue(Role::Agent, n, &[]).unwrap())
+            .collect();
+        assert_ne!(issued[0].key_pem, issued[1].key_pem);
+        for (leaf, name) in issued.iter().zip(&names) {
+            let id = Identity::from_certificate_der(&pem_to_der(&leaf.cert_pem)).unwrap();
+            assert_eq!(id.to_string(), format!("agent/{name}"));
+        }
+        // Nothing was written beside the CA.
+        assert!(!dir.path().join("agent-m-0.crt").exists());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Authority::load(empty.path()),
+            Err(PkiError::NoCa(_))
+        ));
     }
 
     fn init_again(dir: &Path) -> Result<InitFiles, PkiError> {

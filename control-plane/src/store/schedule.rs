@@ -3,7 +3,7 @@
 //! schedule survives a restart. Also what one machine should be sent, and
 //! re-opening a machine that was given up as unreachable.
 
-use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
+use procurator_core::{DeploymentId, MachineName};
 use procurator_proto::v1::{
     DeploymentState, DesiredState, MachineState, MachineUpdate, RolloutHalted, WaveStarted, event,
 };
@@ -36,17 +36,19 @@ impl Store {
     /// deployment that names it, when that row is in flight. A PENDING row
     /// waits for the scheduler; a final one needs nothing.
     pub async fn take_desired(&self, machine: MachineName) -> Result<Option<Outbound>, StoreError> {
+        let artifacts = self.inner.artifacts.clone();
         self.read(move |conn| {
-            let newest: Option<(String, String, i32, String, i64, String)> = conn
-                .query_row(
-                    "SELECT m.deployment_id, m.closure, m.state, d.artifact, d.stopped, d.halted_reason
+            let newest: Option<(String, String, i32, i64, String)> = conn
+                .prepare_cached(
+                    "SELECT m.deployment_id, m.closure, m.state, d.stopped, d.halted_reason
                      FROM machines m JOIN deployments d ON d.id = m.deployment_id
                      WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
-                    [machine.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-                )
+                )?
+                .query_row([machine.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
                 .optional()?;
-            let Some((id, closure, state, artifact, stopped, reason)) = newest else {
+            let Some((id, closure, state, stopped, reason)) = newest else {
                 return Ok(None);
             };
             if !rollout::is_in_flight(machine_state(state)) {
@@ -58,7 +60,7 @@ impl Store {
                     reason,
                 }));
             }
-            let artifact = parse_artifact(&id, &artifact)?;
+            let artifact = artifacts.get(conn, &id)?;
             Ok(Some(Outbound::Desired(rollout::desired_state(
                 &artifact, &id, &machine, &closure,
             ))))
@@ -120,11 +122,6 @@ impl Store {
     }
 }
 
-fn parse_artifact(id: &str, json: &str) -> Result<DeploymentArtifact, StoreError> {
-    DeploymentArtifact::from_json(json.as_bytes())
-        .map_err(|e| StoreError::Corrupt(format!("the stored artifact of {id} is invalid: {e}")))
-}
-
 /// Move a row to `state` and record it in the event log.
 fn update(
     tx: &mut Tx<'_>,
@@ -162,18 +159,13 @@ pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<MachineName>, StoreErr
 }
 
 fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, StoreError> {
-    let (artifact, stopped, started_wave, wave_started_ms, waves): (
-        String,
-        i64,
-        Option<i64>,
-        i64,
-        String,
-    ) = tx.sql.query_row(
-        "SELECT artifact, stopped, started_wave, wave_started_ms, waves FROM deployments WHERE id = ?1",
-        [id.as_str()],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-    )?;
-    let settings = parse_artifact(id.as_str(), &artifact)?.rollout();
+    let (stopped, started_wave, wave_started_ms, waves): (i64, Option<i64>, i64, String) =
+        tx.sql.query_row(
+            "SELECT stopped, started_wave, wave_started_ms, waves FROM deployments WHERE id = ?1",
+            [id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+    let settings = tx.artifacts.get(&tx.sql, id.as_str())?.rollout();
     let waves: Vec<StoredWave> = serde_json::from_str(&waves)
         .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
     let rows: Vec<rollout::Row> = {

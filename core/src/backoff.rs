@@ -7,6 +7,8 @@ use rand::Rng;
 
 /// The first retry waits up to this long.
 pub const BASE: Duration = Duration::from_millis(500);
+/// The agent's default cap on the wait between attempts.
+pub const DEFAULT_CAP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Backoff {

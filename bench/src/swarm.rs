@@ -1,0 +1,361 @@
+//! `procurator-bench swarm`: N simulated agents against the real control
+//! plane, each run on a fresh store, measuring
+//! - the control plane's RSS per connected agent (/proc/PID/status),
+//! - its idle CPU with every agent connected and keepalive on (/proc/PID/stat),
+//! - submit → every agent holds its desired state (p50, p99, max),
+//! - submit → finished with instant agents, with and without the
+//!   connectivity confirmation over a new connection,
+//! - M concurrent `watch` streams during that rollout: events/s and lag,
+//! - the connect storm after a control-plane restart (the agents' real
+//!   backoff and jitter), and how many agents gave up (must be none).
+
+pub mod agents;
+mod fleet;
+mod operator;
+mod plane;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use procurator_core::tls::TlsFiles;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use self::agents::Behaviour;
+use self::fleet::{AgentProcesses, Layout};
+use self::plane::ControlPlane;
+use crate::stats;
+
+/// Agents wait at most this long for everything to happen at 10,000 agents.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+const PREFIX: &str = "m";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SwarmArgs {
+    /// Swarm sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    pub agents: Vec<usize>,
+    /// Runs per size (each on a fresh control plane and store).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Agents per swarm process (each process may hold 20,000 open files).
+    #[arg(long, default_value_t = 2500)]
+    pub agents_per_process: usize,
+    /// Concurrent `watch` streams following the rollout.
+    #[arg(long, default_value_t = 10)]
+    pub watchers: usize,
+    /// How long to measure idle CPU, seconds (at least one keepalive period).
+    #[arg(long, default_value_t = 30)]
+    pub idle_secs: u64,
+    /// The control plane binary (default: procurator-control-plane beside this one).
+    #[arg(long)]
+    pub control_plane: Option<PathBuf>,
+    /// Write every run's figures and the summaries here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub behaviour: Behaviour,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    pub agents: usize,
+    /// From the agents' first dial to all connected (cold start, no backoff yet).
+    pub connect_s: f64,
+    pub rss_idle_kib: u64,
+    pub rss_connected_kib: u64,
+    pub rss_per_agent_kib: f64,
+    /// VmHWM after both rollouts.
+    pub rss_peak_kib: u64,
+    pub idle_cpu_percent: f64,
+    /// Submit → desired state received, with confirmation on.
+    pub desired_p50_ms: f64,
+    pub desired_p99_ms: f64,
+    pub desired_max_ms: f64,
+    /// Submit → deployment finished, confirmation on (the default) and off.
+    pub finished_s: f64,
+    pub finished_no_confirm_s: f64,
+    pub succeeded: usize,
+    pub watchers: usize,
+    pub watch_events: u64,
+    /// Events per second the slowest watcher received, and all together.
+    pub watch_slowest_events_per_s: f64,
+    pub watch_total_events_per_s: f64,
+    /// The largest (receipt − event time) any watcher saw, milliseconds.
+    pub watch_max_lag_ms: f64,
+    /// Control plane restarted → every agent connected again.
+    pub storm_s: f64,
+    pub storm_dial_failures: u64,
+    /// Agents refused for good (the real agent would back off for long): must be 0.
+    pub storm_refused: u64,
+}
+
+pub fn run(args: SwarmArgs) -> Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if args.agents.is_empty() || args.agents.contains(&0) {
+        bail!("--agents needs sizes of at least 1, e.g. --agents 1000,5000,10000");
+    }
+    if args.agents_per_process == 0 {
+        bail!("--agents-per-process must be at least 1");
+    }
+    if args.behaviour.keepalive == 0 {
+        bail!("--keepalive must be at least 1 second");
+    }
+    let control_plane = match &args.control_plane {
+        Some(path) => path.clone(),
+        None => sibling("procurator-control-plane")?,
+    };
+    raise_open_files_limit();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(measure_all(&args, &control_plane))
+}
+
+async fn measure_all(args: &SwarmArgs, control_plane: &std::path::Path) -> Result<()> {
+    let mut all = Vec::new();
+    for &n in &args.agents {
+        let mut runs = Vec::new();
+        for r in 1..=args.runs {
+            eprintln!("swarm: {n} agents, run {r} of {}", args.runs);
+            let figures = one_run(args, control_plane, n)
+                .await
+                .with_context(|| format!("{n} agents, run {r}"))?;
+            eprintln!("swarm:   {}", report::one_line(&figures));
+            runs.push(figures);
+        }
+        all.push(runs);
+    }
+    let summaries: Vec<report::Summary> = all.iter().map(|runs| report::summarise(runs)).collect();
+    println!("{}", report::table(args, &summaries));
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "benchmark": "swarm",
+            "machine": report::machine(),
+            "behaviour": args.behaviour,
+            "watchers": args.watchers,
+            "idleSecs": args.idle_secs,
+            "summaries": summaries,
+            "runs": all,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn one_run(
+    args: &SwarmArgs,
+    control_plane: &std::path::Path,
+    n: usize,
+) -> Result<RunFigures> {
+    let dir = tempfile::Builder::new()
+        .prefix("procurator-swarm-")
+        .tempdir()?;
+    let pki = dir.path().join("pki");
+    procurator_core::pki::init(&pki, &[], "bench")?;
+    let plane_dir = dir.path().join("control-plane");
+    std::fs::create_dir_all(&plane_dir)?;
+    let mut plane =
+        ControlPlane::start(control_plane, &plane_dir, &pki, args.behaviour.keepalive).await?;
+    let result = measure(args, &mut plane, &pki, n).await;
+    let stopped = plane.stop().await;
+    if result.is_err() {
+        eprintln!("swarm: the control plane's log: {}", plane.log().display());
+        // Keep the directory for a look at what went wrong.
+        let _ = dir.keep();
+    }
+    let figures = result?;
+    stopped?;
+    Ok(figures)
+}
+
+async fn measure(
+    args: &SwarmArgs,
+    plane: &mut ControlPlane,
+    pki: &std::path::Path,
+    n: usize,
+) -> Result<RunFigures> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle_kib = plane.rss_kib()?;
+
+    let url = plane.url();
+    let mut swarm = AgentProcesses::start(&Layout {
+        ca_dir: pki,
+        url: &url,
+        prefix: PREFIX,
+        agents: n,
+        per_process: args.agents_per_process,
+        behaviour: &args.behaviour,
+    })?;
+    let measured = async {
+        swarm.wait_ready(PHASE_TIMEOUT).await?;
+        let connect = plane.wait_connected(n, PHASE_TIMEOUT).await?;
+        // Let the handshakes' transient buffers go before reading memory.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss_connected_kib = plane.rss_kib()?;
+
+        let cpu_before = plane.cpu_seconds()?;
+        let idle_from = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+        let idle_cpu_percent =
+            (plane.cpu_seconds()? - cpu_before) / idle_from.elapsed().as_secs_f64() * 100.0;
+
+        let operator = operator_client(pki, &url).await?;
+        let with_confirm =
+            rollout(plane, &mut swarm, &operator, pki, n, 1, 30, args.watchers).await?;
+        let without_confirm = rollout(plane, &mut swarm, &operator, pki, n, 2, 0, 0).await?;
+        let rss_peak_kib = plane.rss_peak_kib()?;
+
+        let before = swarm.counters().await?;
+        let spawned = plane.restart().await?;
+        plane.wait_connected(n, PHASE_TIMEOUT).await?;
+        let storm_s = spawned.elapsed().as_secs_f64();
+        let after = swarm.counters().await?;
+
+        let sorted = stats::sorted(&with_confirm.desired_ms);
+        let pct = |p| stats::percentile(&sorted, p).unwrap_or(f64::NAN);
+        let watched = &with_confirm.watched;
+        Ok::<_, anyhow::Error>(RunFigures {
+            agents: n,
+            connect_s: connect.as_secs_f64(),
+            rss_idle_kib,
+            rss_connected_kib,
+            rss_per_agent_kib: rss_connected_kib.saturating_sub(rss_idle_kib) as f64 / n as f64,
+            rss_peak_kib,
+            idle_cpu_percent,
+            desired_p50_ms: pct(50.0),
+            desired_p99_ms: pct(99.0),
+            desired_max_ms: pct(100.0),
+            finished_s: with_confirm.finished_s,
+            finished_no_confirm_s: without_confirm.finished_s,
+            succeeded: with_confirm.succeeded,
+            watchers: watched.len(),
+            watch_events: watched.iter().map(|w| w.events).max().unwrap_or(0),
+            watch_slowest_events_per_s: watched
+                .iter()
+                .map(operator::Watched::events_per_second)
+                .fold(f64::NAN, f64::min),
+            watch_total_events_per_s: watched
+                .iter()
+                .map(operator::Watched::events_per_second)
+                .sum(),
+            watch_max_lag_ms: watched.iter().map(|w| w.max_lag_ms).max().unwrap_or(0) as f64,
+            storm_s,
+            storm_dial_failures: after.dial_failures - before.dial_failures,
+            storm_refused: after.refused - before.refused,
+        })
+    }
+    .await;
+    swarm.stop().await;
+    measured
+}
+
+struct Rollout {
+    desired_ms: Vec<f64>,
+    finished_s: f64,
+    succeeded: usize,
+    watched: Vec<operator::Watched>,
+}
+
+/// Submits generation `generation` to all `n` machines with `watchers`
+/// extra `watch` streams following it, and waits for the end.
+#[allow(clippy::too_many_arguments)]
+async fn rollout(
+    plane: &ControlPlane,
+    swarm: &mut AgentProcesses,
+    operator: &operator::Client,
+    pki: &std::path::Path,
+    n: usize,
+    generation: u32,
+    confirm_timeout: u32,
+    watchers: usize,
+) -> Result<Rollout> {
+    let revision = plane.metric("procurator_event_log_revision").await? as u64;
+    let (id_tx, id_rx) = tokio::sync::watch::channel(None);
+    // The first stream only says when it ended; the others are measured.
+    let mut streams = Vec::new();
+    for _ in 0..=watchers {
+        let client = operator_client(pki, &plane.url()).await?;
+        streams.push(operator::open_watch(client, revision).await?);
+    }
+    let mut followers = Vec::new();
+    for stream in streams {
+        followers.push(tokio::spawn(operator::follow(
+            stream,
+            id_rx.clone(),
+            PHASE_TIMEOUT,
+        )));
+    }
+
+    let artifact = operator::artifact(PREFIX, n, generation, confirm_timeout);
+    let (id, submitted_us) = operator::submit(&mut operator.clone(), &artifact).await?;
+    let _ = id_tx.send(Some(id.clone()));
+    let received = swarm.desired(&id, n, PHASE_TIMEOUT).await?;
+    let desired_ms = received
+        .iter()
+        .map(|&at| at.saturating_sub(submitted_us) as f64 / 1000.0)
+        .collect();
+
+    let mut watched = Vec::new();
+    for follower in followers {
+        watched.push(follower.await.context("a watcher failed")??);
+    }
+    watched.remove(0);
+    let deployment = operator::get(&mut operator.clone(), &id).await?;
+    let finished_us = u64::try_from(deployment.finished_at_ms).unwrap_or(0) * 1000;
+    let succeeded = deployment
+        .machines
+        .iter()
+        .filter(|m| m.state() == procurator_proto::v1::MachineState::Succeeded)
+        .count();
+    Ok(Rollout {
+        desired_ms,
+        finished_s: finished_us.saturating_sub(submitted_us) as f64 / 1e6,
+        succeeded,
+        watched,
+    })
+}
+
+async fn operator_client(pki: &std::path::Path, url: &str) -> Result<operator::Client> {
+    let files = TlsFiles {
+        ca: pki.join("ca.crt"),
+        cert: pki.join("operator-bench.crt"),
+        key: pki.join("operator-bench.key"),
+    };
+    let channel = files
+        .load()?
+        .endpoint(url, Duration::from_secs(20))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url} as operator/bench"))?;
+    Ok(operator::Client::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A binary installed beside this one.
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating procurator-bench")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} does not exist: build it (cargo build --release --workspace --bins) or pass its path",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Thousands of sockets need more than the usual 1,024 open files; children
+/// (the control plane, the agent processes) inherit the raised limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

@@ -1,0 +1,459 @@
+//! One process of simulated agents. Each has its own certificate (issued in
+//! memory by the fleet CA), its own mTLS connection and the agent's real
+//! reconnect policy, and speaks the real protocol: Hello, then for every
+//! desired state the phases the real agent reports (copying, activating,
+//! checking, confirming over a NEW connection, committing) and a result.
+//! Nothing is copied or activated: the phases take the configured delays.
+//!
+//! Talks to `swarm` over stdio: JSON lines out ([`Report`]), commands in
+//! (`counters`); end of stdin ends the process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use procurator_core::backoff::{BASE, Backoff, DEFAULT_CAP};
+use procurator_core::pki::Authority;
+use procurator_core::tls::TlsMaterial;
+use procurator_core::{MachineName, PROTOCOL_VERSION, Role};
+use procurator_proto::v1::agent_service_client::AgentServiceClient;
+use procurator_proto::v1::{
+    ActivationResult, AgentMessage, ConfirmRequest, CopyProgress, DesiredState, Heartbeat, Hello,
+    MachineState, Progress, agent_message, control_message,
+};
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+/// As the real agent: a session that lasted this long resets the backoff,
+/// and an idle one sends a heartbeat this often.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentsArgs {
+    /// The directory holding the fleet CA (ca.crt, ca.key).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// The control plane, https://HOST:PORT.
+    #[arg(long)]
+    pub url: String,
+    /// Machine names are `<prefix>-<index>`.
+    #[arg(long, default_value = "m")]
+    pub prefix: String,
+    #[arg(long)]
+    pub first: usize,
+    #[arg(long)]
+    pub count: usize,
+    #[command(flatten)]
+    pub behaviour: Behaviour,
+}
+
+/// How the simulated agents behave.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct Behaviour {
+    /// HTTP/2 keepalive interval, seconds (the real agent's default).
+    #[arg(long, default_value_t = 20)]
+    pub keepalive: u64,
+    /// How long a simulated copy takes, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub copy_delay_ms: u64,
+    /// How long a simulated `switch-to-configuration test` takes, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub activation_delay_ms: u64,
+    /// The fraction of activations that fail (and roll back), 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub failure_rate: f64,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?} is not a fraction between 0 and 1")),
+    }
+}
+
+/// What a swarm process tells `swarm`, one JSON object per line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Report {
+    /// Every agent has its certificate; they are dialling now.
+    Ready {
+        agents: usize,
+    },
+    /// An agent received a desired state, at Unix microseconds `at_us`.
+    Desired {
+        machine: String,
+        deployment: String,
+        at_us: u64,
+    },
+    Counters(Counters),
+}
+
+/// Totals over this process's agents since it started.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct Counters {
+    /// Connection attempts, and those that failed before `Welcome`.
+    pub dials: u64,
+    pub dial_failures: u64,
+    /// Refusals only an operator could fix (the real agent keeps retrying
+    /// these slowly; in a benchmark they mean something is wrong).
+    pub refused: u64,
+    pub confirms: u64,
+    pub confirm_failures: u64,
+    pub results: u64,
+}
+
+#[derive(Default)]
+struct Tally {
+    dials: AtomicU64,
+    dial_failures: AtomicU64,
+    refused: AtomicU64,
+    confirms: AtomicU64,
+    confirm_failures: AtomicU64,
+    results: AtomicU64,
+}
+
+impl Tally {
+    fn snapshot(&self) -> Counters {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            dials: get(&self.dials),
+            dial_failures: get(&self.dial_failures),
+            refused: get(&self.refused),
+            confirms: get(&self.confirms),
+            confirm_failures: get(&self.confirm_failures),
+            results: get(&self.results),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn run(args: AgentsArgs) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: AgentsArgs) -> Result<()> {
+    let authority = Authority::load(&args.ca_dir)?;
+    let ca_pem = std::fs::read(args.ca_dir.join("ca.crt")).context("reading ca.crt")?;
+    let (report_tx, report_rx) = mpsc::unbounded_channel();
+    let tally = Arc::new(Tally::default());
+    let behaviour = Arc::new(args.behaviour.clone());
+
+    let mut agents = Vec::with_capacity(args.count);
+    for index in args.first..args.first + args.count {
+        let name = MachineName::parse(&format!("{}-{index}", args.prefix))?;
+        let leaf = authority.issue(Role::Agent, &name, &[])?;
+        let material = TlsMaterial {
+            ca_pem: ca_pem.clone(),
+            cert_pem: leaf.cert_pem.into_bytes(),
+            key_pem: leaf.key_pem.into_bytes(),
+            identity: leaf.identity,
+        };
+        let endpoint = material
+            .endpoint(&args.url, Duration::from_secs(behaviour.keepalive))
+            .context("the control plane URL")?;
+        agents.push(SimulatedAgent {
+            name: name.to_string(),
+            endpoint,
+            behaviour: behaviour.clone(),
+            reports: report_tx.clone(),
+            tally: tally.clone(),
+        });
+    }
+    let _ = report_tx.send(Report::Ready {
+        agents: agents.len(),
+    });
+    for agent in agents {
+        tokio::spawn(agent.run());
+    }
+    tokio::spawn(write_reports(report_rx));
+
+    // Commands until `swarm` closes our stdin.
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        match line.trim() {
+            "counters" => {
+                let _ = report_tx.send(Report::Counters(tally.snapshot()));
+            }
+            other => eprintln!("swarm-agents: unknown command {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn write_reports(mut reports: mpsc::UnboundedReceiver<Report>) {
+    let mut stdout = tokio::io::BufWriter::new(tokio::io::stdout());
+    while let Some(report) = reports.recv().await {
+        let Ok(mut line) = serde_json::to_vec(&report) else {
+            continue;
+        };
+        line.push(b'\n');
+        if stdout.write_all(&line).await.is_err() {
+            return;
+        }
+        // Flush when nothing else is queued: batches under load, prompt when idle.
+        if reports.is_empty() && stdout.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct SimulatedAgent {
+    name: String,
+    endpoint: Endpoint,
+    behaviour: Arc<Behaviour>,
+    reports: mpsc::UnboundedSender<Report>,
+    tally: Arc<Tally>,
+}
+
+/// What one session ended with.
+enum Ended {
+    /// Before `Welcome`: dialling, TLS, or the handshake failed.
+    Dial,
+    /// Refused for a reason only an operator can fix.
+    Refused,
+    /// After `Welcome`, at this instant.
+    Session(Instant),
+}
+
+impl SimulatedAgent {
+    async fn run(self) {
+        let mut backoff = Backoff::new(BASE, DEFAULT_CAP);
+        // What this agent "runs": the last closure it committed.
+        let mut current = String::new();
+        loop {
+            bump(&self.tally.dials);
+            let delay = match self.session(&mut current).await {
+                Ended::Dial => {
+                    bump(&self.tally.dial_failures);
+                    backoff.next_delay(&mut rand::rng())
+                }
+                Ended::Refused => {
+                    bump(&self.tally.refused);
+                    backoff.terminal_delay(&mut rand::rng())
+                }
+                Ended::Session(welcomed) => {
+                    if welcomed.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                    backoff.next_delay(&mut rand::rng())
+                }
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn session(&self, current: &mut String) -> Ended {
+        let refused = |status: &tonic::Status| {
+            matches!(
+                status.code(),
+                tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+            )
+        };
+        let Ok(channel) = self.endpoint.connect().await else {
+            return Ended::Dial;
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: concat!("swarm-", env!("CARGO_PKG_VERSION")).into(),
+            current_system: current.clone(),
+            booted_system: current.clone(),
+            nix_version: "nix (Nix) simulated".into(),
+            active_deployment_id: String::new(),
+        };
+        if tx
+            .send(message(agent_message::Kind::Hello(hello)))
+            .await
+            .is_err()
+        {
+            return Ended::Dial;
+        }
+        let mut client = AgentServiceClient::new(channel);
+        let call = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.connect(ReceiverStream::new(rx)));
+        let mut inbound = match call.await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) if refused(&status) => return Ended::Refused,
+            _ => return Ended::Dial,
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(m))) if matches!(m.kind, Some(control_message::Kind::Welcome(_))) => {}
+            Ok(Err(status)) if refused(&status) => return Ended::Refused,
+            _ => return Ended::Dial,
+        }
+        let welcomed = Instant::now();
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
+        // A deployment in flight reports here and hands back the closure it committed.
+        let (done_tx, mut done_rx) = mpsc::channel::<String>(4);
+        loop {
+            tokio::select! {
+                received = inbound.message() => match received {
+                    Ok(Some(m)) => {
+                        if let Some(control_message::Kind::DesiredState(desired)) = m.kind {
+                            let _ = self.reports.send(Report::Desired {
+                                machine: self.name.clone(),
+                                deployment: desired.deployment_id.clone(),
+                                at_us: unix_micros(),
+                            });
+                            tokio::spawn(self.deploy(desired, tx.clone(), done_tx.clone()));
+                        }
+                    }
+                    _ => return Ended::Session(welcomed),
+                },
+                Some(closure) = done_rx.recv() => *current = closure,
+                _ = heartbeat.tick() => {
+                    let beat = Heartbeat { current_system: current.clone() };
+                    if tx.send(message(agent_message::Kind::Heartbeat(beat))).await.is_err() {
+                        return Ended::Session(welcomed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The phases of one deployment, as the real agent reports them.
+    fn deploy(
+        &self,
+        desired: DesiredState,
+        tx: mpsc::Sender<AgentMessage>,
+        done: mpsc::Sender<String>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let behaviour = self.behaviour.clone();
+        let endpoint = self.endpoint.clone();
+        let tally = self.tally.clone();
+        async move {
+            let id = desired.deployment_id.clone();
+            let progress = |state: MachineState, copy: Option<CopyProgress>, text: &str| {
+                message(agent_message::Kind::Progress(Progress {
+                    deployment_id: id.clone(),
+                    state: state.into(),
+                    copy,
+                    message: text.to_owned(),
+                }))
+            };
+            let copied = CopyProgress {
+                bytes_done: 4096,
+                bytes_expected: 4096,
+                paths_done: 1,
+                paths_expected: 1,
+            };
+            let _ = tx
+                .send(progress(MachineState::Copying, None, "copying"))
+                .await;
+            sleep_ms(behaviour.copy_delay_ms).await;
+            let _ = tx
+                .send(progress(MachineState::Copying, Some(copied), "copied"))
+                .await;
+            let _ = tx
+                .send(progress(MachineState::Activating, None, "switch test"))
+                .await;
+            sleep_ms(behaviour.activation_delay_ms).await;
+
+            let mut failure = None;
+            if rand::rng().random_bool(behaviour.failure_rate) {
+                failure = Some((MachineState::Activating, "simulated activation failure"));
+            }
+            if failure.is_none() && !desired.health_checks.is_empty() {
+                let _ = tx
+                    .send(progress(MachineState::Checking, None, "health checks"))
+                    .await;
+            }
+            if failure.is_none() && desired.confirm_timeout_secs > 0 {
+                let _ = tx
+                    .send(progress(MachineState::Confirming, None, "confirming"))
+                    .await;
+                let timeout = Duration::from_secs(desired.confirm_timeout_secs.into());
+                bump(&tally.confirms);
+                if !confirm(&endpoint, &desired, timeout).await {
+                    bump(&tally.confirm_failures);
+                    failure = Some((MachineState::Confirming, "no confirmation"));
+                }
+            }
+            let result = match failure {
+                None => {
+                    let _ = tx
+                        .send(progress(MachineState::Committing, None, "committing"))
+                        .await;
+                    let _ = done.send(desired.closure.clone()).await;
+                    ActivationResult {
+                        deployment_id: id.clone(),
+                        state: MachineState::Succeeded.into(),
+                        current_system: desired.closure.clone(),
+                        ..Default::default()
+                    }
+                }
+                Some((phase, reason)) => {
+                    let _ = tx
+                        .send(progress(MachineState::RollingBack, None, "rolling back"))
+                        .await;
+                    ActivationResult {
+                        deployment_id: id.clone(),
+                        state: MachineState::RolledBack.into(),
+                        failed_phase: phase.into(),
+                        reason: reason.into(),
+                        ..Default::default()
+                    }
+                }
+            };
+            if tx
+                .send(message(agent_message::Kind::Result(result)))
+                .await
+                .is_ok()
+            {
+                bump(&tally.results);
+            }
+        }
+    }
+}
+
+/// Magic rollback's connectivity proof: a NEW connection, one call.
+async fn confirm(endpoint: &Endpoint, desired: &DesiredState, timeout: Duration) -> bool {
+    let attempt = async {
+        let channel = endpoint.connect().await.ok()?;
+        let reply = AgentServiceClient::new(channel)
+            .confirm(ConfirmRequest {
+                deployment_id: desired.deployment_id.clone(),
+                closure: desired.closure.clone(),
+            })
+            .await
+            .ok()?;
+        Some(reply.into_inner().confirmed)
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+}
+
+fn message(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+async fn sleep_ms(ms: u64) {
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

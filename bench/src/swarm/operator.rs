@@ -1,0 +1,188 @@
+//! The operator's side of a swarm run: deployment.json for N machines,
+//! Submit, and `watch` streams that time what they receive.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
+use procurator_proto::v1::{
+    Deployment, DeploymentState, Event, GetDeploymentRequest, SubmitRequest, WatchRequest, event,
+};
+use serde_json::{Value, json};
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use super::agents::unix_micros;
+
+pub type Client = DeploymentServiceClient<Channel>;
+
+/// deployment.json for machines `<prefix>-0..n`, each on its own closure of
+/// generation `generation`, in one wave. `confirm_timeout` 0 turns the
+/// connectivity confirmation off.
+pub fn artifact(prefix: &str, n: usize, generation: u32, confirm_timeout: u32) -> Value {
+    let mut blueprint = serde_json::Map::new();
+    let mut closures = serde_json::Map::new();
+    for i in 0..n {
+        let name = format!("{prefix}-{i}");
+        blueprint.insert(
+            name.clone(),
+            json!({
+                "role": "worker",
+                "cpu": 1.0,
+                "memory": { "amount": 1.0, "unit": "GB" },
+                "labels": ["swarm"],
+                "replicas": 1,
+                "deployment": { "addr": name, "backend": "nixos" },
+            }),
+        );
+        closures.insert(
+            name.clone(),
+            json!(format!(
+                "/nix/store/{}-nixos-system-{name}-{generation}",
+                store_hash(i, generation)
+            )),
+        );
+    }
+    json!({
+        "gitCommit": format!("{:08x}{:032x}", generation, unix_micros()),
+        "blueprint": blueprint,
+        "closures": closures,
+        "rollout": { "maxInFlight": n, "confirmTimeout": confirm_timeout },
+    })
+}
+
+/// 32 characters of Nix's base-32 alphabet, distinct per machine and generation.
+fn store_hash(index: usize, generation: u32) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let mut x = (index as u64) << 32 | u64::from(generation);
+    (0..32)
+        .map(|_| {
+            // splitmix64: spreads consecutive inputs over the alphabet.
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ALPHABET[((z ^ (z >> 31)) % 32) as usize] as char
+        })
+        .collect()
+}
+
+/// Submits; the deployment id and the Unix microseconds just before the call.
+pub async fn submit(client: &mut Client, artifact: &Value) -> Result<(String, u64)> {
+    let request = SubmitRequest {
+        artifact_json: artifact.to_string(),
+        force: false,
+    };
+    let at = unix_micros();
+    let response = client.submit(request).await.context("Submit")?.into_inner();
+    if !response.created {
+        bail!(
+            "the control plane already had this deployment ({})",
+            response.deployment_id
+        );
+    }
+    Ok((response.deployment_id, at))
+}
+
+pub async fn get(client: &mut Client, id: &str) -> Result<Deployment> {
+    Ok(client
+        .get_deployment(GetDeploymentRequest {
+            deployment_id: id.to_owned(),
+        })
+        .await
+        .context("GetDeployment")?
+        .into_inner())
+}
+
+/// What one watcher saw of one deployment.
+#[derive(Debug, Clone, Default)]
+pub struct Watched {
+    pub events: u64,
+    /// Receipt of the first and the last event, Unix microseconds.
+    pub first_us: u64,
+    pub last_us: u64,
+    /// The largest receipt time minus the event's own time, milliseconds.
+    pub max_lag_ms: i64,
+    pub finished: Option<DeploymentState>,
+}
+
+impl Watched {
+    pub fn events_per_second(&self) -> f64 {
+        let span = self.last_us.saturating_sub(self.first_us) as f64 / 1e6;
+        if span > 0.0 {
+            self.events as f64 / span
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// Opens a `watch` of every event after `from_revision`: the deployment is
+/// not submitted yet, so there is no id to follow. Returns once the control
+/// plane is following.
+pub async fn open_watch(mut client: Client, from_revision: u64) -> Result<Streaming<Event>> {
+    Ok(client
+        .watch(WatchRequest {
+            deployment_id: String::new(),
+            from_revision,
+        })
+        .await
+        .context("Watch")?
+        .into_inner())
+}
+
+/// Counts the events of the deployment `id` names (once known) until it
+/// finishes or `timeout` passes. Before the id is known, any deployment's
+/// events count: the swarm submits one at a time.
+pub async fn follow(
+    mut stream: Streaming<Event>,
+    id: tokio::sync::watch::Receiver<Option<String>>,
+    timeout: Duration,
+) -> Result<Watched> {
+    let mut seen = Watched::default();
+    let following = async {
+        while let Some(event) = stream.message().await.context("the watch stream")? {
+            let now = unix_micros();
+            let other = id
+                .borrow()
+                .as_deref()
+                .is_some_and(|wanted| wanted != event.deployment_id);
+            // Agents' connection events belong to no deployment.
+            if other || event.deployment_id.is_empty() {
+                continue;
+            }
+            if seen.events == 0 {
+                seen.first_us = now;
+            }
+            seen.events += 1;
+            seen.last_us = now;
+            let lag = (now / 1000) as i64 - event.at_ms;
+            seen.max_lag_ms = seen.max_lag_ms.max(lag);
+            if let Some(event::Kind::Finished(done)) = event.kind {
+                seen.finished = Some(done.state());
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("the watch stream ended before the deployment finished")
+    };
+    tokio::time::timeout(timeout, following)
+        .await
+        .with_context(|| format!("the deployment did not finish within {timeout:?}"))??;
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_artifact_is_a_valid_deployment() {
+        let value = artifact("m", 3, 7, 30);
+        let parsed = procurator_core::DeploymentArtifact::from_json(value.to_string().as_bytes());
+        let parsed = parsed.expect("a valid deployment.json");
+        assert_eq!(parsed.closures.len(), 3);
+        let paths: std::collections::BTreeSet<_> =
+            parsed.closures.values().map(|p| p.to_string()).collect();
+        assert_eq!(paths.len(), 3, "every machine has its own closure");
+    }
+}

@@ -1,0 +1,47 @@
+//! Parsed artifacts of recent deployments. A stored artifact never changes,
+//! and parsing a 10,000-machine one takes tens of milliseconds: too much to
+//! repeat for every machine sent and every scheduler run.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use procurator_core::DeploymentArtifact;
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Running deployments are few; older ones are rarely read again.
+const KEEP: usize = 8;
+
+#[derive(Default)]
+pub(crate) struct ArtifactCache {
+    recent: Mutex<VecDeque<(String, Arc<DeploymentArtifact>)>>,
+}
+
+impl ArtifactCache {
+    /// Deployment `id`'s artifact, read and parsed on first use.
+    pub fn get(&self, conn: &Connection, id: &str) -> Result<Arc<DeploymentArtifact>, StoreError> {
+        if let Some(found) = self.lock().iter().find(|(k, _)| k == id) {
+            return Ok(found.1.clone());
+        }
+        let json: String = conn.query_row(
+            "SELECT artifact FROM deployments WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        let parsed = Arc::new(DeploymentArtifact::from_json(json.as_bytes()).map_err(|e| {
+            StoreError::Corrupt(format!("the stored artifact of {id} is invalid: {e}"))
+        })?);
+        let mut recent = self.lock();
+        if recent.len() >= KEEP {
+            recent.pop_front();
+        }
+        recent.push_back((id.to_owned(), parsed.clone()));
+        Ok(parsed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Arc<DeploymentArtifact>)>> {
+        // A plain cache: a panicking holder leaves nothing half-done.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
