@@ -196,7 +196,7 @@ async fn measure(
     })?;
     let measured = async {
         swarm.wait_ready(PHASE_TIMEOUT).await?;
-        let connect = plane.wait_connected(n, PHASE_TIMEOUT).await?;
+        let connect = all_connected(plane, &mut swarm, n).await?;
         // Let the handshakes' transient buffers go before reading memory.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let rss_connected_kib = plane.rss_kib()?;
@@ -215,7 +215,7 @@ async fn measure(
 
         let before = swarm.counters().await?;
         let spawned = plane.restart().await?;
-        plane.wait_connected(n, PHASE_TIMEOUT).await?;
+        all_connected(plane, &mut swarm, n).await?;
         let storm_s = spawned.elapsed().as_secs_f64();
         let after = swarm.counters().await?;
 
@@ -255,6 +255,22 @@ async fn measure(
     .await;
     swarm.stop().await;
     measured
+}
+
+/// Waits for all `n` agents to be connected; on failure says what the
+/// agents themselves counted.
+async fn all_connected(
+    plane: &ControlPlane,
+    swarm: &mut AgentProcesses,
+    n: usize,
+) -> Result<Duration> {
+    match plane.wait_connected(n, PHASE_TIMEOUT).await {
+        Ok(took) => Ok(took),
+        Err(e) => match swarm.counters().await {
+            Ok(c) => Err(e.context(format!("the agents counted {c:?}"))),
+            Err(_) => Err(e),
+        },
+    }
 }
 
 struct Rollout {

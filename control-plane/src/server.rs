@@ -166,11 +166,10 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
             DeploymentServer::new(deployments).max_decoding_message_size(MAX_SUBMIT_BYTES),
         );
     let server_stop = stop.clone();
-    let mut serving = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            server_stop.cancelled().await
-        }),
-    );
+    let mut serving = tokio::spawn(router.serve_with_incoming_shutdown(
+        no_delay(listener),
+        async move { server_stop.cancelled().await },
+    ));
 
     if let Some(path) = &config.ready_file {
         write_ready_file(path, addr).map_err(|source| ServerError::ReadyFile {
@@ -212,6 +211,23 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off. tonic's own
+/// `tcp_nodelay` does not apply to a listener we pass in, and without it a
+/// small reply (a confirmation) can wait 40 ms for the peer's delayed ACK.
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
+        }
+        accepted
+    })
 }
 
 async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServerError> {

@@ -16,6 +16,9 @@ pub type Closures = BTreeMap<String, String>;
 
 pub struct Fixture {
     dir: PathBuf,
+    /// The machines [`Fixture::build`] builds ([`crate::MACHINES`] for the
+    /// fixture fleet).
+    machines: Vec<String>,
     /// Baked into every store path the fixture builds, so tests running at
     /// the same time never share a path (and never see each other's
     /// signatures on it in the host's store).
@@ -25,8 +28,16 @@ pub struct Fixture {
 impl Fixture {
     /// Copies the fixture flake into `dir`.
     pub fn copy_to(dir: &Path) -> Result<Self> {
+        let machines: Vec<String> = crate::MACHINES.iter().map(|m| m.to_string()).collect();
+        Self::copy_from(&crate::fixture_source(), dir, &machines)
+    }
+
+    /// Copies another fixture flake (`flake.nix`, `procurator-lib.nix` and
+    /// its default `settings.json` in `source`, e.g. `fixtures/bench-fleet`)
+    /// into `dir`; [`Fixture::build`] builds `machines`, which the flake's
+    /// settings must define.
+    pub fn copy_from(source: &Path, dir: &Path, machines: &[String]) -> Result<Self> {
         crate::mkdir(dir)?;
-        let source = crate::fixture_source();
         // `procurator-lib.nix` links to nix/lib.nix; `fs::copy` follows it.
         for file in ["flake.nix", "procurator-lib.nix"] {
             std::fs::copy(source.join(file), dir.join(file))
@@ -34,6 +45,7 @@ impl Fixture {
         }
         let fixture = Self {
             dir: dir.to_owned(),
+            machines: machines.to_vec(),
             nonce: unique_nonce(dir),
         };
         let defaults = std::fs::read(source.join("settings.json"))
@@ -44,6 +56,11 @@ impl Fixture {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The machines [`Fixture::build`] builds.
+    pub fn machines(&self) -> &[String] {
+        &self.machines
     }
 
     fn flake_ref(&self) -> String {
@@ -74,7 +91,8 @@ impl Fixture {
 
     /// Builds every machine's toplevel with the current settings.
     pub fn build(&self, nix: &NixEnv) -> Result<Closures> {
-        let installables: Vec<String> = crate::MACHINES
+        let installables: Vec<String> = self
+            .machines
             .iter()
             .map(|m| {
                 format!(
@@ -84,11 +102,7 @@ impl Fixture {
             })
             .collect();
         let paths = nix.build(&installables)?;
-        Ok(crate::MACHINES
-            .iter()
-            .map(|m| m.to_string())
-            .zip(paths)
-            .collect())
+        Ok(self.machines.iter().cloned().zip(paths).collect())
     }
 
     /// Writes `settings`, then builds.

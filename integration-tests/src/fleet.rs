@@ -73,14 +73,28 @@ impl Fleet {
     }
 
     pub fn start_with(opts: FleetOptions) -> Result<Self> {
+        let machines: Vec<String> = crate::MACHINES.iter().map(|m| m.to_string()).collect();
+        Self::start_from(&crate::fixture_source(), &machines, opts)
+    }
+
+    /// A fleet of `machines` built from another fixture flake in `source`
+    /// (e.g. [`crate::bench_fixture_source`]), which must define them;
+    /// `opts.agents` names the machines whose agent starts. What
+    /// [`Fleet::start_with`] does for the fixture fleet's three machines.
+    pub fn start_from(
+        source: &std::path::Path,
+        machines: &[String],
+        opts: FleetOptions,
+    ) -> Result<Self> {
         crate::require_root()?;
         let dir = tempfile::Builder::new()
             .prefix("procurator-fleet-")
             .tempdir()?;
         let root = dir.path().to_owned();
         let nix = NixEnv::in_dir(&root.join("nix"))?;
+        let names: Vec<&str> = machines.iter().map(String::as_str).collect();
         let network = if opts.nat {
-            Some(NatNetwork::create(&crate::MACHINES)?)
+            Some(NatNetwork::create(&names)?)
         } else {
             None
         };
@@ -89,12 +103,12 @@ impl Fleet {
         } else {
             Pki::init(&nix, &root.join("pki"))?
         };
-        for m in crate::MACHINES {
+        for m in &names {
             pki.issue(&nix, "agent", m)?;
         }
         pki.issue(&nix, "ci", "github")?;
         let key = SigningKey::generate(&nix, &root.join("signing"), "procurator-test-1")?;
-        let fixture = Fixture::copy_to(&root.join("flake"))?;
+        let fixture = Fixture::copy_from(source, &root.join("flake"), machines)?;
         let initial = fixture.build_with(&nix, &opts.initial_settings)?;
         let control_plane = match &network {
             Some(net) => ControlPlane::start_in(
@@ -107,7 +121,7 @@ impl Fleet {
             None => ControlPlane::start(&nix, &root.join("control-plane"), &pki)?,
         };
         let mut hosts = BTreeMap::new();
-        for m in crate::MACHINES {
+        for &m in &names {
             let mut host = TestHost::create(&nix, &root.join("hosts").join(m), m, &initial[m])?;
             if let Some(net) = &network {
                 host.set_netns(net.host(m)?.0.name())?;

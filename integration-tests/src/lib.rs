@@ -57,6 +57,18 @@ pub fn fixture_source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fleet")
 }
 
+/// The deploy benchmark's fixture flake (`fixtures/bench-fleet`):
+/// `machineCount` identical machines `host-01`, `host-02`, … (see
+/// [`bench_machines`]), with or without one health check.
+pub fn bench_fixture_source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bench-fleet")
+}
+
+/// The machines of `fixtures/bench-fleet` with `"machineCount": count`.
+pub fn bench_machines(count: usize) -> Vec<String> {
+    (1..=count).map(|i| format!("host-{i:02}")).collect()
+}
+
 /// The `.proto` files, so grpcurl needs no reflection for Procurator's RPCs.
 pub fn proto_root() -> PathBuf {
     workspace_root().join("proto/proto")

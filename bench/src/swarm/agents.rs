@@ -20,8 +20,8 @@ use procurator_core::tls::TlsMaterial;
 use procurator_core::{MachineName, PROTOCOL_VERSION, Role};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
-    ActivationResult, AgentMessage, ConfirmRequest, CopyProgress, DesiredState, Heartbeat, Hello,
-    MachineState, Progress, agent_message, control_message,
+    ActivationResult, AgentMessage, ConfirmRequest, ControlMessage, CopyProgress, DesiredState,
+    Heartbeat, Hello, MachineState, Progress, agent_message, control_message,
 };
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -109,6 +109,8 @@ pub struct Counters {
     pub confirms: u64,
     pub confirm_failures: u64,
     pub results: u64,
+    /// Agents holding a stream past `Welcome` right now.
+    pub sessions: u64,
 }
 
 #[derive(Default)]
@@ -119,6 +121,7 @@ struct Tally {
     confirms: AtomicU64,
     confirm_failures: AtomicU64,
     results: AtomicU64,
+    sessions: AtomicU64,
 }
 
 impl Tally {
@@ -131,6 +134,7 @@ impl Tally {
             confirms: get(&self.confirms),
             confirm_failures: get(&self.confirm_failures),
             results: get(&self.results),
+            sessions: get(&self.sessions),
         }
     }
 }
@@ -259,46 +263,70 @@ impl SimulatedAgent {
     }
 
     async fn session(&self, current: &mut String) -> Ended {
+        // As the real agent: dialling, TLS and the handshake up to Welcome
+        // share one deadline.
+        let (tx, mut inbound) =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(current)).await {
+                Ok(Ok(connected)) => connected,
+                Ok(Err(ended)) => return ended,
+                Err(_) => return Ended::Dial,
+            };
+        self.tally.sessions.fetch_add(1, Ordering::Relaxed);
+        let ended = self.serve(current, tx, &mut inbound).await;
+        self.tally.sessions.fetch_sub(1, Ordering::Relaxed);
+        ended
+    }
+
+    async fn handshake(
+        &self,
+        current: &str,
+    ) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<ControlMessage>), Ended> {
         let refused = |status: &tonic::Status| {
-            matches!(
+            if matches!(
                 status.code(),
                 tonic::Code::Unauthenticated
                     | tonic::Code::PermissionDenied
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::InvalidArgument
-            )
+            ) {
+                Ended::Refused
+            } else {
+                Ended::Dial
+            }
         };
-        let Ok(channel) = self.endpoint.connect().await else {
-            return Ended::Dial;
-        };
+        let channel = self.endpoint.connect().await.map_err(|_| Ended::Dial)?;
         let (tx, rx) = mpsc::channel(16);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: concat!("swarm-", env!("CARGO_PKG_VERSION")).into(),
-            current_system: current.clone(),
-            booted_system: current.clone(),
+            current_system: current.to_owned(),
+            booted_system: current.to_owned(),
             nix_version: "nix (Nix) simulated".into(),
             active_deployment_id: String::new(),
         };
-        if tx
-            .send(message(agent_message::Kind::Hello(hello)))
+        // The receiver is alive right here: this cannot fail.
+        let _ = tx.send(message(agent_message::Kind::Hello(hello))).await;
+        let mut inbound = AgentServiceClient::new(channel)
+            .connect(ReceiverStream::new(rx))
             .await
-            .is_err()
-        {
-            return Ended::Dial;
+            .map_err(|s| refused(&s))?
+            .into_inner();
+        match inbound.message().await {
+            Ok(Some(m)) if matches!(m.kind, Some(control_message::Kind::Welcome(_))) => {
+                Ok((tx, inbound))
+            }
+            Err(status) => Err(refused(&status)),
+            _ => Err(Ended::Dial),
         }
-        let mut client = AgentServiceClient::new(channel);
-        let call = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.connect(ReceiverStream::new(rx)));
-        let mut inbound = match call.await {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) if refused(&status) => return Ended::Refused,
-            _ => return Ended::Dial,
-        };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(m))) if matches!(m.kind, Some(control_message::Kind::Welcome(_))) => {}
-            Ok(Err(status)) if refused(&status) => return Ended::Refused,
-            _ => return Ended::Dial,
-        }
+    }
+
+    /// After `Welcome`: until the stream breaks.
+    async fn serve(
+        &self,
+        current: &mut String,
+        tx: mpsc::Sender<AgentMessage>,
+        inbound: &mut tonic::Streaming<ControlMessage>,
+    ) -> Ended {
         let welcomed = Instant::now();
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);

@@ -148,6 +148,7 @@ impl AgentProcesses {
                 total.confirms += c.confirms;
                 total.confirm_failures += c.confirm_failures;
                 total.results += c.results;
+                total.sessions += c.sessions;
                 answered += 1;
             }
         }

@@ -53,26 +53,18 @@ impl Store {
         submitted_by: String,
         force: bool,
     ) -> Result<Submitted, SubmitError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut refused = None;
-            let submitted = store.write_blocking(|tx| {
+        let outcome = self
+            .write(move |tx| {
                 if let Some(existing) = same_as_newest(tx, &artifact)? {
-                    return Ok(Some(existing));
+                    return Ok(Ok(existing));
                 }
                 if !force && let Some(why) = stale(tx, &artifact)? {
-                    refused = Some(why);
-                    return Ok(None);
+                    return Ok(Err(why));
                 }
-                insert(tx, &artifact, &artifact_json, &submitted_by, "").map(Some)
-            })?;
-            match (submitted, refused) {
-                (Some(s), _) => Ok(s),
-                (None, why) => Err(SubmitError::Stale(why.unwrap_or_default())),
-            }
-        })
-        .await
-        .map_err(StoreError::from)?
+                insert(tx, &artifact, &artifact_json, &submitted_by, "").map(Ok)
+            })
+            .await?;
+        outcome.map_err(SubmitError::Stale)
     }
 }
 
@@ -305,6 +297,16 @@ pub(super) fn finish_if_done(
     if DeploymentState::try_from(state) != Ok(DeploymentState::Running) {
         return Ok(None);
     }
+    // Called after every result: one index probe per in-flight state
+    // answers "not yet" without reading every row, which made a large
+    // rollout quadratic.
+    let in_flight: bool = tx
+        .sql
+        .prepare_cached(&IN_FLIGHT_QUERY)?
+        .query_row([id], |r| r.get(0))?;
+    if in_flight {
+        return Ok(None);
+    }
     let states: Vec<MachineState> = {
         let mut stmt = tx
             .sql
@@ -332,6 +334,19 @@ pub(super) fn finish_if_done(
     tx.emit(id, event::Kind::Finished(finished))?;
     Ok(Some(outcome))
 }
+
+/// Whether a deployment has a machine row in a state that is not final.
+static IN_FLIGHT_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let unfinished: Vec<String> = (0..=i32::from(u8::MAX))
+        .filter_map(|n| MachineState::try_from(n).ok())
+        .filter(|s| !s.is_final())
+        .map(|s| (s as i32).to_string())
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM machines WHERE deployment_id = ?1 AND state IN ({}))",
+        unfinished.join(", ")
+    )
+});
 
 /// The closure and state of one machine's row.
 pub(super) fn row(

@@ -7,11 +7,13 @@
 //! events; publishing happens under the same lock as the commit, so
 //! subscribers see revisions in order.
 //!
-//! Writes are group-committed: the database syncs every commit to disk
-//! (`synchronous = FULL`), and one sync per write would cap a 10,000-agent
-//! rollout at a few hundred state changes a second. Writes that queue up
-//! while one transaction commits run together in the next, each inside its
-//! own savepoint, so a write that fails still changes nothing.
+//! Writes are group-committed by one writer thread: the database syncs
+//! every commit to disk (`synchronous = FULL`), and one sync per write would
+//! cap a 10,000-agent rollout at a few hundred state changes a second.
+//! Writes that queue up while one transaction commits run together in the
+//! next, each inside its own savepoint, so a write that fails still changes
+//! nothing. Reads use a connection of their own and never wait for a
+//! write (WAL): they see what was committed.
 
 mod agents;
 mod artifacts;
@@ -25,7 +27,7 @@ mod schema;
 mod stats;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use procurator_proto::v1::{Event, event};
 use rusqlite::{Connection, TransactionBehavior};
@@ -41,7 +43,7 @@ pub use schedule::Outbound;
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.
 const BROADCAST_CAPACITY: usize = 1024;
-/// The most writes one transaction carries: readers wait while it runs.
+/// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
 #[cfg(test)]
 pub const BROADCAST_CAPACITY_FOR_TESTS: usize = BROADCAST_CAPACITY;
@@ -102,13 +104,35 @@ pub struct Store {
 }
 
 struct Inner {
-    conn: Mutex<Connection>,
+    /// For reads only (`query_only`).
+    reader: Mutex<Connection>,
+    /// To the writer thread; `None` once closing.
+    writes: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    events: broadcast::Sender<Event>,
+    artifacts: Arc<ArtifactCache>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has run what is queued;
+        // wait for it, so the database is closed when the store is gone.
+        self.writes = None;
+        if let Some(writer) = self.writer.take()
+            && writer.thread().id() != std::thread::current().id()
+        {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread's side: the one connection that writes.
+struct Writer {
+    conn: Connection,
     events: broadcast::Sender<Event>,
     /// When this process opened the store (Unix ms).
     opened_ms: i64,
     artifacts: Arc<ArtifactCache>,
-    /// Writes waiting for the next transaction.
-    queue: Mutex<Vec<Job>>,
 }
 
 /// One write transaction and the events it appends.
@@ -150,23 +174,43 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        schema::prepare(&conn)?;
-        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let store = Self {
-            inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
-                events,
-                opened_ms: procurator_core::now_ms(),
-                artifacts: Arc::default(),
-                queue: Mutex::default(),
-            }),
+        let open = || {
+            Connection::open(&path).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })
         };
-        store.write_blocking(agents::disconnect_all)?;
-        Ok(store)
+        let conn = open()?;
+        schema::prepare(&conn)?;
+        let reader = open()?;
+        reader.pragma_update(None, "query_only", "ON")?;
+        reader.set_prepared_statement_cache_capacity(64);
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let artifacts = Arc::<ArtifactCache>::default();
+        let mut writer = Writer {
+            conn,
+            events: events.clone(),
+            opened_ms: procurator_core::now_ms(),
+            artifacts: artifacts.clone(),
+        };
+        writer.write(agents::disconnect_all)?;
+        let (writes, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|source| StoreError::CreateDir {
+                path: data_dir.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                reader: Mutex::new(reader),
+                writes: Some(writes),
+                writer: Some(writer),
+                events,
+                artifacts,
+            }),
+        })
     }
 
     /// Committed events from now on. Subscribe before reading the backlog so
@@ -175,46 +219,7 @@ impl Store {
         self.inner.events.subscribe()
     }
 
-    /// One write in a transaction of its own, on this thread (opening the store).
-    fn write_blocking<T>(
-        &self,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut conn = self.connection();
-        let mut tx = self.begin(&mut conn)?;
-        let value = f(&mut tx)?;
-        self.commit(tx)?;
-        Ok(value)
-    }
-
-    fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic inside a transaction rolled it back when it unwound, so
-        // the connection behind a poisoned lock is still consistent.
-        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn begin<'c>(&self, conn: &'c mut Connection) -> Result<Tx<'c>, StoreError> {
-        Ok(Tx {
-            sql: conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
-            now: procurator_core::now_ms(),
-            opened_ms: self.inner.opened_ms,
-            events: Vec::new(),
-            artifacts: self.inner.artifacts.clone(),
-        })
-    }
-
-    /// Commit, then publish the events while still holding the connection.
-    fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
-        let Tx { sql, events, .. } = tx;
-        sql.commit()?;
-        for event in events {
-            // No subscriber is not an error: the event is in the log.
-            let _ = self.inner.events.send(event);
-        }
-        Ok(())
-    }
-
-    /// Run a write off the async runtime, in the next group commit.
+    /// Run a write in the writer thread's next group commit.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
@@ -232,10 +237,10 @@ impl Store {
             });
             (succeeded, deliver)
         });
-        self.queue().push(job);
-        let store = self.clone();
-        // This task runs the queue, or finds that an earlier one took our job.
-        tokio::task::spawn_blocking(move || store.run_queued()).await?;
+        let queued = self.inner.writes.as_ref().map(|w| w.send(job));
+        if !matches!(queued, Some(Ok(()))) {
+            return Err(StoreError::Commit("the state store is closed".into()));
+        }
         result_rx.await.unwrap_or_else(|_| {
             Err(StoreError::Commit(
                 "the write was dropped with a failed transaction".into(),
@@ -243,26 +248,34 @@ impl Store {
         })
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
-        self.inner.queue.lock().unwrap_or_else(|p| p.into_inner())
+    /// Run a read off the async runtime.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while reading leaves nothing half-done.
+            let conn = store.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn)
+        })
+        .await?
     }
+}
 
-    /// Run every queued write, at most [`MAX_BATCH`] per transaction.
-    fn run_queued(&self) {
-        let mut conn = self.connection();
-        loop {
-            let batch: Vec<Job> = {
-                let mut queue = self.queue();
-                let n = queue.len().min(MAX_BATCH);
-                queue.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                return;
+impl Writer {
+    /// Group commits until the store is dropped.
+    fn run(mut self, queue: mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH
+                && let Ok(job) = queue.try_recv()
+            {
+                batch.push(job);
             }
             let mut delivers = Vec::with_capacity(batch.len());
             // Jobs the batch did not reach are dropped, which fails them.
-            let committed = self.run_batch(&mut conn, batch, &mut delivers);
-            let error = committed.err();
+            let error = self.run_batch(batch, &mut delivers).err();
             for deliver in delivers {
                 deliver(error.as_ref());
             }
@@ -270,12 +283,11 @@ impl Store {
     }
 
     fn run_batch(
-        &self,
-        conn: &mut Connection,
+        &mut self,
         batch: Vec<Job>,
         delivers: &mut Vec<Deliver>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.begin(conn)?;
+        let mut tx = begin(&mut self.conn, self.opened_ms, &self.artifacts)?;
         for job in batch {
             tx.now = procurator_core::now_ms();
             let published = tx.events.len();
@@ -289,17 +301,49 @@ impl Store {
                 tx.events.truncate(published);
             }
         }
-        self.commit(tx)
+        commit(&self.events, tx)
     }
 
-    /// Run a read off the async runtime.
-    async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    /// One write in a transaction of its own (opening the store).
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store.connection())).await?
+        let mut tx = begin(&mut self.conn, self.opened_ms, &self.artifacts)?;
+        let value = f(&mut tx)?;
+        commit(&self.events, tx)?;
+        Ok(value)
     }
+}
+
+fn begin<'c>(
+    conn: &'c mut Connection,
+    opened_ms: i64,
+    artifacts: &Arc<ArtifactCache>,
+) -> Result<Tx<'c>, StoreError> {
+    Ok(Tx {
+        sql: conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
+        now: procurator_core::now_ms(),
+        opened_ms,
+        events: Vec::new(),
+        artifacts: artifacts.clone(),
+    })
+}
+
+/// Commit, then publish the events; only the writer thread commits, so
+/// subscribers see revisions in order.
+fn commit(events: &broadcast::Sender<Event>, tx: Tx<'_>) -> Result<(), StoreError> {
+    let Tx {
+        sql,
+        events: appended,
+        ..
+    } = tx;
+    sql.commit()?;
+    for event in appended {
+        // No subscriber is not an error: the event is in the log.
+        let _ = events.send(event);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

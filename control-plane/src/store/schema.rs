@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS machines (
     PRIMARY KEY (deployment_id, machine)
 );
 CREATE INDEX IF NOT EXISTS machines_by_machine ON machines (machine);
+-- Whether any machine of a deployment is still in flight, after every result.
+CREATE INDEX IF NOT EXISTS machines_by_state ON machines (deployment_id, state);
 
 CREATE TABLE IF NOT EXISTS agents (
     machine            TEXT    PRIMARY KEY,
@@ -112,6 +114,8 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Every statement the store prepares stays prepared (the default keeps 16).
+    conn.set_prepared_statement_cache_capacity(64);
 
     let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if version > VERSION {
