@@ -75,6 +75,11 @@ pub struct RunFigures {
     pub desired_p50_ms: f64,
     pub desired_p99_ms: f64,
     pub desired_max_ms: f64,
+    /// The same with confirmation off: agents do no TLS handshake of their
+    /// own while the desired states go out.
+    pub desired_no_confirm_p50_ms: f64,
+    pub desired_no_confirm_p99_ms: f64,
+    pub desired_no_confirm_max_ms: f64,
     /// Submit → deployment finished, confirmation on (the default) and off.
     pub finished_s: f64,
     pub finished_no_confirm_s: f64,
@@ -221,6 +226,8 @@ async fn measure(
 
         let sorted = stats::sorted(&with_confirm.desired_ms);
         let pct = |p| stats::percentile(&sorted, p).unwrap_or(f64::NAN);
+        let sorted_nc = stats::sorted(&without_confirm.desired_ms);
+        let pct_nc = |p| stats::percentile(&sorted_nc, p).unwrap_or(f64::NAN);
         let watched = &with_confirm.watched;
         Ok::<_, anyhow::Error>(RunFigures {
             agents: n,
@@ -233,6 +240,9 @@ async fn measure(
             desired_p50_ms: pct(50.0),
             desired_p99_ms: pct(99.0),
             desired_max_ms: pct(100.0),
+            desired_no_confirm_p50_ms: pct_nc(50.0),
+            desired_no_confirm_p99_ms: pct_nc(99.0),
+            desired_no_confirm_max_ms: pct_nc(100.0),
             finished_s: with_confirm.finished_s,
             finished_no_confirm_s: without_confirm.finished_s,
             succeeded: with_confirm.succeeded,

@@ -235,9 +235,41 @@ async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServerError> {
         addr: listen.to_owned(),
         source,
     };
-    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
-    let addr = listener.local_addr().map_err(bind_error)?;
-    Ok((listener, addr))
+    let mut last_error = None;
+    for candidate in tokio::net::lookup_host(listen).await.map_err(bind_error)? {
+        match listen_on(candidate) {
+            Ok(listener) => {
+                let addr = listener.local_addr().map_err(bind_error)?;
+                return Ok((listener, addr));
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(bind_error(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolves to nothing",
+        )
+    })))
+}
+
+/// Pending connections the kernel queues before accepting (it caps this at
+/// net.core.somaxconn). tokio's default of 1,024 drops the SYNs of a fleet
+/// reconnecting at once, and each dropped SYN costs its agent a 1 s, then
+/// 3 s, … retransmission.
+const LISTEN_BACKLOG: u32 = 16_384;
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's bind does on Unix: a restarted control plane can bind the
+    // port while the old connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Write `HOST:PORT\n` so that a reader never sees a partial file: write a

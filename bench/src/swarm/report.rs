@@ -56,6 +56,27 @@ const FIGURES: &[Figure] = &[
         target: None,
     },
     Figure {
+        key: "desired_no_confirm_p50_ms",
+        label: "  the same, confirm off: p50",
+        unit: "ms",
+        value: |r| r.desired_no_confirm_p50_ms,
+        target: None,
+    },
+    Figure {
+        key: "desired_no_confirm_p99_ms",
+        label: "  the same, confirm off: p99",
+        unit: "ms",
+        value: |r| r.desired_no_confirm_p99_ms,
+        target: None,
+    },
+    Figure {
+        key: "desired_no_confirm_max_ms",
+        label: "  the same, confirm off: max",
+        unit: "ms",
+        value: |r| r.desired_no_confirm_max_ms,
+        target: None,
+    },
+    Figure {
         key: "finished_s",
         label: "submit -> finished, instant agents (confirm on)",
         unit: "s",

@@ -17,14 +17,13 @@ impl Store {
         hello: Hello,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let changed = tx.sql.execute(
-                "INSERT INTO agents (machine, connected, generation, current_system, booted_system,
+            let changed = tx.sql.prepare_cached("INSERT INTO agents (machine, connected, generation, current_system, booted_system,
                                      agent_version, nix_version, last_seen_ms)
                  VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (machine) DO UPDATE SET
                      connected = 1, generation = ?2, current_system = ?3, booted_system = ?4,
                      agent_version = ?5, nix_version = ?6, last_seen_ms = ?7
-                 WHERE excluded.generation > agents.generation",
+                 WHERE excluded.generation > agents.generation")?.execute(
                 params![
                     machine.as_str(),
                     generation_to_sql(generation),
@@ -51,12 +50,13 @@ impl Store {
         current_system: String,
     ) -> Result<(), StoreError> {
         self.write(move |tx| {
-            tx.sql.execute(
-                "UPDATE agents SET last_seen_ms = ?2,
+            tx.sql
+                .prepare_cached(
+                    "UPDATE agents SET last_seen_ms = ?2,
                      current_system = CASE WHEN ?3 = '' THEN current_system ELSE ?3 END
                  WHERE machine = ?1",
-                params![machine.as_str(), tx.now, current_system],
-            )?;
+                )?
+                .execute(params![machine.as_str(), tx.now, current_system])?;
             Ok(())
         })
         .await
@@ -70,19 +70,24 @@ impl Store {
         generation: u64,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let changed = tx.sql.execute(
-                "UPDATE agents SET connected = 0, last_seen_ms = ?3
+            let changed = tx
+                .sql
+                .prepare_cached(
+                    "UPDATE agents SET connected = 0, last_seen_ms = ?3
                  WHERE machine = ?1 AND generation = ?2 AND connected = 1",
-                params![machine.as_str(), generation_to_sql(generation), tx.now],
-            )?;
+                )?
+                .execute(params![
+                    machine.as_str(),
+                    generation_to_sql(generation),
+                    tx.now
+                ])?;
             if changed == 0 {
                 return Ok(false);
             }
-            let current: String = tx.sql.query_row(
-                "SELECT current_system FROM agents WHERE machine = ?1",
-                [machine.as_str()],
-                |r| r.get(0),
-            )?;
+            let current: String = tx
+                .sql
+                .prepare_cached("SELECT current_system FROM agents WHERE machine = ?1")?
+                .query_row([machine.as_str()], |r| r.get(0))?;
             emit_connection(tx, &machine, false, current)?;
             Ok(true)
         })
@@ -152,20 +157,21 @@ pub(super) fn record_last_result(
     reason: &str,
     current_system: &str,
 ) -> Result<(), StoreError> {
-    tx.sql.execute(
-        "UPDATE agents SET last_seen_ms = ?2, last_deployment_id = ?3, last_state = ?4,
+    tx.sql
+        .prepare_cached(
+            "UPDATE agents SET last_seen_ms = ?2, last_deployment_id = ?3, last_state = ?4,
              last_reason = ?5,
              current_system = CASE WHEN ?6 = '' THEN current_system ELSE ?6 END
          WHERE machine = ?1",
-        params![
+        )?
+        .execute(params![
             machine.as_str(),
             tx.now,
             deployment_id,
             state as i32,
             reason,
             current_system
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 

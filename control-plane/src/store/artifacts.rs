@@ -24,11 +24,9 @@ impl ArtifactCache {
         if let Some(found) = self.lock().iter().find(|(k, _)| k == id) {
             return Ok(found.1.clone());
         }
-        let json: String = conn.query_row(
-            "SELECT artifact FROM deployments WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
+        let json: String = conn
+            .prepare_cached("SELECT artifact FROM deployments WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
         let parsed = Arc::new(DeploymentArtifact::from_json(json.as_bytes()).map_err(|e| {
             StoreError::Corrupt(format!("the stored artifact of {id} is invalid: {e}"))
         })?);

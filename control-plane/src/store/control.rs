@@ -56,8 +56,7 @@ impl Store {
             if state.is_final() {
                 return Ok(Cancelled::AlreadyFinished(state));
             }
-            tx.sql.execute(
-                "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
+            tx.sql.prepare_cached("UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1")?.execute(
                 params![id.as_str(), Stop::to_sql(Some(Stop::Cancelled)), reason],
             )?;
             let rows: Vec<(String, String, i32)> = {
@@ -76,8 +75,7 @@ impl Store {
                     in_flight.push(machine);
                 } else if state == MachineState::Pending {
                     set_state(tx, &id, &machine, MachineState::Cancelled)?;
-                    tx.sql.execute(
-                        "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    tx.sql.prepare_cached("UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
                         params![id.as_str(), machine.as_str(), reason],
                     )?;
                     let update = MachineUpdate {
@@ -167,11 +165,10 @@ impl Store {
             if stored != closure {
                 return Ok(Confirmation::NotFound);
             }
-            let (stopped, reason): (i64, String) = tx.sql.query_row(
-                "SELECT stopped, halted_reason FROM deployments WHERE id = ?1",
-                [id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            let (stopped, reason): (i64, String) = tx
+                .sql
+                .prepare_cached("SELECT stopped, halted_reason FROM deployments WHERE id = ?1")?
+                .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
             if Stop::from_sql(stopped) == Some(Stop::Cancelled) {
                 return Ok(Confirmation::Refused(format!(
                     "deployment {id} was cancelled: {reason}"

@@ -159,10 +159,9 @@ pub(super) fn insert(
         .map_err(|e| StoreError::Corrupt(format!("cannot encode the waves: {e}")))?;
 
     let id = fresh_id(tx, &digest)?;
-    tx.sql.execute(
-        "INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
+    tx.sql.prepare_cached("INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
                                   git_commit_time, waves, rollback_of)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(
         params![
             id.as_str(),
             artifact.git_commit.as_str(),
@@ -176,36 +175,38 @@ pub(super) fn insert(
             rollback_of
         ],
     )?;
+    let wave_of: std::collections::HashMap<&MachineName, usize> = waves
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| w.machines.iter().map(move |m| (m, i)))
+        .collect();
+    let mut insert_row = tx.sql.prepare_cached(
+        "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
     for (machine, closure) in &artifact.closures {
         // Every machine of the blueprint is in a wave; a closure without a
         // blueprint entry (not accepted by the parser) would go last.
-        let wave = waves
-            .iter()
-            .position(|w| w.machines.contains(machine))
-            .unwrap_or(waves.len());
-        tx.sql.execute(
-            "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                id.as_str(),
-                machine.as_str(),
-                closure.as_str(),
-                MachineState::Pending as i32,
-                tx.now,
-                i64::try_from(wave).unwrap_or(i64::MAX)
-            ],
-        )?;
+        let wave = wave_of.get(machine).copied().unwrap_or(waves.len());
+        insert_row.execute(params![
+            id.as_str(),
+            machine.as_str(),
+            closure.as_str(),
+            MachineState::Pending as i32,
+            tx.now,
+            i64::try_from(wave).unwrap_or(i64::MAX)
+        ])?;
     }
+    drop(insert_row);
     let submitted = DeploymentSubmitted {
         git_commit: artifact.git_commit.to_string(),
         machines: machines.iter().map(ToString::to_string).collect(),
         submitted_by: submitted_by.to_owned(),
     };
     let revision = tx.emit(id.as_str(), event::Kind::Submitted(submitted))?;
-    tx.sql.execute(
-        "UPDATE deployments SET revision = ?2 WHERE id = ?1",
-        params![id.as_str(), to_sql(revision)],
-    )?;
+    tx.sql
+        .prepare_cached("UPDATE deployments SET revision = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), to_sql(revision)])?;
     supersede_older(tx, &id, &machines)?;
     Ok(Submitted {
         id,
@@ -222,11 +223,10 @@ fn fresh_id(tx: &Tx<'_>, digest: &str) -> Result<DeploymentId, StoreError> {
         let Some(id) = rollout::new_deployment_id(tx.now, digest, widen) else {
             break;
         };
-        let taken: bool = tx.sql.query_row(
-            "SELECT EXISTS (SELECT 1 FROM deployments WHERE id = ?1)",
-            [id.as_str()],
-            |r| r.get(0),
-        )?;
+        let taken: bool = tx
+            .sql
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM deployments WHERE id = ?1)")?
+            .query_row([id.as_str()], |r| r.get(0))?;
         if !taken {
             return Ok(id);
         }
@@ -323,10 +323,9 @@ pub(super) fn finish_if_done(
     let Some(outcome) = rollout::outcome(&states, rollout::Stop::from_sql(stop)) else {
         return Ok(None);
     };
-    tx.sql.execute(
-        "UPDATE deployments SET state = ?2, finished_ms = ?3 WHERE id = ?1",
-        params![id, outcome as i32, tx.now],
-    )?;
+    tx.sql
+        .prepare_cached("UPDATE deployments SET state = ?2, finished_ms = ?3 WHERE id = ?1")?
+        .execute(params![id, outcome as i32, tx.now])?;
     let finished = DeploymentFinished {
         state: outcome as i32,
         summary: rollout::summary(&states),
@@ -370,8 +369,7 @@ pub(super) fn set_state(
     machine: &MachineName,
     state: MachineState,
 ) -> Result<(), StoreError> {
-    tx.sql.execute(
-        "UPDATE machines SET state = ?3, updated_ms = ?4 WHERE deployment_id = ?1 AND machine = ?2",
+    tx.sql.prepare_cached("UPDATE machines SET state = ?3, updated_ms = ?4 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
         params![id.as_str(), machine.as_str(), state as i32, tx.now],
     )?;
     Ok(())

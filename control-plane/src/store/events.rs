@@ -23,10 +23,8 @@ pub(super) fn append(
         kind: Some(kind.clone()),
     }
     .encode_to_vec();
-    conn.execute(
-        "INSERT INTO events (deployment_id, at_ms, body) VALUES (?1, ?2, ?3)",
-        params![deployment_id, at_ms, body],
-    )?;
+    conn.prepare_cached("INSERT INTO events (deployment_id, at_ms, body) VALUES (?1, ?2, ?3)")?
+        .execute(params![deployment_id, at_ms, body])?;
     revision_from_sql(conn.last_insert_rowid())
 }
 

@@ -97,31 +97,38 @@ impl From<StoreError> for tonic::Status {
     }
 }
 
-/// The state store. Cheap to clone; all clones share one connection.
+/// The state store. Cheap to clone; all clones share its writer and readers.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    /// For reads only (`query_only`).
-    reader: Mutex<Connection>,
     /// To the writer thread; `None` once closing.
     writes: Option<mpsc::Sender<Job>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    /// To the reader threads, each with a `query_only` connection of its own.
+    reads: Option<mpsc::Sender<ReadJob>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     events: broadcast::Sender<Event>,
     artifacts: Arc<ArtifactCache>,
 }
 
+/// Reads run on this many threads, each with its own connection: a burst of
+/// 10,000 desired states to send is 10,000 reads.
+const READERS: usize = 2;
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the queue ends the writer once it has run what is queued;
-        // wait for it, so the database is closed when the store is gone.
+        // Closing the queues ends the threads once they have run what is
+        // queued; wait for them, so the database is closed when the store is.
         self.writes = None;
-        if let Some(writer) = self.writer.take()
-            && writer.thread().id() != std::thread::current().id()
-        {
-            let _ = writer.join();
+        self.reads = None;
+        for thread in self.threads.drain(..) {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -182,9 +189,13 @@ impl Store {
         };
         let conn = open()?;
         schema::prepare(&conn)?;
-        let reader = open()?;
-        reader.pragma_update(None, "query_only", "ON")?;
-        reader.set_prepared_statement_cache_capacity(64);
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let reader = open()?;
+            reader.pragma_update(None, "query_only", "ON")?;
+            reader.set_prepared_statement_cache_capacity(64);
+            readers.push(reader);
+        }
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let artifacts = Arc::<ArtifactCache>::default();
         let mut writer = Writer {
@@ -194,19 +205,33 @@ impl Store {
             artifacts: artifacts.clone(),
         };
         writer.write(agents::disconnect_all)?;
+        let thread_error = |source| StoreError::CreateDir {
+            path: data_dir.to_owned(),
+            source,
+        };
         let (writes, queue) = mpsc::channel();
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer.run(queue))
-            .map_err(|source| StoreError::CreateDir {
-                path: data_dir.to_owned(),
-                source,
-            })?;
+        let mut threads = vec![
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || writer.run(queue))
+                .map_err(thread_error)?,
+        ];
+        let (reads, read_queue) = mpsc::channel::<ReadJob>();
+        let read_queue = Arc::new(Mutex::new(read_queue));
+        for (i, conn) in readers.into_iter().enumerate() {
+            let queue = read_queue.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("store-reader-{i}"))
+                    .spawn(move || run_reads(&conn, &queue))
+                    .map_err(thread_error)?,
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
-                reader: Mutex::new(reader),
                 writes: Some(writes),
-                writer: Some(writer),
+                reads: Some(reads),
+                threads,
                 events,
                 artifacts,
             }),
@@ -248,18 +273,38 @@ impl Store {
         })
     }
 
-    /// Run a read off the async runtime.
+    /// Run a read on a reader thread: it sees what was committed.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic while reading leaves nothing half-done.
-            let conn = store.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-            f(&conn)
+        let (result_tx, result_rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = result_tx.send(f(conn));
+        });
+        let queued = self.inner.reads.as_ref().map(|r| r.send(job));
+        if !matches!(queued, Some(Ok(()))) {
+            return Err(StoreError::Commit("the state store is closed".into()));
+        }
+        result_rx.await.unwrap_or_else(|_| {
+            Err(StoreError::Corrupt(
+                "a read of the state store panicked".into(),
+            ))
         })
-        .await?
+    }
+}
+
+/// A reader thread: reads until the store is dropped.
+fn run_reads(conn: &Connection, queue: &Mutex<mpsc::Receiver<ReadJob>>) {
+    loop {
+        let job = {
+            // Only `recv` runs under this lock; nothing can poison it half-done.
+            let queue = queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.recv()
+        };
+        let Ok(job) = job else { return };
+        // A panicking read fails that read (its caller gets an error), not the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)));
     }
 }
 

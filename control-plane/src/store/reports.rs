@@ -39,18 +39,19 @@ impl Store {
             }
             let copy = progress.copy;
             if let Some(c) = copy {
-                tx.sql.execute(
-                    "UPDATE machines SET bytes_done = ?3, bytes_expected = ?4, paths_done = ?5,
+                tx.sql
+                    .prepare_cached(
+                        "UPDATE machines SET bytes_done = ?3, bytes_expected = ?4, paths_done = ?5,
                          paths_expected = ?6 WHERE deployment_id = ?1 AND machine = ?2",
-                    params![
+                    )?
+                    .execute(params![
                         deployment_id.as_str(),
                         machine.as_str(),
                         to_sql(c.bytes_done),
                         to_sql(c.bytes_expected),
                         to_sql(c.paths_done),
                         to_sql(c.paths_expected)
-                    ],
-                )?;
+                    ])?;
             }
             set_state(tx, &deployment_id, &machine, state)?;
             let update = MachineUpdate {
@@ -94,10 +95,9 @@ impl Store {
             }
             let failed_phase =
                 MachineState::try_from(result.failed_phase).unwrap_or(MachineState::Unspecified);
-            tx.sql.execute(
-                "UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
+            tx.sql.prepare_cached("UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
                      updated_ms = ?7, reboot_required = ?8
-                 WHERE deployment_id = ?1 AND machine = ?2",
+                 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
                 params![
                     id,
                     machine.as_str(),

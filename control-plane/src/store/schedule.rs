@@ -94,14 +94,14 @@ impl Store {
                 return Ok(false);
             }
             let id = parse_id(&id)?;
-            tx.sql.execute(
-                "UPDATE deployments SET state = ?2, finished_ms = 0 WHERE id = ?1",
-                params![id.as_str(), DeploymentState::Running as i32],
-            )?;
-            tx.sql.execute(
-                "UPDATE machines SET reason = '' WHERE deployment_id = ?1 AND machine = ?2",
-                params![id.as_str(), machine.as_str()],
-            )?;
+            tx.sql
+                .prepare_cached("UPDATE deployments SET state = ?2, finished_ms = 0 WHERE id = ?1")?
+                .execute(params![id.as_str(), DeploymentState::Running as i32])?;
+            tx.sql
+                .prepare_cached(
+                    "UPDATE machines SET reason = '' WHERE deployment_id = ?1 AND machine = ?2",
+                )?
+                .execute(params![id.as_str(), machine.as_str()])?;
             update(
                 tx,
                 &id,
@@ -159,12 +159,14 @@ pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<MachineName>, StoreErr
 }
 
 fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, StoreError> {
-    let (stopped, started_wave, wave_started_ms, waves): (i64, Option<i64>, i64, String) =
-        tx.sql.query_row(
+    let (stopped, started_wave, wave_started_ms, waves): (i64, Option<i64>, i64, String) = tx
+        .sql
+        .prepare_cached(
             "SELECT stopped, started_wave, wave_started_ms, waves FROM deployments WHERE id = ?1",
-            [id.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )?;
+        )?
+        .query_row([id.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
     let settings = tx.artifacts.get(&tx.sql, id.as_str())?.rollout();
     let waves: Vec<StoredWave> = serde_json::from_str(&waves)
         .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
@@ -206,8 +208,7 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
     for step in steps {
         match step {
             Step::WaveStarted(index) => {
-                tx.sql.execute(
-                    "UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1",
+                tx.sql.prepare_cached("UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1")?.execute(
                     params![id.as_str(), index, tx.now],
                 )?;
                 let wave = waves.get(index as usize).cloned().unwrap_or(StoredWave {
@@ -225,10 +226,11 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
             Step::Unreachable { machine, secs } => {
                 let machine = name(&machine)?;
                 let reason = format!("no agent connected for {secs} s");
-                tx.sql.execute(
-                    "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
-                    params![id.as_str(), machine.as_str(), reason],
-                )?;
+                tx.sql
+                    .prepare_cached(
+                        "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    )?
+                    .execute(params![id.as_str(), machine.as_str(), reason])?;
                 update(tx, id, &machine, MachineState::Unreachable, reason)?;
             }
             Step::Halted { failed } => {
@@ -238,10 +240,15 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
                     failed.len(),
                     settings.failure_budget
                 );
-                tx.sql.execute(
-                    "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
-                    params![id.as_str(), Stop::to_sql(Some(Stop::Halted)), reason],
-                )?;
+                tx.sql
+                    .prepare_cached(
+                        "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        id.as_str(),
+                        Stop::to_sql(Some(Stop::Halted)),
+                        reason
+                    ])?;
                 let halted = RolloutHalted {
                     reason,
                     failed_machines: failed,
@@ -252,10 +259,11 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
                 let machine = name(&machine)?;
                 let reason =
                     format!("rollout halted: the failure budget was used up by {halted_by}");
-                tx.sql.execute(
-                    "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
-                    params![id.as_str(), machine.as_str(), reason],
-                )?;
+                tx.sql
+                    .prepare_cached(
+                        "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    )?
+                    .execute(params![id.as_str(), machine.as_str(), reason])?;
                 update(tx, id, &machine, MachineState::Cancelled, reason)?;
             }
             Step::Send(machine) => {
