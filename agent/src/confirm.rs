@@ -4,10 +4,11 @@
 //! never used: it was opened before the new system ran and may survive a
 //! firewall or routing change that blocks every new connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use procurator_core::tls::TlsFiles;
+use procurator_core::tls::{EndpointCache, TlsFiles};
 use procurator_proto::v1::ConfirmRequest;
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use tokio::time::Instant;
@@ -42,6 +43,8 @@ pub struct GrpcConfirmer {
     pub url: String,
     pub tls: TlsFiles,
     pub keepalive: Duration,
+    /// Shared with the stream's dialer, so a confirmation resumes its TLS session.
+    pub endpoints: Arc<EndpointCache>,
 }
 
 impl GrpcConfirmer {
@@ -51,7 +54,10 @@ impl GrpcConfirmer {
             Ok(material) => material,
             Err(e) => return Attempt::Retry(e.to_string()),
         };
-        let endpoint = match material.endpoint(&self.url, self.keepalive) {
+        let endpoint = match self
+            .endpoints
+            .endpoint(&material, &self.url, self.keepalive)
+        {
             Ok(endpoint) => endpoint,
             Err(e) => return Attempt::Retry(e.to_string()),
         };

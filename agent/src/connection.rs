@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use procurator_core::PROTOCOL_VERSION;
 use procurator_core::nix::Nix;
-use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
+use procurator_core::tls::{EndpointCache, TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
     AgentMessage, ControlMessage, Heartbeat, Hello, Welcome, agent_message, control_message,
@@ -88,6 +88,8 @@ pub struct Dialer {
     /// The TLS material that loaded last; kept if a reload fails.
     pub material: TlsMaterial,
     pub keepalive: Duration,
+    /// Shared with the confirmer (see [`EndpointCache`]).
+    pub endpoints: Arc<EndpointCache>,
     pub max_backoff: Duration,
     pub outbox: Arc<Outbox>,
     /// Desired states and cancellations, for the deployer.
@@ -172,8 +174,8 @@ impl Dialer {
         SessionError,
     > {
         let channel = self
-            .material
-            .endpoint(&self.url, self.keepalive)?
+            .endpoints
+            .endpoint(&self.material, &self.url, self.keepalive)?
             .connect()
             .await?;
         let mut client = AgentServiceClient::new(channel);

@@ -99,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // systemd as PID 1 runs activations in transient units and can reboot.
     let systemd = std::path::Path::new("/run/systemd/system").exists();
     let activity = Arc::new(Activity::default());
+    let endpoints = Arc::new(procurator_core::tls::EndpointCache::default());
     let activator = Arc::new(Activator {
         nix: nix.clone(),
         paths: paths.clone(),
@@ -119,6 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             url: config.control_plane.clone(),
             tls: config.tls.clone(),
             keepalive: config.keepalive,
+            endpoints: endpoints.clone(),
         })),
     });
     tracing::info!(
@@ -164,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tls: config.tls.clone(),
         material: config.material.clone(),
         keepalive: config.keepalive,
+        endpoints,
         max_backoff: config.max_backoff,
         outbox,
         desired: desired_tx,

@@ -1,6 +1,7 @@
 //! `procurator-control-plane`: the gRPC server agents dial into, the state
 //! store and the event log that `procurator-ctl watch` follows.
 
+mod acceptor;
 mod agent_service;
 mod connections;
 mod deployment_service;

@@ -12,7 +12,6 @@ use procurator_core::tls::{TlsError, TlsFiles};
 use procurator_proto::v1::agent_service_server::AgentServiceServer;
 use procurator_proto::v1::deployment_service_server::DeploymentServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
@@ -154,7 +153,6 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     };
 
     let router = Server::builder()
-        .tls_config(tls.server_config())?
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
         .layer(RpcMetricsLayer { metrics })
@@ -167,7 +165,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         );
     let server_stop = stop.clone();
     let mut serving = tokio::spawn(router.serve_with_incoming_shutdown(
-        no_delay(listener),
+        crate::acceptor::incoming(listener, tls.rustls_server_config()?, stop.clone()),
         async move { server_stop.cancelled().await },
     ));
 
@@ -211,23 +209,6 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Accepted connections with Nagle's algorithm off. tonic's own
-/// `tcp_nodelay` does not apply to a listener we pass in, and without it a
-/// small reply (a confirmation) can wait 40 ms for the peer's delayed ACK.
-fn no_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
-        }
-        accepted
-    })
 }
 
 async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServerError> {

@@ -34,6 +34,8 @@ pub enum TlsError {
     BadUrl(String, String),
     #[error("TLS configuration failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the TLS material cannot be used: {0}")]
+    Rustls(String),
 }
 
 /// The three files every party needs: the fleet CA, its own certificate and key.
@@ -91,6 +93,45 @@ impl TlsMaterial {
             .timeout(HANDSHAKE_TIMEOUT)
     }
 
+    /// Server side, as rustls configuration for an acceptor of our own:
+    /// require a client certificate signed by the fleet CA, speak HTTP/2,
+    /// and hand out TLS 1.3 session tickets so that a client's next
+    /// connection (an agent's confirmation) resumes the session instead of
+    /// repeating the certificate exchange. The ticket keys live in memory
+    /// only: a restart forgets them and the next handshakes are full ones.
+    pub fn rustls_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        use std::sync::Arc;
+        let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Rustls(format!("{what}: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut self.ca_pem.as_slice()) {
+            let cert = cert.map_err(|e| bad("the CA certificate", &e))?;
+            roots.add(cert).map_err(|e| bad("the CA certificate", &e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad("the client verifier", &e))?;
+        let chain = rustls_pemfile::certs(&mut self.cert_pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("the certificate", &e))?;
+        let key = rustls_pemfile::private_key(&mut self.key_pem.as_slice())
+            .map_err(|e| bad("the private key", &e))?
+            .ok_or_else(|| TlsError::Rustls("the key file holds no private key".into()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("the protocol versions", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad("the certificate and key", &e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| bad("the session ticketer", &e))?;
+        Ok(Arc::new(config))
+    }
+
     /// Client side: trust only the fleet CA and present our certificate.
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
@@ -131,6 +172,59 @@ impl TlsMaterial {
     /// Connect lazily: the first RPC dials.
     pub fn channel(&self, url: &str) -> Result<Channel, TlsError> {
         Ok(self.endpoint(url, Duration::from_secs(20))?.connect_lazy())
+    }
+}
+
+/// One client endpoint per loaded certificate, shared by an agent's stream
+/// and its confirmations: they then share rustls' session cache, and a
+/// confirmation resumes the stream's TLS session (no certificate signatures
+/// to make or check) while still being a new TCP and TLS connection, which
+/// is what it must prove. A replaced certificate gets a new endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointCache {
+    current: std::sync::Mutex<Option<CachedEndpoint>>,
+}
+
+#[derive(Debug)]
+struct CachedEndpoint {
+    url: String,
+    keepalive: Duration,
+    material: TlsMaterial,
+    endpoint: Endpoint,
+}
+
+impl EndpointCache {
+    pub fn endpoint(
+        &self,
+        material: &TlsMaterial,
+        url: &str,
+        keepalive: Duration,
+    ) -> Result<Endpoint, TlsError> {
+        // A plain cache: a panicking holder leaves nothing half-done.
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cached) = current.as_ref()
+            && cached.url == url
+            && cached.keepalive == keepalive
+            && cached.material.same_files_as(material)
+        {
+            return Ok(cached.endpoint.clone());
+        }
+        let endpoint = material.endpoint(url, keepalive)?;
+        *current = Some(CachedEndpoint {
+            url: url.to_owned(),
+            keepalive,
+            material: material.clone(),
+            endpoint: endpoint.clone(),
+        });
+        Ok(endpoint)
+    }
+}
+
+impl TlsMaterial {
+    fn same_files_as(&self, other: &TlsMaterial) -> bool {
+        self.ca_pem == other.ca_pem
+            && self.cert_pem == other.cert_pem
+            && self.key_pem == other.key_pem
     }
 }
 

@@ -81,6 +81,7 @@ async fn the_control_plane_confirms_refuses_or_does_not_know() {
         url: format!("https://{address}"),
         tls: files(&pki_dir, "agent-worker-1"),
         keepalive: Duration::from_secs(20),
+        endpoints: Arc::default(),
     };
     let timeout = Duration::from_secs(20);
     assert_eq!(
@@ -109,6 +110,7 @@ async fn a_control_plane_out_of_reach_is_no_answer_by_the_deadline() {
         url: format!("https://{address}"),
         tls: files(&pki_dir, "agent-worker-1"),
         keepalive: Duration::from_secs(20),
+        endpoints: Arc::default(),
     };
     let started = Instant::now();
     let verdict = confirmer

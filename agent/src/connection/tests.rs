@@ -154,6 +154,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
         material: tls.load().unwrap(),
         tls,
         keepalive: Duration::from_secs(20),
+        endpoints: Arc::default(),
         max_backoff: Duration::from_secs(1),
         outbox: outbox.clone(),
         desired: desired_tx,

@@ -1,0 +1,70 @@
+//! Accepting TLS connections: every handshake in a task of its own. tonic's
+//! built-in acceptor runs all pending handshakes in one task, so a fleet
+//! reconnecting at once was handshaken by one core. The rustls configuration
+//! ([`TlsMaterial::rustls_server_config`]) also hands out session tickets, so
+//! an agent's confirmation over a new connection resumes its session.
+//!
+//! tonic reads the peer's certificates from the `TlsStream` it is given,
+//! exactly as from its own acceptor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use procurator_core::tls::HANDSHAKE_TIMEOUT;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+/// Handshaken connections waiting for tonic to pick them up.
+const READY_QUEUE: usize = 1024;
+/// After an accept error (e.g. out of file descriptors), wait before the next.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+pub type Incoming = ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
+
+/// Accepts on `listener` until `stop`, yielding connections whose TLS
+/// handshake completed within [`HANDSHAKE_TIMEOUT`].
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    stop: CancellationToken,
+) -> Incoming {
+    let (ready_tx, ready_rx) = mpsc::channel(READY_QUEUE);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            // Without this a small reply (a confirmation) can wait 40 ms for
+            // the peer's delayed ACK.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
+            }
+            let (acceptor, ready_tx) = (acceptor.clone(), ready_tx.clone());
+            tokio::spawn(async move {
+                let peer = stream.peer_addr().ok();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = ready_tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(ready_rx)
+}
