@@ -25,6 +25,9 @@ declare -A wanted=(
     [iptables]=iptables
     [unshare]=util-linux
     [setpriv]=util-linux
+    # C compilers and make build SQLite (rusqlite) and jemalloc from source.
+    [cc]=gcc
+    [make]=make
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

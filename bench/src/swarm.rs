@@ -93,6 +93,8 @@ pub struct RunFigures {
     pub watch_max_lag_ms: f64,
     /// Control plane restarted → every agent connected again.
     pub storm_s: f64,
+    /// SIGTERM to the old control plane → the new one listening.
+    pub storm_down_s: f64,
     pub storm_dial_failures: u64,
     /// Agents refused for good (the real agent would back off for long): must be 0.
     pub storm_refused: u64,
@@ -219,7 +221,7 @@ async fn measure(
         let rss_peak_kib = plane.rss_peak_kib()?;
 
         let before = swarm.counters().await?;
-        let spawned = plane.restart().await?;
+        let (spawned, down) = plane.restart().await?;
         all_connected(plane, &mut swarm, n).await?;
         let storm_s = spawned.elapsed().as_secs_f64();
         let after = swarm.counters().await?;
@@ -258,6 +260,7 @@ async fn measure(
                 .sum(),
             watch_max_lag_ms: watched.iter().map(|w| w.max_lag_ms).max().unwrap_or(0) as f64,
             storm_s,
+            storm_down_s: down.as_secs_f64(),
             storm_dial_failures: after.dial_failures - before.dial_failures,
             storm_refused: after.refused - before.refused,
         })

@@ -59,8 +59,10 @@ impl ControlPlane {
     }
 
     /// SIGTERM (the control plane drains and exits), then start again on
-    /// the same ports and store. Returns when the new process was spawned.
-    pub async fn restart(&mut self) -> Result<Instant> {
+    /// the same ports and store. Returns when the new process was spawned,
+    /// and how long none was listening (SIGTERM to the new one's ready file).
+    pub async fn restart(&mut self) -> Result<(Instant, Duration)> {
+        let signalled = Instant::now();
         self.stop().await?;
         self.starts += 1;
         self.child = spawn(
@@ -74,7 +76,7 @@ impl ControlPlane {
         )?;
         let spawned = Instant::now();
         self.wait_ready().await?;
-        Ok(spawned)
+        Ok((spawned, signalled.elapsed()))
     }
 
     pub async fn stop(&mut self) -> Result<()> {
