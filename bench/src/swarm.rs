@@ -55,6 +55,9 @@ pub struct SwarmArgs {
     /// Write every run's figures and the summaries here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Keep each run's directory (the control plane's logs and store).
+    #[arg(long)]
+    pub keep: bool,
     #[command(flatten)]
     pub behaviour: Behaviour,
 }
@@ -75,6 +78,9 @@ pub struct RunFigures {
     pub desired_p50_ms: f64,
     pub desired_p99_ms: f64,
     pub desired_max_ms: f64,
+    /// The Submit call of the rollout without confirmation: upload,
+    /// validation, storing and scheduling all machines.
+    pub submit_ms: f64,
     /// The same with confirmation off: agents do no TLS handshake of their
     /// own while the desired states go out.
     pub desired_no_confirm_p50_ms: f64,
@@ -173,9 +179,12 @@ async fn one_run(
         ControlPlane::start(control_plane, &plane_dir, &pki, args.behaviour.keepalive).await?;
     let result = measure(args, &mut plane, &pki, n).await;
     let stopped = plane.stop().await;
-    if result.is_err() {
-        eprintln!("swarm: the control plane's log: {}", plane.log().display());
-        // Keep the directory for a look at what went wrong.
+    if result.is_err() || args.keep {
+        eprintln!(
+            "swarm: the control plane's logs are in {}",
+            plane_dir.display()
+        );
+        // Kept for a look at what went wrong, or at the timeline.
         let _ = dir.keep();
     }
     let figures = result?;
@@ -242,6 +251,7 @@ async fn measure(
             desired_p50_ms: pct(50.0),
             desired_p99_ms: pct(99.0),
             desired_max_ms: pct(100.0),
+            submit_ms: without_confirm.submit_ms,
             desired_no_confirm_p50_ms: pct_nc(50.0),
             desired_no_confirm_p99_ms: pct_nc(99.0),
             desired_no_confirm_max_ms: pct_nc(100.0),
@@ -287,6 +297,8 @@ async fn all_connected(
 }
 
 struct Rollout {
+    /// The Submit call itself: upload, validation, storing, scheduling.
+    submit_ms: f64,
     desired_ms: Vec<f64>,
     finished_s: f64,
     succeeded: usize,
@@ -324,7 +336,8 @@ async fn rollout(
     }
 
     let artifact = operator::artifact(PREFIX, n, generation, confirm_timeout);
-    let (id, submitted_us) = operator::submit(&mut operator.clone(), &artifact).await?;
+    let (id, submitted_us, answered_us) =
+        operator::submit(&mut operator.clone(), &artifact).await?;
     let _ = id_tx.send(Some(id.clone()));
     let received = swarm.desired(&id, n, PHASE_TIMEOUT).await?;
     let desired_ms = received
@@ -345,6 +358,7 @@ async fn rollout(
         .filter(|m| m.state() == procurator_proto::v1::MachineState::Succeeded)
         .count();
     Ok(Rollout {
+        submit_ms: answered_us.saturating_sub(submitted_us) as f64 / 1000.0,
         desired_ms,
         finished_s: finished_us.saturating_sub(submitted_us) as f64 / 1e6,
         succeeded,

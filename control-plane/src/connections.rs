@@ -10,7 +10,7 @@ use procurator_proto::v1::{Cancel, ControlMessage, control_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Outbound as ToSend, Store, StoreError};
+use crate::store::{Outbound as ToSend, SendOrder, Store, StoreError};
 
 /// The sending half of an agent's response stream.
 pub type Outbound = mpsc::Sender<Result<ControlMessage, tonic::Status>>;
@@ -22,8 +22,9 @@ pub struct Conn {
     pub generation: u64,
     pub tx: Outbound,
     /// Held from reading the desired state until it is queued on the stream,
-    /// so an older desired state can never overtake a newer one.
-    send_lock: Arc<tokio::sync::Mutex<()>>,
+    /// so an older desired state can never overtake a newer one; holds the
+    /// order of the newest message sent.
+    send_lock: Arc<tokio::sync::Mutex<SendOrder>>,
     /// Fired when the stream is ending: a newer stream for the same machine
     /// took over, the control plane shuts down (a child of its token), or
     /// the agent hung up. Nothing waits on a closing stream.
@@ -111,17 +112,43 @@ pub async fn dispatch_to(
     conn: &Conn,
     machine: &MachineName,
 ) -> Result<(), StoreError> {
-    let _order = tokio::select! {
+    let mut last = tokio::select! {
         () = conn.closing.cancelled() => return Ok(()),
-        order = conn.send_lock.lock() => order,
+        last = conn.send_lock.lock() => last,
     };
     if conn.tx.is_closed() || conn.closing.is_cancelled() {
         // Do not mark it SENT for a stream that is gone; the next one gets it.
         return Ok(());
     }
-    let Some(outbound) = store.take_desired(machine.clone()).await? else {
+    let Some((outbound, order)) = store.desired(machine.clone()).await? else {
         return Ok(());
     };
+    send(conn, machine, outbound).await;
+    *last = (*last).max(order);
+    Ok(())
+}
+
+/// Send a message read earlier (the scheduler's batch) unless the stream
+/// has since carried a newer one.
+pub async fn send_unless_overtaken(
+    conn: &Conn,
+    machine: &MachineName,
+    outbound: ToSend,
+    order: SendOrder,
+) {
+    let mut last = tokio::select! {
+        () = conn.closing.cancelled() => return,
+        last = conn.send_lock.lock() => last,
+    };
+    if order <= *last {
+        tracing::debug!(machine = %machine, "a newer message went first");
+        return;
+    }
+    send(conn, machine, outbound).await;
+    *last = order;
+}
+
+async fn send(conn: &Conn, machine: &MachineName, outbound: ToSend) {
     let kind = match outbound {
         ToSend::Desired(desired) => {
             tracing::info!(
@@ -151,7 +178,6 @@ pub async fn dispatch_to(
     if !sent {
         tracing::debug!(machine = %machine, "agent stream closed; it gets the desired state when it reconnects");
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -167,6 +193,41 @@ mod tests {
             Conn::new(connections.next_generation(), tx, &CancellationToken::new()),
             rx,
         )
+    }
+
+    #[tokio::test]
+    async fn a_message_read_early_never_overtakes_a_newer_one() {
+        let connections = Connections::default();
+        let machine = MachineName::parse("worker-1").unwrap();
+        let (conn, mut rx) = conn(&connections);
+        let cancel = |id: &str| ToSend::Cancel {
+            deployment_id: id.into(),
+            reason: String::new(),
+        };
+        let received =
+            |rx: &mut mpsc::Receiver<Result<ControlMessage, tonic::Status>>| match rx.try_recv() {
+                Ok(Ok(ControlMessage {
+                    kind: Some(control_message::Kind::Cancel(c)),
+                })) => Some(c.deployment_id),
+                _ => None,
+            };
+        // Deployment 2's cancel goes out; deployment 1's, read earlier, not.
+        send_unless_overtaken(&conn, &machine, cancel("d-2"), SendOrder::of(2, true)).await;
+        assert_eq!(received(&mut rx).as_deref(), Some("d-2"));
+        send_unless_overtaken(&conn, &machine, cancel("d-1"), SendOrder::of(1, true)).await;
+        assert_eq!(received(&mut rx), None);
+        // Nor does deployment 2's desired state, after its cancel.
+        send_unless_overtaken(
+            &conn,
+            &machine,
+            cancel("d-2 again"),
+            SendOrder::of(2, false),
+        )
+        .await;
+        assert_eq!(received(&mut rx), None);
+        // A newer deployment's does.
+        send_unless_overtaken(&conn, &machine, cancel("d-3"), SendOrder::of(3, false)).await;
+        assert_eq!(received(&mut rx).as_deref(), Some("d-3"));
     }
 
     #[test]

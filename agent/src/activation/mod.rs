@@ -125,6 +125,7 @@ impl Activator {
             previous,
             entry,
             launches: AtomicU32::new(0),
+            gc_root: None,
         };
         let result = deployment.forward(desired, Phase::Copying).await;
         deployment.finish(result, desired.auto_rollback).await
@@ -141,6 +142,10 @@ struct Deployment<'a> {
     previous: Option<StorePath>,
     /// `run-detached` launches so far (names their files).
     launches: AtomicU32,
+    /// Registering the closure as a GC root (`nix-store --add-root`, a
+    /// process of its own) runs beside the activation; `finish` waits for it
+    /// before anything removes the root.
+    gc_root: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Deployment<'_> {
@@ -158,7 +163,7 @@ impl Deployment<'_> {
         if from <= Phase::Copying {
             self.enter(Phase::Copying).map_err(unchanged)?;
             self.copy(&desired.substituters).await.map_err(unchanged)?;
-            self.add_gc_root().await;
+            self.gc_root = Some(self.spawn_gc_root());
         }
         let profile = Profile::new(self.closure.clone())
             .map_err(|e| unchanged(Failure::new(MachineState::Activating, e.to_string(), "")))?;
@@ -198,6 +203,9 @@ impl Deployment<'_> {
 
     /// How the forward steps' result ends the deployment.
     async fn finish(&mut self, result: Result<(), Stop>, auto_rollback: bool) -> Outcome {
+        if let Some(registering) = self.gc_root.take() {
+            let _ = registering.await;
+        }
         match result {
             Ok(()) => self.succeed(),
             Err(Stop {

@@ -60,6 +60,7 @@ impl Activator {
             previous,
             entry,
             launches: AtomicU32::new(recorded.as_ref().map_or(0, |l| l.n)),
+            gc_root: None,
         };
         let stopped = |phase: Phase| {
             Failure::new(

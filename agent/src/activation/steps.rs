@@ -211,20 +211,24 @@ impl Deployment<'_> {
 
     /// Keeps the copied closure from a garbage collection until the end. A
     /// failure is only logged: the window it leaves open is small.
-    pub(super) async fn add_gc_root(&self) {
+    /// Registers the closure as a GC root in the background: a garbage
+    /// collection must not take it between the copy and the profile switch.
+    pub(super) fn spawn_gc_root(&self) -> tokio::task::JoinHandle<()> {
         let link = self.gc_root();
-        let added = match link.parent().map(std::fs::create_dir_all) {
-            Some(Err(e)) => Err(e.to_string()),
-            _ => self
-                .activator
-                .nix
-                .add_root(&link, &self.closure)
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        if let Err(e) = added {
-            tracing::warn!(error = %e, "cannot register the closure as a GC root");
-        }
+        let nix = self.activator.nix.clone();
+        let closure = self.closure.clone();
+        tokio::spawn(async move {
+            let added = match link.parent().map(std::fs::create_dir_all) {
+                Some(Err(e)) => Err(e.to_string()),
+                _ => nix
+                    .add_root(&link, &closure)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = added {
+                tracing::warn!(error = %e, "cannot register the closure as a GC root");
+            }
+        })
     }
 
     pub(super) fn remove_gc_root(&self) {

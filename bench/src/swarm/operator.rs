@@ -67,8 +67,10 @@ fn store_hash(index: usize, generation: u32) -> String {
         .collect()
 }
 
-/// Submits; the deployment id and the Unix microseconds just before the call.
-pub async fn submit(client: &mut Client, artifact: &Value) -> Result<(String, u64)> {
+/// Submits; the deployment id, the Unix microseconds just before the call
+/// and when it returned (the control plane answers once the deployment is
+/// stored and its first machines are scheduled).
+pub async fn submit(client: &mut Client, artifact: &Value) -> Result<(String, u64, u64)> {
     let request = SubmitRequest {
         artifact_json: artifact.to_string(),
         force: false,
@@ -81,7 +83,7 @@ pub async fn submit(client: &mut Client, artifact: &Value) -> Result<(String, u6
             response.deployment_id
         );
     }
-    Ok((response.deployment_id, at))
+    Ok((response.deployment_id, at, unix_micros()))
 }
 
 pub async fn get(client: &mut Client, id: &str) -> Result<Deployment> {

@@ -230,7 +230,10 @@ fn spawn(
         let _ = std::fs::remove_file(dir.join(ready));
     }
     let log = std::fs::File::create(dir.join(format!("control-plane-{start}.log")))?;
-    Command::new(bin)
+    // Killed with the benchmark, even when it dies without cleaning up.
+    Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(bin)
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--data-dir")

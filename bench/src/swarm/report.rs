@@ -56,6 +56,13 @@ const FIGURES: &[Figure] = &[
         target: None,
     },
     Figure {
+        key: "submit_ms",
+        label: "  the Submit call (store, schedule), confirm off",
+        unit: "ms",
+        value: |r| r.submit_ms,
+        target: None,
+    },
+    Figure {
         key: "desired_no_confirm_p50_ms",
         label: "  the same, confirm off: p50",
         unit: "ms",

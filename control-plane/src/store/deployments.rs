@@ -243,6 +243,17 @@ fn supersede_older(
     newer: &DeploymentId,
     machines: &[MachineName],
 ) -> Result<(), StoreError> {
+    // Usually the deployment before has finished: nothing to look up per machine.
+    let others_running: bool = tx
+        .sql
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM deployments WHERE state = ?1 AND id != ?2)")?
+        .query_row(
+            params![DeploymentState::Running as i32, newer.as_str()],
+            |r| r.get(0),
+        )?;
+    if !others_running {
+        return Ok(());
+    }
     let mut touched = BTreeSet::new();
     for machine in machines {
         let rows: Vec<(String, String, i32)> = {

@@ -38,7 +38,7 @@ use self::artifacts::ArtifactCache;
 pub use control::{Cancelled, Confirmation, RolledBack};
 pub use deployments::{SubmitError, Submitted};
 pub use reports::ResultOutcome;
-pub use schedule::Outbound;
+pub use schedule::{Outbound, SendOrder};
 
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.
@@ -336,11 +336,11 @@ impl Writer {
         for job in batch {
             tx.now = procurator_core::now_ms();
             let published = tx.events.len();
-            tx.sql.execute_batch("SAVEPOINT write")?;
+            tx.sql.prepare_cached("SAVEPOINT write")?.execute([])?;
             let (succeeded, deliver) = job(&mut tx);
             delivers.push(deliver);
             if succeeded {
-                tx.sql.execute_batch("RELEASE write")?;
+                tx.sql.prepare_cached("RELEASE write")?.execute([])?;
             } else {
                 tx.sql.execute_batch("ROLLBACK TO write; RELEASE write")?;
                 tx.events.truncate(published);

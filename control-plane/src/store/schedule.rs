@@ -13,6 +13,61 @@ use super::deployments::{StoredWave, finish_if_done, machine_state, parse_id, ro
 use super::{Store, StoreError, Tx};
 use crate::rollout::{self, Step, Stop};
 
+/// Orders the messages of one machine's stream: a newer deployment's, and
+/// a deployment's cancel after its desired state, come later. Lets a
+/// message read early (in a batch) be dropped when a later one was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct SendOrder(u64);
+
+impl SendOrder {
+    pub(crate) fn of(deployment_seq: i64, cancel: bool) -> Self {
+        Self(u64::try_from(deployment_seq).unwrap_or(0) * 2 + u64::from(cancel))
+    }
+}
+
+fn desired_of(
+    conn: &rusqlite::Connection,
+    artifacts: &super::artifacts::ArtifactCache,
+    machine: &MachineName,
+) -> Result<Option<(Outbound, SendOrder)>, StoreError> {
+    let newest: Option<(String, String, i32, i64, String, i64)> = conn
+        .prepare_cached(
+            "SELECT m.deployment_id, m.closure, m.state, d.stopped, d.halted_reason, d.seq
+             FROM machines m JOIN deployments d ON d.id = m.deployment_id
+             WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
+        )?
+        .query_row([machine.as_str()], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((id, closure, state, stopped, reason, seq)) = newest else {
+        return Ok(None);
+    };
+    if !rollout::is_in_flight(machine_state(state)) {
+        return Ok(None);
+    }
+    if Stop::from_sql(stopped) == Some(Stop::Cancelled) {
+        let cancel = Outbound::Cancel {
+            deployment_id: id,
+            reason,
+        };
+        return Ok(Some((cancel, SendOrder::of(seq, true))));
+    }
+    let artifact = artifacts.get(conn, &id)?;
+    let desired = rollout::desired_state(&artifact, &id, machine, &closure);
+    Ok(Some((
+        Outbound::Desired(desired),
+        SendOrder::of(seq, false),
+    )))
+}
+
 /// What to send a machine over its stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
@@ -35,35 +90,36 @@ impl Store {
     /// What `machine` should be sent on (re)connecting: its row in the newest
     /// deployment that names it, when that row is in flight. A PENDING row
     /// waits for the scheduler; a final one needs nothing.
+    #[cfg(test)]
     pub async fn take_desired(&self, machine: MachineName) -> Result<Option<Outbound>, StoreError> {
+        Ok(self.desired(machine).await?.map(|(outbound, _)| outbound))
+    }
+
+    /// [`Store::take_desired`] with the message's [`SendOrder`].
+    pub async fn desired(
+        &self,
+        machine: MachineName,
+    ) -> Result<Option<(Outbound, SendOrder)>, StoreError> {
+        let artifacts = self.inner.artifacts.clone();
+        self.read(move |conn| desired_of(conn, &artifacts, &machine))
+            .await
+    }
+
+    /// [`Store::desired`] of many machines in one read: the scheduler just
+    /// moved them all to SENT.
+    pub async fn desired_of_many(
+        &self,
+        machines: Vec<MachineName>,
+    ) -> Result<Vec<(MachineName, Outbound, SendOrder)>, StoreError> {
         let artifacts = self.inner.artifacts.clone();
         self.read(move |conn| {
-            let newest: Option<(String, String, i32, i64, String)> = conn
-                .prepare_cached(
-                    "SELECT m.deployment_id, m.closure, m.state, d.stopped, d.halted_reason
-                     FROM machines m JOIN deployments d ON d.id = m.deployment_id
-                     WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
-                )?
-                .query_row([machine.as_str()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                })
-                .optional()?;
-            let Some((id, closure, state, stopped, reason)) = newest else {
-                return Ok(None);
-            };
-            if !rollout::is_in_flight(machine_state(state)) {
-                return Ok(None);
+            let mut found = Vec::with_capacity(machines.len());
+            for machine in machines {
+                if let Some((outbound, order)) = desired_of(conn, &artifacts, &machine)? {
+                    found.push((machine, outbound, order));
+                }
             }
-            if Stop::from_sql(stopped) == Some(Stop::Cancelled) {
-                return Ok(Some(Outbound::Cancel {
-                    deployment_id: id,
-                    reason,
-                }));
-            }
-            let artifact = artifacts.get(conn, &id)?;
-            Ok(Some(Outbound::Desired(rollout::desired_state(
-                &artifact, &id, &machine, &closure,
-            ))))
+            Ok(found)
         })
         .await
     }
@@ -131,6 +187,18 @@ fn update(
     message: String,
 ) -> Result<(), StoreError> {
     let closure = row(tx, id, machine)?.map(|(c, _)| c).unwrap_or_default();
+    update_with(tx, id, machine, state, message, closure)
+}
+
+/// [`update`] when the row's closure is known.
+fn update_with(
+    tx: &mut Tx<'_>,
+    id: &DeploymentId,
+    machine: &MachineName,
+    state: MachineState,
+    message: String,
+    closure: String,
+) -> Result<(), StoreError> {
     set_state(tx, id, machine, state)?;
     let update = MachineUpdate {
         machine: machine.to_string(),
@@ -203,6 +271,18 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
         opened_ms: tx.opened_ms,
     };
     let steps = rollout::schedule(&rows, limits, progress, tx.now);
+    // A wave starting sends to many machines at once: their closures (for
+    // the events) in one read rather than one lookup each.
+    let mut closures: std::collections::HashMap<String, String> =
+        if steps.iter().filter(|s| matches!(s, Step::Send(_))).count() > 1 {
+            let mut stmt = tx
+                .sql
+                .prepare_cached("SELECT machine, closure FROM machines WHERE deployment_id = ?1")?;
+            stmt.query_map([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        } else {
+            Default::default()
+        };
     let mut send = Vec::new();
     let mut halted_by = String::new();
     for step in steps {
@@ -266,15 +346,15 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
                     .execute(params![id.as_str(), machine.as_str(), reason])?;
                 update(tx, id, &machine, MachineState::Cancelled, reason)?;
             }
-            Step::Send(machine) => {
-                let machine = name(&machine)?;
-                update(
-                    tx,
-                    id,
-                    &machine,
-                    MachineState::Sent,
-                    "sent to the agent".into(),
-                )?;
+            Step::Send(raw) => {
+                let machine = name(&raw)?;
+                let message = "sent to the agent".to_owned();
+                match closures.remove(&raw) {
+                    Some(closure) => {
+                        update_with(tx, id, &machine, MachineState::Sent, message, closure)?
+                    }
+                    None => update(tx, id, &machine, MachineState::Sent, message)?,
+                }
                 send.push(machine);
             }
         }
