@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `AgentService.Connect` would clash with the generated
         // `Client::connect(dst)`; clients are built from a `Channel` instead.
         .build_transport(false)
+        // prost's codec with 1 KiB stream buffers instead of 8 KiB (src/codec.rs).
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

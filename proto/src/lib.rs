@@ -1,6 +1,7 @@
 //! Procurator's wire protocol, generated from `proto/procurator/v1/*.proto`.
 //!
-//! Nothing here is hand-written except small conversions in sibling modules.
+//! Nothing here is hand-written except small conversions in sibling modules
+//! and the codec the generated services use ([`codec::SmallBufferCodec`]).
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -11,4 +12,5 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("procurator_descriptor");
 }
 
+pub mod codec;
 mod display;
