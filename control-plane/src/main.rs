@@ -28,8 +28,9 @@ use procurator_core::telemetry::{self, LogFormat};
 use procurator_core::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
-/// Many small, long-lived allocations per agent stream: jemalloc keeps them
-/// in less memory than glibc's malloc does.
+/// jemalloc, as in every figure of BENCHMARKS.md. It has not yet shown a
+/// measurable gain in RSS per agent over glibc's malloc; measure before
+/// keeping it for good.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
