@@ -21,13 +21,10 @@ use crate::deployer::Activity;
 use crate::desired::Inbound;
 use crate::outbox::{Outbox, Outgoing};
 use crate::system::SystemPaths;
-use procurator_core::backoff::{BASE, Backoff};
+use procurator_core::backoff::{
+    BASE, Backoff, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, STABLE_AFTER, refusal_is_terminal,
+};
 
-/// From dialling to `Welcome`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
-/// A connection that lasted this long resets the backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
 const OUTBOUND_CAPACITY: usize = 64;
 const NIX_VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,16 +48,8 @@ impl SessionError {
     /// Errors that dialling again will not fix: only an operator can (a new
     /// certificate, an upgraded agent).
     pub fn is_terminal(&self) -> bool {
-        use tonic::Code;
         match self {
-            SessionError::Status(s) => matches!(
-                s.code(),
-                Code::FailedPrecondition
-                    | Code::Unauthenticated
-                    | Code::PermissionDenied
-                    | Code::InvalidArgument
-                    | Code::Unimplemented
-            ),
+            SessionError::Status(s) => refusal_is_terminal(s.code()),
             SessionError::Tls(_) => true,
             SessionError::Connect(_)
             | SessionError::NoWelcome

@@ -9,10 +9,6 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn positive_samples(case: &Value, key: &str) -> Vec<f64> {
     let samples: Vec<f64> = case[key]
         .as_array()
@@ -32,10 +28,8 @@ fn positive_samples(case: &Value, key: &str) -> Vec<f64> {
 
 #[test]
 fn one_run_on_one_host_measures_floor_and_procurator_in_both_modes() {
-    if !is_root() {
-        eprintln!("skipped: the deploy benchmark needs root (mount namespaces, Nix stores)");
-        return;
-    }
+    // Like the integration tests: not root is a failure that says so, not a pass.
+    procurator_integration_tests::require_root().expect("the deploy benchmark needs root");
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("deploy.json");
     let out = Command::new(env!("CARGO_BIN_EXE_procurator-bench"))

@@ -9,6 +9,26 @@ use rand::Rng;
 pub const BASE: Duration = Duration::from_millis(500);
 /// The agent's default cap on the wait between attempts.
 pub const DEFAULT_CAP: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// From dialling to the control plane's `Welcome`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle session sends a heartbeat this often.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A refusal that dialling again will not fix, only an operator can (a new
+/// certificate, an upgraded agent): retry with [`Backoff::terminal_delay`].
+pub fn refusal_is_terminal(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::FailedPrecondition
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::Unimplemented
+    )
+}
 
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -201,19 +201,19 @@ impl Activator {
                 Ok(None) => {}
                 Err(e) => break Err(e.to_string()),
             }
-            if Instant::now() >= next_liveness && !alive(launched).await {
-                // It may have written the status just before it ended.
-                break match RunStatus::read(&launched.status_file) {
-                    Ok(Some(status)) => Ok(status),
-                    _ => Err("the activation ended without leaving its exit status".into()),
-                };
+            if Instant::now() >= next_liveness {
+                if !alive(launched).await {
+                    // It may have written the status just before it ended.
+                    break match RunStatus::read(&launched.status_file) {
+                        Ok(Some(status)) => Ok(status),
+                        _ => Err("the activation ended without leaving its exit status".into()),
+                    };
+                }
+                next_liveness = Instant::now() + LIVENESS_INTERVAL;
             }
             if Instant::now() >= deadline {
                 stop(launched).await;
                 break Err(format!("did not finish within {}s", timeout.as_secs()));
-            }
-            if Instant::now() >= next_liveness {
-                next_liveness = Instant::now() + LIVENESS_INTERVAL;
             }
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(MAX_POLL);

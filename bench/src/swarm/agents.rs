@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use procurator_core::backoff::{BASE, Backoff, DEFAULT_CAP};
+// The real agent's reconnect policy and session timing.
+use procurator_core::backoff::{
+    BASE, Backoff, DEFAULT_CAP, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, STABLE_AFTER,
+    refusal_is_terminal,
+};
 use procurator_core::pki::Authority;
 use procurator_core::tls::TlsMaterial;
 use procurator_core::{MachineName, PROTOCOL_VERSION, Role};
@@ -30,12 +34,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-
-/// As the real agent: a session that lasted this long resets the backoff,
-/// and an idle one sends a heartbeat this often.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentsArgs {
@@ -282,13 +280,7 @@ impl SimulatedAgent {
         current: &str,
     ) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<ControlMessage>), Ended> {
         let refused = |status: &tonic::Status| {
-            if matches!(
-                status.code(),
-                tonic::Code::Unauthenticated
-                    | tonic::Code::PermissionDenied
-                    | tonic::Code::FailedPrecondition
-                    | tonic::Code::InvalidArgument
-            ) {
+            if refusal_is_terminal(status.code()) {
                 Ended::Refused
             } else {
                 Ended::Dial

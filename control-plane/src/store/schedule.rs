@@ -288,9 +288,11 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
     for step in steps {
         match step {
             Step::WaveStarted(index) => {
-                tx.sql.prepare_cached("UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1")?.execute(
-                    params![id.as_str(), index, tx.now],
-                )?;
+                tx.sql
+                    .prepare_cached(
+                        "UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id.as_str(), index, tx.now])?;
                 let wave = waves.get(index as usize).cloned().unwrap_or(StoredWave {
                     name: format!("wave {index}"),
                     machines: Vec::new(),
