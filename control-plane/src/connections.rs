@@ -49,6 +49,14 @@ pub struct Connections {
 }
 
 impl Connections {
+    /// Generations continue from `last`, the highest one the store holds.
+    pub fn starting_after(last: u64) -> Self {
+        Self {
+            streams: Mutex::default(),
+            last_generation: AtomicU64::new(last),
+        }
+    }
+
     pub fn next_generation(&self) -> u64 {
         self.last_generation.fetch_add(1, Ordering::Relaxed) + 1
     }

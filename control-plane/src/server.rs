@@ -105,7 +105,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     // Streams end on `stop`, which fires only after health went NOT_SERVING.
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let connections = Arc::new(Connections::default());
+    let connections = Arc::new(Connections::starting_after(store.last_generation().await?));
     let dispatcher = Dispatcher::new(store.clone(), connections.clone(), tasks.clone());
     // Offline machines become unreachable on time, and a restarted control
     // plane carries on with the rollouts its store holds.

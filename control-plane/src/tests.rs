@@ -28,6 +28,7 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 struct TestServer {
     dir: tempfile::TempDir,
+    config: server::Config,
     addr: String,
     signal: CancellationToken,
     handle: JoinHandle<Result<(), ServerError>>,
@@ -62,14 +63,27 @@ impl TestServer {
         };
         adjust(&mut config);
         let signal = CancellationToken::new();
-        let handle = tokio::spawn(server::run(config, signal.clone()));
+        let handle = tokio::spawn(server::run(config.clone(), signal.clone()));
         let addr = wait_for_ready_file(&ready).await;
         Self {
             dir,
+            config,
             addr,
             signal,
             handle,
         }
+    }
+
+    /// Shut down gracefully and start again on the same store and address.
+    async fn restart(&mut self) {
+        self.signal.cancel();
+        (&mut self.handle).await.unwrap().unwrap();
+        let ready = self.config.ready_file.clone().unwrap();
+        std::fs::remove_file(&ready).unwrap();
+        self.config.listen = self.addr.clone();
+        self.signal = CancellationToken::new();
+        self.handle = tokio::spawn(server::run(self.config.clone(), self.signal.clone()));
+        assert_eq!(wait_for_ready_file(&ready).await, self.addr);
     }
 
     fn channel(&self, role: Role, name: &str) -> Channel {
@@ -368,6 +382,38 @@ async fn a_second_connection_replaces_the_first() {
         .into_inner()
         .agents;
     assert!(agents[0].connected);
+}
+
+#[tokio::test]
+async fn after_a_restart_an_agent_is_welcomed_at_its_first_dial() {
+    let mut server = TestServer::start(Duration::from_secs(10)).await;
+    // Several connections: the store remembers generation 3 for web-1.
+    for _ in 0..3 {
+        let (_tx, stream) = server.dial(Role::Agent, "web-1", Some(hello())).await;
+        let mut stream = stream.unwrap();
+        assert!(matches!(
+            next(&mut stream).await,
+            control_message::Kind::Welcome(_)
+        ));
+    }
+    server.restart().await;
+
+    // The new process numbers its connections after the stored ones, so this
+    // one is not taken for an older connection and refused as replaced.
+    let (_tx, stream) = server.dial(Role::Agent, "web-1", Some(hello())).await;
+    let mut stream = stream.expect("the first dial after a restart is accepted");
+    assert!(matches!(
+        next(&mut stream).await,
+        control_message::Kind::Welcome(_)
+    ));
+    let agents = server
+        .deployments(Role::Ci, "ci")
+        .list_agents(ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert!(agents[0].connected, "{agents:?}");
 }
 
 mod metrics;

@@ -94,6 +94,19 @@ impl Store {
         .await
     }
 
+    /// The highest connection generation ever recorded. A restarted control
+    /// plane numbers its connections after it: otherwise its first
+    /// connections look older than the rows they replace and are refused.
+    pub async fn last_generation(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let last: i64 = conn
+                .prepare_cached("SELECT COALESCE(MAX(generation), 0) FROM agents")?
+                .query_row([], |r| r.get(0))?;
+            Ok(u64::try_from(last).unwrap_or(0))
+        })
+        .await
+    }
+
     /// Every agent ever seen, by machine name.
     pub async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.read(|conn| {
@@ -193,6 +206,6 @@ fn emit_connection(
 }
 
 fn generation_to_sql(generation: u64) -> i64 {
-    // Generations count connections of one process; they never get near i64::MAX.
+    // Generations count connections, across restarts; they never get near i64::MAX.
     i64::try_from(generation).unwrap_or(i64::MAX)
 }
