@@ -88,6 +88,10 @@ pub struct RunFigures {
     pub desired_no_confirm_max_ms: f64,
     /// Submit → deployment finished, confirmation on (the default) and off.
     pub finished_s: f64,
+    /// TLS handshakes the control plane completed during the rollout with
+    /// confirmation: each confirmation dials anew and should resume.
+    pub confirm_full_handshakes: f64,
+    pub confirm_resumed_handshakes: f64,
     pub finished_no_confirm_s: f64,
     pub succeeded: usize,
     pub watchers: usize,
@@ -256,6 +260,8 @@ async fn measure(
             desired_no_confirm_p99_ms: pct_nc(99.0),
             desired_no_confirm_max_ms: pct_nc(100.0),
             finished_s: with_confirm.finished_s,
+            confirm_full_handshakes: with_confirm.full_handshakes,
+            confirm_resumed_handshakes: with_confirm.resumed_handshakes,
             finished_no_confirm_s: without_confirm.finished_s,
             succeeded: with_confirm.succeeded,
             watchers: watched.len(),
@@ -301,6 +307,8 @@ struct Rollout {
     submit_ms: f64,
     desired_ms: Vec<f64>,
     finished_s: f64,
+    full_handshakes: f64,
+    resumed_handshakes: f64,
     succeeded: usize,
     watched: Vec<operator::Watched>,
 }
@@ -319,6 +327,14 @@ async fn rollout(
     watchers: usize,
 ) -> Result<Rollout> {
     let revision = plane.metric("procurator_event_log_revision").await? as u64;
+    let handshakes = async |kind: &str| {
+        plane
+            .counter(&format!(
+                r#"procurator_tls_handshakes_total{{kind="{kind}"}}"#
+            ))
+            .await
+    };
+    let (full_before, resumed_before) = (handshakes("full").await?, handshakes("resumed").await?);
     let (id_tx, id_rx) = tokio::sync::watch::channel(None);
     // The first stream only says when it ended; the others are measured.
     let mut streams = Vec::new();
@@ -358,6 +374,8 @@ async fn rollout(
         .filter(|m| m.state() == procurator_proto::v1::MachineState::Succeeded)
         .count();
     Ok(Rollout {
+        full_handshakes: handshakes("full").await? - full_before,
+        resumed_handshakes: handshakes("resumed").await? - resumed_before,
         submit_ms: answered_us.saturating_sub(submitted_us) as f64 / 1000.0,
         desired_ms,
         finished_s: finished_us.saturating_sub(submitted_us) as f64 / 1e6,

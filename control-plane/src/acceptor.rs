@@ -18,6 +18,8 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
+
 /// Handshaken connections waiting for tonic to pick them up.
 const READY_QUEUE: usize = 1024;
 /// After an accept error (e.g. out of file descriptors), wait before the next.
@@ -26,10 +28,12 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub type Incoming = ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
 
 /// Accepts on `listener` until `stop`, yielding connections whose TLS
-/// handshake completed within [`HANDSHAKE_TIMEOUT`].
+/// handshake completed within [`HANDSHAKE_TIMEOUT`]. Each handshake is
+/// counted in `metrics` by its kind (full or resumed) or as failed.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<tokio_rustls::rustls::ServerConfig>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> Incoming {
     let (ready_tx, ready_rx) = mpsc::channel(READY_QUEUE);
@@ -53,15 +57,23 @@ pub fn incoming(
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
             }
-            let (acceptor, ready_tx) = (acceptor.clone(), ready_tx.clone());
+            let (acceptor, ready_tx, metrics) =
+                (acceptor.clone(), ready_tx.clone(), metrics.clone());
             tokio::spawn(async move {
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
+                        metrics.tls_handshake(tls.get_ref().1.handshake_kind());
                         let _ = ready_tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics.tls_handshake_failed();
+                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failed();
+                        tracing::debug!(?peer, "TLS handshake timed out");
+                    }
                 }
             });
         }

@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_rustls::rustls::HandshakeKind;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError};
@@ -39,6 +40,11 @@ struct RpcLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
 }
@@ -59,6 +65,8 @@ pub struct Metrics {
     submits: Family<OutcomeLabel, Counter>,
     agent_connects: Counter,
     agent_disconnects: Counter,
+    tls_handshakes: Family<KindLabel, Counter>,
+    tls_handshake_failures: Counter,
     /// Scrapes reset and refill the store gauges; one at a time keeps two
     /// concurrent scrapes from seeing each other's half-filled families.
     scrape: tokio::sync::Mutex<()>,
@@ -82,6 +90,8 @@ impl Metrics {
             submits: Family::default(),
             agent_connects: Counter::default(),
             agent_disconnects: Counter::default(),
+            tls_handshakes: Family::default(),
+            tls_handshake_failures: Counter::default(),
             scrape: tokio::sync::Mutex::new(()),
             registry: Registry::with_prefix("procurator"),
         };
@@ -132,7 +142,32 @@ impl Metrics {
             "Agent streams closed",
             m.agent_disconnects.clone(),
         );
+        r.register(
+            "tls_handshakes",
+            "Completed TLS handshakes by kind: full, or resumed from a session ticket",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.tls_handshake_failures.clone(),
+        );
         m
+    }
+
+    /// Count one completed TLS handshake.
+    pub fn tls_handshake(&self, kind: Option<HandshakeKind>) {
+        let kind = match kind {
+            Some(HandshakeKind::Resumed) => "resumed",
+            Some(HandshakeKind::Full | HandshakeKind::FullWithHelloRetryRequest) => "full",
+            // Not reachable for a completed handshake; counted, not hidden.
+            None => "unknown",
+        };
+        self.tls_handshakes.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     /// Count one finished RPC. `method` is the request path.

@@ -155,7 +155,9 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     let router = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive))
-        .layer(RpcMetricsLayer { metrics })
+        .layer(RpcMetricsLayer {
+            metrics: metrics.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -165,7 +167,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         );
     let server_stop = stop.clone();
     let mut serving = tokio::spawn(router.serve_with_incoming_shutdown(
-        crate::acceptor::incoming(listener, tls.rustls_server_config()?, stop.clone()),
+        crate::acceptor::incoming(listener, tls.rustls_server_config()?, metrics, stop.clone()),
         async move { server_stop.cancelled().await },
     ));
 

@@ -178,6 +178,19 @@ impl ControlPlane {
             .with_context(|| format!("{name} is not in the control plane's /metrics"))
     }
 
+    /// A counter that may not have been created yet (a label value nothing
+    /// has been counted under is absent, not zero).
+    pub async fn counter(&self, name: &str) -> Result<f64> {
+        let text = self.scrape().await?;
+        Ok(text
+            .lines()
+            .find_map(|line| {
+                let (metric, value) = line.split_once(' ')?;
+                (metric == name).then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0.0))
+    }
+
     async fn scrape(&self) -> Result<String> {
         let mut stream = tokio::net::TcpStream::connect(self.metrics)
             .await

@@ -91,6 +91,20 @@ const FIGURES: &[Figure] = &[
         target: Some(5.0),
     },
     Figure {
+        key: "confirm_resumed_handshakes",
+        label: "  TLS handshakes in it: resumed",
+        unit: "",
+        value: |r| r.confirm_resumed_handshakes,
+        target: None,
+    },
+    Figure {
+        key: "confirm_full_handshakes",
+        label: "  TLS handshakes in it: full",
+        unit: "",
+        value: |r| r.confirm_full_handshakes,
+        target: None,
+    },
+    Figure {
         key: "finished_no_confirm_s",
         label: "submit -> finished, instant agents (confirm off)",
         unit: "s",

@@ -113,3 +113,63 @@ async fn metrics_count_agents_rpcs_and_deployments() {
     server.handle.await.unwrap().unwrap();
     assert!(TcpStream::connect(&metrics_addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_second_connection_from_the_same_endpoint_resumes_the_tls_session() {
+    let mut metrics_ready = None;
+    let server = TestServer::start_with(Duration::from_secs(10), |config| {
+        config.metrics_listen = Some("127.0.0.1:0".into());
+        let path = config.data_dir.with_file_name("metrics-ready");
+        config.metrics_ready_file = Some(path.clone());
+        metrics_ready = Some(path);
+    })
+    .await;
+    let metrics_addr = wait_for_ready_file(&metrics_ready.unwrap()).await;
+
+    // As the agent does: one endpoint for its stream and its confirmations.
+    let pki_dir = server.dir.path().join("pki");
+    let (cert, key) = pki::leaf_paths(&pki_dir, Role::Agent, &"web-1".parse().unwrap());
+    let endpoint = TlsFiles {
+        ca: pki::ca_cert_path(&pki_dir),
+        cert,
+        key,
+    }
+    .load()
+    .unwrap()
+    .endpoint(&format!("https://{}", server.addr), Duration::from_secs(20))
+    .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(hello()).await.unwrap();
+    let mut stream = AgentServiceClient::new(endpoint.connect().await.unwrap())
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Reading past the handshake also takes in the session tickets.
+    assert!(matches!(
+        next(&mut stream).await,
+        control_message::Kind::Welcome(_)
+    ));
+    let second = endpoint.connect().await.unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(second)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.into_inner().status, 1, "SERVING");
+
+    let (_, text) = http_get(&metrics_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, r#"procurator_tls_handshakes_total{kind="full"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"procurator_tls_handshakes_total{kind="resumed"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "procurator_tls_handshake_failures_total"),
+        0.0
+    );
+}
