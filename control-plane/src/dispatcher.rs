@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::connections::{Connections, dispatch, send_unless_overtaken};
-use crate::store::{Store, StoreError};
+use crate::store::{Scheduled, Store, StoreError};
 
 /// How often the scheduler runs without a trigger.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -80,35 +80,22 @@ impl Dispatcher {
         );
     }
 
-    /// Send each of `machines` its desired state: one read for all of them
-    /// (a wave of 10,000 is 10,000 rows), then a task per machine so that a
-    /// slow agent delays no other.
-    fn send_many(&self, machines: Vec<MachineName>) {
-        if machines.is_empty() {
-            return;
-        }
-        let (store, connections, tasks) = (
-            self.store.clone(),
-            self.connections.clone(),
-            self.tasks.clone(),
-        );
-        self.tasks.spawn(async move {
-            let found = match store.desired_of_many(machines).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not dispatch; the agents get it when they reconnect");
-                    return;
-                }
+    /// Send each scheduled machine its desired state, in a task per machine
+    /// so that a slow agent delays no other.
+    fn send_many(&self, scheduled: Vec<Scheduled>) {
+        for Scheduled {
+            machine,
+            outbound,
+            order,
+        } in scheduled
+        {
+            let Some(conn) = self.connections.get(&machine) else {
+                continue;
             };
-            for (machine, outbound, order) in found {
-                let Some(conn) = connections.get(&machine) else {
-                    continue;
-                };
-                tasks.spawn(async move {
-                    send_unless_overtaken(&conn, &machine, outbound, order).await;
-                });
-            }
-        });
+            self.tasks.spawn(async move {
+                send_unless_overtaken(&conn, &machine, outbound, order).await;
+            });
+        }
     }
 
     /// Kick the scheduler every [`TICK`] until `shutdown`.

@@ -300,11 +300,10 @@ pub(super) fn finish_if_done(
     tx: &mut Tx<'_>,
     id: &str,
 ) -> Result<Option<DeploymentState>, StoreError> {
-    let state: i32 =
-        tx.sql
-            .query_row("SELECT state FROM deployments WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })?;
+    let state: i32 = tx
+        .sql
+        .prepare_cached("SELECT state FROM deployments WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
     if DeploymentState::try_from(state) != Ok(DeploymentState::Running) {
         return Ok(None);
     }
@@ -326,11 +325,10 @@ pub(super) fn finish_if_done(
             .map(|s| s.map(machine_state))
             .collect::<Result<_, _>>()?
     };
-    let stop: i64 =
-        tx.sql
-            .query_row("SELECT stopped FROM deployments WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })?;
+    let stop: i64 = tx
+        .sql
+        .prepare_cached("SELECT stopped FROM deployments WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
     let Some(outcome) = rollout::outcome(&states, rollout::Stop::from_sql(stop)) else {
         return Ok(None);
     };
@@ -366,11 +364,12 @@ pub(super) fn row(
 ) -> Result<Option<(String, MachineState)>, StoreError> {
     Ok(tx
         .sql
-        .query_row(
+        .prepare_cached(
             "SELECT closure, state FROM machines WHERE deployment_id = ?1 AND machine = ?2",
-            params![id.as_str(), machine.as_str()],
-            |r| Ok((r.get(0)?, machine_state(r.get(1)?))),
-        )
+        )?
+        .query_row(params![id.as_str(), machine.as_str()], |r| {
+            Ok((r.get(0)?, machine_state(r.get(1)?)))
+        })
         .optional()?)
 }
 

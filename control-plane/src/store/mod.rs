@@ -38,7 +38,7 @@ use self::artifacts::ArtifactCache;
 pub use control::{Cancelled, Confirmation, RolledBack};
 pub use deployments::{SubmitError, Submitted};
 pub use reports::ResultOutcome;
-pub use schedule::{Outbound, SendOrder};
+pub use schedule::{Outbound, Scheduled, SendOrder};
 
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.

@@ -68,6 +68,16 @@ fn desired_of(
     )))
 }
 
+/// A machine the scheduler just moved to SENT, with what to send it. Built
+/// in the transaction that committed the move, so a wave of 10,000 is not
+/// read back row by row before it goes out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    pub machine: MachineName,
+    pub outbound: Outbound,
+    pub order: SendOrder,
+}
+
 /// What to send a machine over its stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
@@ -81,9 +91,9 @@ pub enum Outbound {
 
 impl Store {
     /// Run the scheduler over every running deployment. Returns the
-    /// machines that were just moved to SENT and must be sent their desired
-    /// state now.
-    pub async fn schedule(&self) -> Result<Vec<MachineName>, StoreError> {
+    /// machines that were just moved to SENT, with the desired states they
+    /// must be sent now.
+    pub async fn schedule(&self) -> Result<Vec<Scheduled>, StoreError> {
         self.write(schedule_all).await
     }
 
@@ -103,25 +113,6 @@ impl Store {
         let artifacts = self.inner.artifacts.clone();
         self.read(move |conn| desired_of(conn, &artifacts, &machine))
             .await
-    }
-
-    /// [`Store::desired`] of many machines in one read: the scheduler just
-    /// moved them all to SENT.
-    pub async fn desired_of_many(
-        &self,
-        machines: Vec<MachineName>,
-    ) -> Result<Vec<(MachineName, Outbound, SendOrder)>, StoreError> {
-        let artifacts = self.inner.artifacts.clone();
-        self.read(move |conn| {
-            let mut found = Vec::with_capacity(machines.len());
-            for machine in machines {
-                if let Some((outbound, order)) = desired_of(conn, &artifacts, &machine)? {
-                    found.push((machine, outbound, order));
-                }
-            }
-            Ok(found)
-        })
-        .await
     }
 
     /// The agent of `machine` is back: if its newest row had been given up
@@ -211,7 +202,7 @@ fn update_with(
     Ok(())
 }
 
-pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<MachineName>, StoreError> {
+pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<Scheduled>, StoreError> {
     let running: Vec<String> = {
         let mut stmt = tx
             .sql
@@ -226,16 +217,17 @@ pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<MachineName>, StoreErr
     Ok(send)
 }
 
-fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, StoreError> {
-    let (stopped, started_wave, wave_started_ms, waves): (i64, Option<i64>, i64, String) = tx
-        .sql
-        .prepare_cached(
-            "SELECT stopped, started_wave, wave_started_ms, waves FROM deployments WHERE id = ?1",
-        )?
-        .query_row([id.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?;
-    let settings = tx.artifacts.get(&tx.sql, id.as_str())?.rollout();
+fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, StoreError> {
+    let (stopped, started_wave, wave_started_ms, waves, seq): (i64, Option<i64>, i64, String, i64) =
+        tx.sql
+            .prepare_cached(
+                "SELECT stopped, started_wave, wave_started_ms, waves, seq FROM deployments WHERE id = ?1",
+            )?
+            .query_row([id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+    let artifact = tx.artifacts.get(&tx.sql, id.as_str())?;
+    let settings = artifact.rollout();
     let waves: Vec<StoredWave> = serde_json::from_str(&waves)
         .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
     let rows: Vec<rollout::Row> = {
@@ -350,14 +342,18 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<MachineName>, 
             }
             Step::Send(raw) => {
                 let machine = name(&raw)?;
+                let closure = match closures.remove(&raw) {
+                    Some(closure) => closure,
+                    None => row(tx, id, &machine)?.map(|(c, _)| c).unwrap_or_default(),
+                };
+                let desired = rollout::desired_state(&artifact, id.as_str(), &machine, &closure);
                 let message = "sent to the agent".to_owned();
-                match closures.remove(&raw) {
-                    Some(closure) => {
-                        update_with(tx, id, &machine, MachineState::Sent, message, closure)?
-                    }
-                    None => update(tx, id, &machine, MachineState::Sent, message)?,
-                }
-                send.push(machine);
+                update_with(tx, id, &machine, MachineState::Sent, message, closure)?;
+                send.push(Scheduled {
+                    machine,
+                    outbound: Outbound::Desired(desired),
+                    order: SendOrder::of(seq, false),
+                });
             }
         }
     }

@@ -43,7 +43,25 @@ pub(super) async fn connect_and_schedule(store: &Store, machine: &str) -> Vec<Ma
         .agent_connected(m(machine), generation, Hello::default())
         .await
         .unwrap();
-    store.schedule().await.unwrap()
+    schedule(store).await
+}
+
+/// Run the scheduler; returns who is to be sent a desired state. Each
+/// message is checked to be exactly what the machine's agent would be sent
+/// on reconnecting, the read path.
+pub(super) async fn schedule(store: &Store) -> Vec<MachineName> {
+    let mut names = Vec::new();
+    for scheduled in store.schedule().await.unwrap() {
+        let reread = store.desired(scheduled.machine.clone()).await.unwrap();
+        assert_eq!(
+            reread,
+            Some((scheduled.outbound, scheduled.order)),
+            "{}",
+            scheduled.machine
+        );
+        names.push(scheduled.machine);
+    }
+    names
 }
 
 pub(super) async fn desired(store: &Store, machine: &str) -> Option<DesiredState> {
@@ -127,7 +145,7 @@ async fn desired_state_moves_pending_to_sent_once() {
     let (_dir, store) = open();
     let s = submit(&store, COMMIT_A, &[("web-1", "sys-a")]).await;
     // Not connected: it waits in PENDING.
-    assert!(store.schedule().await.unwrap().is_empty());
+    assert!(schedule(&store).await.is_empty());
     assert!(desired(&store, "web-1").await.is_none());
     assert_eq!(connect_and_schedule(&store, "web-1").await, [m("web-1")]);
     let desired = desired(&store, "web-1").await.unwrap();
@@ -241,7 +259,7 @@ async fn a_newer_deployment_supersedes_unfinished_rows() {
         machine_state(&store, &old.id, "db-1").await,
         MachineState::Pending
     );
-    assert_eq!(store.schedule().await.unwrap(), [m("web-1")]);
+    assert_eq!(schedule(&store).await, [m("web-1")]);
     let desired = desired(&store, "web-1").await.unwrap();
     assert_eq!(desired.deployment_id, new.id.as_str());
     assert!(desired.closure.ends_with("-sys-b"));

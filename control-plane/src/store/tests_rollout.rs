@@ -6,6 +6,7 @@ use procurator_proto::v1::{DeploymentState, Event, MachineState, Progress, event
 
 use super::tests::{
     COMMIT_A, COMMIT_B, all_events, connect_and_schedule, desired, m, machine_state, open, result,
+    schedule,
 };
 use super::{Cancelled, Confirmation, Outbound, RolledBack, Store, SubmitError, Submitted};
 use crate::test_support::artifact_with;
@@ -68,13 +69,13 @@ async fn waves_run_in_order_within_max_in_flight_and_halt_over_the_budget() {
 
     result(&store, "web-1", &s.id, MachineState::Succeeded).await;
     // One at a time: only web-2 of the second wave.
-    assert_eq!(store.schedule().await.unwrap(), [m("web-2")]);
+    assert_eq!(schedule(&store).await, [m("web-2")]);
     assert_eq!(waves_started(&all_events(&store).await).len(), 2);
-    assert!(store.schedule().await.unwrap().is_empty());
+    assert!(schedule(&store).await.is_empty());
 
     // web-2 fails: over a budget of 0, so web-3 is never sent.
     result(&store, "web-2", &s.id, MachineState::RolledBack).await;
-    assert!(store.schedule().await.unwrap().is_empty());
+    assert!(schedule(&store).await.is_empty());
     assert_eq!(
         machine_state(&store, &s.id, "web-3").await,
         MachineState::Cancelled
@@ -105,7 +106,7 @@ async fn an_offline_machine_becomes_unreachable_and_reopens_when_it_is_back() {
     let s = submit_with(&store, COMMIT_A, &[("web-1", "sys")], rollout, false)
         .await
         .unwrap();
-    assert!(store.schedule().await.unwrap().is_empty());
+    assert!(schedule(&store).await.is_empty());
     assert_eq!(
         machine_state(&store, &s.id, "web-1").await,
         MachineState::Unreachable
@@ -170,7 +171,7 @@ async fn a_restarted_store_carries_on_where_its_rows_say() {
     let store = Store::open(dir.path()).unwrap();
     // Nobody is connected after the restart; the machine in flight gets its
     // desired state again when it reconnects, and nothing is re-decided.
-    assert!(store.schedule().await.unwrap().is_empty());
+    assert!(schedule(&store).await.is_empty());
     assert_eq!(
         machine_state(&store, &id, "web-1").await,
         MachineState::Sent
@@ -186,7 +187,7 @@ async fn a_restarted_store_carries_on_where_its_rows_say() {
     );
 
     result(&store, "web-1", &id, MachineState::Succeeded).await;
-    assert_eq!(store.schedule().await.unwrap(), [m("web-2")]);
+    assert_eq!(schedule(&store).await, [m("web-2")]);
     let started = waves_started(&all_events(&store).await);
     assert_eq!(started.iter().map(|w| w.0).collect::<Vec<_>>(), [0, 1]);
 }
