@@ -25,9 +25,8 @@ declare -A wanted=(
     [iptables]=iptables
     [unshare]=util-linux
     [setpriv]=util-linux
-    # C compilers and make build SQLite (rusqlite) and jemalloc from source.
+    # A C compiler builds SQLite (rusqlite) from source.
     [cc]=gcc
-    [make]=make
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

@@ -28,12 +28,6 @@ use procurator_core::telemetry::{self, LogFormat};
 use procurator_core::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;
 
-/// jemalloc, as in every figure of BENCHMARKS.md. It has not yet shown a
-/// measurable gain in RSS per agent over glibc's malloc; measure before
-/// keeping it for good.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Procurator's control plane: receives deployments from CI, hands each
 /// agent the closure its machine should run, and records every step.
 #[derive(Debug, Parser)]
