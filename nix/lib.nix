@@ -227,7 +227,7 @@ let
           required path machine "memory" "e.g. memory = { amount = 2; unit = \"GB\"; }"
         );
         labels = listOf "${path}.labels" nonEmptyString (machine.labels or [ ]);
-        replicas = integerBetween "${path}.replicas" 0 4294967295 (machine.replicas or 1);
+        replicas = integerBetween "${path}.replicas" 1 4294967295 (machine.replicas or 1);
         deployment = normalizeDeployment "${path}.deployment" (
           required path machine "deployment" "e.g. deployment = { addr = \"192.168.1.11\"; backend = \"cloud-hypervisor\"; }"
         );

@@ -19,6 +19,7 @@ mod reboot;
 mod system;
 #[cfg(test)]
 mod testing;
+mod vm;
 
 use std::process::ExitCode;
 use std::sync::Arc;

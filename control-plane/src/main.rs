@@ -7,6 +7,7 @@ mod connections;
 mod deployment_service;
 mod dispatcher;
 mod metrics;
+mod placement;
 mod rollout;
 mod server;
 mod store;

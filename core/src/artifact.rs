@@ -41,6 +41,8 @@ pub enum ArtifactError {
     MachineWithoutClosure(String),
     #[error("{0}")]
     Rollout(String),
+    #[error("{0}")]
+    Replicas(String),
     #[error("blueprint: the blueprint names no machine; there is nothing to deploy")]
     NoMachines,
 }
@@ -341,6 +343,7 @@ impl DeploymentArtifact {
         {
             return Err(ArtifactError::MachineWithoutClosure(m.to_string()));
         }
+        self.check_replicas().map_err(ArtifactError::Replicas)?;
         if let Some(rollout) = &self.rollout {
             rollout
                 .check(&self.blueprint)
@@ -418,7 +421,9 @@ impl DeploymentArtifact {
     }
 }
 
+mod instances;
 mod rollout;
+pub use instances::{Demand, VM_BACKENDS, VmInstance, instance_names};
 pub use rollout::{PlannedWave, Rollout, WaveSpec};
 
 #[cfg(test)]

@@ -147,7 +147,11 @@ in
   };
   negative-replicas = {
     value = with1 (m: m // { replicas = -1; });
-    message = "machines.w-1.replicas: expected a whole number from 0 to 4294967295, got int -1";
+    message = "machines.w-1.replicas: expected a whole number from 1 to 4294967295, got int -1";
+  };
+  zero-replicas = {
+    value = with1 (m: m // { replicas = 0; });
+    message = "machines.w-1.replicas: expected a whole number from 1 to 4294967295, got int 0";
   };
 
   # deployment.

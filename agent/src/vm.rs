@@ -1,0 +1,280 @@
+//! VM hosts: an agent started with `--vm-host` runs the VM instances the
+//! control plane places on its machine, one VMM process per VM, behind
+//! [`Vmm`]. cloud-hypervisor is the production backend; QEMU runs the same
+//! lifecycle where there is no hardware virtualisation.
+//!
+//! A VM boots straight from its system closure: the closure's `kernel` and
+//! `initrd`, `init=<closure>/init` and the closure's `kernel-params` on the
+//! command line, the host's `/nix/store` shared read-only, a tap device, and
+//! the serial console written to a log file. Everything a VM leaves behind
+//! lives in its state folder, so removing a VM is removing that folder (and
+//! its tap).
+
+// The VM host's lifecycle that drives these is being built; until it lands
+// only the tests use them.
+#![cfg_attr(not(test), allow(dead_code))]
+
+pub mod cloud_hypervisor;
+#[cfg(test)]
+mod openapi;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+
+use procurator_core::MachineName;
+use procurator_core::artifact::Demand;
+use procurator_core::store_path::StorePath;
+
+/// The tag the guest mounts the host's store by.
+pub const STORE_TAG: &str = "nix-store";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("the closure {closure} has no {file}: is it a NixOS system closure?")]
+    NotASystem { closure: String, file: &'static str },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{vmm} API {request}: {message}")]
+    Api {
+        vmm: &'static str,
+        request: String,
+        message: String,
+    },
+}
+
+/// Everything needed to boot one VM instance from a closure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub name: MachineName,
+    pub closure: StorePath,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// The tap device the VM's network card is attached to.
+    pub tap: String,
+    pub mac: String,
+    /// Where its sockets, pid files and console log live.
+    pub state_dir: PathBuf,
+}
+
+impl VmSpec {
+    /// The spec of instance `name` running `closure`, which must be a NixOS
+    /// system closure (it has `kernel`, `initrd`, `init`). Its files are
+    /// read at `root`: the closure's own path on the host that runs it.
+    pub fn new(
+        name: MachineName,
+        closure: StorePath,
+        root: &Path,
+        demand: Demand,
+        state_root: &Path,
+    ) -> Result<Self, VmError> {
+        for file in ["kernel", "initrd", "init"] {
+            if !root.join(file).exists() {
+                return Err(VmError::NotASystem {
+                    closure: closure.to_string(),
+                    file,
+                });
+            }
+        }
+        let params_path = root.join("kernel-params");
+        let params = match std::fs::read_to_string(&params_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(VmError::Read {
+                    path: params_path,
+                    source,
+                });
+            }
+        };
+        let in_store = Path::new(closure.as_str());
+        Ok(Self {
+            kernel: in_store.join("kernel"),
+            initrd: in_store.join("initrd"),
+            cmdline: cmdline(&closure, &params),
+            // At least one vCPU; a fraction of a CPU is a host scheduling
+            // share, not a smaller CPU.
+            vcpus: u32::try_from(demand.milli_cpus.div_ceil(1000).max(1)).unwrap_or(u32::MAX),
+            memory_bytes: demand.memory_bytes,
+            tap: tap_name(&name),
+            mac: mac_address(&name),
+            state_dir: state_root.join(name.as_str()),
+            name,
+            closure,
+        })
+    }
+
+    /// Whether moving to `other` needs the VM restarted: the guest's own
+    /// agent can switch anything else in place.
+    pub fn needs_restart_for(&self, other: &VmSpec) -> bool {
+        kernel_identity(self) != kernel_identity(other)
+            || self.vcpus != other.vcpus
+            || self.memory_bytes != other.memory_bytes
+    }
+
+    pub fn serial_log(&self) -> PathBuf {
+        self.state_dir.join("console.log")
+    }
+}
+
+/// What a restart is needed for: the kernel, the initrd and the command
+/// line except the closure's own path in `init=` (which changes with every
+/// closure and is switched in place by the guest's agent).
+fn kernel_identity(spec: &VmSpec) -> (PathBuf, PathBuf, String) {
+    let kernel = std::fs::canonicalize(&spec.kernel).unwrap_or_else(|_| spec.kernel.clone());
+    let initrd = std::fs::canonicalize(&spec.initrd).unwrap_or_else(|_| spec.initrd.clone());
+    let params = spec
+        .cmdline
+        .split_whitespace()
+        .filter(|p| !p.starts_with("init=") && !p.starts_with("procurator.closure="))
+        .collect::<Vec<_>>()
+        .join(" ");
+    (kernel, initrd, params)
+}
+
+/// The kernel command line: the closure's own parameters, the serial
+/// console, and the closure's `init`. `procurator.closure=` tells the guest
+/// what it booted, for its readiness report.
+fn cmdline(closure: &StorePath, params: &str) -> String {
+    let mut words: Vec<String> = params.split_whitespace().map(str::to_owned).collect();
+    if !words.iter().any(|w| w.starts_with("console=")) {
+        words.push("console=ttyS0".into());
+    }
+    words.push(format!("init={closure}/init"));
+    words.push(format!("procurator.closure={closure}"));
+    words.join(" ")
+}
+
+/// A tap name of at most 15 bytes (IFNAMSIZ - 1), stable for the instance.
+pub fn tap_name(name: &MachineName) -> String {
+    format!("pvm{:012x}", fnv1a(name.as_str()) & 0xffff_ffff_ffff)
+}
+
+/// A locally administered unicast MAC, stable for the instance.
+pub fn mac_address(name: &MachineName) -> String {
+    let h = fnv1a(name.as_str()).to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[3], h[4], h[5], h[6], h[7]
+    )
+}
+
+/// FNV-1a: stable across releases and platforms, unlike std's hasher.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn spec() -> VmSpec {
+        let closure =
+            StorePath::parse("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-0")
+                .unwrap();
+        VmSpec {
+            name: MachineName::parse("web-0").unwrap(),
+            kernel: PathBuf::from(format!("{closure}/kernel")),
+            initrd: PathBuf::from(format!("{closure}/initrd")),
+            cmdline: cmdline(&closure, "loglevel=4 console=ttyS0"),
+            closure,
+            vcpus: 2,
+            memory_bytes: 512 << 20,
+            tap: "pvm0123456789ab".into(),
+            mac: "02:00:00:00:00:01".into(),
+            state_dir: PathBuf::from("/var/lib/procurator/vms/web-0"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_boots_the_closure_and_names_it() {
+        let s = spec();
+        assert_eq!(
+            s.cmdline,
+            format!(
+                "loglevel=4 console=ttyS0 init={0}/init procurator.closure={0}",
+                s.closure
+            )
+        );
+        let closure = s.closure.clone();
+        assert!(cmdline(&closure, "").starts_with("console=ttyS0 init="));
+    }
+
+    #[test]
+    fn a_spec_is_read_from_a_system_closure() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = dir.path().join("system");
+        std::fs::create_dir(&system).unwrap();
+        let closure = spec().closure;
+        let demand = Demand {
+            milli_cpus: 1500,
+            memory_bytes: 1 << 30,
+        };
+        let name = MachineName::parse("db").unwrap();
+        let state = dir.path().join("vms");
+        let missing = VmSpec::new(name.clone(), closure.clone(), &system, demand, &state);
+        let error = missing.unwrap_err().to_string();
+        assert!(error.contains("has no kernel"), "{error}");
+
+        for file in ["kernel", "initrd", "init"] {
+            std::fs::write(system.join(file), "").unwrap();
+        }
+        std::fs::write(system.join("kernel-params"), "loglevel=4 quiet\n").unwrap();
+        let s = VmSpec::new(name, closure.clone(), &system, demand, &state).unwrap();
+        assert_eq!(s.kernel, Path::new(closure.as_str()).join("kernel"));
+        assert_eq!(s.vcpus, 2, "1.5 CPUs is 2 vCPUs");
+        assert_eq!(s.memory_bytes, 1 << 30);
+        assert_eq!(s.state_dir, state.join("db"));
+        assert_eq!(s.serial_log(), state.join("db/console.log"));
+        assert!(
+            s.cmdline
+                .starts_with("loglevel=4 quiet console=ttyS0 init="),
+            "{}",
+            s.cmdline
+        );
+    }
+
+    #[test]
+    fn taps_and_macs_are_stable_short_and_distinct() {
+        let a = MachineName::parse("web-0").unwrap();
+        let b = MachineName::parse("web-1").unwrap();
+        assert_eq!(tap_name(&a), tap_name(&a));
+        assert_ne!(tap_name(&a), tap_name(&b));
+        assert!(tap_name(&a).len() <= 15, "{}", tap_name(&a));
+        assert_ne!(mac_address(&a), mac_address(&b));
+        let first = u8::from_str_radix(&mac_address(&a)[..2], 16).unwrap();
+        assert_eq!(first & 0b11, 0b10, "locally administered, unicast");
+    }
+
+    #[test]
+    fn only_kernel_initrd_parameters_and_size_changes_need_a_restart() {
+        let old = spec();
+        let mut userspace_only = old.clone();
+        let other =
+            StorePath::parse("/nix/store/1123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-0")
+                .unwrap();
+        userspace_only.cmdline = cmdline(&other, "loglevel=4 console=ttyS0");
+        userspace_only.closure = other;
+        assert!(!old.needs_restart_for(&userspace_only));
+
+        let mut new_kernel = old.clone();
+        new_kernel.kernel =
+            PathBuf::from("/nix/store/2123456789abcdfghijklmnpqrsvwxyz-linux/bzImage");
+        assert!(old.needs_restart_for(&new_kernel));
+
+        let mut new_params = old.clone();
+        new_params.cmdline = cmdline(&old.closure, "loglevel=7 console=ttyS0");
+        assert!(old.needs_restart_for(&new_params));
+
+        let mut bigger = old.clone();
+        bigger.memory_bytes *= 2;
+        assert!(old.needs_restart_for(&bigger));
+    }
+}

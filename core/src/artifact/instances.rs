@@ -1,0 +1,228 @@
+//! A blueprint machine with a VM backend runs as `replicas` VM instances,
+//! each on a VM host. Instance names are stable, so a placement and an
+//! instance's own agent keep their identity across deployments: the
+//! machine's own name for one replica, `NAME-0`, `NAME-1`, … for more.
+
+use std::collections::BTreeMap;
+
+use super::{DeploymentArtifact, MachineSpec};
+use crate::names::MachineName;
+
+/// The backends whose machines are VMs run by a VM host's agent.
+pub const VM_BACKENDS: [&str; 2] = ["cloud-hypervisor", "qemu"];
+
+/// What one VM instance needs from its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Demand {
+    /// Thousandths of a vCPU, so fractional CPUs add up exactly.
+    pub milli_cpus: u64,
+    pub memory_bytes: u64,
+}
+
+impl Demand {
+    pub fn of(spec: &MachineSpec) -> Self {
+        Self {
+            milli_cpus: (f64::from(spec.cpu) * 1000.0).round() as u64,
+            memory_bytes: spec.memory.bytes(),
+        }
+    }
+
+    /// Whether `self` fits into `free`.
+    pub fn fits(&self, free: &Demand) -> bool {
+        self.milli_cpus <= free.milli_cpus && self.memory_bytes <= free.memory_bytes
+    }
+
+    pub fn saturating_sub(&self, used: &Demand) -> Demand {
+        Demand {
+            milli_cpus: self.milli_cpus.saturating_sub(used.milli_cpus),
+            memory_bytes: self.memory_bytes.saturating_sub(used.memory_bytes),
+        }
+    }
+}
+
+impl std::fmt::Display for Demand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} vCPU and {} MiB",
+            self.milli_cpus as f64 / 1000.0,
+            self.memory_bytes >> 20
+        )
+    }
+}
+
+/// One VM instance of a blueprint machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInstance {
+    pub name: MachineName,
+    /// The blueprint machine it is a replica of; its closure is the machine's.
+    pub machine: MachineName,
+    pub replica: u32,
+    pub demand: Demand,
+}
+
+impl MachineSpec {
+    /// Whether this machine is a VM run by a VM host.
+    pub fn is_vm(&self) -> bool {
+        VM_BACKENDS.contains(&self.deployment.backend.as_str())
+    }
+}
+
+/// The names of `machine`'s instances: the machine's own name for one
+/// replica, `NAME-0` … `NAME-{n-1}` for more. Errors when a name would be
+/// longer than a machine name may be.
+pub fn instance_names(machine: &MachineName, replicas: u32) -> Result<Vec<MachineName>, String> {
+    if replicas == 1 {
+        return Ok(vec![machine.clone()]);
+    }
+    (0..replicas)
+        .map(|i| {
+            let name = format!("{machine}-{i}");
+            MachineName::parse(&name).map_err(|_| {
+                format!(
+                    "blueprint.{machine}.replicas: replica name {name:?} is longer than 63 characters; shorten the machine's name"
+                )
+            })
+        })
+        .collect()
+}
+
+impl DeploymentArtifact {
+    /// Every VM instance of the blueprint, by machine then replica.
+    pub fn vm_instances(&self) -> Vec<VmInstance> {
+        self.blueprint
+            .iter()
+            .filter(|(_, spec)| spec.is_vm())
+            .flat_map(|(machine, spec)| {
+                let demand = Demand::of(spec);
+                // Checked on parse: the names are valid.
+                let names = instance_names(machine, spec.replicas).unwrap_or_default();
+                names
+                    .into_iter()
+                    .zip(0u32..)
+                    .map(move |(name, replica)| VmInstance {
+                        name,
+                        machine: machine.clone(),
+                        replica,
+                        demand,
+                    })
+            })
+            .collect()
+    }
+
+    /// The replica rules: at least one replica, several only for VMs, and
+    /// every instance name distinct from every machine and other instance.
+    pub(super) fn check_replicas(&self) -> Result<(), String> {
+        let mut owner: BTreeMap<MachineName, &MachineName> = BTreeMap::new();
+        for (machine, spec) in &self.blueprint {
+            if spec.replicas == 0 {
+                return Err(format!(
+                    "blueprint.{machine}.replicas: must be at least 1; remove the machine from the blueprint to run none"
+                ));
+            }
+            if spec.replicas > 1 && !spec.is_vm() {
+                return Err(format!(
+                    "blueprint.{machine}.replicas: {} replicas need a VM backend ({}), but the backend is {:?}",
+                    spec.replicas,
+                    VM_BACKENDS.join(" or "),
+                    spec.deployment.backend
+                ));
+            }
+            for name in instance_names(machine, spec.replicas)? {
+                if let Some(other) = owner.insert(name.clone(), machine) {
+                    return Err(format!(
+                        "blueprint.{machine}: its instance {name:?} has the same name as {}; rename one of the machines",
+                        if other == &name {
+                            format!("the machine {other:?}")
+                        } else {
+                            format!("an instance of {other:?}")
+                        }
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn machine(backend: &str, replicas: u32, cpu: f64, mib: u32) -> Value {
+        json!({
+            "role": "worker", "cpu": cpu, "memory": { "amount": mib, "unit": "MiB" },
+            "replicas": replicas,
+            "deployment": { "addr": "10.0.0.1", "backend": backend }
+        })
+    }
+
+    fn artifact(machines: &[(&str, Value)]) -> Result<DeploymentArtifact, String> {
+        let closure = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system";
+        let blueprint: serde_json::Map<String, Value> = machines
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.clone()))
+            .collect();
+        let closures: serde_json::Map<String, Value> = machines
+            .iter()
+            .map(|(n, _)| ((*n).to_owned(), json!(closure)))
+            .collect();
+        let v = json!({
+            "gitCommit": "0123456789abcdef0123456789abcdef01234567",
+            "blueprint": blueprint, "closures": closures
+        });
+        DeploymentArtifact::from_json(v.to_string().as_bytes()).map_err(|e| e.to_string())
+    }
+
+    fn names(instances: &[VmInstance]) -> Vec<&str> {
+        instances.iter().map(|i| i.name.as_str()).collect()
+    }
+
+    #[test]
+    fn one_replica_keeps_the_machine_name_and_more_are_numbered() {
+        let a = artifact(&[
+            ("db", machine("cloud-hypervisor", 1, 2.0, 2048)),
+            ("web", machine("qemu", 3, 0.5, 512)),
+            ("metal", machine("nixos", 1, 8.0, 65536)),
+        ])
+        .unwrap();
+        let instances = a.vm_instances();
+        assert_eq!(names(&instances), ["db", "web-0", "web-1", "web-2"]);
+        assert_eq!(instances[2].machine.as_str(), "web");
+        assert_eq!(instances[2].replica, 1);
+        assert_eq!(
+            instances[1].demand,
+            Demand {
+                milli_cpus: 500,
+                memory_bytes: 512 << 20
+            }
+        );
+    }
+
+    #[test]
+    fn replica_mistakes_are_refused_with_the_field_and_the_fix() {
+        let zero = artifact(&[("web", machine("qemu", 0, 1.0, 512))]).unwrap_err();
+        assert!(
+            zero.contains("blueprint.web.replicas: must be at least 1"),
+            "{zero}"
+        );
+
+        let metal = artifact(&[("web", machine("nixos", 2, 1.0, 512))]).unwrap_err();
+        assert!(metal.contains("2 replicas need a VM backend"), "{metal}");
+        assert!(metal.contains("\"nixos\""), "{metal}");
+
+        let clash = artifact(&[
+            ("web", machine("qemu", 2, 1.0, 512)),
+            ("web-1", machine("qemu", 1, 1.0, 512)),
+        ])
+        .unwrap_err();
+        assert!(clash.contains("\"web-1\""), "{clash}");
+        assert!(clash.contains("rename one of the machines"), "{clash}");
+
+        let long = "a".repeat(62);
+        let too_long = artifact(&[(long.as_str(), machine("qemu", 2, 1.0, 512))]).unwrap_err();
+        assert!(too_long.contains("longer than 63 characters"), "{too_long}");
+    }
+}
