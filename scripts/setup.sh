@@ -27,6 +27,8 @@ declare -A wanted=(
     [setpriv]=util-linux
     # A C compiler builds SQLite (rusqlite) from source.
     [cc]=gcc
+    # VM hosts' QEMU backend, run under TCG in the tests.
+    [qemu-system-x86_64]=qemu-system-x86
 )
 missing=()
 for cmd in "${!wanted[@]}"; do
@@ -44,7 +46,39 @@ if ((${#missing[@]} > 0)); then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, ca-certificates, python3-pip)"
+    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, gcc, qemu-system-x86, ca-certificates, python3-pip)"
+fi
+
+# A guest kernel for the VM tests: Debian's cloud kernel (virtio, 9p and
+# virtiofs built as modules, a serial console built in), unpacked rather
+# than installed, so no initramfs hook runs and /boot is left alone.
+test_kernel_dir=/var/cache/procurator/test-kernel
+if [[ -s $test_kernel_dir/vmlinuz ]]; then
+    log "test kernel: $test_kernel_dir/vmlinuz ($(cat "$test_kernel_dir/package"))"
+else
+    kernel_package() {
+        apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+            awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+    }
+    package=$(kernel_package)
+    if [[ -z $package ]]; then
+        apt-get update
+        package=$(kernel_package)
+    fi
+    [[ -n $package ]] || {
+        echo "setup: no linux-image-cloud-amd64 in the package lists; the VM tests need its kernel" >&2
+        exit 1
+    }
+    log "unpacking $package into $test_kernel_dir"
+    unpack=$(mktemp -d)
+    # apt downloads as its own user where it can write.
+    chown _apt "$unpack" 2>/dev/null || true
+    (cd "$unpack" && apt-get download "$package" >/dev/null)
+    dpkg-deb -x "$unpack"/*.deb "$unpack/root"
+    mkdir -p "$test_kernel_dir"
+    cp "$unpack"/root/boot/vmlinuz-* "$test_kernel_dir/vmlinuz"
+    echo "$package" >"$test_kernel_dir/package"
+    rm -rf "$unpack"
 fi
 
 # Debian's busybox-static installs /bin/busybox; older layouts only have

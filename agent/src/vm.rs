@@ -37,12 +37,80 @@ pub enum VmError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{vmm} API {request}: {message}")]
+    #[error("cannot start {program}: {source}; is it installed and on PATH?")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{vmm} {request}: {message}")]
     Api {
         vmm: &'static str,
         request: String,
         message: String,
     },
+    #[error("{vmm} did not {what} within {secs} s; see {log}")]
+    Timeout {
+        vmm: &'static str,
+        what: &'static str,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("cannot prepare {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the guest {name} reported booting {reported}, not {expected}")]
+    WrongClosure {
+        name: String,
+        reported: String,
+        expected: String,
+    },
+}
+
+/// The line a guest prints on its serial console once it is up:
+/// `procurator-ready <the closure it booted>`.
+pub const READY_PREFIX: &str = "procurator-ready ";
+
+/// Waits until the guest's console log says it booted `spec.closure`.
+pub async fn wait_ready(spec: &VmSpec, timeout: std::time::Duration) -> Result<(), VmError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let log = tokio::fs::read_to_string(spec.serial_log())
+            .await
+            .unwrap_or_default();
+        if let Some(reported) = log
+            .lines()
+            .filter_map(|line| line.trim_end().strip_prefix(READY_PREFIX))
+            .next_back()
+        {
+            return if reported == spec.closure.as_str() {
+                Ok(())
+            } else {
+                Err(VmError::WrongClosure {
+                    name: spec.name.to_string(),
+                    reported: reported.to_owned(),
+                    expected: spec.closure.to_string(),
+                })
+            };
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(VmError::Timeout {
+                vmm: "the guest",
+                what: "report that it is ready",
+                secs: timeout.as_secs(),
+                log: spec.serial_log(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A VM's network card, attached to a tap device on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub tap: String,
+    pub mac: String,
 }
 
 /// Everything needed to boot one VM instance from a closure.
@@ -55,9 +123,8 @@ pub struct VmSpec {
     pub cmdline: String,
     pub vcpus: u32,
     pub memory_bytes: u64,
-    /// The tap device the VM's network card is attached to.
-    pub tap: String,
-    pub mac: String,
+    /// Its network card; every VM a host runs has one.
+    pub nic: Option<Nic>,
     /// Where its sockets, pid files and console log live.
     pub state_dir: PathBuf,
 }
@@ -101,8 +168,10 @@ impl VmSpec {
             // share, not a smaller CPU.
             vcpus: u32::try_from(demand.milli_cpus.div_ceil(1000).max(1)).unwrap_or(u32::MAX),
             memory_bytes: demand.memory_bytes,
-            tap: tap_name(&name),
-            mac: mac_address(&name),
+            nic: Some(Nic {
+                tap: tap_name(&name),
+                mac: mac_address(&name),
+            }),
             state_dir: state_root.join(name.as_str()),
             name,
             closure,
@@ -140,7 +209,7 @@ fn kernel_identity(spec: &VmSpec) -> (PathBuf, PathBuf, String) {
 /// The kernel command line: the closure's own parameters, the serial
 /// console, and the closure's `init`. `procurator.closure=` tells the guest
 /// what it booted, for its readiness report.
-fn cmdline(closure: &StorePath, params: &str) -> String {
+pub(crate) fn cmdline(closure: &StorePath, params: &str) -> String {
     let mut words: Vec<String> = params.split_whitespace().map(str::to_owned).collect();
     if !words.iter().any(|w| w.starts_with("console=")) {
         words.push("console=ttyS0".into());
@@ -187,8 +256,10 @@ mod tests {
             closure,
             vcpus: 2,
             memory_bytes: 512 << 20,
-            tap: "pvm0123456789ab".into(),
-            mac: "02:00:00:00:00:01".into(),
+            nic: Some(Nic {
+                tap: "pvm0123456789ab".into(),
+                mac: "02:00:00:00:00:01".into(),
+            }),
             state_dir: PathBuf::from("/var/lib/procurator/vms/web-0"),
         }
     }
@@ -239,6 +310,34 @@ mod tests {
             "{}",
             s.cmdline
         );
+    }
+
+    #[tokio::test]
+    async fn readiness_is_the_console_line_naming_the_booted_closure() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec();
+        s.state_dir = dir.path().to_owned();
+        let short = std::time::Duration::from_millis(300);
+        let silent = wait_ready(&s, short).await.unwrap_err().to_string();
+        assert!(
+            silent.contains("did not report that it is ready"),
+            "{silent}"
+        );
+
+        std::fs::write(
+            s.serial_log(),
+            "Linux version 6.1\nprocurator-ready /nix/store/1123456789abcdfghijklmnpqrsvwxyz-old\n",
+        )
+        .unwrap();
+        let wrong = wait_ready(&s, short).await.unwrap_err().to_string();
+        assert!(
+            wrong.contains("reported booting /nix/store/1123"),
+            "{wrong}"
+        );
+
+        let ready = format!("boot noise\n{READY_PREFIX}{}\r\n", s.closure);
+        std::fs::write(s.serial_log(), ready).unwrap();
+        wait_ready(&s, short).await.unwrap();
     }
 
     #[test]

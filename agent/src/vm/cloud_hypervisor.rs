@@ -51,7 +51,7 @@ pub fn virtiofsd_argv(spec: &VmSpec) -> Vec<String> {
 /// over virtiofs (which needs shared guest memory), a tap, the serial
 /// console to a file.
 pub fn create_body(spec: &VmSpec) -> Value {
-    json!({
+    let mut body = json!({
         "payload": {
             "kernel": spec.kernel.display().to_string(),
             "initramfs": spec.initrd.display().to_string(),
@@ -65,10 +65,13 @@ pub fn create_body(spec: &VmSpec) -> Value {
             "num_queues": 1,
             "queue_size": 1024,
         }],
-        "net": [{ "tap": spec.tap, "mac": spec.mac }],
         "serial": { "mode": "File", "file": spec.serial_log().display().to_string() },
         "console": { "mode": "Off" },
-    })
+    });
+    if let Some(nic) = &spec.nic {
+        body["net"] = json!([{ "tap": nic.tap, "mac": nic.mac }]);
+    }
+    body
 }
 
 /// A cloud-hypervisor API response.

@@ -4,9 +4,22 @@
 //! state folder, so a restarted agent finds it again. The host store is
 //! shared over virtio-9p, built into QEMU, so no file-sharing daemon runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::{STORE_TAG, VmSpec};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::UnixStream;
+
+use super::{STORE_TAG, VmError, VmSpec};
+
+const VMM: &str = "qemu";
+/// QEMU daemonizes once the VM is set up; it writes its pid file first.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// After `quit` or SIGKILL, how long the process may take to go.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +60,215 @@ pub fn pid_file(spec: &VmSpec) -> PathBuf {
     spec.state_dir.join("qemu.pid")
 }
 
+/// Runs each VM in its own daemonized QEMU.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub program: PathBuf,
+    pub accel: Accel,
+}
+
+impl Qemu {
+    pub fn new(accel: Accel) -> Self {
+        Self {
+            program: PathBuf::from("qemu-system-x86_64"),
+            accel,
+        }
+    }
+
+    /// Boot `spec`: a fresh console log and sockets in its state folder,
+    /// then QEMU, which returns once the VM runs in the background.
+    pub async fn start(&self, spec: &VmSpec) -> Result<Pid, VmError> {
+        let state = |path: &Path, source| VmError::State {
+            path: path.to_owned(),
+            source,
+        };
+        tokio::fs::create_dir_all(&spec.state_dir)
+            .await
+            .map_err(|e| state(&spec.state_dir, e))?;
+        for stale in [qmp_socket(spec), pid_file(spec), spec.serial_log()] {
+            match tokio::fs::remove_file(&stale).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state(&stale, e)),
+            }
+        }
+        let mut args = argv(spec, self.accel);
+        args.remove(0);
+        let launched = tokio::process::Command::new(&self.program)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output();
+        let output = tokio::time::timeout(START_TIMEOUT, launched)
+            .await
+            .map_err(|_| VmError::Timeout {
+                vmm: VMM,
+                what: "start the VM",
+                secs: START_TIMEOUT.as_secs(),
+                log: spec.serial_log(),
+            })?
+            .map_err(|source| VmError::Spawn {
+                program: self.program.display().to_string(),
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(VmError::Api {
+                vmm: VMM,
+                request: "start".into(),
+                message: format!(
+                    "{} exited with {}: {}",
+                    self.program.display(),
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            });
+        }
+        self.pid(spec).await.ok_or_else(|| VmError::Api {
+            vmm: VMM,
+            request: "start".into(),
+            message: format!(
+                "QEMU started but {} names no running QEMU of this VM",
+                pid_file(spec).display()
+            ),
+        })
+    }
+
+    /// The QEMU running `spec`, if any: its pid file names a live process
+    /// whose command line has this VM's pid file (a reused pid does not).
+    pub async fn pid(&self, spec: &VmSpec) -> Option<Pid> {
+        let text = tokio::fs::read_to_string(pid_file(spec)).await.ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
+        let ours = pid_file(spec).display().to_string();
+        cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == ours.as_bytes())
+            .then_some(Pid::from_raw(pid))
+    }
+
+    /// Power the guest off: the ACPI power button, then after `grace` QMP
+    /// `quit`, then SIGKILL. Returns once no QEMU of this VM runs.
+    pub async fn stop(&self, spec: &VmSpec, grace: Duration) -> Result<(), VmError> {
+        let Some(pid) = self.pid(spec).await else {
+            return Ok(());
+        };
+        if let Ok(mut qmp) = Qmp::connect(&qmp_socket(spec)).await {
+            let _ = qmp.execute("system_powerdown").await;
+            if exited(pid, grace).await {
+                return Ok(());
+            }
+            let _ = qmp.execute("quit").await;
+        }
+        if exited(pid, EXIT_TIMEOUT).await {
+            return Ok(());
+        }
+        let _ = kill(pid, Signal::SIGKILL);
+        if exited(pid, EXIT_TIMEOUT).await {
+            Ok(())
+        } else {
+            Err(VmError::Timeout {
+                vmm: VMM,
+                what: "exit after SIGKILL",
+                secs: EXIT_TIMEOUT.as_secs(),
+                log: spec.serial_log(),
+            })
+        }
+    }
+
+    /// QMP `query-status`: e.g. `running`, `paused`, `shutdown`.
+    pub async fn status(&self, spec: &VmSpec) -> Result<String, VmError> {
+        let mut qmp = Qmp::connect(&qmp_socket(spec)).await?;
+        let reply = qmp.execute("query-status").await?;
+        Ok(reply["status"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+/// Polls until `pid` is gone, for at most `timeout`.
+async fn exited(pid: Pid, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // Signal 0 checks existence; a zombie of ours does not linger,
+        // since QEMU daemonized away from us.
+        if kill(pid, None).is_err() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A QMP session: newline-delimited JSON on the VM's QMP socket.
+struct Qmp {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    socket: PathBuf,
+}
+
+impl Qmp {
+    async fn connect(socket: &Path) -> Result<Self, VmError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| VmError::Api {
+                vmm: VMM,
+                request: "QMP connect".into(),
+                message: format!("{}: {e}", socket.display()),
+            })?;
+        let (read, writer) = stream.into_split();
+        let mut qmp = Self {
+            lines: BufReader::new(read).lines(),
+            writer,
+            socket: socket.to_owned(),
+        };
+        // The greeting, then capabilities negotiation.
+        qmp.next_message().await?;
+        qmp.execute("qmp_capabilities").await?;
+        Ok(qmp)
+    }
+
+    async fn execute(&mut self, command: &str) -> Result<Value, VmError> {
+        let error = |message: String| VmError::Api {
+            vmm: VMM,
+            request: format!("QMP {command}"),
+            message,
+        };
+        let mut line = json!({ "execute": command }).to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| error(format!("cannot send on {}: {e}", self.socket.display())))?;
+        loop {
+            let message = self.next_message().await?;
+            // Asynchronous events (SHUTDOWN, POWERDOWN, …) come in between.
+            if message.get("event").is_some() {
+                continue;
+            }
+            if let Some(failure) = message.get("error") {
+                return Err(error(
+                    failure["desc"].as_str().unwrap_or("failed").to_owned(),
+                ));
+            }
+            return Ok(message.get("return").cloned().unwrap_or(Value::Null));
+        }
+    }
+
+    async fn next_message(&mut self) -> Result<Value, VmError> {
+        let error = |message: String| VmError::Api {
+            vmm: VMM,
+            request: "QMP".into(),
+            message,
+        };
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .map_err(|e| error(format!("cannot read {}: {e}", self.socket.display())))?
+            .ok_or_else(|| error("QEMU closed the QMP socket".into()))?;
+        serde_json::from_str(&line).map_err(|e| error(format!("a malformed message {line:?}: {e}")))
+    }
+}
+
 /// The whole VM on one command line.
 pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
     let (accel, cpu) = match accel {
@@ -54,7 +276,7 @@ pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
         Accel::Tcg => ("tcg", "max"),
     };
     let path = |p: PathBuf| p.display().to_string();
-    vec![
+    let mut args: Vec<String> = vec![
         "qemu-system-x86_64".into(),
         "-name".into(),
         format!("guest={},process=procurator-vm-{}", spec.name, spec.name),
@@ -79,10 +301,16 @@ pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
         spec.cmdline.clone(),
         "-serial".into(),
         format!("file:{}", spec.serial_log().display()),
-        "-netdev".into(),
-        format!("tap,id=net0,ifname={},script=no,downscript=no", spec.tap),
-        "-device".into(),
-        format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
+    ];
+    if let Some(nic) = &spec.nic {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={},script=no,downscript=no", nic.tap),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={}", nic.mac),
+        ]);
+    }
+    args.extend([
         "-virtfs".into(),
         format!("local,path=/nix/store,mount_tag={STORE_TAG},security_model=none,readonly=on"),
         "-qmp".into(),
@@ -92,11 +320,14 @@ pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
         // A guest that powers off or panics ends its QEMU, as on cloud-hypervisor.
         "-no-reboot".into(),
         "-daemonize".into(),
-    ]
+    ]);
+    args
 }
 
 #[cfg(test)]
 mod tests {
+    use procurator_core::store_path::StorePath;
+
     use super::super::tests::spec;
     use super::*;
 
@@ -125,6 +356,96 @@ mod tests {
         // -nographic cannot be combined with -daemonize.
         assert!(!args.iter().any(|a| a == "-nographic"));
         assert_eq!(argv(&s, Accel::Kvm)[after_index(&args, "-cpu")], "host");
+    }
+
+    /// Kills the VM's QEMU if a test ends before stopping it.
+    struct KillOnDrop(PathBuf);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Ok(text) = std::fs::read_to_string(&self.0)
+                && let Ok(pid) = text.trim().parse()
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// A guest's initrd: busybox and an `/init` that prints the readiness
+    /// line with the closure named on the kernel command line, then idles.
+    fn guest_initrd(dir: &Path) -> PathBuf {
+        let root = dir.join("initrd-root");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("/bin/busybox (busybox-static; run scripts/setup.sh)");
+        let init = format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox mkdir -p /proc\n\
+             /bin/busybox mount -t proc proc /proc\n\
+             for word in $(/bin/busybox cat /proc/cmdline); do\n\
+               case \"$word\" in procurator.closure=*) closure=\"${{word#procurator.closure=}}\";; esac\n\
+             done\n\
+             echo \"{READY}$closure\"\n\
+             exec /bin/busybox sleep 3600\n",
+            READY = crate::vm::READY_PREFIX
+        );
+        std::fs::write(root.join("init"), init).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let initrd = dir.join("initrd");
+        let packed = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("cd \"$1\" && /bin/busybox find . | /bin/busybox cpio -o -H newc > \"$2\"")
+            .args(["sh", root.to_str().unwrap(), initrd.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(packed.success(), "packing the initrd failed");
+        initrd
+    }
+
+    #[tokio::test]
+    async fn a_vm_boots_its_closure_reports_ready_is_found_again_and_stops() {
+        let kernel = Path::new("/var/cache/procurator/test-kernel/vmlinuz");
+        assert!(
+            kernel.exists(),
+            "{} is missing: run scripts/setup.sh, which unpacks Debian's cloud kernel there",
+            kernel.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let closure =
+            StorePath::parse("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-vm-test")
+                .unwrap();
+        let spec = VmSpec {
+            name: procurator_core::MachineName::parse("vm-test").unwrap(),
+            kernel: kernel.to_owned(),
+            initrd: guest_initrd(dir.path()),
+            cmdline: crate::vm::cmdline(&closure, "panic=-1"),
+            closure,
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            // A tap needs a network namespace of its own; the host agent's
+            // tests give it one.
+            nic: None,
+            state_dir: dir.path().join("vms/vm-test"),
+        };
+        let qemu = Qemu::new(Accel::detect());
+        let _guard = KillOnDrop(pid_file(&spec));
+
+        let pid = qemu.start(&spec).await.unwrap();
+        crate::vm::wait_ready(&spec, Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(qemu.status(&spec).await.unwrap(), "running");
+        // As a restarted agent would: found by its pid file, not started twice.
+        assert_eq!(qemu.pid(&spec).await, Some(pid));
+
+        // The guest ignores the power button (no acpid): QMP quit ends it.
+        qemu.stop(&spec, Duration::from_millis(500)).await.unwrap();
+        assert_eq!(qemu.pid(&spec).await, None);
+        assert!(kill(pid, None).is_err(), "QEMU {pid} is still running");
+        // Stopping what is not running is not an error.
+        qemu.stop(&spec, Duration::from_millis(500)).await.unwrap();
     }
 
     #[test]
