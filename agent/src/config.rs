@@ -9,6 +9,7 @@ use clap::Parser;
 use procurator_core::Role;
 use procurator_core::telemetry::LogFormat;
 use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
+use procurator_proto::v1::VmHostCapacity;
 
 use crate::desired::check_substituter;
 
@@ -69,6 +70,19 @@ pub struct Cli {
     /// The longest wait between reconnection attempts, seconds.
     #[arg(long, value_name = "SECS", default_value_t = procurator_core::backoff::DEFAULT_CAP.as_secs())]
     pub max_backoff: u64,
+    /// Host VMs: offer this machine's CPUs and memory to the VM instances
+    /// the control plane places here (QEMU or cloud-hypervisor runs them).
+    #[arg(long, env = "PROCURATOR_VM_HOST")]
+    pub vm_host: bool,
+    /// vCPUs offered to VMs, fractions allowed [default: every online CPU].
+    #[arg(long, value_name = "N", requires = "vm_host")]
+    pub vm_cpus: Option<f64>,
+    /// Memory offered to VMs, MiB [default: all but 1 GiB of the machine's].
+    #[arg(long, value_name = "MIB", requires = "vm_host")]
+    pub vm_memory_mib: Option<u64>,
+    /// A label of this VM host, shown with it (repeatable).
+    #[arg(long = "vm-label", value_name = "LABEL", requires = "vm_host")]
+    pub vm_labels: Vec<String>,
     /// `text` or `json` logs on stderr.
     #[arg(
         long,
@@ -100,7 +114,14 @@ pub enum ConfigError {
     Key(String),
     #[error("--{0} must be at least 1 second")]
     TooShort(&'static str),
+    #[error("--vm-cpus {0} is not a positive number of CPUs")]
+    VmCpus(f64),
+    #[error("--vm-memory-mib: {0}")]
+    VmMemory(String),
 }
+
+/// Memory a VM host keeps for itself when `--vm-memory-mib` is not given.
+const HOST_RESERVED_BYTES: u64 = 1 << 30;
 
 /// The checked configuration.
 #[derive(Debug, Clone)]
@@ -114,6 +135,8 @@ pub struct Config {
     pub system_profile: PathBuf,
     pub keepalive: Duration,
     pub max_backoff: Duration,
+    /// What this machine offers VMs, when it is a VM host.
+    pub vm_host: Option<VmHostCapacity>,
 }
 
 impl Config {
@@ -154,6 +177,11 @@ impl Config {
         // Checks the URL now rather than at every reconnection.
         material.endpoint(&cli.control_plane, keepalive)?;
         check_state_dir(&cli.state_dir)?;
+        let vm_host = if cli.vm_host {
+            Some(vm_capacity(cli.vm_cpus, cli.vm_memory_mib, cli.vm_labels)?)
+        } else {
+            None
+        };
         Ok(Self {
             control_plane: cli.control_plane,
             tls,
@@ -164,8 +192,53 @@ impl Config {
             system_profile: cli.system_profile,
             keepalive,
             max_backoff: Duration::from_secs(cli.max_backoff),
+            vm_host,
         })
     }
+}
+
+/// What a VM host offers: the flags, or this machine's CPUs and its memory
+/// less [`HOST_RESERVED_BYTES`].
+fn vm_capacity(
+    cpus: Option<f64>,
+    memory_mib: Option<u64>,
+    labels: Vec<String>,
+) -> Result<VmHostCapacity, ConfigError> {
+    let cpus = match cpus {
+        Some(n) if n.is_finite() && n > 0.0 => n,
+        Some(n) => return Err(ConfigError::VmCpus(n)),
+        None => std::thread::available_parallelism().map_or(1, usize::from) as f64,
+    };
+    let memory_bytes = match memory_mib {
+        Some(0) => return Err(ConfigError::VmMemory("must be at least 1".into())),
+        Some(mib) => mib.saturating_mul(1 << 20),
+        None => {
+            let total = mem_total_bytes().map_err(ConfigError::VmMemory)?;
+            total.checked_sub(HOST_RESERVED_BYTES).filter(|b| *b > 0).ok_or_else(|| {
+                ConfigError::VmMemory(format!(
+                    "the machine has {} MiB, no more than the 1 GiB the host keeps; give --vm-memory-mib",
+                    total >> 20
+                ))
+            })?
+        }
+    };
+    Ok(VmHostCapacity {
+        milli_cpus: (cpus * 1000.0).round() as u64,
+        memory_bytes,
+        labels: labels.into_iter().filter(|l| !l.is_empty()).collect(),
+    })
+}
+
+/// `MemTotal` from /proc/meminfo.
+fn mem_total_bytes() -> Result<u64, String> {
+    let info = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| format!("cannot read /proc/meminfo ({e}); give --vm-memory-mib"))?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| "/proc/meminfo has no MemTotal; give --vm-memory-mib".into())
 }
 
 /// `name:base64` of an ed25519 key (32 bytes: 44 base64 characters).

@@ -10,7 +10,8 @@ use procurator_core::nix::Nix;
 use procurator_core::tls::{EndpointCache, TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
-    AgentMessage, ControlMessage, Heartbeat, Hello, Welcome, agent_message, control_message,
+    AgentMessage, ControlMessage, Heartbeat, Hello, VmHostCapacity, Welcome, agent_message,
+    control_message,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -86,6 +87,8 @@ pub struct Dialer {
     pub activity: Arc<Activity>,
     pub paths: SystemPaths,
     pub nix: Nix,
+    /// What this machine offers VMs, sent in every Hello; `None` on a plain machine.
+    pub vm_host: Option<VmHostCapacity>,
 }
 
 impl Dialer {
@@ -213,6 +216,7 @@ impl Dialer {
             booted_system: self.paths.booted_system().unwrap_or_default(),
             nix_version,
             active_deployment_id: self.activity.active_deployment().unwrap_or_default(),
+            vm_host: self.vm_host.clone(),
         }
     }
 

@@ -174,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         activity,
         paths,
         nix,
+        vm_host: config.vm_host.clone(),
     };
     dialer.run(cancel.clone()).await;
     if working.active_deployment().is_some() {

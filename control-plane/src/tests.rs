@@ -416,5 +416,55 @@ async fn after_a_restart_an_agent_is_welcomed_at_its_first_dial() {
     assert!(agents[0].connected, "{agents:?}");
 }
 
+#[tokio::test]
+async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
+    let server = TestServer::start(Duration::from_secs(10)).await;
+    let capacity = procurator_proto::v1::VmHostCapacity {
+        milli_cpus: 8000,
+        memory_bytes: 32 << 30,
+        labels: vec!["rack-1".into()],
+    };
+    let host_hello = |vm_host| {
+        agent(agent_message::Kind::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            vm_host,
+            ..Default::default()
+        }))
+    };
+    let list = || async {
+        server
+            .deployments(Role::Ci, "ci")
+            .list_agents(ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents
+    };
+    let (_tx, stream) = server
+        .dial(
+            Role::Agent,
+            "web-1",
+            Some(host_hello(Some(capacity.clone()))),
+        )
+        .await;
+    let mut stream = stream.unwrap();
+    assert!(matches!(
+        next(&mut stream).await,
+        control_message::Kind::Welcome(_)
+    ));
+    assert_eq!(list().await[0].vm_host, Some(capacity));
+
+    // Restarted without --vm-host: no longer a VM host.
+    let (_tx2, again) = server
+        .dial(Role::Agent, "web-1", Some(host_hello(None)))
+        .await;
+    let mut again = again.unwrap();
+    assert!(matches!(
+        next(&mut again).await,
+        control_message::Kind::Welcome(_)
+    ));
+    assert_eq!(list().await[0].vm_host, None);
+}
+
 mod metrics;
 mod rollout;

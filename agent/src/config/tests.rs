@@ -144,3 +144,44 @@ fn an_unwritable_state_directory_is_refused() {
         .unwrap_err();
     assert!(err.to_string().starts_with("the state directory"), "{err}");
 }
+
+#[test]
+fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
+    let pki = Pki::new();
+    let load = |extra: &[&str]| {
+        Cli::try_parse_from(pki.args("agent-worker-1", extra)).map(Config::from_cli)
+    };
+    let plain = load(&[]).unwrap().unwrap();
+    assert_eq!(plain.vm_host, None);
+
+    let given = load(&[
+        "--vm-host",
+        "--vm-cpus",
+        "1.5",
+        "--vm-memory-mib",
+        "2048",
+        "--vm-label",
+        "rack-1",
+    ])
+    .unwrap()
+    .unwrap();
+    let offered = given.vm_host.unwrap();
+    assert_eq!(offered.milli_cpus, 1500);
+    assert_eq!(offered.memory_bytes, 2048 << 20);
+    assert_eq!(offered.labels, ["rack-1"]);
+
+    let defaults = load(&["--vm-host"]).unwrap().unwrap().vm_host.unwrap();
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    assert_eq!(defaults.milli_cpus, cpus * 1000);
+    let total = mem_total_bytes().unwrap();
+    assert_eq!(defaults.memory_bytes, total - HOST_RESERVED_BYTES);
+
+    let zero = load(&["--vm-host", "--vm-cpus", "0"]).unwrap().unwrap_err();
+    assert!(zero.to_string().contains("--vm-cpus 0"), "{zero}");
+    let no_memory = load(&["--vm-host", "--vm-memory-mib", "0"])
+        .unwrap()
+        .unwrap_err();
+    assert!(no_memory.to_string().contains("at least 1"), "{no_memory}");
+    // Capacity flags mean nothing without --vm-host.
+    assert!(load(&["--vm-cpus", "2"]).is_err());
+}

@@ -165,6 +165,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
             profile: dir.path().join("profile"),
         },
         nix: Nix::new(),
+        vm_host: Some(host_capacity()),
     };
     let cancel = CancellationToken::new();
     let dialer = tokio::spawn(dialer.run(cancel.clone()));
@@ -211,6 +212,14 @@ impl Harness {
     }
 }
 
+fn host_capacity() -> procurator_proto::v1::VmHostCapacity {
+    procurator_proto::v1::VmHostCapacity {
+        milli_cpus: 3500,
+        memory_bytes: 8 << 30,
+        labels: vec!["rack-1".into()],
+    }
+}
+
 fn outcome(id: &str) -> Outcome {
     Outcome::succeeded(id, "/nix/store/x", MachineState::Succeeded, String::new())
 }
@@ -227,6 +236,7 @@ async fn hello_then_results_progress_and_desired_states_flow_and_a_dropped_strea
     let current = std::fs::canonicalize(h.dir.path()).unwrap();
     assert_eq!(hello.current_system, current.to_string_lossy());
     assert_eq!(hello.booted_system, "");
+    assert_eq!(hello.vm_host, Some(host_capacity()));
     assert!(
         hello.nix_version.starts_with("nix (Nix) "),
         "{}",

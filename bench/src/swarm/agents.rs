@@ -308,6 +308,7 @@ impl SimulatedAgent {
             booted_system: current.to_owned(),
             nix_version: "nix (Nix) simulated".into(),
             active_deployment_id: String::new(),
+            vm_host: None,
         };
         // The receiver is alive right here: this cannot fail.
         let _ = tx.send(message(agent_message::Kind::Hello(hello))).await;

@@ -17,12 +17,13 @@ impl Store {
         hello: Hello,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
+            let vm_host = hello.vm_host.as_ref().map(prost::Message::encode_to_vec);
             let changed = tx.sql.prepare_cached("INSERT INTO agents (machine, connected, generation, current_system, booted_system,
-                                     agent_version, nix_version, last_seen_ms)
-                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7)
+                                     agent_version, nix_version, last_seen_ms, vm_host)
+                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (machine) DO UPDATE SET
                      connected = 1, generation = ?2, current_system = ?3, booted_system = ?4,
-                     agent_version = ?5, nix_version = ?6, last_seen_ms = ?7
+                     agent_version = ?5, nix_version = ?6, last_seen_ms = ?7, vm_host = ?8
                  WHERE excluded.generation > agents.generation")?.execute(
                 params![
                     machine.as_str(),
@@ -31,7 +32,8 @@ impl Store {
                     hello.booted_system,
                     hello.agent_version,
                     hello.nix_version,
-                    tx.now
+                    tx.now,
+                    vm_host
                 ],
             )?;
             if changed == 0 {
@@ -112,7 +114,8 @@ impl Store {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT machine, connected, current_system, booted_system, agent_version,
-                        nix_version, last_seen_ms, last_deployment_id, last_state, last_reason
+                        nix_version, last_seen_ms, last_deployment_id, last_state, last_reason,
+                        vm_host
                  FROM agents ORDER BY machine",
             )?;
             let agents = stmt
@@ -128,6 +131,18 @@ impl Store {
                         last_deployment_id: r.get(7)?,
                         last_state: r.get(8)?,
                         last_reason: r.get(9)?,
+                        vm_host: match r.get::<_, Option<Vec<u8>>>(10)? {
+                            None => None,
+                            Some(bytes) => {
+                                Some(prost::Message::decode(bytes.as_slice()).map_err(|e| {
+                                    rusqlite::Error::FromSqlConversionFailure(
+                                        10,
+                                        rusqlite::types::Type::Blob,
+                                        Box::new(e),
+                                    )
+                                })?)
+                            }
+                        },
                     })
                 })?
                 .collect::<Result<_, _>>()?;

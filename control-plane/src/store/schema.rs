@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const VERSION: i64 = 2;
+const VERSION: i64 = 3;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -91,7 +91,10 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seen_ms       INTEGER NOT NULL DEFAULT 0,
     last_deployment_id TEXT    NOT NULL DEFAULT '',
     last_state         INTEGER NOT NULL DEFAULT 0,
-    last_reason        TEXT    NOT NULL DEFAULT ''
+    last_reason        TEXT    NOT NULL DEFAULT '',
+    -- An encoded procurator.v1.VmHostCapacity from its last Hello; NULL when
+    -- it hosts no VMs. (Version 3.)
+    vm_host            BLOB
 );
 
 -- Append-only. AUTOINCREMENT: a revision is never reused, even after the
@@ -129,6 +132,8 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
     }
     conn.execute_batch(DEPLOYMENTS)?;
     conn.execute_batch(SCHEMA)?;
+    // Version 2 -> 3: agents say what they offer VMs.
+    add_column(conn, "agents", "vm_host", "BLOB")?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }
@@ -150,7 +155,7 @@ fn migrate_from_1(conn: &Connection) -> Result<(), StoreError> {
             "reboot_required",
             "INTEGER NOT NULL DEFAULT 0",
         )?;
-        conn.pragma_update(None, "user_version", VERSION)?;
+        conn.pragma_update(None, "user_version", 2)?;
         conn.execute_batch("COMMIT")?;
         Ok(())
     })();

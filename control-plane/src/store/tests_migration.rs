@@ -75,5 +75,36 @@ async fn a_version_1_database_is_migrated() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+}
+
+#[tokio::test]
+async fn a_version_2_database_gains_the_vm_host_column() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE agents (
+                machine TEXT PRIMARY KEY, connected INTEGER NOT NULL DEFAULT 0,
+                generation INTEGER NOT NULL DEFAULT 0, current_system TEXT NOT NULL DEFAULT '',
+                booted_system TEXT NOT NULL DEFAULT '', agent_version TEXT NOT NULL DEFAULT '',
+                nix_version TEXT NOT NULL DEFAULT '', last_seen_ms INTEGER NOT NULL DEFAULT 0,
+                last_deployment_id TEXT NOT NULL DEFAULT '', last_state INTEGER NOT NULL DEFAULT 0,
+                last_reason TEXT NOT NULL DEFAULT '');
+             INSERT INTO agents (machine, generation, agent_version) VALUES ('web-1', 7, '0.1.0');
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let agents = store.list_agents().await.unwrap();
+    assert_eq!(agents[0].machine, "web-1");
+    assert_eq!(agents[0].vm_host, None);
+    assert_eq!(store.last_generation().await.unwrap(), 7);
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
 }

@@ -24,7 +24,12 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
         .agents;
     agents.sort_by(|a, b| a.machine.cmp(&b.machine));
     match args.output.output {
-        OutputFormat::Text => output::print(&agents_table(&agents, procurator_core::now_ms()))?,
+        OutputFormat::Text => {
+            output::print(&agents_table(&agents, procurator_core::now_ms()))?;
+            if let Some(hosts) = vm_hosts_table(&agents) {
+                output::print(&format!("\n{hosts}"))?;
+            }
+        }
         OutputFormat::Json => {
             output::print_json(&Value::Array(agents.iter().map(agent_json).collect()))?
         }
@@ -69,6 +74,35 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
     )
 }
 
+/// The agents that host VMs and what they offer; `None` when none does.
+pub fn vm_hosts_table(agents: &[Agent]) -> Option<String> {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .filter_map(|a| {
+            let host = a.vm_host.as_ref()?;
+            Some(vec![
+                a.machine.clone(),
+                if a.connected { "yes" } else { "no" }.to_owned(),
+                cpus(host.milli_cpus),
+                format!("{} MiB", host.memory_bytes >> 20),
+                if host.labels.is_empty() {
+                    "-".to_owned()
+                } else {
+                    host.labels.join(",")
+                },
+            ])
+        })
+        .collect();
+    (!rows.is_empty())
+        .then(|| output::table(&["VM-HOST", "CONNECTED", "CPUS", "MEMORY", "LABELS"], &rows))
+}
+
+/// `2`, `1.5`, `0.25`: thousandths of a CPU without trailing zeros.
+fn cpus(milli: u64) -> String {
+    let text = format!("{}.{:03}", milli / 1000, milli % 1000);
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 /// `rolled-back (checking) in d-1: health check … failed`, kept short.
 fn last_result(a: &Agent) -> String {
     if a.last_deployment_id.is_empty() && a.last_state() == MachineState::Unspecified {
@@ -103,6 +137,11 @@ pub fn agent_json(a: &Agent) -> Value {
         "lastDeploymentId": a.last_deployment_id,
         "lastState": last_state,
         "lastReason": a.last_reason,
+        "vmHost": a.vm_host.as_ref().map(|h| json!({
+            "cpus": h.milli_cpus as f64 / 1000.0,
+            "memoryBytes": h.memory_bytes,
+            "labels": h.labels,
+        })),
     })
 }
 
@@ -155,6 +194,32 @@ mod tests {
             lines[2].ends_with("rolled-back in d-1: health check `true` failed"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn vm_hosts_get_a_table_of_their_own() {
+        let mut all = agents();
+        assert_eq!(vm_hosts_table(&all), None);
+        all[1].vm_host = Some(procurator_proto::v1::VmHostCapacity {
+            milli_cpus: 1500,
+            memory_bytes: 6 << 30,
+            labels: vec!["rack-1".into(), "ssd".into()],
+        });
+        let table = vm_hosts_table(&all).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(lines[0].starts_with("VM-HOST   CONNECTED  CPUS"), "{table}");
+        assert!(
+            lines[1].starts_with("worker-2  no         1.5   6144 MiB"),
+            "{table}"
+        );
+        assert!(lines[1].ends_with("rack-1,ssd"), "{table}");
+        assert_eq!(cpus(2000), "2");
+        assert_eq!(cpus(250), "0.25");
+        let v = agent_json(&all[1]);
+        assert_eq!(v["vmHost"]["cpus"], 1.5);
+        assert_eq!(v["vmHost"]["labels"][1], "ssd");
+        assert_eq!(agent_json(&all[0])["vmHost"], Value::Null);
     }
 
     #[test]
