@@ -14,10 +14,6 @@
 //! Larger instances are placed first (memory, then CPU), which packs better
 //! than blueprint order when hosts are nearly full.
 
-// The store and the scheduler start using this with the VM hosts (issue 6);
-// until then only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::BTreeMap;
 
 use procurator_core::MachineName;
@@ -37,29 +33,6 @@ pub struct Placement {
     pub assigned: BTreeMap<MachineName, MachineName>,
     /// Instance → why it has no host.
     pub unplaced: BTreeMap<MachineName, String>,
-}
-
-impl Placement {
-    /// What is left of each host after its instances.
-    pub fn free(&self, hosts: &[Host], instances: &[VmInstance]) -> BTreeMap<MachineName, Demand> {
-        let demand: BTreeMap<&MachineName, Demand> =
-            instances.iter().map(|i| (&i.name, i.demand)).collect();
-        hosts
-            .iter()
-            .map(|host| {
-                let used = self
-                    .assigned
-                    .iter()
-                    .filter(|(_, on)| **on == host.name)
-                    .filter_map(|(instance, _)| demand.get(instance))
-                    .fold(Demand::default(), |sum, d| Demand {
-                        milli_cpus: sum.milli_cpus + d.milli_cpus,
-                        memory_bytes: sum.memory_bytes + d.memory_bytes,
-                    });
-                (host.name.clone(), host.capacity.saturating_sub(&used))
-            })
-            .collect()
-    }
 }
 
 /// Place `instances` on `hosts`, keeping `previous` placements where they
@@ -227,6 +200,31 @@ mod tests {
             .collect()
     }
 
+    /// What is left of each host after its instances.
+    fn free(
+        p: &Placement,
+        hosts: &[Host],
+        instances: &[VmInstance],
+    ) -> BTreeMap<MachineName, Demand> {
+        let demand: BTreeMap<&MachineName, Demand> =
+            instances.iter().map(|i| (&i.name, i.demand)).collect();
+        hosts
+            .iter()
+            .map(|host| {
+                let used = p
+                    .assigned
+                    .iter()
+                    .filter(|(_, on)| **on == host.name)
+                    .filter_map(|(instance, _)| demand.get(instance))
+                    .fold(Demand::default(), |sum, d| Demand {
+                        milli_cpus: sum.milli_cpus + d.milli_cpus,
+                        memory_bytes: sum.memory_bytes + d.memory_bytes,
+                    });
+                (host.name.clone(), host.capacity.saturating_sub(&used))
+            })
+            .collect()
+    }
+
     fn on(p: &Placement, instance: &str) -> Option<String> {
         p.assigned.get(&m(instance)).map(|h| h.to_string())
     }
@@ -241,7 +239,7 @@ mod tests {
         assert_ne!(on(&p, "web-0"), on(&p, "web-1"));
         // db, the largest, went first to the emptiest host (by name on a tie).
         assert_eq!(on(&p, "db").as_deref(), Some("host-a"));
-        let free = p.free(&hosts, &all);
+        let free = free(&p, &hosts, &all);
         let used: u64 = hosts
             .iter()
             .map(|h| h.capacity.memory_bytes - free[&h.name].memory_bytes)

@@ -1,7 +1,9 @@
 //! Agents: who is connected, what they run, what they last reported.
 
 use procurator_core::MachineName;
-use procurator_proto::v1::{Agent, AgentConnection, Hello, MachineState, event};
+use procurator_proto::v1::{
+    Agent, AgentConnection, Hello, MachineState, VmHostCapacity, VmPlacement, event,
+};
 use rusqlite::params;
 
 use super::{Store, StoreError, Tx};
@@ -143,13 +145,58 @@ impl Store {
                                 })?)
                             }
                         },
+                        ..Default::default()
                     })
                 })?
-                .collect::<Result<_, _>>()?;
-            Ok(agents)
+                .collect::<Result<Vec<Agent>, _>>()?;
+            with_placements(conn, agents)
         })
         .await
     }
+}
+
+/// Each VM host's instances, and what is left of its capacity.
+fn with_placements(
+    conn: &rusqlite::Connection,
+    mut agents: Vec<Agent>,
+) -> Result<Vec<Agent>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT instance, machine, host, milli_cpus, memory_bytes FROM placements ORDER BY instance",
+    )?;
+    let placed: Vec<(VmPlacement, i64, i64)> = stmt
+        .query_map([], |r| {
+            Ok((
+                VmPlacement {
+                    instance: r.get(0)?,
+                    machine: r.get(1)?,
+                    host: r.get(2)?,
+                },
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    for agent in &mut agents {
+        let Some(capacity) = &agent.vm_host else {
+            continue;
+        };
+        let mut free = VmHostCapacity {
+            milli_cpus: capacity.milli_cpus,
+            memory_bytes: capacity.memory_bytes,
+            labels: Vec::new(),
+        };
+        for (vm, cpus, memory) in placed.iter().filter(|(vm, ..)| vm.host == agent.machine) {
+            free.milli_cpus = free
+                .milli_cpus
+                .saturating_sub(u64::try_from(*cpus).unwrap_or(0));
+            free.memory_bytes = free
+                .memory_bytes
+                .saturating_sub(u64::try_from(*memory).unwrap_or(0));
+            agent.vms.push(vm.clone());
+        }
+        agent.vm_free = Some(free);
+    }
+    Ok(agents)
 }
 
 /// On startup: no stream survived the restart.

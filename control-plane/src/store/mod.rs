@@ -20,6 +20,7 @@ mod artifacts;
 mod control;
 mod deployments;
 mod events;
+mod placements;
 mod queries;
 mod reports;
 mod schedule;
@@ -415,6 +416,9 @@ mod tests;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_migration;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_placements;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_rollout;

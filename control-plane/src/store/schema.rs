@@ -97,6 +97,18 @@ CREATE TABLE IF NOT EXISTS agents (
     vm_host            BLOB
 );
 
+-- Where each VM instance runs, kept across deployments so placements are
+-- stable. (Version 3.)
+CREATE TABLE IF NOT EXISTS placements (
+    instance     TEXT    PRIMARY KEY,
+    machine      TEXT    NOT NULL,
+    host         TEXT    NOT NULL,
+    -- What the instance takes from its host.
+    milli_cpus   INTEGER NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    updated_ms   INTEGER NOT NULL
+);
+
 -- Append-only. AUTOINCREMENT: a revision is never reused, even after the
 -- highest row is gone.
 CREATE TABLE IF NOT EXISTS events (

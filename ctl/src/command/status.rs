@@ -74,17 +74,32 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
     )
 }
 
-/// The agents that host VMs and what they offer; `None` when none does.
+/// The agents that host VMs: what they offer, what is free, the VMs placed
+/// on them; `None` when no agent hosts VMs.
 pub fn vm_hosts_table(agents: &[Agent]) -> Option<String> {
     let rows: Vec<Vec<String>> = agents
         .iter()
         .filter_map(|a| {
             let host = a.vm_host.as_ref()?;
+            let free = a.vm_free.clone().unwrap_or_else(|| host.clone());
             Some(vec![
                 a.machine.clone(),
                 if a.connected { "yes" } else { "no" }.to_owned(),
-                cpus(host.milli_cpus),
-                format!("{} MiB", host.memory_bytes >> 20),
+                format!("{}/{}", cpus(free.milli_cpus), cpus(host.milli_cpus)),
+                format!(
+                    "{}/{} MiB",
+                    free.memory_bytes >> 20,
+                    host.memory_bytes >> 20
+                ),
+                if a.vms.is_empty() {
+                    "-".to_owned()
+                } else {
+                    a.vms
+                        .iter()
+                        .map(|v| v.instance.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
                 if host.labels.is_empty() {
                     "-".to_owned()
                 } else {
@@ -93,8 +108,19 @@ pub fn vm_hosts_table(agents: &[Agent]) -> Option<String> {
             ])
         })
         .collect();
-    (!rows.is_empty())
-        .then(|| output::table(&["VM-HOST", "CONNECTED", "CPUS", "MEMORY", "LABELS"], &rows))
+    (!rows.is_empty()).then(|| {
+        output::table(
+            &[
+                "VM-HOST",
+                "CONNECTED",
+                "FREE-CPUS",
+                "FREE-MEMORY",
+                "VMS",
+                "LABELS",
+            ],
+            &rows,
+        )
+    })
 }
 
 /// `2`, `1.5`, `0.25`: thousandths of a CPU without trailing zeros.
@@ -141,6 +167,9 @@ pub fn agent_json(a: &Agent) -> Value {
             "cpus": h.milli_cpus as f64 / 1000.0,
             "memoryBytes": h.memory_bytes,
             "labels": h.labels,
+            "freeCpus": a.vm_free.as_ref().map(|f| f.milli_cpus as f64 / 1000.0),
+            "freeMemoryBytes": a.vm_free.as_ref().map(|f| f.memory_bytes),
+            "vms": a.vms.iter().map(|v| json!({ "instance": v.instance, "machine": v.machine })).collect::<Vec<_>>(),
         })),
     })
 }
@@ -205,12 +234,25 @@ mod tests {
             memory_bytes: 6 << 30,
             labels: vec!["rack-1".into(), "ssd".into()],
         });
+        all[1].vm_free = Some(procurator_proto::v1::VmHostCapacity {
+            milli_cpus: 500,
+            memory_bytes: 4 << 30,
+            labels: Vec::new(),
+        });
+        all[1].vms = vec![procurator_proto::v1::VmPlacement {
+            instance: "web-0".into(),
+            machine: "web".into(),
+            host: "worker-2".into(),
+        }];
         let table = vm_hosts_table(&all).unwrap();
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2, "{table}");
-        assert!(lines[0].starts_with("VM-HOST   CONNECTED  CPUS"), "{table}");
         assert!(
-            lines[1].starts_with("worker-2  no         1.5   6144 MiB"),
+            lines[0].starts_with("VM-HOST   CONNECTED  FREE-CPUS"),
+            "{table}"
+        );
+        assert!(
+            lines[1].starts_with("worker-2  no         0.5/1.5    4096/6144 MiB  web-0"),
             "{table}"
         );
         assert!(lines[1].ends_with("rack-1,ssd"), "{table}");
@@ -219,6 +261,8 @@ mod tests {
         let v = agent_json(&all[1]);
         assert_eq!(v["vmHost"]["cpus"], 1.5);
         assert_eq!(v["vmHost"]["labels"][1], "ssd");
+        assert_eq!(v["vmHost"]["freeCpus"], 0.5);
+        assert_eq!(v["vmHost"]["vms"][0]["instance"], "web-0");
         assert_eq!(agent_json(&all[0])["vmHost"], Value::Null);
     }
 

@@ -68,6 +68,17 @@ pub fn event_json(ev: &Event) -> Value {
             "halted",
             json!({ "reason": h.reason, "failedMachines": h.failed_machines }),
         ),
+        Some(event::Kind::VmsPlaced(p)) => (
+            "vms-placed",
+            json!({
+                "placements": p.placements.iter().map(|v| json!({
+                    "instance": v.instance, "machine": v.machine, "host": v.host,
+                })).collect::<Vec<_>>(),
+                "unplaced": p.unplaced.iter().map(|v| json!({
+                    "instance": v.instance, "machine": v.machine, "reason": v.reason,
+                })).collect::<Vec<_>>(),
+            }),
+        ),
         None => ("unknown", json!({})),
     };
     obj.insert("type".into(), kind.into());
@@ -111,6 +122,27 @@ mod tests {
             deployment_id: "d-abc".into(),
             kind: Some(kind),
         }
+    }
+
+    #[test]
+    fn vm_placements_carry_instances_hosts_and_reasons() {
+        let v = event_json(&ev(event::Kind::VmsPlaced(
+            procurator_proto::v1::VmsPlaced {
+                placements: vec![procurator_proto::v1::VmPlacement {
+                    instance: "web-0".into(),
+                    machine: "web".into(),
+                    host: "host-a".into(),
+                }],
+                unplaced: vec![procurator_proto::v1::VmUnplaced {
+                    instance: "web-1".into(),
+                    machine: "web".into(),
+                    reason: "needs 1 vCPU and 953 MiB; no VM host has that much free".into(),
+                }],
+            },
+        )));
+        assert_eq!(v["type"], "vms-placed");
+        assert_eq!(v["placements"][0]["host"], "host-a");
+        assert_eq!(v["unplaced"][0]["instance"], "web-1");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use procurator_proto::v1::{
-    CopyProgress, Event, MachineState, MachineUpdate, RolloutHalted, WaveStarted, event,
+    CopyProgress, Event, MachineState, MachineUpdate, RolloutHalted, VmsPlaced, WaveStarted, event,
 };
 
 use super::view::{DeploymentView, summary_label};
@@ -49,6 +49,7 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
             }
         }
         Some(event::Kind::WaveStarted(w)) => out.push_str(&wave_text(w)),
+        Some(event::Kind::VmsPlaced(p)) => out.push_str(&placed_text(p)),
         Some(event::Kind::Halted(h)) => {
             out.push_str(&halted_text(h));
             let left = view.left_alone();
@@ -67,6 +68,30 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
     out.push('\n');
     if let Some(event::Kind::Machine(u)) = &ev.kind {
         out.push_str(&indented_tail(&u.output_tail));
+    }
+    out
+}
+
+/// `VMs placed: web-0 on host-a, web-1 on host-b; not placed: big (needs …)`.
+pub fn placed_text(p: &VmsPlaced) -> String {
+    let mut out = String::from("VMs placed: ");
+    if p.placements.is_empty() {
+        out.push_str("none");
+    } else {
+        let placed: Vec<String> = p
+            .placements
+            .iter()
+            .map(|v| format!("{} on {}", v.instance, v.host))
+            .collect();
+        out.push_str(&placed.join(", "));
+    }
+    if !p.unplaced.is_empty() {
+        let unplaced: Vec<String> = p
+            .unplaced
+            .iter()
+            .map(|v| format!("{} ({})", v.instance, v.reason))
+            .collect();
+        let _ = write!(out, "; not placed: {}", unplaced.join(", "));
     }
     out
 }
@@ -210,6 +235,34 @@ mod tests {
 
     fn event_text(ev: &Event) -> String {
         super::event_text(ev, &DeploymentView::new("d-abc"))
+    }
+
+    #[test]
+    fn vm_placements_read_as_one_line() {
+        let p = VmsPlaced {
+            placements: vec![
+                procurator_proto::v1::VmPlacement {
+                    instance: "web-0".into(),
+                    machine: "web".into(),
+                    host: "host-a".into(),
+                },
+                procurator_proto::v1::VmPlacement {
+                    instance: "web-1".into(),
+                    machine: "web".into(),
+                    host: "host-b".into(),
+                },
+            ],
+            unplaced: vec![procurator_proto::v1::VmUnplaced {
+                instance: "big".into(),
+                machine: "big".into(),
+                reason: "needs 64 vCPU and 65536 MiB".into(),
+            }],
+        };
+        assert_eq!(
+            placed_text(&p),
+            "VMs placed: web-0 on host-a, web-1 on host-b; not placed: big (needs 64 vCPU and 65536 MiB)"
+        );
+        assert_eq!(placed_text(&VmsPlaced::default()), "VMs placed: none");
     }
 
     #[test]

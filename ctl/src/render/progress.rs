@@ -188,7 +188,9 @@ impl Renderer for ProgressRenderer {
                     }
                 }
             }
-            Some(event::Kind::Halted(_)) => self.println(&event_text(ev, view)),
+            Some(event::Kind::Halted(_) | event::Kind::VmsPlaced(_)) => {
+                self.println(&event_text(ev, view))
+            }
             Some(event::Kind::Finished(_)) | None => {}
         }
         Ok(())

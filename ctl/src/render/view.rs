@@ -150,7 +150,7 @@ impl DeploymentView {
                 self.halted_reason.clone_from(&h.reason);
                 self.halted_machines.clone_from(&h.failed_machines);
             }
-            Some(event::Kind::Agent(_)) | None => {}
+            Some(event::Kind::Agent(_) | event::Kind::VmsPlaced(_)) | None => {}
         }
     }
 

@@ -1,0 +1,129 @@
+//! Recording where VM instances run. When a deployment is submitted its VM
+//! instances are placed ([`crate::placement`]) on the VM hosts known then,
+//! keeping the previous placements that still hold; the result replaces the
+//! placements table and is announced in a `VmsPlaced` event.
+
+use std::collections::BTreeMap;
+
+use procurator_core::artifact::Demand;
+use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
+use procurator_proto::v1::{VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event};
+use rusqlite::params;
+
+use super::{StoreError, Tx};
+use crate::placement::{self, Host};
+
+/// A VM host unseen for this long is gone, and its instances are placed
+/// elsewhere; one that only reconnects meanwhile keeps them.
+pub const HOST_GONE_AFTER_MS: i64 = 10 * 60 * 1000;
+
+/// Place `artifact`'s VM instances and record it. Without a VM instance, or
+/// without any VM host (the VMs' own agents deploy them in place), nothing
+/// is placed and no event is written.
+pub(super) fn place_vms(
+    tx: &mut Tx<'_>,
+    id: &DeploymentId,
+    artifact: &DeploymentArtifact,
+) -> Result<(), StoreError> {
+    let instances = artifact.vm_instances();
+    if instances.is_empty() {
+        tx.sql.execute("DELETE FROM placements", [])?;
+        return Ok(());
+    }
+    let hosts = known_hosts(tx)?;
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    let previous: BTreeMap<MachineName, MachineName> = {
+        let mut stmt = tx
+            .sql
+            .prepare_cached("SELECT instance, host FROM placements")?;
+        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .filter_map(|row| match row {
+                // A name that no longer parses is simply not kept.
+                Ok((i, h)) => Some(Ok((
+                    MachineName::parse(&i).ok()?,
+                    MachineName::parse(&h).ok()?,
+                ))),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let placed = placement::place(&instances, &hosts, &previous);
+
+    tx.sql.execute("DELETE FROM placements", [])?;
+    let machine_of: BTreeMap<&MachineName, (&MachineName, Demand)> = instances
+        .iter()
+        .map(|i| (&i.name, (&i.machine, i.demand)))
+        .collect();
+    let mut event = VmsPlaced::default();
+    {
+        let mut insert = tx.sql.prepare_cached(
+            "INSERT INTO placements (instance, machine, host, milli_cpus, memory_bytes, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (instance, host) in &placed.assigned {
+            let Some((machine, demand)) = machine_of.get(instance) else {
+                continue;
+            };
+            insert.execute(params![
+                instance.as_str(),
+                machine.as_str(),
+                host.as_str(),
+                to_sql(demand.milli_cpus),
+                to_sql(demand.memory_bytes),
+                tx.now
+            ])?;
+            event.placements.push(VmPlacement {
+                instance: instance.to_string(),
+                machine: machine.to_string(),
+                host: host.to_string(),
+            });
+        }
+    }
+    for (instance, reason) in placed.unplaced {
+        let machine = machine_of
+            .get(&instance)
+            .map(|(m, _)| m.to_string())
+            .unwrap_or_default();
+        tracing::warn!(deployment = %id, %instance, %reason, "VM instance not placed");
+        event.unplaced.push(VmUnplaced {
+            instance: instance.to_string(),
+            machine,
+            reason,
+        });
+    }
+    tx.emit(id.as_str(), event::Kind::VmsPlaced(event))?;
+    Ok(())
+}
+
+/// VM hosts that are connected or were seen within [`HOST_GONE_AFTER_MS`].
+fn known_hosts(tx: &Tx<'_>) -> Result<Vec<Host>, StoreError> {
+    let mut stmt = tx.sql.prepare_cached(
+        "SELECT machine, vm_host FROM agents
+         WHERE vm_host IS NOT NULL AND (connected = 1 OR last_seen_ms >= ?1)
+         ORDER BY machine",
+    )?;
+    let rows: Vec<(String, Vec<u8>)> = stmt
+        .query_map([tx.now - HOST_GONE_AFTER_MS], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    rows.into_iter()
+        .map(|(name, bytes)| {
+            let capacity: VmHostCapacity = prost::Message::decode(bytes.as_slice())
+                .map_err(|e| StoreError::Corrupt(format!("the VM capacity of {name}: {e}")))?;
+            Ok(Host {
+                name: MachineName::parse(&name).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                capacity: Demand {
+                    milli_cpus: capacity.milli_cpus,
+                    memory_bytes: capacity.memory_bytes,
+                },
+            })
+        })
+        .collect()
+}
+
+fn to_sql(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

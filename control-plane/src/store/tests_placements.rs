@@ -1,0 +1,128 @@
+//! VM instances placed when a deployment is submitted.
+
+use procurator_proto::v1::{Event, Hello, VmHostCapacity, VmsPlaced, event};
+
+use super::Store;
+use super::tests::{COMMIT_A, COMMIT_B, all_events, m, open};
+use crate::test_support::artifact_with;
+
+const GIB: u64 = 1 << 30;
+
+async fn connect_host(store: &Store, name: &str, generation: u64, cpus: u64, gib: u64) {
+    let hello = Hello {
+        vm_host: Some(VmHostCapacity {
+            milli_cpus: cpus * 1000,
+            memory_bytes: gib * GIB,
+            labels: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    assert!(
+        store
+            .agent_connected(m(name), generation, hello)
+            .await
+            .unwrap()
+    );
+}
+
+/// `web` with `replicas`, 1 CPU and 1 GB each (the test artifact's size).
+async fn submit(store: &Store, commit: &str, replicas: &[(&str, u32)]) {
+    let machines: Vec<(&str, &str)> = replicas.iter().map(|(m, _)| (*m, "sys")).collect();
+    let (mut parsed, _) = artifact_with(commit, &machines, "");
+    for (name, n) in replicas {
+        parsed.blueprint.get_mut(&m(name)).unwrap().replicas = *n;
+    }
+    let json = parsed.canonical_json();
+    store
+        .submit(parsed, json, "ci".into(), false)
+        .await
+        .unwrap();
+}
+
+fn placed(events: &[Event]) -> Vec<VmsPlaced> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(event::Kind::VmsPlaced(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn host_of(p: &VmsPlaced, instance: &str) -> String {
+    p.placements
+        .iter()
+        .find(|v| v.instance == instance)
+        .map(|v| v.host.clone())
+        .unwrap_or_else(|| panic!("{instance} not placed: {p:?}"))
+}
+
+#[tokio::test]
+async fn without_a_vm_host_nothing_is_placed() {
+    let (_dir, store) = open();
+    submit(&store, COMMIT_A, &[("web", 2)]).await;
+    assert!(placed(&all_events(&store).await).is_empty());
+}
+
+#[tokio::test]
+async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
+    let (_dir, store) = open();
+    connect_host(&store, "host-a", 1, 4, 8).await;
+    connect_host(&store, "host-b", 2, 4, 8).await;
+    submit(&store, COMMIT_A, &[("web", 2), ("db", 1)]).await;
+    let first = placed(&all_events(&store).await).remove(0);
+    assert!(first.unplaced.is_empty(), "{first:?}");
+    assert_ne!(host_of(&first, "web-0"), host_of(&first, "web-1"));
+    assert_eq!(first.placements.len(), 3);
+
+    let agents = store.list_agents().await.unwrap();
+    let vms: usize = agents.iter().map(|a| a.vms.len()).sum();
+    assert_eq!(vms, 3);
+    let free_memory: u64 = agents
+        .iter()
+        .map(|a| a.vm_free.as_ref().unwrap().memory_bytes)
+        .sum();
+    assert_eq!(free_memory, 16 * GIB - 3_000_000_000, "1 GB each");
+
+    // A later deployment of the same machines keeps every instance where it was.
+    submit(&store, COMMIT_B, &[("web", 2), ("db", 1)]).await;
+    let second = placed(&all_events(&store).await).remove(1);
+    for instance in ["web-0", "web-1", "db"] {
+        assert_eq!(host_of(&second, instance), host_of(&first, instance));
+    }
+
+    // db leaves the blueprint: its placement goes with it.
+    submit(
+        &store,
+        "cccccccccccccccccccccccccccccccccccccccc",
+        &[("web", 2)],
+    )
+    .await;
+    let third = placed(&all_events(&store).await).remove(2);
+    assert_eq!(third.placements.len(), 2, "{third:?}");
+    let agents = store.list_agents().await.unwrap();
+    assert!(
+        agents
+            .iter()
+            .flat_map(|a| &a.vms)
+            .all(|v| v.machine == "web")
+    );
+}
+
+#[tokio::test]
+async fn what_the_hosts_cannot_hold_is_reported_unplaced() {
+    let (_dir, store) = open();
+    // Room for two 1 GB instances, not three.
+    connect_host(&store, "host-a", 8, 2, 2).await;
+    submit(&store, COMMIT_A, &[("web", 3)]).await;
+    let p = placed(&all_events(&store).await).remove(0);
+    assert_eq!(p.placements.len(), 2, "{p:?}");
+    assert_eq!(p.unplaced.len(), 1, "{p:?}");
+    assert_eq!(p.unplaced[0].machine, "web");
+    assert!(
+        p.unplaced[0]
+            .reason
+            .contains("no VM host has that much free"),
+        "{p:?}"
+    );
+}
