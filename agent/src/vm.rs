@@ -15,12 +15,16 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 pub mod cloud_hypervisor;
+pub mod host;
 #[cfg(test)]
 mod openapi;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
+use nix::unistd::Pid;
 use procurator_core::MachineName;
 use procurator_core::artifact::Demand;
 use procurator_core::store_path::StorePath;
@@ -60,12 +64,29 @@ pub enum VmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the VM {name} stopped before it reported ready; see {log}")]
+    Exited { name: String, log: PathBuf },
     #[error("the guest {name} reported booting {reported}, not {expected}")]
     WrongClosure {
         name: String,
         reported: String,
         expected: String,
     },
+}
+
+/// One VM per process, started, found again and stopped by the VM's spec.
+pub trait Vmm: Send + Sync {
+    /// Boot `spec`; returns once the VMM runs it in the background.
+    fn start(&self, spec: &VmSpec) -> impl Future<Output = Result<Pid, VmError>> + Send;
+    /// The process running the VM whose state folder is `state_dir`, if
+    /// any (after an agent restart too).
+    fn pid(&self, state_dir: &Path) -> impl Future<Output = Option<Pid>> + Send;
+    /// Power that VM off, forcefully after `grace`; Ok once nothing runs.
+    fn stop(
+        &self,
+        state_dir: &Path,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), VmError>> + Send;
 }
 
 /// The line a guest prints on its serial console once it is up:
@@ -132,7 +153,8 @@ pub struct VmSpec {
 impl VmSpec {
     /// The spec of instance `name` running `closure`, which must be a NixOS
     /// system closure (it has `kernel`, `initrd`, `init`). Its files are
-    /// read at `root`: the closure's own path on the host that runs it.
+    /// read at `root`: the closure's own path, unless the host's store lives
+    /// under another root.
     pub fn new(
         name: MachineName,
         closure: StorePath,
@@ -159,10 +181,9 @@ impl VmSpec {
                 });
             }
         };
-        let in_store = Path::new(closure.as_str());
         Ok(Self {
-            kernel: in_store.join("kernel"),
-            initrd: in_store.join("initrd"),
+            kernel: root.join("kernel"),
+            initrd: root.join("initrd"),
             cmdline: cmdline(&closure, &params),
             // At least one vCPU; a fraction of a CPU is a host scheduling
             // share, not a smaller CPU.
@@ -299,7 +320,7 @@ mod tests {
         }
         std::fs::write(system.join("kernel-params"), "loglevel=4 quiet\n").unwrap();
         let s = VmSpec::new(name, closure.clone(), &system, demand, &state).unwrap();
-        assert_eq!(s.kernel, Path::new(closure.as_str()).join("kernel"));
+        assert_eq!(s.kernel, system.join("kernel"));
         assert_eq!(s.vcpus, 2, "1.5 CPUs is 2 vCPUs");
         assert_eq!(s.memory_bytes, 1 << 30);
         assert_eq!(s.state_dir, state.join("db"));

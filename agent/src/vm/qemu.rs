@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::UnixStream;
 
-use super::{STORE_TAG, VmError, VmSpec};
+use super::{STORE_TAG, VmError, VmSpec, Vmm};
 
 const VMM: &str = "qemu";
 /// QEMU daemonizes once the VM is set up; it writes its pid file first.
@@ -52,12 +52,12 @@ impl Accel {
     }
 }
 
-pub fn qmp_socket(spec: &VmSpec) -> PathBuf {
-    spec.state_dir.join("qmp.sock")
+pub fn qmp_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("qmp.sock")
 }
 
-pub fn pid_file(spec: &VmSpec) -> PathBuf {
-    spec.state_dir.join("qemu.pid")
+pub fn pid_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("qemu.pid")
 }
 
 /// Runs each VM in its own daemonized QEMU.
@@ -75,9 +75,18 @@ impl Qemu {
         }
     }
 
-    /// Boot `spec`: a fresh console log and sockets in its state folder,
-    /// then QEMU, which returns once the VM runs in the background.
-    pub async fn start(&self, spec: &VmSpec) -> Result<Pid, VmError> {
+    /// QMP `query-status`: e.g. `running`, `paused`, `shutdown`.
+    pub async fn status(&self, spec: &VmSpec) -> Result<String, VmError> {
+        let mut qmp = Qmp::connect(&qmp_socket(&spec.state_dir)).await?;
+        let reply = qmp.execute("query-status").await?;
+        Ok(reply["status"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+impl Vmm for Qemu {
+    /// A fresh console log and sockets in its state folder, then QEMU,
+    /// which returns once the VM runs in the background.
+    async fn start(&self, spec: &VmSpec) -> Result<Pid, VmError> {
         let state = |path: &Path, source| VmError::State {
             path: path.to_owned(),
             source,
@@ -85,7 +94,11 @@ impl Qemu {
         tokio::fs::create_dir_all(&spec.state_dir)
             .await
             .map_err(|e| state(&spec.state_dir, e))?;
-        for stale in [qmp_socket(spec), pid_file(spec), spec.serial_log()] {
+        for stale in [
+            qmp_socket(&spec.state_dir),
+            pid_file(&spec.state_dir),
+            spec.serial_log(),
+        ] {
             match tokio::fs::remove_file(&stale).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -122,36 +135,35 @@ impl Qemu {
                 ),
             });
         }
-        self.pid(spec).await.ok_or_else(|| VmError::Api {
+        self.pid(&spec.state_dir).await.ok_or_else(|| VmError::Api {
             vmm: VMM,
             request: "start".into(),
             message: format!(
                 "QEMU started but {} names no running QEMU of this VM",
-                pid_file(spec).display()
+                pid_file(&spec.state_dir).display()
             ),
         })
     }
 
-    /// The QEMU running `spec`, if any: its pid file names a live process
-    /// whose command line has this VM's pid file (a reused pid does not).
-    pub async fn pid(&self, spec: &VmSpec) -> Option<Pid> {
-        let text = tokio::fs::read_to_string(pid_file(spec)).await.ok()?;
+    /// Its pid file names a live process whose command line has this VM's
+    /// pid file (a reused pid does not).
+    async fn pid(&self, state_dir: &Path) -> Option<Pid> {
+        let text = tokio::fs::read_to_string(pid_file(state_dir)).await.ok()?;
         let pid: i32 = text.trim().parse().ok()?;
         let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
-        let ours = pid_file(spec).display().to_string();
+        let ours = pid_file(state_dir).display().to_string();
         cmdline
             .split(|b| *b == 0)
             .any(|arg| arg == ours.as_bytes())
             .then_some(Pid::from_raw(pid))
     }
 
-    /// Power the guest off: the ACPI power button, then after `grace` QMP
-    /// `quit`, then SIGKILL. Returns once no QEMU of this VM runs.
-    pub async fn stop(&self, spec: &VmSpec, grace: Duration) -> Result<(), VmError> {
-        let Some(pid) = self.pid(spec).await else {
+    /// The ACPI power button, then after `grace` QMP `quit`, then SIGKILL.
+    async fn stop(&self, state_dir: &Path, grace: Duration) -> Result<(), VmError> {
+        let Some(pid) = self.pid(state_dir).await else {
             return Ok(());
         };
-        if let Ok(mut qmp) = Qmp::connect(&qmp_socket(spec)).await {
+        if let Ok(mut qmp) = Qmp::connect(&qmp_socket(state_dir)).await {
             let _ = qmp.execute("system_powerdown").await;
             if exited(pid, grace).await {
                 return Ok(());
@@ -169,16 +181,9 @@ impl Qemu {
                 vmm: VMM,
                 what: "exit after SIGKILL",
                 secs: EXIT_TIMEOUT.as_secs(),
-                log: spec.serial_log(),
+                log: state_dir.join("console.log"),
             })
         }
-    }
-
-    /// QMP `query-status`: e.g. `running`, `paused`, `shutdown`.
-    pub async fn status(&self, spec: &VmSpec) -> Result<String, VmError> {
-        let mut qmp = Qmp::connect(&qmp_socket(spec)).await?;
-        let reply = qmp.execute("query-status").await?;
-        Ok(reply["status"].as_str().unwrap_or_default().to_owned())
     }
 }
 
@@ -314,9 +319,12 @@ pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
         "-virtfs".into(),
         format!("local,path=/nix/store,mount_tag={STORE_TAG},security_model=none,readonly=on"),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp_socket(spec).display()),
+        format!(
+            "unix:{},server=on,wait=off",
+            qmp_socket(&spec.state_dir).display()
+        ),
         "-pidfile".into(),
-        path(pid_file(spec)),
+        path(pid_file(&spec.state_dir)),
         // A guest that powers off or panics ends its QEMU, as on cloud-hypervisor.
         "-no-reboot".into(),
         "-daemonize".into(),
@@ -325,7 +333,7 @@ pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use procurator_core::store_path::StorePath;
 
     use super::super::tests::spec;
@@ -359,7 +367,7 @@ mod tests {
     }
 
     /// Kills the VM's QEMU if a test ends before stopping it.
-    struct KillOnDrop(PathBuf);
+    pub(crate) struct KillOnDrop(pub(crate) PathBuf);
 
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
@@ -373,7 +381,7 @@ mod tests {
 
     /// A guest's initrd: busybox and an `/init` that prints the readiness
     /// line with the closure named on the kernel command line, then idles.
-    fn guest_initrd(dir: &Path) -> PathBuf {
+    pub(crate) fn guest_initrd(dir: &Path) -> PathBuf {
         let root = dir.join("initrd-root");
         std::fs::create_dir_all(root.join("bin")).unwrap();
         std::fs::copy("/bin/busybox", root.join("bin/busybox"))
@@ -430,7 +438,7 @@ mod tests {
             state_dir: dir.path().join("vms/vm-test"),
         };
         let qemu = Qemu::new(Accel::detect());
-        let _guard = KillOnDrop(pid_file(&spec));
+        let _guard = KillOnDrop(pid_file(&spec.state_dir));
 
         let pid = qemu.start(&spec).await.unwrap();
         crate::vm::wait_ready(&spec, Duration::from_secs(120))
@@ -438,14 +446,18 @@ mod tests {
             .unwrap();
         assert_eq!(qemu.status(&spec).await.unwrap(), "running");
         // As a restarted agent would: found by its pid file, not started twice.
-        assert_eq!(qemu.pid(&spec).await, Some(pid));
+        assert_eq!(qemu.pid(&spec.state_dir).await, Some(pid));
 
         // The guest ignores the power button (no acpid): QMP quit ends it.
-        qemu.stop(&spec, Duration::from_millis(500)).await.unwrap();
-        assert_eq!(qemu.pid(&spec).await, None);
+        qemu.stop(&spec.state_dir, Duration::from_millis(500))
+            .await
+            .unwrap();
+        assert_eq!(qemu.pid(&spec.state_dir).await, None);
         assert!(kill(pid, None).is_err(), "QEMU {pid} is still running");
         // Stopping what is not running is not an error.
-        qemu.stop(&spec, Duration::from_millis(500)).await.unwrap();
+        qemu.stop(&spec.state_dir, Duration::from_millis(500))
+            .await
+            .unwrap();
     }
 
     #[test]

@@ -1,0 +1,267 @@
+//! The VM host's side: run exactly the VM instances assigned to this host.
+//!
+//! A journal, `vms.json` in the VM state folder, records what runs. A
+//! restarted agent reads it and re-adopts the VMs still running instead of
+//! starting them twice; an instance no longer assigned is stopped and its
+//! state folder (sockets, pid file, console log) removed. A VM whose closure
+//! did not change is left running. A new closure that does not come up (the
+//! VMM exits, the guest names another closure, or it stays silent) is
+//! replaced by the closure that ran before.
+//!
+//! QEMU opens each VM's tap itself without making it persistent, so the
+//! tap goes when the VM's process does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use procurator_core::MachineName;
+use procurator_core::artifact::Demand;
+use procurator_core::store_path::StorePath;
+use serde::{Deserialize, Serialize};
+
+use super::{VmError, VmSpec, Vmm, wait_ready};
+
+/// How long a guest may take from start to its readiness line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest may take to power off on the power button.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often the VMM is checked while waiting for readiness.
+const READY_POLL: Duration = Duration::from_millis(500);
+
+/// One VM instance the control plane wants on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub instance: MachineName,
+    pub closure: StorePath,
+    pub demand: Demand,
+}
+
+/// What reconciling did to one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It already ran its closure: left alone.
+    Unchanged,
+    /// It was not running: booted, and it reported ready.
+    Started,
+    /// Its closure changed: restarted with the new one, which reported ready.
+    Restarted,
+    /// The new closure did not come up; the previous one runs again.
+    RolledBack { reason: String },
+    /// It did not come up and nothing runs now.
+    Failed { reason: String },
+    /// No longer assigned: stopped, its state removed.
+    Removed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Journal {
+    vms: BTreeMap<String, Running>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Running {
+    closure: String,
+    milli_cpus: u64,
+    memory_bytes: u64,
+}
+
+pub struct VmHost<V> {
+    vmm: V,
+    /// A folder per VM, and the journal.
+    state_root: PathBuf,
+    /// Where closures' files are read: `/`, unless the host's store lives
+    /// under another root.
+    store_root: PathBuf,
+    pub ready_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl<V: Vmm> VmHost<V> {
+    pub fn new(vmm: V, state_root: PathBuf, store_root: PathBuf) -> Self {
+        Self {
+            vmm,
+            state_root,
+            store_root,
+            ready_timeout: READY_TIMEOUT,
+            shutdown_grace: SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Make this host run exactly `wanted`. Every instance, wanted or
+    /// removed, gets an outcome; a journal that cannot be written is an
+    /// error, since a restart would then lose track of running VMs.
+    pub async fn reconcile(
+        &self,
+        wanted: &[Assignment],
+    ) -> Result<BTreeMap<MachineName, Outcome>, VmError> {
+        let mut journal = self.load().await?;
+        let mut outcomes = BTreeMap::new();
+
+        let unwanted: Vec<String> = journal
+            .vms
+            .keys()
+            .filter(|name| !wanted.iter().any(|a| a.instance.as_str() == name.as_str()))
+            .cloned()
+            .collect();
+        for name in unwanted {
+            let state_dir = self.state_root.join(&name);
+            self.vmm.stop(&state_dir, self.shutdown_grace).await?;
+            match tokio::fs::remove_dir_all(&state_dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(VmError::State {
+                        path: state_dir,
+                        source,
+                    });
+                }
+            }
+            journal.vms.remove(&name);
+            self.save(&journal).await?;
+            if let Ok(name) = MachineName::parse(&name) {
+                tracing::info!(instance = %name, "VM removed");
+                outcomes.insert(name, Outcome::Removed);
+            }
+        }
+
+        for assignment in wanted {
+            let outcome = self.apply(&mut journal, assignment).await?;
+            outcomes.insert(assignment.instance.clone(), outcome);
+        }
+        Ok(outcomes)
+    }
+
+    async fn apply(&self, journal: &mut Journal, wanted: &Assignment) -> Result<Outcome, VmError> {
+        let name = wanted.instance.as_str().to_owned();
+        let state_dir = self.state_root.join(&name);
+        let running = self.vmm.pid(&state_dir).await.is_some();
+        let before = journal.vms.get(&name).cloned();
+        let target = Running {
+            closure: wanted.closure.to_string(),
+            milli_cpus: wanted.demand.milli_cpus,
+            memory_bytes: wanted.demand.memory_bytes,
+        };
+        if running && before.as_ref() == Some(&target) {
+            return Ok(Outcome::Unchanged);
+        }
+        if running {
+            self.vmm.stop(&state_dir, self.shutdown_grace).await?;
+        }
+        match self.boot(&wanted.instance, &target).await {
+            Ok(()) => {
+                journal.vms.insert(name, target);
+                self.save(journal).await?;
+                tracing::info!(instance = %wanted.instance, closure = %wanted.closure, "VM running");
+                Ok(if running {
+                    Outcome::Restarted
+                } else {
+                    Outcome::Started
+                })
+            }
+            Err(failure) => {
+                let reason = failure.to_string();
+                tracing::warn!(instance = %wanted.instance, %reason, "VM did not come up");
+                self.vmm.stop(&state_dir, self.shutdown_grace).await?;
+                let previous = before.filter(|b| b.closure != target.closure);
+                if let Some(previous) = previous
+                    && self.boot(&wanted.instance, &previous).await.is_ok()
+                {
+                    journal.vms.insert(name, previous);
+                    self.save(journal).await?;
+                    return Ok(Outcome::RolledBack { reason });
+                }
+                self.vmm.stop(&state_dir, self.shutdown_grace).await?;
+                journal.vms.remove(&name);
+                self.save(journal).await?;
+                Ok(Outcome::Failed { reason })
+            }
+        }
+    }
+
+    /// Start `instance` on `closure` and wait for its readiness line.
+    async fn boot(&self, instance: &MachineName, closure: &Running) -> Result<(), VmError> {
+        let store_path = StorePath::parse(&closure.closure).map_err(|e| VmError::NotASystem {
+            closure: format!("{} ({e})", closure.closure),
+            file: "valid store path",
+        })?;
+        let root = self
+            .store_root
+            .join(store_path.as_str().trim_start_matches('/'));
+        let demand = Demand {
+            milli_cpus: closure.milli_cpus,
+            memory_bytes: closure.memory_bytes,
+        };
+        let spec = VmSpec::new(
+            instance.clone(),
+            store_path,
+            &root,
+            demand,
+            &self.state_root,
+        )?;
+        self.vmm.start(&spec).await?;
+        self.await_ready(&spec).await
+    }
+
+    /// Readiness, failing early when the VMM exits (a guest that panics
+    /// ends its VMM, which `-no-reboot` and cloud-hypervisor both do).
+    async fn await_ready(&self, spec: &VmSpec) -> Result<(), VmError> {
+        let deadline = tokio::time::Instant::now() + self.ready_timeout;
+        loop {
+            match wait_ready(spec, READY_POLL).await {
+                Ok(()) => return Ok(()),
+                Err(VmError::Timeout { .. }) => {}
+                Err(other) => return Err(other),
+            }
+            if self.vmm.pid(&spec.state_dir).await.is_none() {
+                return Err(VmError::Exited {
+                    name: spec.name.to_string(),
+                    log: spec.serial_log(),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmError::Timeout {
+                    vmm: "the guest",
+                    what: "report that it is ready",
+                    secs: self.ready_timeout.as_secs(),
+                    log: spec.serial_log(),
+                });
+            }
+        }
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.state_root.join("vms.json")
+    }
+
+    async fn load(&self) -> Result<Journal, VmError> {
+        let path = self.journal_path();
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| VmError::State {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Journal::default()),
+            Err(source) => Err(VmError::State { path, source }),
+        }
+    }
+
+    async fn save(&self, journal: &Journal) -> Result<(), VmError> {
+        let path = self.journal_path();
+        let bytes = serde_json::to_vec_pretty(journal).unwrap_or_default();
+        let (dir, file) = (self.state_root.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            crate::journal::write_atomically(&file, &bytes)
+        })
+        .await
+        .map_err(|e| VmError::State {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| VmError::State { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests;

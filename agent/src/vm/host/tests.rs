@@ -1,0 +1,172 @@
+//! The reconciler with real QEMU (TCG) and Debian's cloud kernel: closures
+//! are folders under a store root of the test's own.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::vm::qemu::tests::{KillOnDrop, guest_initrd};
+use crate::vm::qemu::{Accel, Qemu, pid_file};
+
+const KERNEL: &str = "/var/cache/procurator/test-kernel/vmlinuz";
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    host: VmHost<Qemu>,
+    initrd: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        assert!(
+            Path::new(KERNEL).exists(),
+            "{KERNEL} is missing: run scripts/setup.sh, which unpacks Debian's cloud kernel there"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = guest_initrd(dir.path());
+        let host = Self::host(dir.path());
+        Self { dir, host, initrd }
+    }
+
+    /// A VM host on the fixture's folders, as a (re)started agent makes one.
+    fn host(dir: &Path) -> VmHost<Qemu> {
+        let mut host = VmHost::new(
+            Qemu::new(Accel::detect()),
+            dir.join("vms"),
+            dir.join("root"),
+        );
+        host.shutdown_grace = Duration::from_millis(500);
+        host.ready_timeout = Duration::from_secs(120);
+        host
+    }
+
+    /// A system closure under the test's store root; `bootable: false`
+    /// leaves /init out of its initrd, so the kernel panics and QEMU exits.
+    fn closure(&self, name: &str, bootable: bool) -> StorePath {
+        let path = format!("/nix/store/{}-nixos-system-{name}", "a".repeat(32));
+        let closure = StorePath::parse(&path).unwrap();
+        let root = self
+            .dir
+            .path()
+            .join("root")
+            .join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink(KERNEL, root.join("kernel")).unwrap();
+        if bootable {
+            std::fs::copy(&self.initrd, root.join("initrd")).unwrap();
+        } else {
+            std::fs::write(root.join("initrd"), b"").unwrap();
+        }
+        std::fs::write(root.join("init"), b"").unwrap();
+        std::fs::write(root.join("kernel-params"), b"panic=-1").unwrap();
+        closure
+    }
+
+    fn assign(&self, instance: &str, closure: &StorePath) -> Assignment {
+        Assignment {
+            instance: MachineName::parse(instance).unwrap(),
+            closure: closure.clone(),
+            demand: Demand {
+                milli_cpus: 1000,
+                memory_bytes: 256 << 20,
+            },
+        }
+    }
+
+    fn state(&self, instance: &str) -> PathBuf {
+        self.dir.path().join("vms").join(instance)
+    }
+
+    fn guard(&self, instance: &str) -> KillOnDrop {
+        KillOnDrop(pid_file(&self.state(instance)))
+    }
+
+    async fn pid(&self, instance: &str) -> Option<nix::unistd::Pid> {
+        self.host.vmm.pid(&self.state(instance)).await
+    }
+
+    fn console(&self, instance: &str) -> String {
+        std::fs::read_to_string(self.state(instance).join("console.log")).unwrap_or_default()
+    }
+}
+
+fn outcome(outcomes: &BTreeMap<MachineName, Outcome>, instance: &str) -> Outcome {
+    outcomes[&MachineName::parse(instance).unwrap()].clone()
+}
+
+#[tokio::test]
+async fn vms_start_stay_change_roll_back_and_go_and_a_new_host_adopts_them() {
+    let f = Fixture::new();
+    let _guard = f.guard("web-0");
+    let a = f.closure("a", true);
+    let b = f.closure("b", true);
+    let broken = f.closure("broken", false);
+
+    let done = f.host.reconcile(&[f.assign("web-0", &a)]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Started);
+    let first = f.pid("web-0").await.expect("web-0 runs");
+    assert!(
+        f.console("web-0")
+            .contains(&format!("procurator-ready {a}"))
+    );
+
+    // The same closure again: left running, the same process.
+    let done = f.host.reconcile(&[f.assign("web-0", &a)]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Unchanged);
+    assert_eq!(f.pid("web-0").await, Some(first));
+
+    // A restarted agent (a new VmHost on the same folders) adopts it.
+    let again = Fixture::host(f.dir.path());
+    let done = again.reconcile(&[f.assign("web-0", &a)]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Unchanged);
+    assert_eq!(f.pid("web-0").await, Some(first));
+
+    // A new closure: restarted on it.
+    let done = f.host.reconcile(&[f.assign("web-0", &b)]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Restarted);
+    assert_ne!(f.pid("web-0").await, Some(first));
+    assert!(
+        f.console("web-0")
+            .contains(&format!("procurator-ready {b}"))
+    );
+
+    // A closure whose guest panics: b runs again, and the reason says why.
+    let done = f
+        .host
+        .reconcile(&[f.assign("web-0", &broken)])
+        .await
+        .unwrap();
+    let Outcome::RolledBack { reason } = outcome(&done, "web-0") else {
+        panic!("expected a rollback, got {done:?}");
+    };
+    assert!(
+        reason.contains("stopped before it reported ready"),
+        "{reason}"
+    );
+    assert!(
+        f.console("web-0")
+            .contains(&format!("procurator-ready {b}"))
+    );
+    assert!(f.pid("web-0").await.is_some());
+
+    // No longer assigned: stopped, and its folder gone.
+    let done = f.host.reconcile(&[]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Removed);
+    assert_eq!(f.pid("web-0").await, None);
+    assert!(!f.state("web-0").exists());
+}
+
+#[tokio::test]
+async fn a_vm_that_never_came_up_is_reported_failed_and_nothing_runs() {
+    let f = Fixture::new();
+    let _guard = f.guard("db");
+    let broken = f.closure("broken", false);
+    let done = f.host.reconcile(&[f.assign("db", &broken)]).await.unwrap();
+    let Outcome::Failed { reason } = outcome(&done, "db") else {
+        panic!("expected a failure, got {done:?}");
+    };
+    assert!(reason.contains("see "), "{reason}");
+    assert_eq!(f.pid("db").await, None);
+    // Nothing in the journal: the next reconcile tries again.
+    let journal = std::fs::read_to_string(f.dir.path().join("vms/vms.json")).unwrap();
+    assert!(!journal.contains("\"db\""), "{journal}");
+}
