@@ -187,7 +187,8 @@ impl Dialer {
                     kind:
                         Some(
                             control_message::Kind::DesiredState(_)
-                            | control_message::Kind::Cancel(_),
+                            | control_message::Kind::Cancel(_)
+                            | control_message::Kind::VmAssignments(_),
                         ),
                 }) => {
                     return Err(SessionError::DesiredBeforeWelcome);

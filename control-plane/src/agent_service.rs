@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use crate::connections::{Conn, Connections, dispatch_to};
+use crate::connections::{Conn, Connections, dispatch_to, dispatch_vms};
 use crate::dispatcher::Dispatcher;
 use crate::rollout;
 use crate::store::{Confirmation, ResultOutcome, Store, StoreError};
@@ -155,6 +155,7 @@ impl AgentService for AgentSvc {
             shutdown: self.shutdown.clone(),
             machine: machine.clone(),
             conn,
+            vm_host: hello.vm_host.is_some(),
         };
         let span = tracing::info_span!("agent", machine = %machine, generation);
         self.tasks.spawn(stream.run(inbound).instrument(span));
@@ -232,6 +233,8 @@ struct AgentStream {
     shutdown: CancellationToken,
     machine: MachineName,
     conn: Conn,
+    /// Its Hello offered capacity for VMs.
+    vm_host: bool,
 }
 
 impl AgentStream {
@@ -267,6 +270,10 @@ impl AgentStream {
         }
         // A machine that reconnects gets its desired state again.
         dispatch_to(&self.store, &self.conn, &self.machine).await?;
+        // A VM host learns which VMs to run.
+        if self.vm_host {
+            dispatch_vms(&self.store, &self.conn, &self.machine).await?;
+        }
         // Its pending rows may be sendable now that it is connected.
         self.dispatcher.kick().await?;
         loop {

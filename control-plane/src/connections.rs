@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use procurator_core::MachineName;
-use procurator_proto::v1::{Cancel, ControlMessage, control_message};
+use procurator_proto::v1::{Cancel, ControlMessage, VmAssignments, control_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -133,6 +133,29 @@ pub async fn dispatch_to(
     };
     send(conn, machine, outbound).await;
     *last = (*last).max(order);
+    Ok(())
+}
+
+/// Send a VM host the whole set of VM instances it should run. Read under
+/// the stream's send lock, so an older set never overtakes a newer one.
+pub async fn dispatch_vms(
+    store: &Store,
+    conn: &Conn,
+    host: &MachineName,
+) -> Result<(), StoreError> {
+    let _in_order = tokio::select! {
+        () = conn.closing.cancelled() => return Ok(()),
+        last = conn.send_lock.lock() => last,
+    };
+    let vms = store.vm_assignments(host.clone()).await?;
+    tracing::info!(host = %host, vms = vms.len(), "sending VM assignments");
+    let message = ControlMessage {
+        kind: Some(control_message::Kind::VmAssignments(VmAssignments { vms })),
+    };
+    tokio::select! {
+        () = conn.closing.cancelled() => {}
+        _ = conn.tx.send(Ok(message)) => {}
+    }
     Ok(())
 }
 

@@ -273,5 +273,9 @@ impl DeploymentSvc {
             // Stored all the same; the next tick or connect schedules it.
             tracing::warn!(deployment = %submitted.id, error = %e, "could not schedule the deployment yet");
         }
+        // The placements may have changed: every VM host learns its set.
+        if let Err(e) = self.dispatcher.send_vm_assignments().await {
+            tracing::warn!(deployment = %submitted.id, error = %e, "could not send VM assignments yet");
+        }
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::connections::{Connections, dispatch, send_unless_overtaken};
+use crate::connections::{Connections, dispatch, dispatch_vms, send_unless_overtaken};
 use crate::store::{Scheduled, Store, StoreError};
 
 /// How often the scheduler runs without a trigger.
@@ -78,6 +78,22 @@ impl Dispatcher {
             }
             .instrument(span),
         );
+    }
+
+    /// Send every connected VM host its VM assignments, each in its own task.
+    pub async fn send_vm_assignments(&self) -> Result<(), StoreError> {
+        for host in self.store.connected_vm_hosts().await? {
+            let Some(conn) = self.connections.get(&host) else {
+                continue;
+            };
+            let store = self.store.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = dispatch_vms(&store, &conn, &host).await {
+                    tracing::warn!(host = %host, error = %e, "could not send VM assignments; the host gets them when it reconnects");
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Send each scheduled machine its desired state, in a task per machine

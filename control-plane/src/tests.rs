@@ -466,5 +466,61 @@ async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
     assert_eq!(list().await[0].vm_host, None);
 }
 
+#[tokio::test]
+async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit() {
+    let server = TestServer::start(Duration::from_secs(10)).await;
+    let capacity = procurator_proto::v1::VmHostCapacity {
+        milli_cpus: 4000,
+        memory_bytes: 8 << 30,
+        labels: Vec::new(),
+    };
+    let hello = agent(agent_message::Kind::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        vm_host: Some(capacity),
+        ..Default::default()
+    }));
+    // web-1 stands in for the VM host here: its certificate is the one issued.
+    let (_tx, stream) = server.dial(Role::Agent, "web-1", Some(hello)).await;
+    let mut host = stream.unwrap();
+    assert!(matches!(
+        next(&mut host).await,
+        control_message::Kind::Welcome(_)
+    ));
+    let assigned = |kind| match kind {
+        control_message::Kind::VmAssignments(a) => a.vms,
+        other => panic!("expected VM assignments, got {other:?}"),
+    };
+    assert!(assigned(next(&mut host).await).is_empty());
+
+    // Two VMs (the test artifact's backend is cloud-hypervisor, 1 CPU, 1 GB).
+    let mut ci = server.deployments(Role::Ci, "ci");
+    let first = ci
+        .submit(submit_request(&[("app-1", "sys-a"), ("app-2", "sys-a")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let vms = assigned(next(&mut host).await);
+    let names: Vec<&str> = vms.iter().map(|v| v.instance.as_str()).collect();
+    assert_eq!(names, ["app-1", "app-2"]);
+    assert!(vms[0].closure.ends_with("-sys-a"), "{vms:?}");
+    assert_eq!(vms[0].deployment_id, first.deployment_id);
+    assert_eq!(vms[0].memory_bytes, 1_000_000_000);
+    assert!(!vms[0].guest_agent_connected);
+
+    // app-2 leaves the blueprint: the host's set no longer has it.
+    ci.submit(SubmitRequest {
+        artifact_json: artifact_json(
+            "1123456789abcdef0123456789abcdef01234567",
+            &[("app-1", "sys-b")],
+        ),
+        force: false,
+    })
+    .await
+    .unwrap();
+    let vms = assigned(next(&mut host).await);
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert!(vms[0].closure.ends_with("-sys-b"), "{vms:?}");
+}
+
 mod metrics;
 mod rollout;

@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 
 use procurator_core::artifact::Demand;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
-use procurator_proto::v1::{VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event};
+use procurator_proto::v1::{
+    VmAssignment, VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event,
+};
 use rusqlite::params;
 
-use super::{StoreError, Tx};
+use super::{Store, StoreError, Tx};
 use crate::placement::{self, Host};
 
 /// A VM host unseen for this long is gone, and its instances are placed
@@ -95,6 +97,57 @@ pub(super) fn place_vms(
     }
     tx.emit(id.as_str(), event::Kind::VmsPlaced(event))?;
     Ok(())
+}
+
+impl Store {
+    /// What `host` should run: each instance placed on it with its
+    /// machine's closure from the newest deployment that names the machine.
+    pub async fn vm_assignments(&self, host: MachineName) -> Result<Vec<VmAssignment>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT p.instance, p.machine, p.milli_cpus, p.memory_bytes,
+                        (SELECT m.closure FROM machines m JOIN deployments d ON d.id = m.deployment_id
+                          WHERE m.machine = p.machine ORDER BY d.seq DESC LIMIT 1),
+                        (SELECT m.deployment_id FROM machines m JOIN deployments d ON d.id = m.deployment_id
+                          WHERE m.machine = p.machine ORDER BY d.seq DESC LIMIT 1),
+                        COALESCE((SELECT a.connected FROM agents a WHERE a.machine = p.instance), 0)
+                 FROM placements p WHERE p.host = ?1 ORDER BY p.instance",
+            )?;
+            let rows = stmt
+                .query_map([host.as_str()], |r| {
+                    Ok(VmAssignment {
+                        instance: r.get(0)?,
+                        machine: r.get(1)?,
+                        milli_cpus: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                        memory_bytes: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                        closure: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                        deployment_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        guest_agent_connected: r.get(6)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            // A placement always comes from a deployment naming its machine.
+            Ok(rows.into_iter().filter(|a| !a.closure.is_empty()).collect())
+        })
+        .await
+    }
+
+    /// The connected agents that host VMs.
+    pub async fn connected_vm_hosts(&self) -> Result<Vec<MachineName>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT machine FROM agents WHERE connected = 1 AND vm_host IS NOT NULL ORDER BY machine",
+            )?;
+            let names = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            names
+                .iter()
+                .map(|n| MachineName::parse(n).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect()
+        })
+        .await
+    }
 }
 
 /// VM hosts that are connected or were seen within [`HOST_GONE_AFTER_MS`].
