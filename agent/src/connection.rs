@@ -10,10 +10,10 @@ use procurator_core::nix::Nix;
 use procurator_core::tls::{EndpointCache, TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
-    AgentMessage, ControlMessage, Heartbeat, Hello, VmHostCapacity, Welcome, agent_message,
-    control_message,
+    AgentMessage, ControlMessage, Heartbeat, Hello, VmAssignments, VmHostCapacity, Welcome,
+    agent_message, control_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -89,6 +89,8 @@ pub struct Dialer {
     pub nix: Nix,
     /// What this machine offers VMs, sent in every Hello; `None` on a plain machine.
     pub vm_host: Option<VmHostCapacity>,
+    /// Where a VM host's assignments go (the VM runner); `None` on a plain machine.
+    pub vm_assignments: Option<watch::Sender<Option<VmAssignments>>>,
 }
 
 impl Dialer {
@@ -243,6 +245,15 @@ impl Dialer {
                         tracing::info!(deployment = %crate::desired::clip(&cancel.deployment_id, 64), "cancellation received");
                         if self.desired.send(cancel.into()).await.is_err() {
                             return SessionError::Closed;
+                        }
+                    }
+                    Ok(Some(ControlMessage { kind: Some(control_message::Kind::VmAssignments(set)) })) => {
+                        match &self.vm_assignments {
+                            Some(runner) => {
+                                tracing::info!(vms = set.vms.len(), "VM assignments received");
+                                runner.send_replace(Some(set));
+                            }
+                            None => tracing::warn!("VM assignments received, but this agent is not a VM host (--vm-host); ignored"),
                         }
                     }
                     Ok(Some(_)) => tracing::debug!("ignoring an unexpected control message"),

@@ -161,6 +161,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         activity: activity.clone(),
     };
     let deployer = tokio::spawn(deployer.run(desired_rx, cancel.clone()));
+    // A VM host runs the VMs it is assigned; they outlive the agent, which
+    // adopts them again from its journal when it restarts.
+    let vm_assignments = config.vm_host.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let runner = vm::runner::Runner {
+            host: vm::host::VmHost::new(
+                vm::qemu::Qemu::new(vm::qemu::Accel::detect()),
+                config.state_dir.join("vms"),
+                "/".into(),
+            ),
+            nix: nix.clone(),
+            substituters: config.substituters.clone(),
+            trusted_public_keys: config.trusted_public_keys.clone(),
+            outcomes: None,
+        };
+        tokio::spawn(runner.run(rx, cancel.clone()));
+        tx
+    });
     let working = activity.clone();
     let dialer = Dialer {
         url: config.control_plane.clone(),
@@ -175,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         paths,
         nix,
         vm_host: config.vm_host.clone(),
+        vm_assignments,
     };
     dialer.run(cancel.clone()).await;
     if working.active_deployment().is_some() {

@@ -10,8 +10,7 @@
 //! lives in its state folder, so removing a VM is removing that folder (and
 //! its tap).
 
-// The VM host's lifecycle that drives these is being built; until it lands
-// only the tests use them.
+// cloud-hypervisor's lifecycle is not driven yet; only its tests use it.
 #![cfg_attr(not(test), allow(dead_code))]
 
 pub mod cloud_hypervisor;
@@ -19,6 +18,7 @@ pub mod host;
 #[cfg(test)]
 mod openapi;
 pub mod qemu;
+pub mod runner;
 
 use std::path::{Path, PathBuf};
 

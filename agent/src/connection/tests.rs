@@ -116,6 +116,8 @@ struct Harness {
     events: mpsc::UnboundedReceiver<Event>,
     desired: mpsc::Receiver<Inbound>,
     outbox: Arc<Outbox>,
+    /// What the dialer hands the VM runner.
+    vm_sets: watch::Receiver<Option<procurator_proto::v1::VmAssignments>>,
     cancel: CancellationToken,
     dialer: tokio::task::JoinHandle<()>,
 }
@@ -149,6 +151,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
     let outbox = Arc::new(Outbox::load(dir.path()));
     let (desired_tx, desired) = mpsc::channel(4);
     let tls = files("agent-worker-1");
+    let (vm_tx, vm_sets) = watch::channel(None);
     let dialer = Dialer {
         url: format!("https://{address}"),
         material: tls.load().unwrap(),
@@ -166,6 +169,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
         },
         nix: Nix::new(),
         vm_host: Some(host_capacity()),
+        vm_assignments: Some(vm_tx),
     };
     let cancel = CancellationToken::new();
     let dialer = tokio::spawn(dialer.run(cancel.clone()));
@@ -174,6 +178,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
         events,
         desired,
         outbox,
+        vm_sets,
         cancel,
         dialer,
     }
@@ -299,5 +304,38 @@ async fn a_refused_agent_keeps_dialling_at_the_longest_backoff() {
         "{:?}",
         started.elapsed()
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_vm_hosts_assignments_go_to_its_vm_runner_newest_first() {
+    let mut h = start(Vec::new()).await;
+    let (_hello, control) = h.connected().await;
+    let set = |closure: &str| procurator_proto::v1::VmAssignments {
+        vms: vec![procurator_proto::v1::VmAssignment {
+            instance: "web-0".into(),
+            machine: "web".into(),
+            closure: closure.into(),
+            ..Default::default()
+        }],
+    };
+    for closure in ["/nix/store/old", "/nix/store/new"] {
+        let message = ControlMessage {
+            kind: Some(control_message::Kind::VmAssignments(set(closure))),
+        };
+        control.send(Ok(message)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let newest = h.vm_sets.borrow_and_update().clone();
+        if newest == Some(set("/nix/store/new")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the runner got {newest:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), h.vm_sets.changed()).await;
+    }
     h.stop().await;
 }

@@ -132,6 +132,31 @@ impl<V: Vmm> VmHost<V> {
         Ok(outcomes)
     }
 
+    /// What runs for `instance` now, as the journal has it.
+    pub async fn current(&self, instance: &MachineName) -> Result<Option<Assignment>, VmError> {
+        let journal = self.load().await?;
+        let Some(running) = journal.vms.get(instance.as_str()) else {
+            return Ok(None);
+        };
+        let Ok(closure) = StorePath::parse(&running.closure) else {
+            return Ok(None);
+        };
+        Ok(Some(Assignment {
+            instance: instance.clone(),
+            closure,
+            demand: Demand {
+                milli_cpus: running.milli_cpus,
+                memory_bytes: running.memory_bytes,
+            },
+        }))
+    }
+
+    /// Where `closure`'s files are on this host.
+    pub fn closure_root(&self, closure: &StorePath) -> PathBuf {
+        self.store_root
+            .join(closure.as_str().trim_start_matches('/'))
+    }
+
     async fn apply(&self, journal: &mut Journal, wanted: &Assignment) -> Result<Outcome, VmError> {
         let name = wanted.instance.as_str().to_owned();
         let state_dir = self.state_root.join(&name);
@@ -185,9 +210,7 @@ impl<V: Vmm> VmHost<V> {
             closure: format!("{} ({e})", closure.closure),
             file: "valid store path",
         })?;
-        let root = self
-            .store_root
-            .join(store_path.as_str().trim_start_matches('/'));
+        let root = self.closure_root(&store_path);
         let demand = Demand {
             milli_cpus: closure.milli_cpus,
             memory_bytes: closure.memory_bytes,
@@ -264,4 +287,4 @@ impl<V: Vmm> VmHost<V> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

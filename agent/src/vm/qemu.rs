@@ -65,6 +65,9 @@ pub fn pid_file(state_dir: &Path) -> PathBuf {
 pub struct Qemu {
     pub program: PathBuf,
     pub accel: Accel,
+    /// A command QEMU runs under, e.g. `unshare --net --` so that its taps
+    /// live in a network namespace of their own (the tests do).
+    pub prefix: Vec<String>,
 }
 
 impl Qemu {
@@ -72,6 +75,7 @@ impl Qemu {
         Self {
             program: PathBuf::from("qemu-system-x86_64"),
             accel,
+            prefix: Vec::new(),
         }
     }
 
@@ -106,9 +110,11 @@ impl Vmm for Qemu {
             }
         }
         let mut args = argv(spec, self.accel);
-        args.remove(0);
-        let launched = tokio::process::Command::new(&self.program)
-            .args(&args)
+        args[0] = self.program.display().to_string();
+        let mut args = self.prefix.iter().cloned().chain(args);
+        let program = args.next().unwrap_or_default();
+        let launched = tokio::process::Command::new(&program)
+            .args(args)
             .stdin(std::process::Stdio::null())
             .output();
         let output = tokio::time::timeout(START_TIMEOUT, launched)
@@ -119,10 +125,7 @@ impl Vmm for Qemu {
                 secs: START_TIMEOUT.as_secs(),
                 log: spec.serial_log(),
             })?
-            .map_err(|source| VmError::Spawn {
-                program: self.program.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| VmError::Spawn { program, source })?;
         if !output.status.success() {
             return Err(VmError::Api {
                 vmm: VMM,

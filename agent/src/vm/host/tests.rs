@@ -9,14 +9,14 @@ use crate::vm::qemu::{Accel, Qemu, pid_file};
 
 const KERNEL: &str = "/var/cache/procurator/test-kernel/vmlinuz";
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    host: VmHost<Qemu>,
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) host: VmHost<Qemu>,
     initrd: PathBuf,
 }
 
 impl Fixture {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         assert!(
             Path::new(KERNEL).exists(),
             "{KERNEL} is missing: run scripts/setup.sh, which unpacks Debian's cloud kernel there"
@@ -28,12 +28,14 @@ impl Fixture {
     }
 
     /// A VM host on the fixture's folders, as a (re)started agent makes one.
-    fn host(dir: &Path) -> VmHost<Qemu> {
-        let mut host = VmHost::new(
-            Qemu::new(Accel::detect()),
-            dir.join("vms"),
-            dir.join("root"),
-        );
+    pub(crate) fn host(dir: &Path) -> VmHost<Qemu> {
+        // Each QEMU in a network namespace of its own: its tap is made
+        // there and goes with it, and never meets another test's.
+        let qemu = Qemu {
+            prefix: vec!["unshare".into(), "--net".into(), "--".into()],
+            ..Qemu::new(Accel::detect())
+        };
+        let mut host = VmHost::new(qemu, dir.join("vms"), dir.join("root"));
         host.shutdown_grace = Duration::from_millis(500);
         host.ready_timeout = Duration::from_secs(120);
         host
@@ -41,7 +43,7 @@ impl Fixture {
 
     /// A system closure under the test's store root; `bootable: false`
     /// leaves /init out of its initrd, so the kernel panics and QEMU exits.
-    fn closure(&self, name: &str, bootable: bool) -> StorePath {
+    pub(crate) fn closure(&self, name: &str, bootable: bool) -> StorePath {
         let path = format!("/nix/store/{}-nixos-system-{name}", "a".repeat(32));
         let closure = StorePath::parse(&path).unwrap();
         let root = self
@@ -72,19 +74,19 @@ impl Fixture {
         }
     }
 
-    fn state(&self, instance: &str) -> PathBuf {
+    pub(crate) fn state(&self, instance: &str) -> PathBuf {
         self.dir.path().join("vms").join(instance)
     }
 
-    fn guard(&self, instance: &str) -> KillOnDrop {
+    pub(crate) fn guard(&self, instance: &str) -> KillOnDrop {
         KillOnDrop(pid_file(&self.state(instance)))
     }
 
-    async fn pid(&self, instance: &str) -> Option<nix::unistd::Pid> {
+    pub(crate) async fn pid(&self, instance: &str) -> Option<nix::unistd::Pid> {
         self.host.vmm.pid(&self.state(instance)).await
     }
 
-    fn console(&self, instance: &str) -> String {
+    pub(crate) fn console(&self, instance: &str) -> String {
         std::fs::read_to_string(self.state(instance).join("console.log")).unwrap_or_default()
     }
 }
