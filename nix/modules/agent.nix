@@ -109,6 +109,43 @@ in
       description = "`text` or `json` log lines on stderr (the journal).";
     };
 
+    vmHost = {
+      enable = lib.mkEnableOption ''
+        running the VM instances the control plane places on this machine
+        (`procurator-agent --vm-host`). The VMs run under QEMU and outlive
+        the agent: restarting or stopping the service leaves them running,
+        and the agent adopts them again when it starts
+      '';
+
+      cpus = lib.mkOption {
+        type = lib.types.nullOr (lib.types.addCheck lib.types.number (n: n > 0));
+        default = null;
+        example = 6;
+        description = "vCPUs offered to VMs (fractions allowed); null offers every online CPU.";
+      };
+
+      memoryMiB = lib.mkOption {
+        type = lib.types.nullOr lib.types.ints.positive;
+        default = null;
+        example = 16384;
+        description = "Memory offered to VMs, MiB; null offers all of the machine's but 1 GiB.";
+      };
+
+      labels = lib.mkOption {
+        type = lib.types.listOf (lib.types.strMatching "[^[:space:]]+");
+        default = [ ];
+        example = [ "rack-1" ];
+        description = "Labels of this VM host, shown with it by `procurator-ctl status`.";
+      };
+
+      qemuPackage = lib.mkOption {
+        type = lib.types.package;
+        default = pkgs.qemu_kvm;
+        defaultText = lib.literalExpression "pkgs.qemu_kvm";
+        description = "Provides `qemu-system-x86_64`, which runs the VMs.";
+      };
+    };
+
     extraPackages = lib.mkOption {
       type = lib.types.listOf lib.types.package;
       default = [ ];
@@ -153,6 +190,7 @@ in
         config.nix.package
         pkgs.bash
       ]
+      ++ lib.optional cfg.vmHost.enable cfg.vmHost.qemuPackage
       ++ cfg.extraPackages;
 
       # switch-to-configuration, run by this very service, restarts the units
@@ -184,6 +222,22 @@ in
                 "--trusted-public-key"
                 key
               ]) cfg.trustedPublicKeys
+              ++ lib.optionals cfg.vmHost.enable (
+                [ "--vm-host" ]
+                ++ lib.optionals (cfg.vmHost.cpus != null) [
+                  "--vm-cpus"
+                  # toString would write 1.5 as 1.500000.
+                  (builtins.toJSON cfg.vmHost.cpus)
+                ]
+                ++ lib.optionals (cfg.vmHost.memoryMiB != null) [
+                  "--vm-memory-mib"
+                  (toString cfg.vmHost.memoryMiB)
+                ]
+                ++ lib.concatMap (label: [
+                  "--vm-label"
+                  label
+                ]) cfg.vmHost.labels
+              )
             ))
             # %d is the credentials directory LoadCredential= fills; it is
             # left unescaped so systemd expands it.
@@ -198,6 +252,10 @@ in
         ];
         StateDirectory = cfg.stateDirectory;
         StateDirectoryMode = "0700";
+
+        # The VMs' QEMU processes live in this unit's control group; they
+        # must survive the agent's restarts (it adopts them again).
+        KillMode = if cfg.vmHost.enable then "process" else "control-group";
 
         Restart = "always";
         RestartSec = "1s";

@@ -42,6 +42,7 @@ let
   };
   agentPkgs = {
     bash = fakePackage "bash";
+    qemu_kvm = fakePackage "qemu";
   };
 
   agent =
@@ -142,6 +143,29 @@ optionChecks "agent.nix" (agent agentSettings).options
   ''"--max-backoff" "60"''
 ]) agentUnit.serviceConfig.ExecStart
 ++ expect "agent LoadCredential" credentials agentUnit.serviceConfig.LoadCredential
+++ expect "agent not a VM host" "control-group" agentUnit.serviceConfig.KillMode
+++ expect "agent not a VM host: no --vm-host" false (
+  stub.lib.hasInfix "--vm-host" agentUnit.serviceConfig.ExecStart
+)
+++ (
+  let
+    host = (agent (agentSettings // {
+      services.procurator-agent = agentSettings.services.procurator-agent // {
+        vmHost = {
+          enable = true;
+          cpus = 1.5;
+          memoryMiB = 4096;
+          labels = [ "rack-1" ];
+        };
+      };
+    })).config.systemd.services.procurator-agent;
+  in
+  expect "VM host flags" true (
+    stub.lib.hasInfix ''"--vm-host" "--vm-cpus" "1.5" "--vm-memory-mib" "4096" "--vm-label" "rack-1"'' host.serviceConfig.ExecStart
+  )
+  ++ expect "VM host keeps its VMs on restart" "process" host.serviceConfig.KillMode
+  ++ expect "VM host PATH" [ "nix" "bash" "qemu" "curl" ] (map (p: p.name) host.path)
+)
 ++ expect "agent StateDirectory" "procurator-agent" agentUnit.serviceConfig.StateDirectory
 ++ expect "agent PATH" [ "nix" "bash" "curl" ] (map (p: p.name) agentUnit.path)
 ++ expect "agent Restart" "always" agentUnit.serviceConfig.Restart

@@ -46,6 +46,9 @@ let
     listOf =
       element: mkType "list of ${element.description}" (value: isList value && all element.check value);
     addCheck = type: check: type // { check = value: type.check value && check value; };
+    nullOr = element: mkType "null or ${element.description}" (value: value == null || element.check value);
+    number = mkType "number" (value: isInt value || builtins.isFloat value);
+    ints.positive = mkType "positive integer" (value: isInt value && value > 0);
   };
 
   hasPrefix = prefix: string: substring 0 (stringLength prefix) string == prefix;
@@ -74,6 +77,7 @@ let
       inherit text;
     };
     optional = condition: value: if condition then [ value ] else [ ];
+    optionals = condition: list: if condition then list else [ ];
     hasInfix =
       infix: string:
       let
