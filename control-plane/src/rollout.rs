@@ -27,7 +27,8 @@ pub fn desired_state(
             interval_secs: c.interval.get(),
         })
         .collect();
-    let spec = artifact.blueprint.get(machine);
+    // A VM instance's settings are its machine's.
+    let spec = artifact.machine_of(machine).map(|(_, spec)| spec);
     let auto_rollback = spec.is_none_or(|spec| spec.deployment.auto_rollback);
     let allow_reboot = spec.is_some_and(|spec| spec.deployment.allow_reboot);
     DesiredState {

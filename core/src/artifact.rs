@@ -365,11 +365,11 @@ impl DeploymentArtifact {
         hex::encode(Sha256::digest(self.canonical_json().as_bytes()))
     }
 
-    /// The enabled health checks of a machine.
-    pub fn enabled_health_checks(&self, machine: &MachineName) -> Vec<&HealthCheckSpec> {
-        self.blueprint
-            .get(machine)
-            .map(|spec| {
+    /// The enabled health checks of a row (a machine, or a VM instance:
+    /// its machine's checks).
+    pub fn enabled_health_checks(&self, row: &MachineName) -> Vec<&HealthCheckSpec> {
+        self.machine_of(row)
+            .map(|(_, spec)| {
                 spec.deployment
                     .health_checks
                     .iter()
@@ -415,15 +415,20 @@ impl DeploymentArtifact {
         self.rollout.clone().unwrap_or_default()
     }
 
-    /// The waves of this deployment, every machine in exactly one.
+    /// The waves of this deployment, every row (machine or VM instance)
+    /// in exactly one.
     pub fn waves(&self) -> Vec<PlannedWave> {
-        self.rollout().plan(&self.blueprint)
+        self.rollout().plan(
+            self.targets()
+                .into_iter()
+                .map(|t| (t.name, t.machine.clone(), t.spec)),
+        )
     }
 }
 
 mod instances;
 mod rollout;
-pub use instances::{Demand, VM_BACKENDS, VmInstance, instance_names};
+pub use instances::{Demand, Target, VM_BACKENDS, VmInstance, instance_names};
 pub use rollout::{PlannedWave, Rollout, WaveSpec};
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ fn same_as_newest(
             id: parse_id(&id)?,
             created: false,
             revision: from_sql(revision),
-            machines: artifact.closures.keys().cloned().collect(),
+            machines: artifact.targets().into_iter().map(|t| t.name).collect(),
         })),
         _ => Ok(None),
     }
@@ -146,7 +146,9 @@ pub(super) fn insert(
     rollback_of: &str,
 ) -> Result<Submitted, StoreError> {
     let digest = artifact.digest();
-    let machines: Vec<MachineName> = artifact.closures.keys().cloned().collect();
+    // A row per machine, each VM machine a row per instance.
+    let targets = artifact.targets();
+    let machines: Vec<MachineName> = targets.iter().map(|t| t.name.clone()).collect();
     let waves = artifact.waves();
     let stored: Vec<StoredWave> = waves
         .iter()
@@ -184,14 +186,13 @@ pub(super) fn insert(
         "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
-    for (machine, closure) in &artifact.closures {
-        // Every machine of the blueprint is in a wave; a closure without a
-        // blueprint entry (not accepted by the parser) would go last.
-        let wave = wave_of.get(machine).copied().unwrap_or(waves.len());
+    for target in &targets {
+        // Every row is in a wave.
+        let wave = wave_of.get(&target.name).copied().unwrap_or(waves.len());
         insert_row.execute(params![
             id.as_str(),
-            machine.as_str(),
-            closure.as_str(),
+            target.name.as_str(),
+            target.closure.as_str(),
             MachineState::Pending as i32,
             tx.now,
             i64::try_from(wave).unwrap_or(i64::MAX)

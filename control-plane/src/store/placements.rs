@@ -100,16 +100,16 @@ pub(super) fn place_vms(
 }
 
 impl Store {
-    /// What `host` should run: each instance placed on it with its
-    /// machine's closure from the newest deployment that names the machine.
+    /// What `host` should run: each instance placed on it with the closure
+    /// of its row in the newest deployment that has one.
     pub async fn vm_assignments(&self, host: MachineName) -> Result<Vec<VmAssignment>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT p.instance, p.machine, p.milli_cpus, p.memory_bytes,
                         (SELECT m.closure FROM machines m JOIN deployments d ON d.id = m.deployment_id
-                          WHERE m.machine = p.machine ORDER BY d.seq DESC LIMIT 1),
+                          WHERE m.machine = p.instance ORDER BY d.seq DESC LIMIT 1),
                         (SELECT m.deployment_id FROM machines m JOIN deployments d ON d.id = m.deployment_id
-                          WHERE m.machine = p.machine ORDER BY d.seq DESC LIMIT 1),
+                          WHERE m.machine = p.instance ORDER BY d.seq DESC LIMIT 1),
                         COALESCE((SELECT a.connected FROM agents a WHERE a.machine = p.instance), 0)
                  FROM placements p WHERE p.host = ?1 ORDER BY p.instance",
             )?;
@@ -126,7 +126,7 @@ impl Store {
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
-            // A placement always comes from a deployment naming its machine.
+            // A placement always comes from a deployment with the instance's row.
             Ok(rows.into_iter().filter(|a| !a.closure.is_empty()).collect())
         })
         .await

@@ -78,6 +78,22 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
     let agents = store.list_agents().await.unwrap();
     let vms: usize = agents.iter().map(|a| a.vms.len()).sum();
     assert_eq!(vms, 3);
+    // Each host is told its instances, with the closure of the instance's row.
+    let told: Vec<String> = [m("host-a"), m("host-b")]
+        .into_iter()
+        .map(|host| store.vm_assignments(host))
+        .collect::<futures::future::JoinAll<_>>()
+        .await
+        .into_iter()
+        .flat_map(|set| set.unwrap())
+        .inspect(|vm| assert!(vm.closure.ends_with("-sys"), "{vm:?}"))
+        .map(|vm| vm.instance)
+        .collect();
+    assert_eq!(told.len(), 3, "{told:?}");
+    // The deployment tracks the instances, not the machine.
+    let d = store.list_deployments(1).await.unwrap().remove(0);
+    let rows: Vec<&str> = d.machines.iter().map(|r| r.machine.as_str()).collect();
+    assert_eq!(rows, ["db", "web-0", "web-1"]);
     let free_memory: u64 = agents
         .iter()
         .map(|a| a.vm_free.as_ref().unwrap().memory_bytes)

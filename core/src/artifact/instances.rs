@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use super::{DeploymentArtifact, MachineSpec};
 use crate::names::MachineName;
+use crate::store_path::StorePath;
 
 /// The backends whose machines are VMs run by a VM host's agent.
 pub const VM_BACKENDS: [&str; 2] = ["cloud-hypervisor", "qemu"];
@@ -87,7 +88,56 @@ pub fn instance_names(machine: &MachineName, replicas: u32) -> Result<Vec<Machin
         .collect()
 }
 
+/// One row of a deployment: a machine, or one VM instance of a machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target<'a> {
+    /// The row's name: the machine's, or the instance's.
+    pub name: MachineName,
+    pub machine: &'a MachineName,
+    pub spec: &'a MachineSpec,
+    pub closure: &'a StorePath,
+}
+
 impl DeploymentArtifact {
+    /// Every row a deployment of this artifact tracks, by name: its
+    /// machines, each VM machine as its instances.
+    pub fn targets(&self) -> Vec<Target<'_>> {
+        let mut targets: Vec<Target<'_>> = self
+            .blueprint
+            .iter()
+            .filter_map(|(machine, spec)| {
+                let closure = self.closures.get(machine)?;
+                let names = if spec.is_vm() {
+                    // Checked on parse: the names are valid.
+                    instance_names(machine, spec.replicas).unwrap_or_default()
+                } else {
+                    vec![machine.clone()]
+                };
+                Some(names.into_iter().map(move |name| Target {
+                    name,
+                    machine,
+                    spec,
+                    closure,
+                }))
+            })
+            .flatten()
+            .collect();
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        targets
+    }
+
+    /// The blueprint machine behind a row: the machine itself, or the
+    /// machine an instance is a replica of.
+    pub fn machine_of(&self, row: &MachineName) -> Option<(&MachineName, &MachineSpec)> {
+        if let Some((machine, spec)) = self.blueprint.get_key_value(row) {
+            return Some((machine, spec));
+        }
+        self.blueprint.iter().find(|(machine, spec)| {
+            spec.is_vm()
+                && instance_names(machine, spec.replicas).is_ok_and(|names| names.contains(row))
+        })
+    }
+
     /// Every VM instance of the blueprint, by machine then replica.
     pub fn vm_instances(&self) -> Vec<VmInstance> {
         self.blueprint
@@ -198,6 +248,41 @@ mod tests {
                 milli_cpus: 500,
                 memory_bytes: 512 << 20
             }
+        );
+    }
+
+    #[test]
+    fn rows_are_the_machines_with_vm_machines_as_their_instances() {
+        let a = artifact(&[
+            ("db", machine("cloud-hypervisor", 1, 2.0, 2048)),
+            ("web", machine("qemu", 2, 0.5, 512)),
+            ("metal", machine("nixos", 1, 8.0, 65536)),
+        ])
+        .unwrap();
+        let targets = a.targets();
+        let rows: Vec<(&str, &str)> = targets
+            .iter()
+            .map(|t| (t.name.as_str(), t.machine.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("db", "db"),
+                ("metal", "metal"),
+                ("web-0", "web"),
+                ("web-1", "web")
+            ]
+        );
+        let m = |n: &str| MachineName::parse(n).unwrap();
+        assert_eq!(
+            a.machine_of(&m("web-1")).map(|(n, _)| n.as_str()),
+            Some("web")
+        );
+        assert_eq!(a.machine_of(&m("db")).map(|(n, _)| n.as_str()), Some("db"));
+        assert_eq!(a.machine_of(&m("web-2")), None);
+        assert_eq!(
+            a.machine_of(&m("web")),
+            Some((&m("web"), &a.blueprint[&m("web")]))
         );
     }
 

@@ -91,22 +91,22 @@ impl Rollout {
         Ok(())
     }
 
-    /// Assign every machine of `machines` to a wave, in order. Machines no
-    /// wave takes form a last wave named `rest`; waves that select nothing
-    /// are dropped.
+    /// Assign every row of `rows` (name, its blueprint machine, the
+    /// machine's spec) to a wave, in order. Rows no wave takes form a last
+    /// wave named `rest`; waves that select nothing are dropped.
     pub fn plan<'a>(
         &self,
-        machines: impl IntoIterator<Item = (&'a MachineName, &'a MachineSpec)>,
+        rows: impl IntoIterator<Item = (MachineName, MachineName, &'a MachineSpec)>,
     ) -> Vec<PlannedWave> {
-        let mut left: Vec<(&MachineName, &MachineSpec)> = machines.into_iter().collect();
-        left.sort_by(|a, b| a.0.cmp(b.0));
+        let mut left: Vec<(MachineName, MachineName, &MachineSpec)> = rows.into_iter().collect();
+        left.sort_by(|a, b| a.0.cmp(&b.0));
         let mut planned = Vec::new();
         for wave in &self.waves {
             let limit = wave.count.map_or(usize::MAX, |c| c as usize);
             let mut taken = Vec::new();
-            left.retain(|(name, spec)| {
-                if taken.len() < limit && wave.selects(name, spec) {
-                    taken.push((*name).clone());
+            left.retain(|(name, machine, spec)| {
+                if taken.len() < limit && wave.selects(name, machine, spec) {
+                    taken.push(name.clone());
                     false
                 } else {
                     true
@@ -126,7 +126,7 @@ impl Rollout {
                 } else {
                     "rest".to_owned()
                 },
-                machines: left.into_iter().map(|(name, _)| name.clone()).collect(),
+                machines: left.into_iter().map(|(name, ..)| name).collect(),
             });
         }
         planned
@@ -134,8 +134,11 @@ impl Rollout {
 }
 
 impl WaveSpec {
-    fn selects(&self, name: &MachineName, spec: &MachineSpec) -> bool {
-        self.machines.as_ref().is_none_or(|ms| ms.contains(name))
+    /// A VM instance is selected by its own name or its machine's.
+    fn selects(&self, name: &MachineName, machine: &MachineName, spec: &MachineSpec) -> bool {
+        self.machines
+            .as_ref()
+            .is_none_or(|ms| ms.contains(name) || ms.contains(machine))
             && self
                 .labels
                 .as_ref()
