@@ -97,8 +97,10 @@ impl Dispatcher {
     }
 
     /// Send each scheduled machine its desired state, in a task per machine
-    /// so that a slow agent delays no other.
+    /// so that a slow agent delays no other. A VM instance without an agent
+    /// of its own gets it through its VM host, as the host's new set.
     fn send_many(&self, scheduled: Vec<Scheduled>) {
+        let mut through_hosts = Vec::new();
         for Scheduled {
             machine,
             outbound,
@@ -106,12 +108,41 @@ impl Dispatcher {
         } in scheduled
         {
             let Some(conn) = self.connections.get(&machine) else {
+                through_hosts.push(machine);
                 continue;
             };
             self.tasks.spawn(async move {
                 send_unless_overtaken(&conn, &machine, outbound, order).await;
             });
         }
+        if through_hosts.is_empty() {
+            return;
+        }
+        let (store, connections, tasks) = (
+            self.store.clone(),
+            self.connections.clone(),
+            self.tasks.clone(),
+        );
+        self.tasks.spawn(async move {
+            let hosts = match store.hosts_of(through_hosts).await {
+                Ok(hosts) => hosts,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot tell which VM hosts to send to; they get it when they reconnect");
+                    return;
+                }
+            };
+            for host in hosts {
+                let Some(conn) = connections.get(&host) else {
+                    continue;
+                };
+                let store = store.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = dispatch_vms(&store, &conn, &host).await {
+                        tracing::warn!(host = %host, error = %e, "could not send VM assignments");
+                    }
+                });
+            }
+        });
     }
 
     /// Kick the scheduler every [`TICK`] until `shutdown`.

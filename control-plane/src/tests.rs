@@ -491,21 +491,47 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
         other => panic!("expected VM assignments, got {other:?}"),
     };
     assert!(assigned(next(&mut host).await).is_empty());
+    // Every change sends the whole set (a scheduled row and the submit may
+    // each send one): read until it is the one expected.
+    async fn until(
+        host: &mut Streaming<ControlMessage>,
+        done: impl Fn(&[procurator_proto::v1::VmAssignment]) -> bool,
+    ) -> Vec<procurator_proto::v1::VmAssignment> {
+        loop {
+            match next(host).await {
+                control_message::Kind::VmAssignments(set) if done(&set.vms) => return set.vms,
+                control_message::Kind::VmAssignments(_) => continue,
+                other => panic!("expected VM assignments, got {other:?}"),
+            }
+        }
+    }
 
-    // Two VMs (the test artifact's backend is cloud-hypervisor, 1 CPU, 1 GB).
+    // Two VMs (the test artifact's backend is cloud-hypervisor, 1 CPU, 1 GB),
+    // sent through their host since they have no agent of their own.
     let mut ci = server.deployments(Role::Ci, "ci");
     let first = ci
         .submit(submit_request(&[("app-1", "sys-a"), ("app-2", "sys-a")]))
         .await
         .unwrap()
         .into_inner();
-    let vms = assigned(next(&mut host).await);
+    let vms = until(&mut host, |vms| vms.len() == 2).await;
     let names: Vec<&str> = vms.iter().map(|v| v.instance.as_str()).collect();
     assert_eq!(names, ["app-1", "app-2"]);
     assert!(vms[0].closure.ends_with("-sys-a"), "{vms:?}");
     assert_eq!(vms[0].deployment_id, first.deployment_id);
     assert_eq!(vms[0].memory_bytes, 1_000_000_000);
     assert!(!vms[0].guest_agent_connected);
+    let d = ci
+        .get_deployment(GetDeploymentRequest {
+            deployment_id: first.deployment_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        d.machines.iter().all(|m| m.state() == MachineState::Sent),
+        "{d:?}"
+    );
 
     // app-2 leaves the blueprint: the host's set no longer has it.
     ci.submit(SubmitRequest {
@@ -517,8 +543,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
     })
     .await
     .unwrap();
-    let vms = assigned(next(&mut host).await);
-    assert_eq!(vms.len(), 1, "{vms:?}");
+    let vms = until(&mut host, |vms| vms.len() == 1).await;
     assert!(vms[0].closure.ends_with("-sys-b"), "{vms:?}");
 }
 

@@ -10,7 +10,7 @@ use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{
     VmAssignment, VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event,
 };
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 
 use super::{Store, StoreError, Tx};
 use crate::placement::{self, Host};
@@ -101,18 +101,11 @@ pub(super) fn place_vms(
 
 impl Store {
     /// What `host` should run: each instance placed on it with the closure
-    /// of its row in the newest deployment that has one.
+    /// of its newest row that was sent (or succeeded). A row still waiting
+    /// for its wave is not run yet; a failed one is not run at all.
     pub async fn vm_assignments(&self, host: MachineName) -> Result<Vec<VmAssignment>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT p.instance, p.machine, p.milli_cpus, p.memory_bytes,
-                        (SELECT m.closure FROM machines m JOIN deployments d ON d.id = m.deployment_id
-                          WHERE m.machine = p.instance ORDER BY d.seq DESC LIMIT 1),
-                        (SELECT m.deployment_id FROM machines m JOIN deployments d ON d.id = m.deployment_id
-                          WHERE m.machine = p.instance ORDER BY d.seq DESC LIMIT 1),
-                        COALESCE((SELECT a.connected FROM agents a WHERE a.machine = p.instance), 0)
-                 FROM placements p WHERE p.host = ?1 ORDER BY p.instance",
-            )?;
+            let mut stmt = conn.prepare_cached(&ASSIGNMENTS_QUERY)?;
             let rows = stmt
                 .query_map([host.as_str()], |r| {
                     Ok(VmAssignment {
@@ -126,8 +119,34 @@ impl Store {
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
-            // A placement always comes from a deployment with the instance's row.
+            // An instance with nothing sent yet runs nothing yet.
             Ok(rows.into_iter().filter(|a| !a.closure.is_empty()).collect())
+        })
+        .await
+    }
+
+    /// The distinct VM hosts `instances` are placed on (an instance not
+    /// placed, or a plain machine, has none).
+    pub async fn hosts_of(
+        &self,
+        instances: Vec<MachineName>,
+    ) -> Result<Vec<MachineName>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT host FROM placements WHERE instance = ?1")?;
+            let mut hosts = std::collections::BTreeSet::new();
+            for instance in &instances {
+                if let Some(host) = stmt
+                    .query_row([instance.as_str()], |r| r.get::<_, String>(0))
+                    .optional()?
+                {
+                    hosts.insert(host);
+                }
+            }
+            hosts
+                .into_iter()
+                .map(|h| MachineName::parse(&h).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect()
         })
         .await
     }
@@ -149,6 +168,38 @@ impl Store {
         .await
     }
 }
+
+/// Each instance placed on host `?1`, with the closure and deployment of
+/// its newest row in a runnable state, and whether its own agent is up.
+static ASSIGNMENTS_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use procurator_proto::v1::MachineState as S;
+    let runnable = [
+        S::Sent,
+        S::Copying,
+        S::Activating,
+        S::Checking,
+        S::Confirming,
+        S::Committing,
+        S::Succeeded,
+        S::Skipped,
+    ]
+    .map(|s| (s as i32).to_string())
+    .join(", ");
+    let newest = |column: &str| {
+        format!(
+            "(SELECT m.{column} FROM machines m JOIN deployments d ON d.id = m.deployment_id
+              WHERE m.machine = p.instance AND m.state IN ({runnable})
+              ORDER BY d.seq DESC LIMIT 1)"
+        )
+    };
+    format!(
+        "SELECT p.instance, p.machine, p.milli_cpus, p.memory_bytes, {}, {},
+                COALESCE((SELECT a.connected FROM agents a WHERE a.machine = p.instance), 0)
+         FROM placements p WHERE p.host = ?1 ORDER BY p.instance",
+        newest("closure"),
+        newest("deployment_id")
+    )
+});
 
 /// VM hosts that are connected or were seen within [`HOST_GONE_AFTER_MS`].
 fn known_hosts(tx: &Tx<'_>) -> Result<Vec<Host>, StoreError> {

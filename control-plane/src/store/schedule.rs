@@ -232,8 +232,15 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
         .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
     let rows: Vec<rollout::Row> = {
         let mut stmt = tx.sql.prepare_cached(
-            "SELECT m.machine, m.wave, m.state, a.connected, a.last_seen_ms FROM machines m
+            // A VM instance is reachable through its own agent or, without
+            // one, through the VM host it is placed on.
+            "SELECT m.machine, m.wave, m.state,
+                    COALESCE(a.connected, 0) OR COALESCE(h.connected, 0),
+                    MAX(COALESCE(a.last_seen_ms, 0), COALESCE(h.last_seen_ms, 0))
+             FROM machines m
              LEFT JOIN agents a ON a.machine = m.machine
+             LEFT JOIN placements p ON p.instance = m.machine
+             LEFT JOIN agents h ON h.machine = p.host
              WHERE m.deployment_id = ?1 ORDER BY m.machine",
         )?;
         stmt.query_map([id.as_str()], |r| {

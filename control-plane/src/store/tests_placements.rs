@@ -3,7 +3,7 @@
 use procurator_proto::v1::{Event, Hello, VmHostCapacity, VmsPlaced, event};
 
 use super::Store;
-use super::tests::{COMMIT_A, COMMIT_B, all_events, m, open};
+use super::tests::{COMMIT_A, COMMIT_B, all_events, m, open, schedule};
 use crate::test_support::artifact_with;
 
 const GIB: u64 = 1 << 30;
@@ -78,7 +78,11 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
     let agents = store.list_agents().await.unwrap();
     let vms: usize = agents.iter().map(|a| a.vms.len()).sum();
     assert_eq!(vms, 3);
-    // Each host is told its instances, with the closure of the instance's row.
+    // Nothing runs before its row is sent; once sent (the hosts make the
+    // instances reachable), each host is told its instances, with the
+    // closure of the instance's row.
+    assert!(store.vm_assignments(m("host-a")).await.unwrap().is_empty());
+    assert_eq!(schedule(&store).await.len(), 3);
     let told: Vec<String> = [m("host-a"), m("host-b")]
         .into_iter()
         .map(|host| store.vm_assignments(host))
