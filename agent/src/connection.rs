@@ -10,8 +10,8 @@ use procurator_core::nix::Nix;
 use procurator_core::tls::{EndpointCache, TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
-    AgentMessage, ControlMessage, Heartbeat, Hello, VmAssignments, VmHostCapacity, Welcome,
-    agent_message, control_message,
+    ActivationResult, AgentMessage, ControlMessage, Heartbeat, Hello, VmAssignments,
+    VmHostCapacity, Welcome, agent_message, control_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -91,6 +91,8 @@ pub struct Dialer {
     pub vm_host: Option<VmHostCapacity>,
     /// Where a VM host's assignments go (the VM runner); `None` on a plain machine.
     pub vm_assignments: Option<watch::Sender<Option<VmAssignments>>>,
+    /// The VM runner's results, sent on whichever stream is up.
+    pub vm_results: Option<Arc<tokio::sync::Mutex<mpsc::Receiver<ActivationResult>>>>,
 }
 
 impl Dialer {
@@ -260,6 +262,12 @@ impl Dialer {
                     Ok(None) => return SessionError::Closed,
                     Err(status) => return SessionError::Status(status),
                 },
+                Some(result) = next_vm_result(self.vm_results.as_ref()) => {
+                    tracing::info!(instance = %result.instance, deployment = %result.deployment_id, state = ?result.state(), "VM result sent");
+                    if tx.send(message(agent_message::Kind::Result(result))).await.is_err() {
+                        return SessionError::Closed;
+                    }
+                }
                 outgoing = self.outbox.next() => {
                     let (kind, result) = match outgoing {
                         Outgoing::Result(outcome) => {
@@ -283,6 +291,16 @@ impl Dialer {
                 }
             }
         }
+    }
+}
+
+/// The next VM result, or never on a plain machine.
+async fn next_vm_result(
+    results: Option<&Arc<tokio::sync::Mutex<mpsc::Receiver<ActivationResult>>>>,
+) -> Option<ActivationResult> {
+    match results {
+        Some(results) => results.lock().await.recv().await,
+        None => std::future::pending().await,
     }
 }
 

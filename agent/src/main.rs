@@ -42,6 +42,9 @@ use crate::system::SystemPaths;
 
 /// Desired states waiting for the deployer; it takes them at once.
 const INBOX_CAPACITY: usize = 16;
+/// VM results waiting for the stream; a reconnect makes the host send them
+/// again (its next set is reconciled and reported), so none is precious.
+const VM_RESULTS_CAPACITY: usize = 256;
 
 fn main() -> ExitCode {
     // The hidden activation runner: no configuration, no runtime, no logging
@@ -163,22 +166,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let deployer = tokio::spawn(deployer.run(desired_rx, cancel.clone()));
     // A VM host runs the VMs it is assigned; they outlive the agent, which
     // adopts them again from its journal when it restarts.
-    let vm_assignments = config.vm_host.as_ref().map(|_| {
-        let (tx, rx) = tokio::sync::watch::channel(None);
-        let runner = vm::runner::Runner {
-            host: vm::host::VmHost::new(
-                vm::qemu::Qemu::new(vm::qemu::Accel::detect()),
-                config.state_dir.join("vms"),
-                "/".into(),
-            ),
-            nix: nix.clone(),
-            substituters: config.substituters.clone(),
-            trusted_public_keys: config.trusted_public_keys.clone(),
-            outcomes: None,
-        };
-        tokio::spawn(runner.run(rx, cancel.clone()));
-        tx
-    });
+    let (vm_assignments, vm_results) = config
+        .vm_host
+        .as_ref()
+        .map(|_| {
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let (results_tx, results_rx) = tokio::sync::mpsc::channel(VM_RESULTS_CAPACITY);
+            let runner = vm::runner::Runner {
+                host: vm::host::VmHost::new(
+                    vm::qemu::Qemu::new(vm::qemu::Accel::detect()),
+                    config.state_dir.join("vms"),
+                    "/".into(),
+                ),
+                nix: nix.clone(),
+                substituters: config.substituters.clone(),
+                trusted_public_keys: config.trusted_public_keys.clone(),
+                results: Some(results_tx),
+                outcomes: None,
+            };
+            tokio::spawn(runner.run(rx, cancel.clone()));
+            (tx, Arc::new(tokio::sync::Mutex::new(results_rx)))
+        })
+        .unzip();
     let working = activity.clone();
     let dialer = Dialer {
         url: config.control_plane.clone(),
@@ -194,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         nix,
         vm_host: config.vm_host.clone(),
         vm_assignments,
+        vm_results,
     };
     dialer.run(cancel.clone()).await;
     if working.active_deployment().is_some() {

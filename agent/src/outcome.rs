@@ -119,6 +119,8 @@ impl Outcome {
             current_system: self.current_system.clone(),
             reboot_required: self.reboot_required,
             reboot_reason: self.reboot_reason.clone(),
+            // The agent's own machine.
+            instance: String::new(),
         }
     }
 }

@@ -327,14 +327,30 @@ impl AgentStream {
                     tracing::warn!(deployment = %id, %state, "result with a state that is not a result; ignored");
                     return Ok(());
                 }
+                // A VM host reports for the instances placed on it, and
+                // only for those.
+                let row = if result.instance.is_empty() {
+                    machine
+                } else {
+                    let Ok(instance) = MachineName::parse(&result.instance) else {
+                        tracing::warn!(instance = %result.instance, "a result for a malformed instance name; ignored");
+                        return Ok(());
+                    };
+                    let hosts = self.store.hosts_of(vec![instance.clone()]).await?;
+                    if !hosts.contains(&machine) {
+                        tracing::warn!(%instance, "a result for a VM instance not placed on this host; ignored");
+                        return Ok(());
+                    }
+                    instance
+                };
                 let reason = result.reason.clone();
                 match self
                     .store
-                    .record_result(machine, id.clone(), state, result)
+                    .record_result(row.clone(), id.clone(), state, result)
                     .await?
                 {
                     ResultOutcome::Recorded { finished } => {
-                        tracing::info!(deployment = %id, %state, %reason, "machine finished");
+                        tracing::info!(deployment = %id, machine = %row, %state, %reason, "machine finished");
                         if let Some(outcome) = finished {
                             tracing::info!(deployment = %id, state = %outcome, "deployment finished");
                         }

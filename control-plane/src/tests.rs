@@ -45,6 +45,7 @@ impl TestServer {
         let pki_dir = dir.path().join("pki");
         let init = pki::init(&pki_dir, &[], "admin").unwrap();
         pki::issue(&pki_dir, Role::Agent, "web-1", &[], false).unwrap();
+        pki::issue(&pki_dir, Role::Agent, "web-2", &[], false).unwrap();
         pki::issue(&pki_dir, Role::Ci, "ci", &[], false).unwrap();
         let ready = dir.path().join("ready");
         let mut config = server::Config {
@@ -480,7 +481,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
         ..Default::default()
     }));
     // web-1 stands in for the VM host here: its certificate is the one issued.
-    let (_tx, stream) = server.dial(Role::Agent, "web-1", Some(hello)).await;
+    let (report, stream) = server.dial(Role::Agent, "web-1", Some(hello)).await;
     let mut host = stream.unwrap();
     assert!(matches!(
         next(&mut host).await,
@@ -532,6 +533,103 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
         d.machines.iter().all(|m| m.state() == MachineState::Sent),
         "{d:?}"
     );
+
+    // The host reports for its instances, and a result for an instance it
+    // does not host is ignored: app-2 is moved onto a second host first.
+    let (other_tx, other) = server
+        .dial(
+            Role::Agent,
+            "web-2",
+            Some(agent(agent_message::Kind::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                vm_host: Some(procurator_proto::v1::VmHostCapacity {
+                    milli_cpus: 4000,
+                    memory_bytes: 8 << 30,
+                    labels: Vec::new(),
+                }),
+                ..Default::default()
+            }))),
+        )
+        .await;
+    let mut other = other.unwrap();
+    assert!(matches!(
+        next(&mut other).await,
+        control_message::Kind::Welcome(_)
+    ));
+    for instance in ["app-1", "app-2"] {
+        let result = ActivationResult {
+            instance: instance.into(),
+            deployment_id: first.deployment_id.clone(),
+            state: MachineState::Succeeded.into(),
+            current_system: vms[0].closure.clone(),
+            ..Default::default()
+        };
+        // web-2 hosts neither yet (placements change at the next submit).
+        let tx = if instance == "app-1" {
+            &report
+        } else {
+            &other_tx
+        };
+        tx.send(agent(agent_message::Kind::Result(result)))
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = ci
+            .get_deployment(GetDeploymentRequest {
+                deployment_id: first.deployment_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let states: Vec<(String, MachineState)> = d
+            .machines
+            .iter()
+            .map(|m| (m.machine.clone(), m.state()))
+            .collect();
+        if states[0].1 == MachineState::Succeeded {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{states:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // web-2's stream is handled in order: once its heartbeat after the
+    // result shows, the result was handled, and ignored.
+    let marker = format!("/nix/store/{}-marker", "m".repeat(32));
+    other_tx
+        .send(agent(agent_message::Kind::Heartbeat(
+            procurator_proto::v1::Heartbeat {
+                current_system: marker.clone(),
+            },
+        )))
+        .await
+        .unwrap();
+    loop {
+        let agents = ci
+            .list_agents(ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        if agents
+            .iter()
+            .any(|a| a.machine == "web-2" && a.current_system == marker)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{agents:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = ci
+        .get_deployment(GetDeploymentRequest {
+            deployment_id: first.deployment_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.machines[1].machine, "app-2");
+    assert_eq!(d.machines[1].state(), MachineState::Sent, "{d:?}");
 
     // app-2 leaves the blueprint: the host's set no longer has it.
     ci.submit(SubmitRequest {

@@ -118,6 +118,8 @@ struct Harness {
     outbox: Arc<Outbox>,
     /// What the dialer hands the VM runner.
     vm_sets: watch::Receiver<Option<procurator_proto::v1::VmAssignments>>,
+    /// Where the VM runner's results enter the dialer.
+    vm_results: mpsc::Sender<procurator_proto::v1::ActivationResult>,
     cancel: CancellationToken,
     dialer: tokio::task::JoinHandle<()>,
 }
@@ -152,6 +154,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
     let (desired_tx, desired) = mpsc::channel(4);
     let tls = files("agent-worker-1");
     let (vm_tx, vm_sets) = watch::channel(None);
+    let (vm_results, vm_results_rx) = mpsc::channel(4);
     let dialer = Dialer {
         url: format!("https://{address}"),
         material: tls.load().unwrap(),
@@ -170,6 +173,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
         nix: Nix::new(),
         vm_host: Some(host_capacity()),
         vm_assignments: Some(vm_tx),
+        vm_results: Some(Arc::new(tokio::sync::Mutex::new(vm_results_rx))),
     };
     let cancel = CancellationToken::new();
     let dialer = tokio::spawn(dialer.run(cancel.clone()));
@@ -179,6 +183,7 @@ async fn start(refusals: Vec<Status>) -> Harness {
         desired,
         outbox,
         vm_sets,
+        vm_results,
         cancel,
         dialer,
     }
@@ -308,7 +313,7 @@ async fn a_refused_agent_keeps_dialling_at_the_longest_backoff() {
 }
 
 #[tokio::test]
-async fn a_vm_hosts_assignments_go_to_its_vm_runner_newest_first() {
+async fn a_vm_hosts_assignments_go_to_its_runner_newest_first_and_its_results_come_back() {
     let mut h = start(Vec::new()).await;
     let (_hello, control) = h.connected().await;
     let set = |closure: &str| procurator_proto::v1::VmAssignments {
@@ -324,6 +329,25 @@ async fn a_vm_hosts_assignments_go_to_its_vm_runner_newest_first() {
             kind: Some(control_message::Kind::VmAssignments(set(closure))),
         };
         control.send(Ok(message)).await.unwrap();
+    }
+    // The runner's results go out on the stream, named by instance.
+    h.vm_results
+        .send(procurator_proto::v1::ActivationResult {
+            instance: "web-0".into(),
+            deployment_id: "d-7".into(),
+            state: MachineState::Succeeded.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    loop {
+        if let agent_message::Kind::Result(r) = h.message().await {
+            assert_eq!(
+                (r.instance.as_str(), r.deployment_id.as_str()),
+                ("web-0", "d-7")
+            );
+            break;
+        }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -35,6 +35,9 @@ pub struct Assignment {
     pub instance: MachineName,
     pub closure: StorePath,
     pub demand: Demand,
+    /// The deployment the closure comes from, for the result; empty when
+    /// the host only keeps what runs.
+    pub deployment_id: String,
 }
 
 /// What reconciling did to one instance.
@@ -148,6 +151,7 @@ impl<V: Vmm> VmHost<V> {
                 milli_cpus: running.milli_cpus,
                 memory_bytes: running.memory_bytes,
             },
+            deployment_id: String::new(),
         }))
     }
 

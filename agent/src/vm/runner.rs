@@ -9,7 +9,7 @@ use procurator_core::MachineName;
 use procurator_core::artifact::Demand;
 use procurator_core::nix::Nix;
 use procurator_core::store_path::StorePath;
-use procurator_proto::v1::VmAssignments;
+use procurator_proto::v1::{ActivationResult, MachineState, VmAssignments};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +22,10 @@ pub struct Runner<V> {
     /// Tried in order for a closure the store lacks.
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
-    /// Each reconcile's outcomes, for whoever reports them.
+    /// The results for the control plane: one per instance whose
+    /// deployment's closure was applied or failed.
+    pub results: Option<mpsc::Sender<ActivationResult>>,
+    /// Each reconcile's outcomes, removals included.
     pub outcomes: Option<mpsc::Sender<BTreeMap<MachineName, Outcome>>>,
 }
 
@@ -41,24 +44,37 @@ impl<V: Vmm> Runner<V> {
             let Some(set) = sets.borrow_and_update().clone() else {
                 continue;
             };
-            let wanted = self.prepare(&set).await;
+            let (wanted, uncopied) = self.prepare(&set).await;
+            let mut results = uncopied;
             match self.host.reconcile(&wanted).await {
                 Ok(outcomes) => {
                     log(&outcomes);
+                    results.extend(
+                        wanted
+                            .iter()
+                            .filter_map(|a| result(a, outcomes.get(&a.instance)?)),
+                    );
                     if let Some(tx) = &self.outcomes {
                         let _ = tx.send(outcomes).await;
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot reconcile the VMs"),
             }
+            if let Some(tx) = &self.results {
+                for r in results {
+                    let _ = tx.send(r).await;
+                }
+            }
         }
     }
 
     /// The set as assignments whose closures are in the store. An instance
     /// whose new closure cannot be had keeps what it runs (or is left out
-    /// if nothing runs), so a cache outage never stops a running VM.
-    async fn prepare(&self, set: &VmAssignments) -> Vec<Assignment> {
+    /// if nothing runs), so a cache outage never stops a running VM; its
+    /// failed copy is a result of its own.
+    async fn prepare(&self, set: &VmAssignments) -> (Vec<Assignment>, Vec<ActivationResult>) {
         let mut wanted = Vec::new();
+        let mut failed = Vec::new();
         for vm in &set.vms {
             let (Ok(instance), Ok(closure)) = (
                 MachineName::parse(&vm.instance),
@@ -74,18 +90,29 @@ impl<V: Vmm> Runner<V> {
                     milli_cpus: vm.milli_cpus,
                     memory_bytes: vm.memory_bytes,
                 },
+                deployment_id: vm.deployment_id.clone(),
             };
             match self.fetch(&assignment.closure).await {
                 Ok(()) => wanted.push(assignment),
                 Err(reason) => {
                     tracing::warn!(instance = %assignment.instance, closure = %assignment.closure, %reason, "cannot copy the VM's closure; it keeps what it runs");
+                    if !assignment.deployment_id.is_empty() {
+                        failed.push(ActivationResult {
+                            instance: assignment.instance.to_string(),
+                            deployment_id: assignment.deployment_id.clone(),
+                            state: MachineState::Failed.into(),
+                            failed_phase: MachineState::Copying.into(),
+                            reason: format!("cannot copy {}: {reason}", assignment.closure),
+                            ..Default::default()
+                        });
+                    }
                     if let Ok(Some(current)) = self.host.current(&assignment.instance).await {
                         wanted.push(current);
                     }
                 }
             }
         }
-        wanted
+        (wanted, failed)
     }
 
     /// Copy `closure` in unless the store has it.
@@ -109,6 +136,51 @@ impl<V: Vmm> Runner<V> {
         }
         Err(errors.join("; "))
     }
+}
+
+/// The control plane's view of one instance's outcome: a row it sent
+/// succeeded, was already running, or failed (rolled back or not).
+fn result(assignment: &Assignment, outcome: &Outcome) -> Option<ActivationResult> {
+    if assignment.deployment_id.is_empty() {
+        return None;
+    }
+    let closure = assignment.closure.to_string();
+    let (state, failed_phase, reason, current_system) = match outcome {
+        Outcome::Started | Outcome::Restarted => (
+            MachineState::Succeeded,
+            MachineState::Unspecified,
+            String::new(),
+            closure,
+        ),
+        Outcome::Unchanged => (
+            MachineState::Skipped,
+            MachineState::Unspecified,
+            String::new(),
+            closure,
+        ),
+        Outcome::RolledBack { reason } => (
+            MachineState::RolledBack,
+            MachineState::Activating,
+            reason.clone(),
+            String::new(),
+        ),
+        Outcome::Failed { reason } => (
+            MachineState::Failed,
+            MachineState::Activating,
+            reason.clone(),
+            String::new(),
+        ),
+        Outcome::Removed => return None,
+    };
+    Some(ActivationResult {
+        instance: assignment.instance.to_string(),
+        deployment_id: assignment.deployment_id.clone(),
+        state: state.into(),
+        failed_phase: failed_phase.into(),
+        reason,
+        current_system,
+        ..Default::default()
+    })
 }
 
 fn log(outcomes: &BTreeMap<MachineName, Outcome>) {

@@ -71,6 +71,7 @@ impl Fixture {
                 milli_cpus: 1000,
                 memory_bytes: 256 << 20,
             },
+            deployment_id: String::new(),
         }
     }
 

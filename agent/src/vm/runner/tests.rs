@@ -2,16 +2,17 @@
 
 use std::time::Duration;
 
-use procurator_proto::v1::VmAssignment;
+use procurator_proto::v1::{MachineState, VmAssignment};
 
 use super::*;
 use crate::vm::host::tests::Fixture;
 
-fn vm(instance: &str, closure: &StorePath) -> VmAssignment {
+fn vm(instance: &str, closure: &StorePath, deployment: &str) -> VmAssignment {
     VmAssignment {
         instance: instance.into(),
         machine: instance.into(),
         closure: closure.to_string(),
+        deployment_id: deployment.into(),
         milli_cpus: 1000,
         memory_bytes: 256 << 20,
         ..Default::default()
@@ -35,11 +36,13 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
     let _guard = f.guard("web-0");
     let a = f.closure("a", true);
     let (reports, mut outcomes) = mpsc::channel(4);
+    let (results_tx, mut results) = mpsc::channel(8);
     let runner = Runner {
         host: Fixture::host(f.dir.path()),
         nix: Nix::new(),
         substituters: Vec::new(),
         trusted_public_keys: Vec::new(),
+        results: Some(results_tx),
         outcomes: Some(reports),
     };
     let (sets, rx) = watch::channel(None);
@@ -47,10 +50,16 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
     let running = tokio::spawn(runner.run(rx, cancel.clone()));
 
     sets.send_replace(Some(VmAssignments {
-        vms: vec![vm("web-0", &a)],
+        vms: vec![vm("web-0", &a, "d-1")],
     }));
     assert_eq!(next(&mut outcomes).await, Outcome::Started);
     let pid = f.pid("web-0").await.expect("web-0 runs");
+    let r = results.recv().await.unwrap();
+    assert_eq!(
+        (r.instance.as_str(), r.deployment_id.as_str(), r.state()),
+        ("web-0", "d-1", MachineState::Succeeded)
+    );
+    assert_eq!(r.current_system, a.to_string());
 
     // Not in the store and no substituter: web-0 keeps running a.
     let missing = StorePath::parse(&format!(
@@ -59,10 +68,18 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
     ))
     .unwrap();
     sets.send_replace(Some(VmAssignments {
-        vms: vec![vm("web-0", &missing)],
+        vms: vec![vm("web-0", &missing, "d-2")],
     }));
     assert_eq!(next(&mut outcomes).await, Outcome::Unchanged);
     assert_eq!(f.pid("web-0").await, Some(pid));
+    // The new deployment failed at copying; what keeps running is not news.
+    let r = results.recv().await.unwrap();
+    assert_eq!(
+        (r.deployment_id.as_str(), r.state(), r.failed_phase()),
+        ("d-2", MachineState::Failed, MachineState::Copying)
+    );
+    assert!(r.reason.contains("no --substituter"), "{}", r.reason);
+    assert!(results.try_recv().is_err(), "one result only");
 
     // The empty set removes it.
     sets.send_replace(Some(VmAssignments { vms: Vec::new() }));
