@@ -10,8 +10,8 @@ use procurator_core::nix::Nix;
 use procurator_core::tls::{EndpointCache, TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
 use procurator_proto::v1::{
-    ActivationResult, AgentMessage, ControlMessage, Heartbeat, Hello, VmAssignments,
-    VmHostCapacity, Welcome, agent_message, control_message,
+    AgentMessage, ControlMessage, Heartbeat, Hello, VmAssignments, VmHostCapacity, Welcome,
+    agent_message, control_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -91,8 +91,8 @@ pub struct Dialer {
     pub vm_host: Option<VmHostCapacity>,
     /// Where a VM host's assignments go (the VM runner); `None` on a plain machine.
     pub vm_assignments: Option<watch::Sender<Option<VmAssignments>>>,
-    /// The VM runner's results, sent on whichever stream is up.
-    pub vm_results: Option<Arc<tokio::sync::Mutex<mpsc::Receiver<ActivationResult>>>>,
+    /// The VM runner's reports, sent on whichever stream is up.
+    pub vm_results: Option<Arc<tokio::sync::Mutex<mpsc::Receiver<agent_message::Kind>>>>,
 }
 
 impl Dialer {
@@ -262,9 +262,9 @@ impl Dialer {
                     Ok(None) => return SessionError::Closed,
                     Err(status) => return SessionError::Status(status),
                 },
-                Some(result) = next_vm_result(self.vm_results.as_ref()) => {
-                    tracing::info!(instance = %result.instance, deployment = %result.deployment_id, state = ?result.state(), "VM result sent");
-                    if tx.send(message(agent_message::Kind::Result(result))).await.is_err() {
+                Some(report) = next_vm_result(self.vm_results.as_ref()) => {
+                    tracing::debug!(?report, "VM report sent");
+                    if tx.send(message(report)).await.is_err() {
                         return SessionError::Closed;
                     }
                 }
@@ -294,10 +294,10 @@ impl Dialer {
     }
 }
 
-/// The next VM result, or never on a plain machine.
+/// The next VM report, or never on a plain machine.
 async fn next_vm_result(
-    results: Option<&Arc<tokio::sync::Mutex<mpsc::Receiver<ActivationResult>>>>,
-) -> Option<ActivationResult> {
+    results: Option<&Arc<tokio::sync::Mutex<mpsc::Receiver<agent_message::Kind>>>>,
+) -> Option<agent_message::Kind> {
     match results {
         Some(results) => results.lock().await.recv().await,
         None => std::future::pending().await,

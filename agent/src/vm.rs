@@ -100,20 +100,16 @@ pub async fn wait_ready(spec: &VmSpec, timeout: std::time::Duration) -> Result<(
         let log = tokio::fs::read_to_string(spec.serial_log())
             .await
             .unwrap_or_default();
-        if let Some(reported) = log
-            .lines()
-            .filter_map(|line| line.trim_end().strip_prefix(READY_PREFIX))
-            .next_back()
-        {
-            return if reported == spec.closure.as_str() {
-                Ok(())
-            } else {
-                Err(VmError::WrongClosure {
+        match readiness(&log, spec.closure.as_str()) {
+            Readiness::Ready => return Ok(()),
+            Readiness::Other(reported) => {
+                return Err(VmError::WrongClosure {
                     name: spec.name.to_string(),
-                    reported: reported.to_owned(),
+                    reported,
                     expected: spec.closure.to_string(),
-                })
-            };
+                });
+            }
+            Readiness::NotYet => {}
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(VmError::Timeout {
@@ -125,6 +121,41 @@ pub async fn wait_ready(spec: &VmSpec, timeout: std::time::Duration) -> Result<(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Readiness {
+    Ready,
+    /// A clean readiness line naming another closure.
+    Other(String),
+    NotYet,
+}
+
+/// What a console log says. The kernel writes to the same console, so a
+/// readiness line may be cut into by its messages: a line naming the
+/// expected closure counts wherever it stands; one naming another closure
+/// counts only when nothing else is on the line (a cut one could be a
+/// truncated path). Guests repeat the line, so a cut one is followed by a
+/// clean one.
+fn readiness(log: &str, expected: &str) -> Readiness {
+    let mut other = None;
+    for line in log.lines() {
+        let Some(at) = line.find(READY_PREFIX) else {
+            continue;
+        };
+        let rest = &line[at + READY_PREFIX.len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "/+-._?=".contains(c)))
+            .unwrap_or(rest.len());
+        let (path, after) = rest.split_at(end);
+        if path == expected {
+            return Readiness::Ready;
+        }
+        if after.trim().is_empty() && at == 0 {
+            other = Some(path.to_owned());
+        }
+    }
+    other.map_or(Readiness::NotYet, Readiness::Other)
 }
 
 /// A VM's network card, attached to a tap device on the host.
@@ -359,6 +390,27 @@ mod tests {
         let ready = format!("boot noise\n{READY_PREFIX}{}\r\n", s.closure);
         std::fs::write(s.serial_log(), ready).unwrap();
         wait_ready(&s, short).await.unwrap();
+    }
+
+    #[test]
+    fn a_readiness_line_cut_into_by_the_kernel_still_counts_when_it_names_the_closure() {
+        let expected = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-b";
+        let cut = format!("{READY_PREFIX}{expected}[    2.392159] tsc: Refined TSC clocksource\n");
+        assert_eq!(readiness(&cut, expected), Readiness::Ready);
+        let inside = format!("[    1.0] random: crng init done{READY_PREFIX}{expected}\n");
+        assert_eq!(readiness(&inside, expected), Readiness::Ready);
+        // A path cut short is no verdict; a clean line naming another is.
+        let truncated = format!(
+            "{READY_PREFIX}/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-sys[ 2.1] x\n"
+        );
+        assert_eq!(readiness(&truncated, expected), Readiness::NotYet);
+        let other = "/nix/store/1123456789abcdfghijklmnpqrsvwxyz-nixos-system-a";
+        let clean = format!("{READY_PREFIX}{other}\r\n");
+        assert_eq!(
+            readiness(&clean, expected),
+            Readiness::Other(other.to_owned())
+        );
+        assert_eq!(readiness("booting\n", expected), Readiness::NotYet);
     }
 
     #[test]

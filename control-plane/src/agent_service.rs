@@ -364,6 +364,33 @@ impl AgentStream {
                 dispatch_to(&self.store, &self.conn, &self.machine).await?;
                 self.dispatcher.kick().await?;
             }
+            Some(agent_message::Kind::VmInPlace(in_place)) => {
+                let Some(id) = self.deployment_id(&in_place.deployment_id) else {
+                    return Ok(());
+                };
+                let Ok(instance) = MachineName::parse(&in_place.instance) else {
+                    tracing::warn!(instance = %in_place.instance, "an in-place answer for a malformed instance name; ignored");
+                    return Ok(());
+                };
+                if !self
+                    .store
+                    .hosts_of(vec![instance.clone()])
+                    .await?
+                    .contains(&machine)
+                {
+                    tracing::warn!(%instance, "an in-place answer for a VM instance not placed on this host; ignored");
+                    return Ok(());
+                }
+                if self
+                    .store
+                    .note_in_place(instance.clone(), id.clone(), machine)
+                    .await?
+                    && let Some(conn) = self.connections.get(&instance)
+                {
+                    tracing::info!(deployment = %id, %instance, "in place: sending the guest's agent its desired state");
+                    dispatch_to(&self.store, &conn, &instance).await?;
+                }
+            }
             Some(agent_message::Kind::Heartbeat(beat)) => {
                 self.store
                     .agent_heartbeat(machine, beat.current_system)

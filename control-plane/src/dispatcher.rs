@@ -97,46 +97,48 @@ impl Dispatcher {
     }
 
     /// Send each scheduled machine its desired state, in a task per machine
-    /// so that a slow agent delays no other. A VM instance without an agent
-    /// of its own gets it through its VM host, as the host's new set.
+    /// so that a slow agent delays no other. A VM instance placed on a
+    /// connected host goes through the host, which restarts it or leaves
+    /// the change to the guest's own agent (`VmInPlace`).
     fn send_many(&self, scheduled: Vec<Scheduled>) {
-        let mut through_hosts = Vec::new();
-        for Scheduled {
-            machine,
-            outbound,
-            order,
-        } in scheduled
-        {
-            let Some(conn) = self.connections.get(&machine) else {
-                through_hosts.push(machine);
-                continue;
-            };
-            self.tasks.spawn(async move {
-                send_unless_overtaken(&conn, &machine, outbound, order).await;
-            });
-        }
-        if through_hosts.is_empty() {
+        if scheduled.is_empty() {
             return;
         }
-        let (store, connections, tasks) = (
-            self.store.clone(),
-            self.connections.clone(),
-            self.tasks.clone(),
-        );
+        let dispatcher = self.clone();
         self.tasks.spawn(async move {
-            let hosts = match store.hosts_of(through_hosts).await {
-                Ok(hosts) => hosts,
+            let placed = match dispatcher.store.placed_hosts().await {
+                Ok(placed) => placed,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot tell which VM hosts to send to; they get it when they reconnect");
-                    return;
+                    tracing::warn!(error = %e, "cannot read the VM placements; sending to the machines' own agents");
+                    Default::default()
                 }
             };
-            for host in hosts {
-                let Some(conn) = connections.get(&host) else {
+            let mut hosts = std::collections::BTreeSet::new();
+            for Scheduled {
+                machine,
+                outbound,
+                order,
+            } in scheduled
+            {
+                if let Some(host) = placed.get(&machine)
+                    && dispatcher.connections.get(host).is_some()
+                {
+                    hosts.insert(host.clone());
+                    continue;
+                }
+                let Some(conn) = dispatcher.connections.get(&machine) else {
                     continue;
                 };
-                let store = store.clone();
-                tasks.spawn(async move {
+                dispatcher.tasks.spawn(async move {
+                    send_unless_overtaken(&conn, &machine, outbound, order).await;
+                });
+            }
+            for host in hosts {
+                let Some(conn) = dispatcher.connections.get(&host) else {
+                    continue;
+                };
+                let store = dispatcher.store.clone();
+                dispatcher.tasks.spawn(async move {
                     if let Err(e) = dispatch_vms(&store, &conn, &host).await {
                         tracing::warn!(host = %host, error = %e, "could not send VM assignments");
                     }

@@ -119,7 +119,7 @@ struct Harness {
     /// What the dialer hands the VM runner.
     vm_sets: watch::Receiver<Option<procurator_proto::v1::VmAssignments>>,
     /// Where the VM runner's results enter the dialer.
-    vm_results: mpsc::Sender<procurator_proto::v1::ActivationResult>,
+    vm_results: mpsc::Sender<agent_message::Kind>,
     cancel: CancellationToken,
     dialer: tokio::task::JoinHandle<()>,
 }
@@ -332,12 +332,14 @@ async fn a_vm_hosts_assignments_go_to_its_runner_newest_first_and_its_results_co
     }
     // The runner's results go out on the stream, named by instance.
     h.vm_results
-        .send(procurator_proto::v1::ActivationResult {
-            instance: "web-0".into(),
-            deployment_id: "d-7".into(),
-            state: MachineState::Succeeded.into(),
-            ..Default::default()
-        })
+        .send(agent_message::Kind::Result(
+            procurator_proto::v1::ActivationResult {
+                instance: "web-0".into(),
+                deployment_id: "d-7".into(),
+                state: MachineState::Succeeded.into(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
     loop {

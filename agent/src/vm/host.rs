@@ -38,6 +38,9 @@ pub struct Assignment {
     /// The deployment the closure comes from, for the result; empty when
     /// the host only keeps what runs.
     pub deployment_id: String,
+    /// The instance's own agent is connected: a change it can switch to in
+    /// place (same kernel, initrd, command line and size) needs no restart.
+    pub guest_agent_connected: bool,
 }
 
 /// What reconciling did to one instance.
@@ -45,6 +48,9 @@ pub struct Assignment {
 pub enum Outcome {
     /// It already ran its closure: left alone.
     Unchanged,
+    /// Its own agent switches it to the new closure; the VM keeps running
+    /// what it booted.
+    InPlace,
     /// It was not running: booted, and it reported ready.
     Started,
     /// Its closure changed: restarted with the new one, which reported ready.
@@ -152,6 +158,7 @@ impl<V: Vmm> VmHost<V> {
                 memory_bytes: running.memory_bytes,
             },
             deployment_id: String::new(),
+            guest_agent_connected: false,
         }))
     }
 
@@ -173,6 +180,13 @@ impl<V: Vmm> VmHost<V> {
         };
         if running && before.as_ref() == Some(&target) {
             return Ok(Outcome::Unchanged);
+        }
+        if running
+            && wanted.guest_agent_connected
+            && let Some(before) = &before
+            && !self.restart_needed(&wanted.instance, before, &target)
+        {
+            return Ok(Outcome::InPlace);
         }
         if running {
             self.vmm.stop(&state_dir, self.shutdown_grace).await?;
@@ -205,6 +219,25 @@ impl<V: Vmm> VmHost<V> {
                 self.save(journal).await?;
                 Ok(Outcome::Failed { reason })
             }
+        }
+    }
+
+    /// Whether going from `before` to `after` needs the VM restarted: a new
+    /// kernel, initrd, command line or size. When a closure's files cannot
+    /// be read, a restart is the safe answer.
+    fn restart_needed(&self, instance: &MachineName, before: &Running, after: &Running) -> bool {
+        let spec = |r: &Running| {
+            let closure = StorePath::parse(&r.closure).ok()?;
+            let demand = Demand {
+                milli_cpus: r.milli_cpus,
+                memory_bytes: r.memory_bytes,
+            };
+            let root = self.closure_root(&closure);
+            VmSpec::new(instance.clone(), closure, &root, demand, &self.state_root).ok()
+        };
+        match (spec(before), spec(after)) {
+            (Some(old), Some(new)) => old.needs_restart_for(&new),
+            _ => true,
         }
     }
 

@@ -383,7 +383,8 @@ pub(crate) mod tests {
     }
 
     /// A guest's initrd: busybox and an `/init` that prints the readiness
-    /// line with the closure named on the kernel command line, then idles.
+    /// line with the closure named on the kernel command line every 2 s
+    /// (the kernel's messages may cut into one).
     pub(crate) fn guest_initrd(dir: &Path) -> PathBuf {
         let root = dir.join("initrd-root");
         std::fs::create_dir_all(root.join("bin")).unwrap();
@@ -396,8 +397,7 @@ pub(crate) mod tests {
              for word in $(/bin/busybox cat /proc/cmdline); do\n\
                case \"$word\" in procurator.closure=*) closure=\"${{word#procurator.closure=}}\";; esac\n\
              done\n\
-             echo \"{READY}$closure\"\n\
-             exec /bin/busybox sleep 3600\n",
+             while true; do echo \"{READY}$closure\"; /bin/busybox sleep 2; done\n",
             READY = crate::vm::READY_PREFIX
         );
         std::fs::write(root.join("init"), init).unwrap();

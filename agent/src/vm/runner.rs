@@ -9,7 +9,9 @@ use procurator_core::MachineName;
 use procurator_core::artifact::Demand;
 use procurator_core::nix::Nix;
 use procurator_core::store_path::StorePath;
-use procurator_proto::v1::{ActivationResult, MachineState, VmAssignments};
+use procurator_proto::v1::{
+    ActivationResult, MachineState, VmAssignments, VmInPlace, agent_message,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -22,9 +24,10 @@ pub struct Runner<V> {
     /// Tried in order for a closure the store lacks.
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
-    /// The results for the control plane: one per instance whose
-    /// deployment's closure was applied or failed.
-    pub results: Option<mpsc::Sender<ActivationResult>>,
+    /// What the control plane hears: a result per instance whose
+    /// deployment's closure was applied or failed, or that its guest's
+    /// agent switches it in place.
+    pub results: Option<mpsc::Sender<agent_message::Kind>>,
     /// Each reconcile's outcomes, removals included.
     pub outcomes: Option<mpsc::Sender<BTreeMap<MachineName, Outcome>>>,
 }
@@ -45,14 +48,17 @@ impl<V: Vmm> Runner<V> {
                 continue;
             };
             let (wanted, uncopied) = self.prepare(&set).await;
-            let mut results = uncopied;
+            let mut results: Vec<agent_message::Kind> = uncopied
+                .into_iter()
+                .map(agent_message::Kind::Result)
+                .collect();
             match self.host.reconcile(&wanted).await {
                 Ok(outcomes) => {
                     log(&outcomes);
                     results.extend(
                         wanted
                             .iter()
-                            .filter_map(|a| result(a, outcomes.get(&a.instance)?)),
+                            .filter_map(|a| report(a, outcomes.get(&a.instance)?)),
                     );
                     if let Some(tx) = &self.outcomes {
                         let _ = tx.send(outcomes).await;
@@ -91,6 +97,7 @@ impl<V: Vmm> Runner<V> {
                     memory_bytes: vm.memory_bytes,
                 },
                 deployment_id: vm.deployment_id.clone(),
+                guest_agent_connected: vm.guest_agent_connected,
             };
             match self.fetch(&assignment.closure).await {
                 Ok(()) => wanted.push(assignment),
@@ -139,10 +146,17 @@ impl<V: Vmm> Runner<V> {
 }
 
 /// The control plane's view of one instance's outcome: a row it sent
-/// succeeded, was already running, or failed (rolled back or not).
-fn result(assignment: &Assignment, outcome: &Outcome) -> Option<ActivationResult> {
+/// succeeded, was already running, failed (rolled back or not), or is left
+/// to the guest's agent.
+fn report(assignment: &Assignment, outcome: &Outcome) -> Option<agent_message::Kind> {
     if assignment.deployment_id.is_empty() {
         return None;
+    }
+    if *outcome == Outcome::InPlace {
+        return Some(agent_message::Kind::VmInPlace(VmInPlace {
+            instance: assignment.instance.to_string(),
+            deployment_id: assignment.deployment_id.clone(),
+        }));
     }
     let closure = assignment.closure.to_string();
     let (state, failed_phase, reason, current_system) = match outcome {
@@ -170,9 +184,9 @@ fn result(assignment: &Assignment, outcome: &Outcome) -> Option<ActivationResult
             reason.clone(),
             String::new(),
         ),
-        Outcome::Removed => return None,
+        Outcome::Removed | Outcome::InPlace => return None,
     };
-    Some(ActivationResult {
+    Some(agent_message::Kind::Result(ActivationResult {
         instance: assignment.instance.to_string(),
         deployment_id: assignment.deployment_id.clone(),
         state: state.into(),
@@ -180,13 +194,16 @@ fn result(assignment: &Assignment, outcome: &Outcome) -> Option<ActivationResult
         reason,
         current_system,
         ..Default::default()
-    })
+    }))
 }
 
 fn log(outcomes: &BTreeMap<MachineName, Outcome>) {
     for (instance, outcome) in outcomes {
         match outcome {
             Outcome::Unchanged => tracing::debug!(%instance, "VM unchanged"),
+            Outcome::InPlace => {
+                tracing::info!(%instance, "VM left running: its own agent switches it in place")
+            }
             Outcome::Started | Outcome::Restarted | Outcome::Removed => {
                 tracing::info!(%instance, ?outcome, "VM reconciled")
             }

@@ -151,6 +151,56 @@ impl Store {
         .await
     }
 
+    /// Every placed instance's host.
+    pub async fn placed_hosts(&self) -> Result<BTreeMap<MachineName, MachineName>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT instance, host FROM placements")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(i, h)| {
+                    let parse = |n: &str| {
+                        MachineName::parse(n).map_err(|e| StoreError::Corrupt(e.to_string()))
+                    };
+                    Ok((parse(&i)?, parse(&h)?))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// A VM host decided `instance` needs no restart for `deployment_id`:
+    /// its row says so (it stays SENT; the guest's agent reports from here).
+    pub async fn note_in_place(
+        &self,
+        instance: MachineName,
+        deployment_id: DeploymentId,
+        host: MachineName,
+    ) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            let Some((closure, state)) = super::deployments::row(tx, &deployment_id, &instance)?
+            else {
+                return Ok(false);
+            };
+            if state != procurator_proto::v1::MachineState::Sent {
+                return Ok(false);
+            }
+            let update = procurator_proto::v1::MachineUpdate {
+                machine: instance.to_string(),
+                state: state as i32,
+                closure,
+                message: format!(
+                    "in place: the same kernel, initrd and command line, so {host} keeps the VM running and its own agent switches it"
+                ),
+                ..Default::default()
+            };
+            tx.emit(deployment_id.as_str(), event::Kind::Machine(update))?;
+            Ok(true)
+        })
+        .await
+    }
+
     /// The connected agents that host VMs.
     pub async fn connected_vm_hosts(&self) -> Result<Vec<MachineName>, StoreError> {
         self.read(|conn| {

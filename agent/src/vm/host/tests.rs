@@ -44,6 +44,11 @@ impl Fixture {
     /// A system closure under the test's store root; `bootable: false`
     /// leaves /init out of its initrd, so the kernel panics and QEMU exits.
     pub(crate) fn closure(&self, name: &str, bootable: bool) -> StorePath {
+        self.closure_with(name, bootable, "panic=-1")
+    }
+
+    /// [`Fixture::closure`] with its own kernel parameters.
+    pub(crate) fn closure_with(&self, name: &str, bootable: bool, params: &str) -> StorePath {
         let path = format!("/nix/store/{}-nixos-system-{name}", "a".repeat(32));
         let closure = StorePath::parse(&path).unwrap();
         let root = self
@@ -54,12 +59,13 @@ impl Fixture {
         std::fs::create_dir_all(&root).unwrap();
         std::os::unix::fs::symlink(KERNEL, root.join("kernel")).unwrap();
         if bootable {
-            std::fs::copy(&self.initrd, root.join("initrd")).unwrap();
+            // Shared, as closures of one kernel and initrd share them.
+            std::os::unix::fs::symlink(&self.initrd, root.join("initrd")).unwrap();
         } else {
             std::fs::write(root.join("initrd"), b"").unwrap();
         }
         std::fs::write(root.join("init"), b"").unwrap();
-        std::fs::write(root.join("kernel-params"), b"panic=-1").unwrap();
+        std::fs::write(root.join("kernel-params"), params).unwrap();
         closure
     }
 
@@ -72,6 +78,7 @@ impl Fixture {
                 memory_bytes: 256 << 20,
             },
             deployment_id: String::new(),
+            guest_agent_connected: false,
         }
     }
 
@@ -172,4 +179,40 @@ async fn a_vm_that_never_came_up_is_reported_failed_and_nothing_runs() {
     // Nothing in the journal: the next reconcile tries again.
     let journal = std::fs::read_to_string(f.dir.path().join("vms/vms.json")).unwrap();
     assert!(!journal.contains("\"db\""), "{journal}");
+}
+
+#[tokio::test]
+async fn a_guest_with_its_own_agent_is_switched_in_place_unless_its_kernel_line_changes() {
+    let f = Fixture::new();
+    let _guard = f.guard("app");
+    let a = f.closure("a", true);
+    let b = f.closure("b", true);
+    let new_params = f.closure_with("c", true, "panic=-1 quiet");
+    let with_agent = |closure: &StorePath| Assignment {
+        guest_agent_connected: true,
+        ..f.assign("app", closure)
+    };
+
+    let done = f.host.reconcile(&[with_agent(&a)]).await.unwrap();
+    assert_eq!(outcome(&done, "app"), Outcome::Started);
+    let pid = f.pid("app").await.unwrap();
+
+    // Same kernel, initrd and command line: the guest's agent does it.
+    let done = f.host.reconcile(&[with_agent(&b)]).await.unwrap();
+    assert_eq!(outcome(&done, "app"), Outcome::InPlace);
+    assert_eq!(f.pid("app").await, Some(pid));
+
+    // Without its agent the same change is a restart.
+    let done = f.host.reconcile(&[f.assign("app", &b)]).await.unwrap();
+    assert_eq!(outcome(&done, "app"), Outcome::Restarted);
+    let pid = f.pid("app").await.unwrap();
+
+    // A new kernel command line needs a restart, agent or not.
+    let done = f.host.reconcile(&[with_agent(&new_params)]).await.unwrap();
+    assert_eq!(outcome(&done, "app"), Outcome::Restarted);
+    assert_ne!(f.pid("app").await, Some(pid));
+    assert!(
+        f.console("app")
+            .contains(&format!("procurator-ready {new_params}"))
+    );
 }

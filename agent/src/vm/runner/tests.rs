@@ -19,6 +19,13 @@ fn vm(instance: &str, closure: &StorePath, deployment: &str) -> VmAssignment {
     }
 }
 
+fn result(kind: agent_message::Kind) -> ActivationResult {
+    match kind {
+        agent_message::Kind::Result(r) => r,
+        other => panic!("expected a result, got {other:?}"),
+    }
+}
+
 async fn next(rx: &mut mpsc::Receiver<BTreeMap<MachineName, Outcome>>) -> Outcome {
     let outcomes = tokio::time::timeout(Duration::from_secs(180), rx.recv())
         .await
@@ -54,7 +61,7 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
     }));
     assert_eq!(next(&mut outcomes).await, Outcome::Started);
     let pid = f.pid("web-0").await.expect("web-0 runs");
-    let r = results.recv().await.unwrap();
+    let r = result(results.recv().await.unwrap());
     assert_eq!(
         (r.instance.as_str(), r.deployment_id.as_str(), r.state()),
         ("web-0", "d-1", MachineState::Succeeded)
@@ -73,7 +80,7 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
     assert_eq!(next(&mut outcomes).await, Outcome::Unchanged);
     assert_eq!(f.pid("web-0").await, Some(pid));
     // The new deployment failed at copying; what keeps running is not news.
-    let r = results.recv().await.unwrap();
+    let r = result(results.recv().await.unwrap());
     assert_eq!(
         (r.deployment_id.as_str(), r.state(), r.failed_phase()),
         ("d-2", MachineState::Failed, MachineState::Copying)
@@ -88,4 +95,52 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
 
     cancel.cancel();
     running.await.unwrap();
+}
+
+#[test]
+fn outcomes_are_reported_for_the_rows_sent_only() {
+    let closure =
+        StorePath::parse(&format!("/nix/store/{}-nixos-system-a", "c".repeat(32))).unwrap();
+    let sent = Assignment {
+        instance: MachineName::parse("app").unwrap(),
+        closure,
+        demand: Demand::default(),
+        deployment_id: "d-3".into(),
+        guest_agent_connected: true,
+    };
+    match report(&sent, &Outcome::InPlace) {
+        Some(agent_message::Kind::VmInPlace(v)) => {
+            assert_eq!(
+                (v.instance.as_str(), v.deployment_id.as_str()),
+                ("app", "d-3")
+            );
+        }
+        other => panic!("expected VmInPlace, got {other:?}"),
+    }
+    let state = |outcome| report(&sent, &outcome).map(result).map(|r| r.state());
+    assert_eq!(state(Outcome::Unchanged), Some(MachineState::Skipped));
+    assert_eq!(state(Outcome::Restarted), Some(MachineState::Succeeded));
+    let rolled = report(
+        &sent,
+        &Outcome::RolledBack {
+            reason: "no".into(),
+        },
+    )
+    .map(result)
+    .unwrap();
+    assert_eq!(
+        (
+            rolled.state(),
+            rolled.failed_phase(),
+            rolled.reason.as_str()
+        ),
+        (MachineState::RolledBack, MachineState::Activating, "no")
+    );
+    assert!(report(&sent, &Outcome::Removed).is_none());
+    // What only keeps running has no deployment to report to.
+    let kept = Assignment {
+        deployment_id: String::new(),
+        ..sent
+    };
+    assert!(report(&kept, &Outcome::Started).is_none());
 }
