@@ -79,10 +79,14 @@
         control-plane =
           withPackage "control-plane" ./nix/modules/control-plane.nix "procurator-control-plane"
             "procurator-control-plane";
+        # For systems that run as VMs of a VM host: mounts the host's store
+        # and prints the readiness line the host waits for.
+        vm-guest = ./nix/modules/vm-guest.nix;
         default = {
           imports = [
             self.nixosModules.agent
             self.nixosModules.control-plane
+            self.nixosModules.vm-guest
           ];
         };
       };

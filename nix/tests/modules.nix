@@ -54,6 +54,20 @@ let
       pkgs = agentPkgs;
     };
 
+  guest =
+    vmm:
+    stub.evalModule {
+      module = ../modules/vm-guest.nix;
+      settings.procurator.vmGuest = {
+        enable = true;
+        inherit vmm;
+        readyInterval = 7;
+      };
+      pkgs = {
+        coreutils = fakePackage "coreutils";
+      };
+    };
+
   controlPlaneSettings = {
     services.procurator-control-plane = {
       enable = true;
@@ -129,6 +143,32 @@ let
     ) (stub.optionList "" options);
 in
 optionChecks "agent.nix" (agent agentSettings).options
+++ optionChecks "vm-guest.nix" (guest "qemu").options
+++ (
+  let
+    qemuGuest = (guest "qemu").config;
+    chGuest = (guest "cloud-hypervisor").config;
+    ready = qemuGuest.systemd.services.procurator-vm-ready;
+  in
+  expect "guest store over 9p under QEMU" "9p" qemuGuest.fileSystems."/nix/.ro-store".fsType
+  ++ expect "guest store over virtiofs under cloud-hypervisor" "virtiofs"
+    chGuest.fileSystems."/nix/.ro-store".fsType
+  ++ expect "guest 9p options" true (builtins.elem "trans=virtio" qemuGuest.fileSystems."/nix/.ro-store".options)
+  ++ expect "guest store read-only" true (builtins.elem "ro" chGuest.fileSystems."/nix/.ro-store".options)
+  ++ expect "guest writable layer" "/nix/.rw-store/store" qemuGuest.fileSystems."/nix/store".overlay.upperdir
+  ++ expect "guest initrd modules (QEMU)" [ "virtio_pci" "overlay" "9p" "9pnet_virtio" ]
+    qemuGuest.boot.initrd.availableKernelModules
+  ++ expect "guest readiness on the serial console" "/dev/ttyS0" ready.serviceConfig.TTYPath
+  ++ expect "guest readiness line" true (
+    stub.lib.hasInfix ''echo "procurator-ready $(readlink -f /run/current-system)"'' ready.script
+  )
+  ++ expect "guest readiness repeats" true (stub.lib.hasInfix "sleep 7" ready.script)
+  ++ expect "guest disabled" { } (stub.evalModule {
+    module = ../modules/vm-guest.nix;
+    settings = { };
+    pkgs = { coreutils = fakePackage "coreutils"; };
+  }).config
+)
 ++ optionChecks "control-plane.nix" (controlPlane controlPlaneSettings).options
 
 # The agent.

@@ -171,12 +171,15 @@ expect_equal "flake: lib" '["healthCheck","mkCluster"]' \
     "$(eval_json "$flake_expr builtins.attrNames outputs.lib")"
 expect_equal "flake: lib.mkCluster" "$blueprint" \
     "$(eval_json "$flake_expr (import $tests/cluster.nix { procurator = outputs.lib; }).blueprintJSON")"
-expect_equal "flake: nixosModules" '["agent","control-plane","default"]' \
+expect_equal "flake: nixosModules" '["agent","control-plane","default","vm-guest"]' \
     "$(eval_json "$flake_expr builtins.attrNames outputs.nixosModules")"
 expect_equal "flake: the modules wrap nix/modules" \
     "[\"$repo/nix/modules/agent.nix\",\"$repo/nix/modules/control-plane.nix\"]" \
     "$(eval_json "$flake_expr map (name: toString (builtins.head (outputs.nixosModules.\${name} {
       lib = (import $tests/stub-nixos.nix).lib; pkgs = { }; }).imports)) [ \"agent\" \"control-plane\" ]")"
+expect_equal "flake: nixosModules.vm-guest is nix/modules/vm-guest.nix" \
+    "\"$repo/nix/modules/vm-guest.nix\"" \
+    "$(eval_json "$flake_expr toString outputs.nixosModules.vm-guest")"
 expect_equal "flake: nixpkgs is the only input" '["nixpkgs"]' \
     "$(eval_json "builtins.attrNames (import $repo/flake.nix).inputs")"
 

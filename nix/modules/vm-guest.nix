@@ -1,0 +1,110 @@
+# procurator.vmGuest: a NixOS system that runs as a Procurator VM. A VM host
+# boots the system closure directly (its kernel, initrd, init) and shares
+# its own /nix/store with the guest read-only; this module mounts it (with a
+# writable layer on top, so the guest's own agent can copy closures in for
+# in-place updates) and prints the readiness line the host waits for.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.procurator.vmGuest;
+  qemu = cfg.vmm == "qemu";
+in
+{
+  options.procurator.vmGuest = {
+    enable = lib.mkEnableOption "running this system as a VM of a Procurator VM host";
+
+    vmm = lib.mkOption {
+      type = lib.types.enum [
+        "cloud-hypervisor"
+        "qemu"
+      ];
+      default = "cloud-hypervisor";
+      description = ''
+        The VMM the host runs this VM under, as the blueprint's
+        `deployment.backend` says: the host's store arrives over virtiofs
+        (cloud-hypervisor) or 9p (QEMU).
+      '';
+    };
+
+    readyInterval = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 5;
+      description = ''
+        Seconds between readiness lines on the serial console. The line is
+        repeated because the kernel's own messages can cut into it.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    # The host's store, tagged `nix-store` by the VMM, read-only.
+    fileSystems."/nix/.ro-store" = {
+      device = "nix-store";
+      fsType = if qemu then "9p" else "virtiofs";
+      options = [
+        "ro"
+      ]
+      ++ lib.optionals qemu [
+        "trans=virtio"
+        "version=9p2000.L"
+        "msize=262144"
+        "cache=loose"
+      ];
+      neededForBoot = true;
+    };
+    # What the guest adds (closures its agent copies in) lives in memory and
+    # goes with a restart, when the host boots the closure it holds.
+    fileSystems."/nix/.rw-store" = {
+      device = "tmpfs";
+      fsType = "tmpfs";
+      options = [ "mode=0755" ];
+      neededForBoot = true;
+    };
+    # NixOS's overlay file systems (24.05 and later) create the upper and
+    # work directories themselves.
+    fileSystems."/nix/store" = {
+      overlay = {
+        lowerdir = [ "/nix/.ro-store" ];
+        upperdir = "/nix/.rw-store/store";
+        workdir = "/nix/.rw-store/work";
+      };
+      neededForBoot = true;
+    };
+    boot.initrd.availableKernelModules = [
+      "virtio_pci"
+      "overlay"
+    ]
+    ++ (
+      if qemu then
+        [
+          "9p"
+          "9pnet_virtio"
+        ]
+      else
+        [ "virtiofs" ]
+    );
+    # `procurator-ready <the closure running>`, as the host's wait_ready
+    # reads it from the serial console.
+    systemd.services.procurator-vm-ready = {
+      description = "Tell the Procurator VM host which closure runs";
+      wantedBy = [ "multi-user.target" ];
+      serviceConfig = {
+        Type = "simple";
+        StandardOutput = "tty";
+        TTYPath = "/dev/ttyS0";
+        Restart = "always";
+      };
+      path = [ pkgs.coreutils ];
+      script = ''
+        while true; do
+          echo "procurator-ready $(readlink -f /run/current-system)"
+          sleep ${toString cfg.readyInterval}
+        done
+      '';
+    };
+  };
+}
