@@ -83,6 +83,9 @@ pub struct Cli {
     /// A label of this VM host, shown with it (repeatable).
     #[arg(long = "vm-label", value_name = "LABEL", requires = "vm_host")]
     pub vm_labels: Vec<String>,
+    /// The bridge every VM's tap joins [default: none; the taps stay alone].
+    #[arg(long, value_name = "NAME", requires = "vm_host")]
+    pub vm_bridge: Option<String>,
     /// `text` or `json` logs on stderr.
     #[arg(
         long,
@@ -137,6 +140,8 @@ pub struct Config {
     pub max_backoff: Duration,
     /// What this machine offers VMs, when it is a VM host.
     pub vm_host: Option<VmHostCapacity>,
+    /// The bridge its VMs' taps join.
+    pub vm_bridge: Option<String>,
 }
 
 impl Config {
@@ -193,6 +198,7 @@ impl Config {
             keepalive,
             max_backoff: Duration::from_secs(cli.max_backoff),
             vm_host,
+            vm_bridge: cli.vm_bridge.filter(|b| !b.is_empty()),
         })
     }
 }

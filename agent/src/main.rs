@@ -174,7 +174,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (results_tx, results_rx) = tokio::sync::mpsc::channel(VM_RESULTS_CAPACITY);
             let runner = vm::runner::Runner {
                 host: vm::host::VmHost::new(
-                    vm::qemu::Qemu::new(vm::qemu::Accel::detect()),
+                    vm::qemu::Qemu {
+                        bridge: config.vm_bridge.clone(),
+                        ..vm::qemu::Qemu::new(vm::qemu::Accel::detect())
+                    },
                     config.state_dir.join("vms"),
                     "/".into(),
                 ),

@@ -138,6 +138,16 @@ in
         description = "Labels of this VM host, shown with it by `procurator-ctl status`.";
       };
 
+      bridge = lib.mkOption {
+        type = lib.types.nullOr (lib.types.strMatching "[A-Za-z0-9_.-]{1,15}");
+        default = null;
+        example = "br0";
+        description = ''
+          The bridge every VM's tap joins (`--vm-bridge`). Define the bridge
+          itself in the host's networking, e.g. `networking.bridges.br0`.
+        '';
+      };
+
       qemuPackage = lib.mkOption {
         type = lib.types.package;
         default = pkgs.qemu_kvm;
@@ -190,7 +200,11 @@ in
         config.nix.package
         pkgs.bash
       ]
-      ++ lib.optional cfg.vmHost.enable cfg.vmHost.qemuPackage
+      ++ lib.optionals cfg.vmHost.enable [
+        cfg.vmHost.qemuPackage
+        # `ip link set dev TAP master BRIDGE up`.
+        pkgs.iproute2
+      ]
       ++ cfg.extraPackages;
 
       # switch-to-configuration, run by this very service, restarts the units
@@ -237,6 +251,10 @@ in
                   "--vm-label"
                   label
                 ]) cfg.vmHost.labels
+                ++ lib.optionals (cfg.vmHost.bridge != null) [
+                  "--vm-bridge"
+                  cfg.vmHost.bridge
+                ]
               )
             ))
             # %d is the credentials directory LoadCredential= fills; it is

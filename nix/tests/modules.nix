@@ -43,6 +43,7 @@ let
   agentPkgs = {
     bash = fakePackage "bash";
     qemu_kvm = fakePackage "qemu";
+    iproute2 = fakePackage "iproute2";
   };
 
   agent =
@@ -196,15 +197,16 @@ optionChecks "agent.nix" (agent agentSettings).options
           cpus = 1.5;
           memoryMiB = 4096;
           labels = [ "rack-1" ];
+          bridge = "br0";
         };
       };
     })).config.systemd.services.procurator-agent;
   in
   expect "VM host flags" true (
-    stub.lib.hasInfix ''"--vm-host" "--vm-cpus" "1.5" "--vm-memory-mib" "4096" "--vm-label" "rack-1"'' host.serviceConfig.ExecStart
+    stub.lib.hasInfix ''"--vm-host" "--vm-cpus" "1.5" "--vm-memory-mib" "4096" "--vm-label" "rack-1" "--vm-bridge" "br0"'' host.serviceConfig.ExecStart
   )
   ++ expect "VM host keeps its VMs on restart" "process" host.serviceConfig.KillMode
-  ++ expect "VM host PATH" [ "nix" "bash" "qemu" "curl" ] (map (p: p.name) host.path)
+  ++ expect "VM host PATH" [ "nix" "bash" "qemu" "iproute2" "curl" ] (map (p: p.name) host.path)
 )
 ++ expect "agent StateDirectory" "procurator-agent" agentUnit.serviceConfig.StateDirectory
 ++ expect "agent PATH" [ "nix" "bash" "curl" ] (map (p: p.name) agentUnit.path)

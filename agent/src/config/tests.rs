@@ -162,13 +162,16 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
         "2048",
         "--vm-label",
         "rack-1",
+        "--vm-bridge",
+        "br0",
     ])
     .unwrap()
     .unwrap();
-    let offered = given.vm_host.unwrap();
+    let offered = given.vm_host.clone().unwrap();
     assert_eq!(offered.milli_cpus, 1500);
     assert_eq!(offered.memory_bytes, 2048 << 20);
     assert_eq!(offered.labels, ["rack-1"]);
+    assert_eq!(given.vm_bridge.as_deref(), Some("br0"));
 
     let defaults = load(&["--vm-host"]).unwrap().unwrap().vm_host.unwrap();
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;

@@ -65,9 +65,12 @@ pub fn pid_file(state_dir: &Path) -> PathBuf {
 pub struct Qemu {
     pub program: PathBuf,
     pub accel: Accel,
-    /// A command QEMU runs under, e.g. `unshare --net --` so that its taps
-    /// live in a network namespace of their own (the tests do).
+    /// A command QEMU (and `ip`, for the bridge) runs under, e.g. `ip
+    /// netns exec NS` so that taps live in another network namespace (the
+    /// tests do).
     pub prefix: Vec<String>,
+    /// The bridge every VM's tap joins, brought up, when set.
+    pub bridge: Option<String>,
 }
 
 impl Qemu {
@@ -76,6 +79,38 @@ impl Qemu {
             program: PathBuf::from("qemu-system-x86_64"),
             accel,
             prefix: Vec::new(),
+            bridge: None,
+        }
+    }
+
+    /// `ip link set dev TAP master BRIDGE up`: QEMU makes the tap, but
+    /// leaves it down and alone.
+    async fn join_bridge(&self, spec: &VmSpec, bridge: &str) -> Result<(), VmError> {
+        let Some(nic) = &spec.nic else {
+            return Ok(());
+        };
+        let mut args = self.prefix.iter().cloned().chain(
+            ["ip", "link", "set", "dev", &nic.tap, "master", bridge, "up"].map(str::to_owned),
+        );
+        let program = args.next().unwrap_or_default();
+        let output = tokio::process::Command::new(&program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| VmError::Spawn { program, source })?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(VmError::Api {
+                vmm: VMM,
+                request: format!("attaching {} to {bridge}", nic.tap),
+                message: format!(
+                    "ip exited with {}: {}; does the bridge {bridge} exist?",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            })
         }
     }
 
@@ -138,14 +173,21 @@ impl Vmm for Qemu {
                 ),
             });
         }
-        self.pid(&spec.state_dir).await.ok_or_else(|| VmError::Api {
-            vmm: VMM,
-            request: "start".into(),
-            message: format!(
-                "QEMU started but {} names no running QEMU of this VM",
-                pid_file(&spec.state_dir).display()
-            ),
-        })
+        let pid = self
+            .pid(&spec.state_dir)
+            .await
+            .ok_or_else(|| VmError::Api {
+                vmm: VMM,
+                request: "start".into(),
+                message: format!(
+                    "QEMU started but {} names no running QEMU of this VM",
+                    pid_file(&spec.state_dir).display()
+                ),
+            })?;
+        if let Some(bridge) = &self.bridge {
+            self.join_bridge(spec, bridge).await?;
+        }
+        Ok(pid)
     }
 
     /// Its pid file names a live process whose command line has this VM's

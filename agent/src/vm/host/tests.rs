@@ -216,3 +216,85 @@ async fn a_guest_with_its_own_agent_is_switched_in_place_unless_its_kernel_line_
             .contains(&format!("procurator-ready {new_params}"))
     );
 }
+
+/// A network namespace with a bridge, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn with_bridge() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pvm-test-{}-{n}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &ns.0, "link", "set", "br0", "up"]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_vms_tap_joins_the_hosts_bridge_and_is_up() {
+    let f = Fixture::new();
+    let ns = Netns::with_bridge();
+    let _guard = f.guard("web-0");
+    let qemu = Qemu {
+        prefix: ["ip", "netns", "exec", &ns.0].map(str::to_owned).to_vec(),
+        bridge: Some("br0".into()),
+        ..Qemu::new(Accel::detect())
+    };
+    let mut host = VmHost::new(qemu, f.dir.path().join("vms"), f.dir.path().join("root"));
+    host.shutdown_grace = Duration::from_millis(500);
+    let a = f.closure("a", true);
+    let done = host.reconcile(&[f.assign("web-0", &a)]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Started);
+
+    let tap = crate::vm::tap_name(&MachineName::parse("web-0").unwrap());
+    let shown = std::process::Command::new("ip")
+        .args(["-n", &ns.0, "-o", "link", "show", "dev", &tap])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("master br0"), "{shown}");
+    assert!(shown.contains(",UP"), "{shown}");
+
+    let done = host.reconcile(&[]).await.unwrap();
+    assert_eq!(outcome(&done, "web-0"), Outcome::Removed);
+}
+
+#[tokio::test]
+async fn a_missing_bridge_fails_the_start_and_says_so() {
+    let f = Fixture::new();
+    let _guard = f.guard("web-0");
+    let qemu = Qemu {
+        prefix: vec!["unshare".into(), "--net".into(), "--".into()],
+        bridge: Some("no-such-br".into()),
+        ..Qemu::new(Accel::detect())
+    };
+    let host = VmHost::new(qemu, f.dir.path().join("vms"), f.dir.path().join("root"));
+    let a = f.closure("a", true);
+    let done = host.reconcile(&[f.assign("web-0", &a)]).await.unwrap();
+    let Outcome::Failed { reason } = outcome(&done, "web-0") else {
+        panic!("expected a failure, got {done:?}");
+    };
+    assert!(
+        reason.contains("does the bridge no-such-br exist?"),
+        "{reason}"
+    );
+    assert_eq!(f.pid("web-0").await, None, "the half-started VM is stopped");
+}
