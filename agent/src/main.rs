@@ -186,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 trusted_public_keys: config.trusted_public_keys.clone(),
                 results: Some(results_tx),
                 outcomes: None,
+                gc_roots: true,
             };
             tokio::spawn(runner.run(rx, cancel.clone()));
             (tx, Arc::new(tokio::sync::Mutex::new(results_rx)))

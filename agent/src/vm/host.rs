@@ -162,6 +162,26 @@ impl<V: Vmm> VmHost<V> {
         }))
     }
 
+    /// Every instance that runs, with the closure it booted.
+    pub async fn running(&self) -> Result<Vec<(MachineName, StorePath)>, VmError> {
+        let journal = self.load().await?;
+        Ok(journal
+            .vms
+            .iter()
+            .filter_map(|(name, r)| {
+                Some((
+                    MachineName::parse(name).ok()?,
+                    StorePath::parse(&r.closure).ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// The folder of `instance`'s state; it goes when the VM is removed.
+    pub fn state_dir(&self, instance: &MachineName) -> PathBuf {
+        self.state_root.join(instance.as_str())
+    }
+
     /// Where `closure`'s files are on this host.
     pub fn closure_root(&self, closure: &StorePath) -> PathBuf {
         self.store_root

@@ -30,7 +30,13 @@ pub struct Runner<V> {
     pub results: Option<mpsc::Sender<agent_message::Kind>>,
     /// Each reconcile's outcomes, removals included.
     pub outcomes: Option<mpsc::Sender<BTreeMap<MachineName, Outcome>>>,
+    /// Keep what each VM booted from the store's garbage collector: an
+    /// indirect root in the VM's state folder, gone with the folder.
+    pub gc_roots: bool,
 }
+
+/// The link in a VM's state folder that roots the closure it booted.
+pub const GC_ROOT: &str = "gcroot";
 
 impl<V: Vmm> Runner<V> {
     /// Reconciles every new set until `cancel`.
@@ -65,6 +71,9 @@ impl<V: Vmm> Runner<V> {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot reconcile the VMs"),
+            }
+            if self.gc_roots {
+                self.root_running().await;
             }
             if let Some(tx) = &self.results {
                 for r in results {
@@ -120,6 +129,23 @@ impl<V: Vmm> Runner<V> {
             }
         }
         (wanted, failed)
+    }
+
+    /// Point each running VM's root at the closure it booted.
+    async fn root_running(&self) {
+        let running = match self.host.running().await {
+            Ok(running) => running,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read which VMs run; their closures are not rooted");
+                return;
+            }
+        };
+        for (instance, closure) in running {
+            let link = self.host.state_dir(&instance).join(GC_ROOT);
+            if let Err(e) = self.nix.add_root(&link, &closure).await {
+                tracing::warn!(%instance, %closure, error = %e, "cannot root the VM's closure; a garbage collection could remove it");
+            }
+        }
     }
 
     /// Copy `closure` in unless the store has it.

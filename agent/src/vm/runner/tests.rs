@@ -1,5 +1,6 @@
 //! The runner fed like the connection feeds it, with real QEMU.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use procurator_proto::v1::{MachineState, VmAssignment};
@@ -51,6 +52,8 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
         trusted_public_keys: Vec::new(),
         results: Some(results_tx),
         outcomes: Some(reports),
+        // Its closures are not in a real store.
+        gc_roots: false,
     };
     let (sets, rx) = watch::channel(None);
     let cancel = CancellationToken::new();
@@ -143,4 +146,113 @@ fn outcomes_are_reported_for_the_rows_sent_only() {
         ..sent
     };
     assert!(report(&kept, &Outcome::Started).is_none());
+}
+
+/// A chroot store of the test's own: closures are real store paths there,
+/// and collecting its garbage touches nothing else.
+struct ChrootStore {
+    root: PathBuf,
+    conf: PathBuf,
+}
+
+impl ChrootStore {
+    fn new(dir: &std::path::Path) -> Self {
+        let conf = dir.join("nix-conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("nix.conf"),
+            "experimental-features = nix-command\nbuild-users-group =\nsubstituters =\n",
+        )
+        .unwrap();
+        Self {
+            root: dir.join("store-root"),
+            conf,
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("local?root={}", self.root.display())
+    }
+
+    fn nix_store(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("nix-store")
+            .env("NIX_CONF_DIR", &self.conf)
+            .args(["--store", &self.uri()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nix-store {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn has(&self, path: &StorePath) -> bool {
+        self.root
+            .join(path.as_str().trim_start_matches('/'))
+            .exists()
+    }
+}
+
+#[tokio::test]
+async fn a_running_vms_closure_survives_garbage_collection_until_it_is_removed() {
+    let f = Fixture::new();
+    let _guard = f.guard("web-0");
+    let store = ChrootStore::new(f.dir.path());
+    // The fixture's closure folder, added to the chroot store for real.
+    let folder = f.closure("a", true);
+    let added = store.nix_store(&[
+        "--add",
+        f.dir
+            .path()
+            .join("root")
+            .join(folder.as_str().trim_start_matches('/'))
+            .to_str()
+            .unwrap(),
+    ]);
+    let closure = StorePath::parse(added.trim()).unwrap();
+
+    let host = VmHost::new(
+        crate::vm::qemu::Qemu {
+            prefix: vec!["unshare".into(), "--net".into(), "--".into()],
+            ..crate::vm::qemu::Qemu::new(crate::vm::qemu::Accel::detect())
+        },
+        f.dir.path().join("vms"),
+        store.root.clone(),
+    );
+    let (reports, mut outcomes) = mpsc::channel(4);
+    let runner = Runner {
+        host,
+        nix: Nix::new()
+            .with_env("NIX_CONF_DIR", &store.conf)
+            .with_option("store", store.uri()),
+        substituters: Vec::new(),
+        trusted_public_keys: Vec::new(),
+        results: None,
+        outcomes: Some(reports),
+        gc_roots: true,
+    };
+    let (sets, rx) = watch::channel(None);
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(runner.run(rx, cancel.clone()));
+
+    sets.send_replace(Some(VmAssignments {
+        vms: vec![vm("web-0", &closure, "d-1")],
+    }));
+    assert_eq!(next(&mut outcomes).await, Outcome::Started);
+    store.nix_store(&["--gc"]);
+    assert!(
+        store.has(&closure),
+        "the running VM's closure was collected"
+    );
+
+    sets.send_replace(Some(VmAssignments { vms: Vec::new() }));
+    assert_eq!(next(&mut outcomes).await, Outcome::Removed);
+    store.nix_store(&["--gc"]);
+    assert!(!store.has(&closure), "a removed VM's closure stays rooted");
+
+    cancel.cancel();
+    running.await.unwrap();
 }
