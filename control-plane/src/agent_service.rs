@@ -270,9 +270,16 @@ impl AgentStream {
         }
         // A machine that reconnects gets its desired state again.
         dispatch_to(&self.store, &self.conn, &self.machine).await?;
-        // A VM host learns which VMs to run.
+        // A VM host learns which VMs to run; one that has come (back) may
+        // change where the newest deployment's VMs go, and then every host
+        // learns its new set.
         if self.vm_host {
-            dispatch_vms(&self.store, &self.conn, &self.machine).await?;
+            if self.store.replace_vms().await? {
+                tracing::info!("VM placement changed with this host");
+                self.dispatcher.send_vm_assignments().await?;
+            } else {
+                dispatch_vms(&self.store, &self.conn, &self.machine).await?;
+            }
         }
         // Its pending rows may be sendable now that it is connected.
         self.dispatcher.kick().await?;

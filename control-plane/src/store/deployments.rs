@@ -209,7 +209,7 @@ pub(super) fn insert(
         .prepare_cached("UPDATE deployments SET revision = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), to_sql(revision)])?;
     supersede_older(tx, &id, &machines)?;
-    super::placements::place_vms(tx, &id, artifact)?;
+    super::placements::place_vms(tx, &id, artifact, false)?;
     Ok(Submitted {
         id,
         created: true,

@@ -22,19 +22,22 @@ pub const HOST_GONE_AFTER_MS: i64 = 10 * 60 * 1000;
 /// Place `artifact`'s VM instances and record it. Without a VM instance, or
 /// without any VM host (the VMs' own agents deploy them in place), nothing
 /// is placed and no event is written.
+/// With `only_if_changed`, a placement equal to the stored one writes
+/// nothing. True when something was written.
 pub(super) fn place_vms(
     tx: &mut Tx<'_>,
     id: &DeploymentId,
     artifact: &DeploymentArtifact,
-) -> Result<(), StoreError> {
+    only_if_changed: bool,
+) -> Result<bool, StoreError> {
     let instances = artifact.vm_instances();
     if instances.is_empty() {
-        tx.sql.execute("DELETE FROM placements", [])?;
-        return Ok(());
+        let removed = tx.sql.execute("DELETE FROM placements", [])?;
+        return Ok(removed > 0);
     }
     let hosts = known_hosts(tx)?;
     if hosts.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let previous: BTreeMap<MachineName, MachineName> = {
         let mut stmt = tx
@@ -52,6 +55,10 @@ pub(super) fn place_vms(
             .collect::<Result<_, _>>()?
     };
     let placed = placement::place(&instances, &hosts, &previous);
+    // Instances still without room were reported when they first had none.
+    if only_if_changed && placed.assigned == previous {
+        return Ok(false);
+    }
 
     tx.sql.execute("DELETE FROM placements", [])?;
     let machine_of: BTreeMap<&MachineName, (&MachineName, Demand)> = instances
@@ -96,10 +103,31 @@ pub(super) fn place_vms(
         });
     }
     tx.emit(id.as_str(), event::Kind::VmsPlaced(event))?;
-    Ok(())
+    Ok(true)
 }
 
 impl Store {
+    /// Place the newest deployment's VM instances again, as when it was
+    /// submitted: a VM host has come (back), and instances that had no room
+    /// may have some now. True when the placement changed (and a
+    /// `VmsPlaced` event says how).
+    pub async fn replace_vms(&self) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let newest: Option<String> = tx
+                .sql
+                .prepare_cached("SELECT id FROM deployments ORDER BY seq DESC LIMIT 1")?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            let Some(id) = newest else {
+                return Ok(false);
+            };
+            let id = super::deployments::parse_id(&id)?;
+            let artifact = tx.artifacts.get(&tx.sql, id.as_str())?;
+            place_vms(tx, &id, &artifact, true)
+        })
+        .await
+    }
+
     /// What `host` should run: each instance placed on it with the closure
     /// of its newest row that was sent (or succeeded). A row still waiting
     /// for its wave is not run yet; a failed one is not run at all.

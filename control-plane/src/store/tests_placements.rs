@@ -146,3 +146,30 @@ async fn what_the_hosts_cannot_hold_is_reported_unplaced() {
         "{p:?}"
     );
 }
+
+#[tokio::test]
+async fn a_host_that_comes_later_gets_the_vms_that_had_no_room() {
+    let (_dir, store) = open();
+    // Room for one of the two 1 GB replicas.
+    connect_host(&store, "host-a", 1, 2, 1).await;
+    submit(&store, COMMIT_A, &[("web", 2)]).await;
+    let first = placed(&all_events(&store).await).remove(0);
+    assert_eq!(
+        (first.placements.len(), first.unplaced.len()),
+        (1, 1),
+        "{first:?}"
+    );
+    // The same hosts again: nothing changes, nothing is written.
+    assert!(!store.replace_vms().await.unwrap());
+    assert_eq!(placed(&all_events(&store).await).len(), 1);
+
+    connect_host(&store, "host-b", 2, 2, 1).await;
+    assert!(store.replace_vms().await.unwrap());
+    let second = placed(&all_events(&store).await).remove(1);
+    assert!(second.unplaced.is_empty(), "{second:?}");
+    assert_eq!(second.placements.len(), 2);
+    // The one placed before stays where it was.
+    let kept = &first.placements[0];
+    assert_eq!(host_of(&second, &kept.instance), kept.host);
+    assert!(!store.replace_vms().await.unwrap());
+}
