@@ -1,7 +1,8 @@
 //! VM hosts: an agent started with `--vm-host` runs the VM instances the
 //! control plane places on its machine, one VMM process per VM, behind
-//! [`Vmm`]. cloud-hypervisor is the production backend; QEMU runs the same
-//! lifecycle where there is no hardware virtualisation.
+//! [`Vmm`]. QEMU runs them today (with KVM where the CPU has it, TCG
+//! elsewhere); cloud-hypervisor is meant for production, and so far only
+//! its command lines and API bodies exist.
 //!
 //! A VM boots straight from its system closure: the closure's `kernel` and
 //! `initrd`, `init=<closure>/init` and the closure's `kernel-params` on the
@@ -9,9 +10,6 @@
 //! the serial console written to a log file. Everything a VM leaves behind
 //! lives in its state folder, so removing a VM is removing that folder (and
 //! its tap).
-
-// cloud-hypervisor's lifecycle is not driven yet; only its tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
 
 pub mod cloud_hypervisor;
 pub mod host;

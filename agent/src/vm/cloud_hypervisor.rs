@@ -5,6 +5,10 @@
 //!
 //! The request bodies are checked against cloud-hypervisor's own OpenAPI
 //! document (`specs/cloud-hypervisor-openapi.yaml`) in the tests.
+//!
+//! Its process lifecycle (the `Vmm` implementation) is not written yet, so
+//! only the tests use this module for now.
+#![cfg_attr(not(test), allow(dead_code))]
 
 use std::path::{Path, PathBuf};
 

@@ -115,6 +115,7 @@ impl Qemu {
     }
 
     /// QMP `query-status`: e.g. `running`, `paused`, `shutdown`.
+    #[cfg(test)]
     pub async fn status(&self, spec: &VmSpec) -> Result<String, VmError> {
         let mut qmp = Qmp::connect(&qmp_socket(&spec.state_dir)).await?;
         let reply = qmp.execute("query-status").await?;
