@@ -58,7 +58,13 @@ impl<V: Vmm> Runner<V> {
                 .into_iter()
                 .map(agent_message::Kind::Result)
                 .collect();
-            match self.host.reconcile(&wanted).await {
+            let reconciled = self.host.reconcile(&wanted).await;
+            // Rooted before anyone hears of it: a collection right after a
+            // VM is reported running must not take its store.
+            if self.gc_roots {
+                self.root_running().await;
+            }
+            match reconciled {
                 Ok(outcomes) => {
                     log(&outcomes);
                     results.extend(
@@ -71,9 +77,6 @@ impl<V: Vmm> Runner<V> {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot reconcile the VMs"),
-            }
-            if self.gc_roots {
-                self.root_running().await;
             }
             if let Some(tx) = &self.results {
                 for r in results {

@@ -214,7 +214,7 @@ async fn a_running_vms_closure_survives_garbage_collection_until_it_is_removed()
     ]);
     let closure = StorePath::parse(added.trim()).unwrap();
 
-    let host = VmHost::new(
+    let mut host = VmHost::new(
         crate::vm::qemu::Qemu {
             prefix: vec!["unshare".into(), "--net".into(), "--".into()],
             ..crate::vm::qemu::Qemu::new(crate::vm::qemu::Accel::detect())
@@ -222,6 +222,8 @@ async fn a_running_vms_closure_survives_garbage_collection_until_it_is_removed()
         f.dir.path().join("vms"),
         store.root.clone(),
     );
+    // The test guest ignores the power button.
+    host.shutdown_grace = Duration::from_millis(500);
     let (reports, mut outcomes) = mpsc::channel(4);
     let runner = Runner {
         host,
