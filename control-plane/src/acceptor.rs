@@ -27,6 +27,29 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 pub type Incoming = ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
 
+/// The next connection on `listener`, or `None` once `stop` fires. An
+/// accept error (e.g. out of file descriptors) passes: it is logged as a
+/// failure to accept `what`, and accepting goes on after a pause.
+pub async fn accept_next(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<TcpStream> {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => return Some(stream),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept {what}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
 /// Accepts on `listener` until `stop`, yielding connections whose TLS
 /// handshake completed within [`HANDSHAKE_TIMEOUT`]. Each handshake is
 /// counted in `metrics` by its kind (full or resumed) or as failed.
@@ -39,19 +62,7 @@ pub fn incoming(
     let (ready_tx, ready_rx) = mpsc::channel(READY_QUEUE);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            };
+        while let Some(stream) = accept_next(&listener, &stop, "a connection").await {
             // Without this a small reply (a confirmation) can wait 40 ms for
             // the peer's delayed ACK.
             if let Err(e) = stream.set_nodelay(true) {

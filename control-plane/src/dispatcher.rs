@@ -83,15 +83,7 @@ impl Dispatcher {
     /// Send every connected VM host its VM assignments, each in its own task.
     pub async fn send_vm_assignments(&self) -> Result<(), StoreError> {
         for host in self.store.connected_vm_hosts().await? {
-            let Some(conn) = self.connections.get(&host) else {
-                continue;
-            };
-            let store = self.store.clone();
-            self.tasks.spawn(async move {
-                if let Err(e) = dispatch_vms(&store, &conn, &host).await {
-                    tracing::warn!(host = %host, error = %e, "could not send VM assignments; the host gets them when it reconnects");
-                }
-            });
+            self.spawn_dispatch_vms(host);
         }
         Ok(())
     }
@@ -101,48 +93,39 @@ impl Dispatcher {
     /// connected host goes through the host, which restarts it or leaves
     /// the change to the guest's own agent (`VmInPlace`).
     fn send_many(&self, scheduled: Vec<Scheduled>) {
-        if scheduled.is_empty() {
-            return;
-        }
-        let dispatcher = self.clone();
-        self.tasks.spawn(async move {
-            let placed = match dispatcher.store.placed_hosts().await {
-                Ok(placed) => placed,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the VM placements; sending to the machines' own agents");
-                    Default::default()
-                }
-            };
-            let mut hosts = std::collections::BTreeSet::new();
-            for Scheduled {
-                machine,
-                outbound,
-                order,
-            } in scheduled
-            {
-                if let Some(host) = placed.get(&machine)
-                    && dispatcher.connections.get(host).is_some()
-                {
-                    hosts.insert(host.clone());
-                    continue;
-                }
-                let Some(conn) = dispatcher.connections.get(&machine) else {
-                    continue;
-                };
-                dispatcher.tasks.spawn(async move {
-                    send_unless_overtaken(&conn, &machine, outbound, order).await;
-                });
+        let mut hosts = std::collections::BTreeSet::new();
+        for Scheduled {
+            machine,
+            outbound,
+            order,
+            host,
+        } in scheduled
+        {
+            if let Some(host) = host.filter(|h| self.connections.get(h).is_some()) {
+                hosts.insert(host);
+                continue;
             }
-            for host in hosts {
-                let Some(conn) = dispatcher.connections.get(&host) else {
-                    continue;
-                };
-                let store = dispatcher.store.clone();
-                dispatcher.tasks.spawn(async move {
-                    if let Err(e) = dispatch_vms(&store, &conn, &host).await {
-                        tracing::warn!(host = %host, error = %e, "could not send VM assignments");
-                    }
-                });
+            let Some(conn) = self.connections.get(&machine) else {
+                continue;
+            };
+            self.tasks.spawn(async move {
+                send_unless_overtaken(&conn, &machine, outbound, order).await;
+            });
+        }
+        for host in hosts {
+            self.spawn_dispatch_vms(host);
+        }
+    }
+
+    /// Send `host` its VM assignments in a task of its own, if it is connected.
+    fn spawn_dispatch_vms(&self, host: MachineName) {
+        let Some(conn) = self.connections.get(&host) else {
+            return;
+        };
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = dispatch_vms(&store, &conn, &host).await {
+                tracing::warn!(host = %host, error = %e, "could not send VM assignments; the host gets them when it reconnects");
             }
         });
     }

@@ -154,6 +154,23 @@ fn hello() -> AgentMessage {
     }))
 }
 
+/// A VM host's Hello offering `cpus` CPUs and `gib` GiB, labelled `labels`.
+fn vm_host_hello(cpus: u64, gib: u64, labels: &[&str]) -> AgentMessage {
+    agent(agent_message::Kind::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        vm_host: Some(capacity(cpus, gib, labels)),
+        ..Default::default()
+    }))
+}
+
+fn capacity(cpus: u64, gib: u64, labels: &[&str]) -> procurator_proto::v1::VmHostCapacity {
+    procurator_proto::v1::VmHostCapacity {
+        milli_cpus: cpus * 1000,
+        memory_bytes: gib << 30,
+        labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+    }
+}
+
 fn agent(kind: agent_message::Kind) -> AgentMessage {
     AgentMessage { kind: Some(kind) }
 }
@@ -420,18 +437,6 @@ async fn after_a_restart_an_agent_is_welcomed_at_its_first_dial() {
 #[tokio::test]
 async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
     let server = TestServer::start(Duration::from_secs(10)).await;
-    let capacity = procurator_proto::v1::VmHostCapacity {
-        milli_cpus: 8000,
-        memory_bytes: 32 << 30,
-        labels: vec!["rack-1".into()],
-    };
-    let host_hello = |vm_host| {
-        agent(agent_message::Kind::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            vm_host,
-            ..Default::default()
-        }))
-    };
     let list = || async {
         server
             .deployments(Role::Ci, "ci")
@@ -445,7 +450,7 @@ async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
         .dial(
             Role::Agent,
             "web-1",
-            Some(host_hello(Some(capacity.clone()))),
+            Some(vm_host_hello(8, 32, &["rack-1"])),
         )
         .await;
     let mut stream = stream.unwrap();
@@ -453,12 +458,10 @@ async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
         next(&mut stream).await,
         control_message::Kind::Welcome(_)
     ));
-    assert_eq!(list().await[0].vm_host, Some(capacity));
+    assert_eq!(list().await[0].vm_host, Some(capacity(8, 32, &["rack-1"])));
 
     // Restarted without --vm-host: no longer a VM host.
-    let (_tx2, again) = server
-        .dial(Role::Agent, "web-1", Some(host_hello(None)))
-        .await;
+    let (_tx2, again) = server.dial(Role::Agent, "web-1", Some(hello())).await;
     let mut again = again.unwrap();
     assert!(matches!(
         next(&mut again).await,
@@ -470,16 +473,7 @@ async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
 #[tokio::test]
 async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit() {
     let server = TestServer::start(Duration::from_secs(10)).await;
-    let capacity = procurator_proto::v1::VmHostCapacity {
-        milli_cpus: 4000,
-        memory_bytes: 8 << 30,
-        labels: Vec::new(),
-    };
-    let hello = agent(agent_message::Kind::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        vm_host: Some(capacity),
-        ..Default::default()
-    }));
+    let hello = vm_host_hello(4, 8, &[]);
     // web-1 stands in for the VM host here: its certificate is the one issued.
     let (report, stream) = server.dial(Role::Agent, "web-1", Some(hello)).await;
     let mut host = stream.unwrap();
@@ -537,19 +531,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
     // The host reports for its instances, and a result for an instance it
     // does not host is ignored: app-2 is moved onto a second host first.
     let (other_tx, other) = server
-        .dial(
-            Role::Agent,
-            "web-2",
-            Some(agent(agent_message::Kind::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
-                vm_host: Some(procurator_proto::v1::VmHostCapacity {
-                    milli_cpus: 4000,
-                    memory_bytes: 8 << 30,
-                    labels: Vec::new(),
-                }),
-                ..Default::default()
-            }))),
-        )
+        .dial(Role::Agent, "web-2", Some(vm_host_hello(4, 8, &[])))
         .await;
     let mut other = other.unwrap();
     assert!(matches!(
@@ -648,16 +630,9 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
 #[tokio::test]
 async fn a_vm_with_its_own_agent_goes_through_its_host_which_leaves_it_in_place() {
     let server = TestServer::start(Duration::from_secs(10)).await;
-    let host_hello = agent(agent_message::Kind::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        vm_host: Some(procurator_proto::v1::VmHostCapacity {
-            milli_cpus: 4000,
-            memory_bytes: 8 << 30,
-            labels: Vec::new(),
-        }),
-        ..Default::default()
-    }));
-    let (host_tx, host) = server.dial(Role::Agent, "web-1", Some(host_hello)).await;
+    let (host_tx, host) = server
+        .dial(Role::Agent, "web-1", Some(vm_host_hello(4, 8, &[])))
+        .await;
     let mut host = host.unwrap();
     assert!(matches!(
         next(&mut host).await,

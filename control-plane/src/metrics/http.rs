@@ -27,20 +27,9 @@ pub async fn serve(
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Running out of file descriptors passes; keep serving.
-                tracing::warn!(error = %e, "cannot accept a metrics connection");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some(stream) =
+        crate::acceptor::accept_next(&listener, &stop, "a metrics connection").await
+    {
         let (metrics, store, stop) = (metrics.clone(), store.clone(), stop.clone());
         tasks.spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -12,6 +12,7 @@ use procurator_proto::v1::{
 };
 use rusqlite::{OptionalExtension as _, params};
 
+use super::deployments::to_sql;
 use super::{Store, StoreError, Tx};
 use crate::placement::{self, Host};
 
@@ -179,25 +180,6 @@ impl Store {
         .await
     }
 
-    /// Every placed instance's host.
-    pub async fn placed_hosts(&self) -> Result<BTreeMap<MachineName, MachineName>, StoreError> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare_cached("SELECT instance, host FROM placements")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter()
-                .map(|(i, h)| {
-                    let parse = |n: &str| {
-                        MachineName::parse(n).map_err(|e| StoreError::Corrupt(e.to_string()))
-                    };
-                    Ok((parse(&i)?, parse(&h)?))
-                })
-                .collect()
-        })
-        .await
-    }
-
     /// A VM host decided `instance` needs no restart for `deployment_id`:
     /// its row says so (it stays SENT; the guest's agent reports from here).
     pub async fn note_in_place(
@@ -304,8 +286,4 @@ fn known_hosts(tx: &Tx<'_>) -> Result<Vec<Host>, StoreError> {
             })
         })
         .collect()
-}
-
-fn to_sql(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -76,6 +76,9 @@ pub struct Scheduled {
     pub machine: MachineName,
     pub outbound: Outbound,
     pub order: SendOrder,
+    /// The VM host the row is placed on, if it is a VM instance: the host
+    /// decides how it changes (restart, or in place by its own agent).
+    pub host: Option<MachineName>,
 }
 
 /// What to send a machine over its stream.
@@ -230,13 +233,16 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
     let settings = artifact.rollout();
     let waves: Vec<StoredWave> = serde_json::from_str(&waves)
         .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
+    // Each placed VM instance's host, from the same read as the rows.
+    let mut host_of: std::collections::HashMap<String, String> = Default::default();
     let rows: Vec<rollout::Row> = {
         let mut stmt = tx.sql.prepare_cached(
             // A VM instance is reachable through its own agent or, without
             // one, through the VM host it is placed on.
             "SELECT m.machine, m.wave, m.state,
                     COALESCE(a.connected, 0) OR COALESCE(h.connected, 0),
-                    MAX(COALESCE(a.last_seen_ms, 0), COALESCE(h.last_seen_ms, 0))
+                    MAX(COALESCE(a.last_seen_ms, 0), COALESCE(h.last_seen_ms, 0)),
+                    p.host
              FROM machines m
              LEFT JOIN agents a ON a.machine = m.machine
              LEFT JOIN placements p ON p.instance = m.machine
@@ -246,8 +252,12 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
         stmt.query_map([id.as_str()], |r| {
             let connected: Option<bool> = r.get(3)?;
             let last_seen: Option<i64> = r.get(4)?;
+            let machine: String = r.get(0)?;
+            if let Some(host) = r.get::<_, Option<String>>(5)? {
+                host_of.insert(machine.clone(), host);
+            }
             Ok(rollout::Row {
-                machine: r.get(0)?,
+                machine,
                 wave: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
                 state: machine_state(r.get(2)?),
                 disconnected_since: match connected {
@@ -356,10 +366,12 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
                 let desired = rollout::desired_state(&artifact, id.as_str(), &machine, &closure);
                 let message = "sent to the agent".to_owned();
                 update_with(tx, id, &machine, MachineState::Sent, message, closure)?;
+                let host = host_of.get(&raw).map(|h| name(h)).transpose()?;
                 send.push(Scheduled {
                     machine,
                     outbound: Outbound::Desired(desired),
                     order: SendOrder::of(seq, false),
+                    host,
                 });
             }
         }

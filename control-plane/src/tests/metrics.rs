@@ -33,8 +33,8 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn metrics_count_agents_rpcs_and_deployments() {
+/// A server with its metrics listener, and that listener's address.
+async fn start_with_metrics() -> (TestServer, String) {
     let mut metrics_ready = None;
     let server = TestServer::start_with(Duration::from_secs(10), |config| {
         config.metrics_listen = Some("127.0.0.1:0".into());
@@ -44,6 +44,12 @@ async fn metrics_count_agents_rpcs_and_deployments() {
     })
     .await;
     let metrics_addr = wait_for_ready_file(&metrics_ready.unwrap()).await;
+    (server, metrics_addr)
+}
+
+#[tokio::test]
+async fn metrics_count_agents_rpcs_and_deployments() {
+    let (server, metrics_addr) = start_with_metrics().await;
 
     let mut ci = server.deployments(Role::Ci, "ci");
     ci.submit(submit_request(&[("web-1", "sys-new")]))
@@ -116,15 +122,7 @@ async fn metrics_count_agents_rpcs_and_deployments() {
 
 #[tokio::test]
 async fn a_second_connection_from_the_same_endpoint_resumes_the_tls_session() {
-    let mut metrics_ready = None;
-    let server = TestServer::start_with(Duration::from_secs(10), |config| {
-        config.metrics_listen = Some("127.0.0.1:0".into());
-        let path = config.data_dir.with_file_name("metrics-ready");
-        config.metrics_ready_file = Some(path.clone());
-        metrics_ready = Some(path);
-    })
-    .await;
-    let metrics_addr = wait_for_ready_file(&metrics_ready.unwrap()).await;
+    let (server, metrics_addr) = start_with_metrics().await;
 
     // As the agent does: one endpoint for its stream and its confirmations.
     let pki_dir = server.dir.path().join("pki");

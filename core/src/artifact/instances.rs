@@ -132,10 +132,18 @@ impl DeploymentArtifact {
         if let Some((machine, spec)) = self.blueprint.get_key_value(row) {
             return Some((machine, spec));
         }
-        self.blueprint.iter().find(|(machine, spec)| {
-            spec.is_vm()
-                && instance_names(machine, spec.replicas).is_ok_and(|names| names.contains(row))
-        })
+        // `NAME-i`, as instance_names writes it: a lookup, not a scan, since
+        // this runs for every row of a rollout.
+        let (machine, index) = row.as_str().rsplit_once('-')?;
+        let index: u32 = index.parse().ok()?;
+        let (machine, spec) = self
+            .blueprint
+            .get_key_value(&MachineName::parse(machine).ok()?)?;
+        (spec.is_vm()
+            && spec.replicas > 1
+            && index < spec.replicas
+            && format!("{machine}-{index}") == row.as_str())
+        .then_some((machine, spec))
     }
 
     /// Every VM instance of the blueprint, by machine then replica.
