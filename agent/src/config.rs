@@ -86,6 +86,10 @@ pub struct Cli {
     /// The bridge every VM's tap joins [default: none; the taps stay alone].
     #[arg(long, value_name = "NAME", requires = "vm_host")]
     pub vm_bridge: Option<String>,
+    /// The VMM that runs this host's VMs; only machines whose
+    /// `deployment.backend` names it are placed here [default: cloud-hypervisor].
+    #[arg(long, value_name = "VMM", requires = "vm_host")]
+    pub vmm: Option<VmmKind>,
     /// `text` or `json` logs on stderr.
     #[arg(
         long,
@@ -94,6 +98,26 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+/// The VMMs a VM host can run its VMs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum VmmKind {
+    /// One `cloud-hypervisor` and one `virtiofsd` process per VM.
+    #[default]
+    CloudHypervisor,
+    /// `qemu-system-x86_64`, with KVM where the CPU has it, else TCG.
+    Qemu,
+}
+
+impl VmmKind {
+    /// As a blueprint's `deployment.backend` names it.
+    pub fn backend(self) -> &'static str {
+        match self {
+            Self::CloudHypervisor => "cloud-hypervisor",
+            Self::Qemu => "qemu",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +166,8 @@ pub struct Config {
     pub vm_host: Option<VmHostCapacity>,
     /// The bridge its VMs' taps join.
     pub vm_bridge: Option<String>,
+    /// What runs its VMs.
+    pub vmm: VmmKind,
 }
 
 impl Config {
@@ -182,8 +208,12 @@ impl Config {
         // Checks the URL now rather than at every reconnection.
         material.endpoint(&cli.control_plane, keepalive)?;
         check_state_dir(&cli.state_dir)?;
+        let vmm = cli.vmm.unwrap_or_default();
         let vm_host = if cli.vm_host {
-            Some(vm_capacity(cli.vm_cpus, cli.vm_memory_mib, cli.vm_labels)?)
+            Some(VmHostCapacity {
+                vmm: vmm.backend().to_owned(),
+                ..vm_capacity(cli.vm_cpus, cli.vm_memory_mib, cli.vm_labels)?
+            })
         } else {
             None
         };
@@ -199,6 +229,7 @@ impl Config {
             max_backoff: Duration::from_secs(cli.max_backoff),
             vm_host,
             vm_bridge: cli.vm_bridge.filter(|b| !b.is_empty()),
+            vmm,
         })
     }
 }
@@ -232,6 +263,7 @@ fn vm_capacity(
         milli_cpus: (cpus * 1000.0).round() as u64,
         memory_bytes,
         labels: labels.into_iter().filter(|l| !l.is_empty()).collect(),
+        vmm: String::new(),
     })
 }
 

@@ -27,12 +27,12 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use procurator_core::nix::Nix;
-use procurator_proto::v1::MachineState;
+use procurator_proto::v1::{MachineState, VmAssignments, agent_message};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::activation::{Activator, Detached, Launcher, ProgressSink, Settings};
-use crate::config::{Cli, Config};
+use crate::config::{Cli, Config, VmmKind};
 use crate::confirm::GrpcConfirmer;
 use crate::connection::Dialer;
 use crate::deployer::{Activity, Deployer};
@@ -169,28 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (vm_assignments, vm_results) = config
         .vm_host
         .as_ref()
-        .map(|_| {
-            let (tx, rx) = tokio::sync::watch::channel(None);
-            let (results_tx, results_rx) = tokio::sync::mpsc::channel(VM_RESULTS_CAPACITY);
-            let runner = vm::runner::Runner {
-                host: vm::host::VmHost::new(
-                    vm::qemu::Qemu {
-                        bridge: config.vm_bridge.clone(),
-                        ..vm::qemu::Qemu::new(vm::qemu::Accel::detect())
-                    },
-                    config.state_dir.join("vms"),
-                    "/".into(),
-                ),
-                nix: nix.clone(),
-                substituters: config.substituters.clone(),
-                trusted_public_keys: config.trusted_public_keys.clone(),
-                results: Some(results_tx),
-                outcomes: None,
-                gc_roots: true,
-            };
-            tokio::spawn(runner.run(rx, cancel.clone()));
-            (tx, Arc::new(tokio::sync::Mutex::new(results_rx)))
-        })
+        .map(|_| start_vm_host(&config, &nix, &cancel))
         .unzip();
     let working = activity.clone();
     let dialer = Dialer {
@@ -218,6 +197,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .context("the deployer stopped unexpectedly")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+type VmResults = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<agent_message::Kind>>>;
+
+/// Starts the VM runner of a VM host, on the VMM `--vmm` names: where the
+/// control plane's assignments go, and where the host's results come from.
+fn start_vm_host(
+    config: &Config,
+    nix: &Nix,
+    cancel: &CancellationToken,
+) -> (tokio::sync::watch::Sender<Option<VmAssignments>>, VmResults) {
+    let bridge = config.vm_bridge.clone();
+    match config.vmm {
+        VmmKind::Qemu => spawn_vm_runner(
+            vm::qemu::Qemu {
+                bridge,
+                ..vm::qemu::Qemu::new(vm::qemu::Accel::detect())
+            },
+            config,
+            nix,
+            cancel,
+        ),
+        VmmKind::CloudHypervisor => spawn_vm_runner(
+            vm::cloud_hypervisor::CloudHypervisor {
+                bridge,
+                ..vm::cloud_hypervisor::CloudHypervisor::new()
+            },
+            config,
+            nix,
+            cancel,
+        ),
+    }
+}
+
+fn spawn_vm_runner<V: vm::Vmm + 'static>(
+    vmm: V,
+    config: &Config,
+    nix: &Nix,
+    cancel: &CancellationToken,
+) -> (tokio::sync::watch::Sender<Option<VmAssignments>>, VmResults) {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (results_tx, results_rx) = tokio::sync::mpsc::channel(VM_RESULTS_CAPACITY);
+    let runner = vm::runner::Runner {
+        host: vm::host::VmHost::new(vmm, config.state_dir.join("vms"), "/".into()),
+        nix: nix.clone(),
+        substituters: config.substituters.clone(),
+        trusted_public_keys: config.trusted_public_keys.clone(),
+        results: Some(results_tx),
+        outcomes: None,
+        gc_roots: true,
+    };
+    tokio::spawn(runner.run(rx, cancel.clone()));
+    (tx, Arc::new(tokio::sync::Mutex::new(results_rx)))
 }
 
 /// The first SIGTERM/SIGINT stops gracefully; a second one exits at once.

@@ -87,6 +87,43 @@ pub trait Vmm: Send + Sync {
     ) -> impl Future<Output = Result<(), VmError>> + Send;
 }
 
+/// `ip link set dev TAP master BRIDGE up` under `prefix`: the VMM makes
+/// the VM's tap, but leaves it down and alone.
+pub(crate) async fn join_bridge(
+    vmm: &'static str,
+    prefix: &[String],
+    spec: &VmSpec,
+    bridge: &str,
+) -> Result<(), VmError> {
+    let Some(nic) = &spec.nic else {
+        return Ok(());
+    };
+    let mut args = prefix
+        .iter()
+        .cloned()
+        .chain(["ip", "link", "set", "dev", &nic.tap, "master", bridge, "up"].map(str::to_owned));
+    let program = args.next().unwrap_or_default();
+    let output = tokio::process::Command::new(&program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|source| VmError::Spawn { program, source })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(VmError::Api {
+            vmm,
+            request: format!("attaching {} to {bridge}", nic.tap),
+            message: format!(
+                "ip exited with {}: {}; does the bridge {bridge} exist?",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        })
+    }
+}
+
 /// The line a guest prints on its serial console once it is up:
 /// `procurator-ready <the closure it booted>`.
 pub const READY_PREFIX: &str = "procurator-ready ";
@@ -228,12 +265,21 @@ impl VmSpec {
         })
     }
 
-    /// Whether moving to `other` needs the VM restarted: the guest's own
-    /// agent can switch anything else in place.
-    pub fn needs_restart_for(&self, other: &VmSpec) -> bool {
-        kernel_identity(self) != kernel_identity(other)
-            || self.vcpus != other.vcpus
-            || self.memory_bytes != other.memory_bytes
+    /// Why moving to `other` needs the VM restarted, if it does: the
+    /// guest's own agent can switch anything else in place.
+    pub fn restart_reason(&self, other: &VmSpec) -> Option<&'static str> {
+        let (old, new) = (kernel_identity(self), kernel_identity(other));
+        if old.0 != new.0 {
+            Some("its kernel changed")
+        } else if old.1 != new.1 {
+            Some("its initrd changed")
+        } else if old.2 != new.2 {
+            Some("its kernel command line changed")
+        } else if self.vcpus != other.vcpus || self.memory_bytes != other.memory_bytes {
+            Some("its vCPUs or memory changed")
+        } else {
+            None
+        }
     }
 
     pub fn serial_log(&self) -> PathBuf {
@@ -432,19 +478,25 @@ mod tests {
                 .unwrap();
         userspace_only.cmdline = cmdline(&other, "loglevel=4 console=ttyS0");
         userspace_only.closure = other;
-        assert!(!old.needs_restart_for(&userspace_only));
+        assert_eq!(old.restart_reason(&userspace_only), None);
 
         let mut new_kernel = old.clone();
         new_kernel.kernel =
             PathBuf::from("/nix/store/2123456789abcdfghijklmnpqrsvwxyz-linux/bzImage");
-        assert!(old.needs_restart_for(&new_kernel));
+        assert_eq!(old.restart_reason(&new_kernel), Some("its kernel changed"));
 
         let mut new_params = old.clone();
         new_params.cmdline = cmdline(&old.closure, "loglevel=7 console=ttyS0");
-        assert!(old.needs_restart_for(&new_params));
+        assert_eq!(
+            old.restart_reason(&new_params),
+            Some("its kernel command line changed")
+        );
 
         let mut bigger = old.clone();
         bigger.memory_bytes *= 2;
-        assert!(old.needs_restart_for(&bigger));
+        assert_eq!(
+            old.restart_reason(&bigger),
+            Some("its vCPUs or memory changed")
+        );
     }
 }

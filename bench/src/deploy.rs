@@ -145,6 +145,7 @@ fn measure_fleet(size: u32, runs: u32) -> Result<Vec<Case>> {
             agents: machines.clone(),
             nat: false,
             supervised: Vec::new(),
+            flake_files: Vec::new(),
         },
     )
     .with_context(|| format!("starting a fleet of {size} test hosts"))?;

@@ -24,6 +24,15 @@ use procurator_core::artifact::{Demand, VmInstance};
 pub struct Host {
     pub name: MachineName,
     pub capacity: Demand,
+    /// The VMM it runs ("cloud-hypervisor", "qemu"); empty takes any backend.
+    pub vmm: String,
+}
+
+impl Host {
+    /// Whether this host runs the VMM `instance`'s machine asks for.
+    fn runs(&self, instance: &VmInstance) -> bool {
+        self.vmm.is_empty() || self.vmm == instance.backend
+    }
 }
 
 /// Where every instance runs, and the ones that could not be placed.
@@ -54,6 +63,7 @@ pub fn place(
         let kept = previous
             .get(&instance.name)
             .and_then(|before| hosts.iter().find(|h| &h.name == before))
+            .filter(|h| h.runs(instance))
             .filter(|h| {
                 free.get(&h.name)
                     .is_some_and(|room| instance.demand.fits(room))
@@ -81,6 +91,7 @@ pub fn place(
     for instance in to_place {
         let best = hosts
             .iter()
+            .filter(|h| h.runs(instance))
             .filter_map(|h| Some((h, *free.get(&h.name)?)))
             .filter(|(_, room)| instance.demand.fits(room))
             .min_by_key(|&(h, room)| {
@@ -139,7 +150,17 @@ fn unplaced_reason(
             instance.demand
         );
     }
-    let biggest = hosts
+    let able: Vec<&Host> = hosts.iter().filter(|h| h.runs(instance)).collect();
+    if able.is_empty() {
+        let vmms: std::collections::BTreeSet<&str> = hosts.iter().map(|h| h.vmm.as_str()).collect();
+        return format!(
+            "its backend is {:?}, and no connected VM host runs it (they run {}); start a host agent with --vmm {} or change the machine's deployment.backend",
+            instance.backend,
+            vmms.into_iter().collect::<Vec<_>>().join(", "),
+            instance.backend
+        );
+    }
+    let biggest = able
         .iter()
         .map(|h| (&h.name, h.capacity))
         .max_by_key(|(name, c)| (c.memory_bytes, c.milli_cpus, std::cmp::Reverse(*name)));
@@ -153,6 +174,7 @@ fn unplaced_reason(
     }
     let most_free = free
         .iter()
+        .filter(|(name, _)| able.iter().any(|h| &h.name == **name))
         .max_by_key(|(name, f)| (f.memory_bytes, f.milli_cpus, std::cmp::Reverse(**name)))
         .map(|(name, f)| format!("{name} has {f} free"))
         .unwrap_or_default();
@@ -180,6 +202,7 @@ mod tests {
                 milli_cpus: cpus * 1000,
                 memory_bytes: gib * GIB,
             },
+            vmm: "cloud-hypervisor".into(),
         }
     }
 
@@ -196,6 +219,7 @@ mod tests {
                     milli_cpus: cpus * 1000,
                     memory_bytes: gib * GIB,
                 },
+                backend: "cloud-hypervisor".into(),
             })
             .collect()
     }
@@ -292,6 +316,43 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_goes_only_to_a_host_running_its_backend() {
+        let qemu_host = Host {
+            vmm: "qemu".into(),
+            ..host("host-q", 8, 64)
+        };
+        let hosts = [host("host-c", 2, 4), qemu_host.clone()];
+        let mut on_qemu = instances("lab", 1, 1, 1);
+        on_qemu[0].backend = "qemu".into();
+        let mut wanted = instances("web", 1, 1, 1);
+        wanted.extend(on_qemu.clone());
+        let p = place(&wanted, &hosts, &BTreeMap::new());
+        // host-q has more room, yet only lab may go there.
+        assert_eq!(p.assigned[&m("lab")], m("host-q"));
+        assert_eq!(p.assigned[&m("web")], m("host-c"));
+
+        // A placement on a host that now runs another VMM does not hold.
+        let previous = BTreeMap::from([(m("lab"), m("host-c"))]);
+        let moved = place(&on_qemu, &hosts, &previous);
+        assert_eq!(moved.assigned[&m("lab")], m("host-q"));
+
+        // No host runs it: the reason says which VMM is missing.
+        let p = place(&on_qemu, &hosts[..1], &BTreeMap::new());
+        let why = &p.unplaced[&m("lab")];
+        assert!(why.contains("\"qemu\""), "{why}");
+        assert!(why.contains("--vmm qemu"), "{why}");
+        assert!(why.contains("cloud-hypervisor"), "{why}");
+
+        // An agent that does not say (an older one) takes any backend.
+        let any = Host {
+            vmm: String::new(),
+            ..host("host-old", 2, 4)
+        };
+        let p = place(&on_qemu, &[any], &BTreeMap::new());
+        assert_eq!(p.assigned[&m("lab")], m("host-old"));
+    }
+
+    #[test]
     fn fractional_cpus_add_up_exactly() {
         let hosts = [host("host-a", 1, 64)];
         let mut tenths = Vec::new();
@@ -304,6 +365,7 @@ mod tests {
                     milli_cpus: 100,
                     memory_bytes: GIB,
                 },
+                backend: "cloud-hypervisor".into(),
             });
         }
         let p = place(&tenths, &hosts, &BTreeMap::new());

@@ -168,6 +168,7 @@ fn capacity(cpus: u64, gib: u64, labels: &[&str]) -> procurator_proto::v1::VmHos
         milli_cpus: cpus * 1000,
         memory_bytes: gib << 30,
         labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+        vmm: "cloud-hypervisor".into(),
     }
 }
 

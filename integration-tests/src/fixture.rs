@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use crate::nixenv::NixEnv;
@@ -89,10 +89,27 @@ impl Fixture {
         nix.eval_json(&format!("{}#blueprintJSON", self.flake_ref()))
     }
 
+    /// Copies `from` into the flake as `to` (a path relative to the flake),
+    /// for files a fixture needs but git does not hold.
+    pub fn add_file(&self, from: &Path, to: &Path) -> Result<()> {
+        let dest = self.dir.join(to);
+        if let Some(parent) = dest.parent() {
+            crate::mkdir(parent)?;
+        }
+        std::fs::copy(from, &dest)
+            .map(drop)
+            .with_context(|| format!("copying {} into the fixture flake", from.display()))
+    }
+
     /// Builds every machine's toplevel with the current settings.
     pub fn build(&self, nix: &NixEnv) -> Result<Closures> {
-        let installables: Vec<String> = self
-            .machines
+        self.build_machines(nix, &self.machines)
+    }
+
+    /// Builds the toplevels of `machines`, which the flake's current
+    /// settings must define.
+    pub fn build_machines(&self, nix: &NixEnv, machines: &[String]) -> Result<Closures> {
+        let installables: Vec<String> = machines
             .iter()
             .map(|m| {
                 format!(
@@ -101,8 +118,26 @@ impl Fixture {
                 )
             })
             .collect();
-        let paths = nix.build(&installables)?;
-        Ok(self.machines.iter().cloned().zip(paths).collect())
+        // `nix build` does not say which path is whose: evaluate each
+        // machine's path first, then check the build made exactly those.
+        let names = serde_json::to_string(machines)?;
+        let evaluated = nix.eval_json_apply(
+            &format!("{}#nixosConfigurations", self.flake_ref()),
+            &format!(
+                "configs: map (name: configs.${{name}}.config.system.build.toplevel.outPath) \
+                 (builtins.fromJSON ''{names}'')"
+            ),
+        )?;
+        let paths: Vec<String> = serde_json::from_value(evaluated)
+            .context("the toplevels' paths are not a list of strings")?;
+        let mut built = nix.build(&installables)?;
+        let mut expected = paths.clone();
+        built.sort();
+        expected.sort();
+        if built != expected {
+            bail!("nix build made {built:?}, but the machines evaluate to {expected:?}");
+        }
+        Ok(machines.iter().cloned().zip(paths).collect())
     }
 
     /// Writes `settings`, then builds.

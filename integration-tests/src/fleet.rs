@@ -34,6 +34,9 @@ pub struct FleetOptions {
     pub nat: bool,
     /// Machines whose agent runs under a supervisor that restarts it.
     pub supervised: Vec<String>,
+    /// Files copied into the fixture flake before anything is built:
+    /// (source, path in the flake), e.g. the VM fixture's guest kernel.
+    pub flake_files: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Default for FleetOptions {
@@ -43,6 +46,7 @@ impl Default for FleetOptions {
             agents: crate::MACHINES.iter().map(|m| m.to_string()).collect(),
             nat: false,
             supervised: Vec::new(),
+            flake_files: Vec::new(),
         }
     }
 }
@@ -109,6 +113,9 @@ impl Fleet {
         pki.issue(&nix, "ci", "github")?;
         let key = SigningKey::generate(&nix, &root.join("signing"), "procurator-test-1")?;
         let fixture = Fixture::copy_from(source, &root.join("flake"), machines)?;
+        for (from, to) in &opts.flake_files {
+            fixture.add_file(from, to)?;
+        }
         let initial = fixture.build_with(&nix, &opts.initial_settings)?;
         let control_plane = match &network {
             Some(net) => ControlPlane::start_in(
@@ -160,11 +167,19 @@ impl Fleet {
             identity: self.pki.agent(machine),
             substituters: vec![format!("file://{}", self.cache.display())],
             trusted_public_keys: vec![self.key.public.clone()],
+            extra_args: Vec::new(),
         })
     }
 
     pub fn start_agent(&mut self, machine: &str) -> Result<()> {
-        let opts = self.agent_options(machine)?;
+        self.start_agent_with(machine, &[])
+    }
+
+    /// Starts `machine`'s agent with `extra_args` appended to its command
+    /// line, e.g. `--vm-host --vm-cpus 2`.
+    pub fn start_agent_with(&mut self, machine: &str, extra_args: &[&str]) -> Result<()> {
+        let mut opts = self.agent_options(machine)?;
+        opts.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         let host = self
             .hosts
             .get_mut(machine)

@@ -55,6 +55,8 @@ pub struct AgentOptions {
     pub identity: Identity,
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
+    /// Appended to the agent's command line, e.g. `--vm-host`.
+    pub extra_args: Vec<String>,
 }
 
 pub struct TestHost {
@@ -249,6 +251,7 @@ impl TestHost {
         for k in &opts.trusted_public_keys {
             cmd.arg("--trusted-public-key").arg(k);
         }
+        cmd.args(&opts.extra_args);
         self.agent = Some(Process::spawn(
             &format!("agent of {}", self.name),
             cmd,

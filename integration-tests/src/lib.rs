@@ -28,6 +28,7 @@ pub mod nixenv;
 pub mod pki;
 pub mod process;
 pub mod scenario;
+pub mod vms;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -99,9 +99,16 @@ impl NixEnv {
             .with_context(|| format!("nix eval printed no JSON: {}", out.stdout))
     }
 
+    /// `nix eval --json INSTALLABLE --apply FUNCTION`.
+    pub fn eval_json_apply(&self, installable: &str, function: &str) -> Result<Value> {
+        let out = self.run("nix", ["eval", "--json", installable, "--apply", function])?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("nix eval printed no JSON: {}", out.stdout))
+    }
+
     /// Builds the installables in one `nix build` and returns their `out`
-    /// paths in the same order. Nix 2.8 has no `--print-out-paths`: the
-    /// paths come from `--json`.
+    /// paths, in Nix's order: Nix 2.8 sorts them, and has no
+    /// `--print-out-paths` (the paths come from `--json`).
     pub fn build(&self, installables: &[String]) -> Result<Vec<String>> {
         let mut args = vec![
             "build".to_owned(),

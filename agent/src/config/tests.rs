@@ -164,6 +164,8 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
         "rack-1",
         "--vm-bridge",
         "br0",
+        "--vmm",
+        "qemu",
     ])
     .unwrap()
     .unwrap();
@@ -172,8 +174,11 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
     assert_eq!(offered.memory_bytes, 2048 << 20);
     assert_eq!(offered.labels, ["rack-1"]);
     assert_eq!(given.vm_bridge.as_deref(), Some("br0"));
+    assert_eq!(given.vmm, VmmKind::Qemu);
+    assert_eq!(offered.vmm, "qemu", "the Hello says which backend it runs");
 
     let defaults = load(&["--vm-host"]).unwrap().unwrap().vm_host.unwrap();
+    assert_eq!(defaults.vmm, "cloud-hypervisor");
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     assert_eq!(defaults.milli_cpus, cpus * 1000);
     let total = mem_total_bytes().unwrap();
@@ -187,4 +192,10 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
     assert!(no_memory.to_string().contains("at least 1"), "{no_memory}");
     // Capacity flags mean nothing without --vm-host.
     assert!(load(&["--vm-cpus", "2"]).is_err());
+    assert!(load(&["--vmm", "qemu"]).is_err());
+    let unknown = load(&["--vm-host", "--vmm", "firecracker"]).unwrap_err();
+    assert!(
+        unknown.to_string().contains("cloud-hypervisor"),
+        "{unknown}"
+    );
 }

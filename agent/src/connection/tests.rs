@@ -227,6 +227,7 @@ fn host_capacity() -> procurator_proto::v1::VmHostCapacity {
         milli_cpus: 3500,
         memory_bytes: 8 << 30,
         labels: vec!["rack-1".into()],
+        vmm: "qemu".into(),
     }
 }
 

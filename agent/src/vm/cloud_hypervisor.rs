@@ -1,34 +1,90 @@
 //! cloud-hypervisor: one `cloud-hypervisor --api-socket path=…` process per
 //! VM, configured and driven through its REST API (`vm.create`, `vm.boot`,
 //! `vm.info`, `vm.power-button`, `vm.shutdown`, `vm.delete`), and one
-//! `virtiofsd` per VM sharing the host's `/nix/store` read-only.
+//! `virtiofsd` per VM sharing the host's `/nix/store` read-only. Both run
+//! in sessions of their own with a pid file, a socket and a log in the VM's
+//! state folder, so a restarted agent finds them again.
 //!
 //! The request bodies are checked against cloud-hypervisor's own OpenAPI
-//! document (`specs/cloud-hypervisor-openapi.yaml`) in the tests.
-//!
-//! Its process lifecycle (the `Vmm` implementation) is not written yet, so
-//! only the tests use this module for now.
-#![cfg_attr(not(test), allow(dead_code))]
+//! document (`specs/cloud-hypervisor-openapi.yaml`) in the tests, which run
+//! the lifecycle against a stand-in VMM (`fake.rs`): cloud-hypervisor needs
+//! hardware virtualisation.
 
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
+use tokio::time::Instant;
 
-use super::{STORE_TAG, VmError, VmSpec};
+use super::{STORE_TAG, VmError, VmSpec, Vmm};
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+const VMM: &str = "cloud-hypervisor";
 /// The store the guest mounts.
 const HOST_STORE: &str = "/nix/store";
 /// Responses are small JSON documents; a VMM sending more is broken.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
+const POLL: Duration = Duration::from_millis(20);
+/// `sh` writes its own pid, which `exec` hands on to the program: the
+/// program's pid, whether or not the prefix forks.
+const WRITE_PID_AND_EXEC: &str = r#"echo $$ > "$0" && exec "$@""#;
 
-pub fn api_socket(spec: &VmSpec) -> PathBuf {
-    spec.state_dir.join("api.sock")
+pub fn api_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("api.sock")
 }
 
-pub fn virtiofs_socket(spec: &VmSpec) -> PathBuf {
-    spec.state_dir.join("virtiofs.sock")
+pub fn virtiofs_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("virtiofs.sock")
+}
+
+/// The two processes of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Daemon {
+    Vmm,
+    Virtiofsd,
+}
+
+impl Daemon {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Vmm => VMM,
+            Self::Virtiofsd => "virtiofsd",
+        }
+    }
+
+    fn socket(self, state_dir: &Path) -> PathBuf {
+        match self {
+            Self::Vmm => api_socket(state_dir),
+            Self::Virtiofsd => virtiofs_socket(state_dir),
+        }
+    }
+
+    /// The argument naming its socket: only this VM's process has it.
+    fn socket_arg(self, state_dir: &Path) -> String {
+        let socket = self.socket(state_dir);
+        match self {
+            Self::Vmm => format!("path={}", socket.display()),
+            Self::Virtiofsd => format!("--socket-path={}", socket.display()),
+        }
+    }
+
+    fn pid_file(self, state_dir: &Path) -> PathBuf {
+        state_dir.join(format!("{}.pid", self.name()))
+    }
+
+    fn log(self, state_dir: &Path) -> PathBuf {
+        state_dir.join(format!("{}.log", self.name()))
+    }
 }
 
 /// The VMM process: everything else arrives through the API.
@@ -36,7 +92,7 @@ pub fn vmm_argv(spec: &VmSpec) -> Vec<String> {
     vec![
         "cloud-hypervisor".into(),
         "--api-socket".into(),
-        format!("path={}", api_socket(spec).display()),
+        Daemon::Vmm.socket_arg(&spec.state_dir),
     ]
 }
 
@@ -44,7 +100,7 @@ pub fn vmm_argv(spec: &VmSpec) -> Vec<String> {
 pub fn virtiofsd_argv(spec: &VmSpec) -> Vec<String> {
     vec![
         "virtiofsd".into(),
-        format!("--socket-path={}", virtiofs_socket(spec).display()),
+        Daemon::Virtiofsd.socket_arg(&spec.state_dir),
         format!("--shared-dir={HOST_STORE}"),
         "--readonly".into(),
         "--cache=auto".into(),
@@ -65,7 +121,7 @@ pub fn create_body(spec: &VmSpec) -> Value {
         "memory": { "size": spec.memory_bytes, "shared": true },
         "fs": [{
             "tag": STORE_TAG,
-            "socket": virtiofs_socket(spec).display().to_string(),
+            "socket": virtiofs_socket(&spec.state_dir).display().to_string(),
             "num_queues": 1,
             "queue_size": 1024,
         }],
@@ -76,6 +132,383 @@ pub fn create_body(spec: &VmSpec) -> Value {
         body["net"] = json!([{ "tap": nic.tap, "mac": nic.mac }]);
     }
     body
+}
+
+/// Runs each VM as a cloud-hypervisor process and a virtiofsd process.
+#[derive(Debug, Clone)]
+pub struct CloudHypervisor {
+    pub program: PathBuf,
+    pub virtiofsd: PathBuf,
+    /// A command both processes run under, e.g. `ip netns exec NS`; it
+    /// must exec or wait for its command, not daemonize.
+    pub prefix: Vec<String>,
+    /// How long each process may take to open its socket.
+    pub start_timeout: Duration,
+    /// How long the VMM may take to answer one API request.
+    pub request_timeout: Duration,
+    /// How long a process may take to exit after `vmm.shutdown`, SIGTERM
+    /// or SIGKILL.
+    pub exit_timeout: Duration,
+    /// The bridge every VM's tap joins, brought up, when set.
+    pub bridge: Option<String>,
+}
+
+impl Default for CloudHypervisor {
+    fn default() -> Self {
+        Self {
+            program: PathBuf::from("cloud-hypervisor"),
+            virtiofsd: PathBuf::from("virtiofsd"),
+            prefix: Vec::new(),
+            start_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            exit_timeout: Duration::from_secs(10),
+            bridge: None,
+        }
+    }
+}
+
+impl CloudHypervisor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Vmm for CloudHypervisor {
+    /// virtiofsd, then the VMM, then the VM through the API; on any
+    /// failure both processes are ended again.
+    async fn start(&self, spec: &VmSpec) -> Result<Pid, VmError> {
+        let dir = &spec.state_dir;
+        if let Some(pid) = self.pid(dir).await {
+            return Err(api_error(
+                dir,
+                "start",
+                format!("this VM already runs as pid {pid}; stop it first"),
+            ));
+        }
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| VmError::State {
+                path: dir.clone(),
+                source,
+            })?;
+        // A crashed run leaves its virtiofsd, its sockets (binding over
+        // them fails) and its console log (whose readiness line would pass
+        // for this boot's).
+        self.clean_up(dir).await?;
+        remove(&spec.serial_log()).await?;
+        match self.boot(spec).await {
+            Ok(pid) => Ok(pid),
+            Err(error) => {
+                if let Err(cleanup) = self.clean_up(dir).await {
+                    tracing::warn!(%cleanup, "cannot clean up after a failed start");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn pid(&self, state_dir: &Path) -> Option<Pid> {
+        running(Daemon::Vmm, state_dir).await
+    }
+
+    /// The power button, then after `grace` `vm.shutdown`; `vm.delete` and
+    /// `vmm.shutdown`; then signals, to both processes.
+    async fn stop(&self, state_dir: &Path, grace: Duration) -> Result<(), VmError> {
+        let put = |endpoint| self.send(state_dir, "PUT", endpoint, None);
+        // Each step is more forceful than the last, so a refusal only moves
+        // on to the next; a VMM that does not answer at all gets signals.
+        if let Some(pid) = self.pid(state_dir).await
+            && put("vm.power-button").await.is_ok()
+        {
+            let off = self.powered_off(state_dir, pid, grace).await;
+            if alive(pid) {
+                if !off {
+                    let _ = put("vm.shutdown").await;
+                }
+                let _ = put("vm.delete").await;
+                let _ = put("vmm.shutdown").await;
+                exited(pid, self.exit_timeout).await;
+            }
+        }
+        self.clean_up(state_dir).await
+    }
+}
+
+impl CloudHypervisor {
+    async fn boot(&self, spec: &VmSpec) -> Result<Pid, VmError> {
+        let dir = &spec.state_dir;
+        let mut argv = virtiofsd_argv(spec);
+        argv[0] = self.virtiofsd.display().to_string();
+        self.launch(Daemon::Virtiofsd, dir, argv).await?;
+        let mut argv = vmm_argv(spec);
+        argv[0] = self.program.display().to_string();
+        self.launch(Daemon::Vmm, dir, argv).await?;
+
+        self.call(dir, "GET", "vmm.ping", None).await?;
+        self.call(dir, "PUT", "vm.create", Some(&create_body(spec)))
+            .await?;
+        self.call(dir, "PUT", "vm.boot", None).await?;
+        let info = self.call(dir, "GET", "vm.info", None).await?;
+        let state = info
+            .json()
+            .and_then(|i| i["state"].as_str().map(str::to_owned));
+        if state.as_deref() != Some("Running") {
+            let state = state.unwrap_or_else(|| "in no state it names".into());
+            return Err(api_error(
+                dir,
+                "GET vm.info",
+                format!("the VM is {state} after vm.boot, not Running"),
+            ));
+        }
+        let pid = self.pid(dir).await.ok_or_else(|| {
+            let file = Daemon::Vmm.pid_file(dir);
+            let message = format!("{} names no VMM of this VM", file.display());
+            api_error(dir, "start", message)
+        })?;
+        // cloud-hypervisor made the tap at vm.create.
+        if let Some(bridge) = &self.bridge {
+            super::join_bridge(VMM, &self.prefix, spec, bridge).await?;
+        }
+        Ok(pid)
+    }
+
+    /// Starts `argv` under the prefix in a session of its own (so that it
+    /// outlives the agent), output appended to its log, and waits until it
+    /// opens its socket.
+    async fn launch(&self, daemon: Daemon, dir: &Path, argv: Vec<String>) -> Result<(), VmError> {
+        let log_path = daemon.log(dir);
+        let state = |source| VmError::State {
+            path: log_path.clone(),
+            source,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(state)?;
+        let log_too = log.try_clone().map_err(state)?;
+        let mut words = self.prefix.iter().cloned().chain(
+            [
+                "setsid".into(),
+                "/bin/sh".into(),
+                "-c".into(),
+                WRITE_PID_AND_EXEC.into(),
+                daemon.pid_file(dir).display().to_string(),
+            ]
+            .into_iter()
+            .chain(argv),
+        );
+        let program = words.next().unwrap_or_default();
+        let mut child = tokio::process::Command::new(&program)
+            .args(words)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_too)
+            .spawn()
+            .map_err(|source| VmError::Spawn { program, source })?;
+        let opened = self.wait_open(daemon, dir, &mut child).await;
+        if opened.is_err() {
+            let _ = child.start_kill();
+        }
+        // It is our child until it exits: reap it then, or it lingers as
+        // a zombie.
+        tokio::spawn(async move { child.wait().await });
+        opened
+    }
+
+    async fn wait_open(
+        &self,
+        daemon: Daemon,
+        dir: &Path,
+        child: &mut tokio::process::Child,
+    ) -> Result<(), VmError> {
+        let socket = daemon.socket(dir);
+        let deadline = Instant::now() + self.start_timeout;
+        loop {
+            let open = match daemon {
+                Daemon::Vmm => UnixStream::connect(&socket).await.is_ok(),
+                // Not connected to: virtiofsd serves a single connection.
+                Daemon::Virtiofsd => tokio::fs::metadata(&socket)
+                    .await
+                    .is_ok_and(|m| m.file_type().is_socket()),
+            };
+            if open {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(VmError::Api {
+                    vmm: daemon.name(),
+                    request: "start".into(),
+                    message: format!(
+                        "it exited ({status}) before opening {}; see {}",
+                        socket.display(),
+                        daemon.log(dir).display()
+                    ),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::Timeout {
+                    vmm: daemon.name(),
+                    what: "open its socket",
+                    secs: self.start_timeout.as_secs(),
+                    log: daemon.log(dir),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Polls until the VM is shut down or its VMM gone, for at most `grace`.
+    async fn powered_off(&self, dir: &Path, pid: Pid, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            if !alive(pid) {
+                return true;
+            }
+            let info = tokio::time::timeout_at(deadline, self.send(dir, "GET", "vm.info", None));
+            if let Ok(Ok(info)) = info.await {
+                let state = info
+                    .json()
+                    .and_then(|i| i["state"].as_str().map(str::to_owned));
+                // 404: there is no VM any more.
+                if info.status == 404 || state.as_deref() == Some("Shutdown") {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL * 5).await;
+        }
+    }
+
+    /// Ends both processes of the VM in `dir` and removes their sockets
+    /// and pid files.
+    async fn clean_up(&self, dir: &Path) -> Result<(), VmError> {
+        for daemon in [Daemon::Vmm, Daemon::Virtiofsd] {
+            if let Some(pid) = running(daemon, dir).await {
+                self.terminate(daemon, dir, pid).await?;
+            }
+        }
+        for daemon in [Daemon::Vmm, Daemon::Virtiofsd] {
+            remove(&daemon.socket(dir)).await?;
+            remove(&daemon.pid_file(dir)).await?;
+        }
+        Ok(())
+    }
+
+    async fn terminate(&self, daemon: Daemon, dir: &Path, pid: Pid) -> Result<(), VmError> {
+        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+            let _ = kill(pid, signal);
+            if exited(pid, self.exit_timeout).await {
+                return Ok(());
+            }
+        }
+        Err(VmError::Timeout {
+            vmm: daemon.name(),
+            what: "exit after SIGKILL",
+            secs: self.exit_timeout.as_secs(),
+            log: daemon.log(dir),
+        })
+    }
+
+    /// An API request; a non-2xx answer is an error.
+    async fn call(
+        &self,
+        dir: &Path,
+        method: &str,
+        endpoint: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, VmError> {
+        let response = self.send(dir, method, endpoint, body).await?;
+        if (200..300).contains(&response.status) {
+            return Ok(response);
+        }
+        let text = String::from_utf8_lossy(&response.body);
+        let message = format!("HTTP {}: {}", response.status, text.trim());
+        Err(api_error(dir, &format!("{method} {endpoint}"), message))
+    }
+
+    /// An API request, whatever its answer, within the request timeout.
+    async fn send(
+        &self,
+        dir: &Path,
+        method: &str,
+        endpoint: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, VmError> {
+        let name = format!("{method} {endpoint}");
+        let socket = api_socket(dir);
+        let sent = request(&socket, method, endpoint, body);
+        match tokio::time::timeout(self.request_timeout, sent).await {
+            Ok(Err(VmError::Api { message, .. })) => Err(api_error(dir, &name, message)),
+            Ok(answer) => answer,
+            Err(_) => {
+                let secs = self.request_timeout.as_secs();
+                Err(api_error(dir, &name, format!("no answer within {secs} s")))
+            }
+        }
+    }
+}
+
+/// An API error pointing at the VMM's log.
+fn api_error(dir: &Path, request: &str, message: String) -> VmError {
+    VmError::Api {
+        vmm: VMM,
+        request: request.to_owned(),
+        message: format!("{message}; see {}", Daemon::Vmm.log(dir).display()),
+    }
+}
+
+/// `daemon`'s process for the VM in `dir`: its pid file names a live
+/// process with this VM's socket on its command line (a reused pid has
+/// not).
+async fn running(daemon: Daemon, dir: &Path) -> Option<Pid> {
+    let text = tokio::fs::read_to_string(daemon.pid_file(dir)).await.ok()?;
+    // 0 and negative pids would signal process groups.
+    let pid = text.trim().parse::<i32>().ok().filter(|pid| *pid > 0)?;
+    let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.ok()?;
+    let ours = daemon.socket_arg(dir);
+    let pid = Pid::from_raw(pid);
+    let named = cmdline.split(|b| *b == 0).any(|arg| arg == ours.as_bytes());
+    (named && alive(pid)).then_some(pid)
+}
+
+/// Whether `pid` runs. A zombie does not: the processes are our children
+/// until reaped.
+fn alive(pid: Pid) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which may hold anything but ends
+    // at the last `)`.
+    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+    !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
+}
+
+/// Polls until `pid` is gone, for at most `timeout`.
+async fn exited(pid: Pid, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn remove(path: &Path) -> Result<(), VmError> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// A cloud-hypervisor API response.
@@ -175,107 +608,4 @@ fn parse_response(bytes: &[u8]) -> Result<Option<Response>, String> {
         status,
         body: bytes[body_start..body_start + length].to_vec(),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::tests::spec;
-    use super::*;
-    use crate::vm::openapi::OpenApi;
-
-    #[test]
-    fn the_create_body_is_a_valid_vm_config() {
-        let api = OpenApi::load();
-        let body = create_body(&spec());
-        api.validate("VmConfig", &body).unwrap();
-        // The checker is strict: it would have caught a misspelt field.
-        let mut typo = body.clone();
-        typo["memory"]["shraed"] = json!(true);
-        let error = api.validate("VmConfig", &typo).unwrap_err();
-        assert!(error.contains("memory.shraed"), "{error}");
-        let mut wrong = body;
-        wrong["serial"]["mode"] = json!("file");
-        assert!(api.validate("VmConfig", &wrong).is_err());
-    }
-
-    #[test]
-    fn the_argument_vectors_are_the_documented_ones() {
-        let s = spec();
-        assert_eq!(
-            vmm_argv(&s),
-            [
-                "cloud-hypervisor",
-                "--api-socket",
-                "path=/var/lib/procurator/vms/web-0/api.sock"
-            ]
-        );
-        assert_eq!(
-            virtiofsd_argv(&s),
-            [
-                "virtiofsd",
-                "--socket-path=/var/lib/procurator/vms/web-0/virtiofs.sock",
-                "--shared-dir=/nix/store",
-                "--readonly",
-                "--cache=auto"
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_request_is_framed_and_its_response_read_across_reads() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let server = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !got.ends_with(b"}") {
-                let n = stream.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-            }
-            // The response in two writes, the body split.
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 19\r\n\r\n{\"state\":")
-                .await
-                .unwrap();
-            stream.flush().await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            stream.write_all(b"\"Running\"}").await.unwrap();
-            String::from_utf8(got).unwrap()
-        });
-        let body = json!({ "destination_url": "unix:/tmp/x" });
-        let response = request(&socket, "PUT", "vm.info", Some(&body))
-            .await
-            .unwrap();
-        assert_eq!(response.status, 200);
-        assert_eq!(response.json().unwrap()["state"], "Running");
-        let sent = server.await.unwrap();
-        assert!(
-            sent.starts_with("PUT /api/v1/vm.info HTTP/1.1\r\n"),
-            "{sent}"
-        );
-        assert!(
-            sent.contains("Content-Type: application/json\r\n"),
-            "{sent}"
-        );
-        assert!(sent.ends_with(&format!("\r\n\r\n{body}")), "{sent}");
-
-        drop(dir);
-        let gone = request(&socket, "GET", "vmm.ping", None).await.unwrap_err();
-        assert!(gone.to_string().contains("cannot connect"), "{gone}");
-    }
-
-    #[test]
-    fn responses_are_read_to_their_length() {
-        assert_eq!(parse_response(b"HTTP/1.1 204 No Content\r\n"), Ok(None));
-        let done = parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
-        assert_eq!(done.map(|r| r.status), Some(204));
-        let partial = b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{\"state\":";
-        assert_eq!(parse_response(partial), Ok(None));
-        let full = b"HTTP/1.1 200 OK\r\ncontent-length: 19\r\n\r\n{\"state\":\"Running\"}";
-        let r = parse_response(full).unwrap().unwrap();
-        assert_eq!(r.json().unwrap()["state"], "Running");
-        assert!(parse_response(b"garbage\r\n\r\n").is_err());
-    }
 }

@@ -53,8 +53,9 @@ pub enum Outcome {
     InPlace,
     /// It was not running: booted, and it reported ready.
     Started,
-    /// Its closure changed: restarted with the new one, which reported ready.
-    Restarted,
+    /// Its closure changed: restarted with the new one, which reported
+    /// ready. `why` it had to be restarted rather than switched in place.
+    Restarted { why: String },
     /// The new closure did not come up; the previous one runs again.
     RolledBack { reason: String },
     /// It did not come up and nothing runs now.
@@ -201,13 +202,17 @@ impl<V: Vmm> VmHost<V> {
         if running && before.as_ref() == Some(&target) {
             return Ok(Outcome::Unchanged);
         }
-        if running
-            && wanted.guest_agent_connected
-            && let Some(before) = &before
-            && !self.restart_needed(&wanted.instance, before, &target)
-        {
-            return Ok(Outcome::InPlace);
-        }
+        let why = match &before {
+            _ if !wanted.guest_agent_connected => {
+                "it has no agent of its own connected, which could switch it in place"
+            }
+            Some(before) => match self.restart_reason(&wanted.instance, before, &target) {
+                Some(why) => why,
+                None if running => return Ok(Outcome::InPlace),
+                None => "it was not running",
+            },
+            None => "it was not running",
+        };
         if running {
             self.vmm.stop(&state_dir, self.shutdown_grace).await?;
         }
@@ -217,7 +222,7 @@ impl<V: Vmm> VmHost<V> {
                 self.save(journal).await?;
                 tracing::info!(instance = %wanted.instance, closure = %wanted.closure, "VM running");
                 Ok(if running {
-                    Outcome::Restarted
+                    Outcome::Restarted { why: why.into() }
                 } else {
                     Outcome::Started
                 })
@@ -242,10 +247,15 @@ impl<V: Vmm> VmHost<V> {
         }
     }
 
-    /// Whether going from `before` to `after` needs the VM restarted: a new
-    /// kernel, initrd, command line or size. When a closure's files cannot
-    /// be read, a restart is the safe answer.
-    fn restart_needed(&self, instance: &MachineName, before: &Running, after: &Running) -> bool {
+    /// Why going from `before` to `after` needs the VM restarted, if it
+    /// does: a new kernel, initrd, command line or size. When a closure's
+    /// files cannot be read, a restart is the safe answer.
+    fn restart_reason(
+        &self,
+        instance: &MachineName,
+        before: &Running,
+        after: &Running,
+    ) -> Option<&'static str> {
         let spec = |r: &Running| {
             let closure = StorePath::parse(&r.closure).ok()?;
             let demand = Demand {
@@ -256,8 +266,8 @@ impl<V: Vmm> VmHost<V> {
             VmSpec::new(instance.clone(), closure, &root, demand, &self.state_root).ok()
         };
         match (spec(before), spec(after)) {
-            (Some(old), Some(new)) => old.needs_restart_for(&new),
-            _ => true,
+            (Some(old), Some(new)) => old.restart_reason(&new),
+            _ => Some("the files of its closures could not be compared"),
         }
     }
 

@@ -83,37 +83,6 @@ impl Qemu {
         }
     }
 
-    /// `ip link set dev TAP master BRIDGE up`: QEMU makes the tap, but
-    /// leaves it down and alone.
-    async fn join_bridge(&self, spec: &VmSpec, bridge: &str) -> Result<(), VmError> {
-        let Some(nic) = &spec.nic else {
-            return Ok(());
-        };
-        let mut args = self.prefix.iter().cloned().chain(
-            ["ip", "link", "set", "dev", &nic.tap, "master", bridge, "up"].map(str::to_owned),
-        );
-        let program = args.next().unwrap_or_default();
-        let output = tokio::process::Command::new(&program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|source| VmError::Spawn { program, source })?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(VmError::Api {
-                vmm: VMM,
-                request: format!("attaching {} to {bridge}", nic.tap),
-                message: format!(
-                    "ip exited with {}: {}; does the bridge {bridge} exist?",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
-            })
-        }
-    }
-
     /// QMP `query-status`: e.g. `running`, `paused`, `shutdown`.
     #[cfg(test)]
     pub async fn status(&self, spec: &VmSpec) -> Result<String, VmError> {
@@ -186,7 +155,7 @@ impl Vmm for Qemu {
                 ),
             })?;
         if let Some(bridge) = &self.bridge {
-            self.join_bridge(spec, bridge).await?;
+            super::join_bridge(VMM, &self.prefix, spec, bridge).await?;
         }
         Ok(pid)
     }

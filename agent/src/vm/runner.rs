@@ -189,10 +189,16 @@ fn report(assignment: &Assignment, outcome: &Outcome) -> Option<agent_message::K
     }
     let closure = assignment.closure.to_string();
     let (state, failed_phase, reason, current_system) = match outcome {
-        Outcome::Started | Outcome::Restarted => (
+        Outcome::Started => (
             MachineState::Succeeded,
             MachineState::Unspecified,
-            String::new(),
+            "started: the VM was not running".to_owned(),
+            closure,
+        ),
+        Outcome::Restarted { why } => (
+            MachineState::Succeeded,
+            MachineState::Unspecified,
+            format!("restarted: {why}"),
             closure,
         ),
         Outcome::Unchanged => (
@@ -233,7 +239,7 @@ fn log(outcomes: &BTreeMap<MachineName, Outcome>) {
             Outcome::InPlace => {
                 tracing::info!(%instance, "VM left running: its own agent switches it in place")
             }
-            Outcome::Started | Outcome::Restarted | Outcome::Removed => {
+            Outcome::Started | Outcome::Restarted { .. } | Outcome::Removed => {
                 tracing::info!(%instance, ?outcome, "VM reconciled")
             }
             Outcome::RolledBack { reason } | Outcome::Failed { reason } => {

@@ -184,6 +184,7 @@ fn with_placements(
             milli_cpus: capacity.milli_cpus,
             memory_bytes: capacity.memory_bytes,
             labels: Vec::new(),
+            vmm: capacity.vmm.clone(),
         };
         for (vm, cpus, memory) in placed.iter().filter(|(vm, ..)| vm.host == agent.machine) {
             free.milli_cpus = free

@@ -238,14 +238,16 @@ fn fresh_id(tx: &Tx<'_>, digest: &str) -> Result<DeploymentId, StoreError> {
     )))
 }
 
-/// Unfinished rows of `machines` in other deployments become SUPERSEDED;
-/// deployments left with only final rows are finished.
+/// Unfinished rows of other deployments become SUPERSEDED: those of
+/// `machines`, which the newer one deploys again, and those of machines it
+/// no longer has (removed from the blueprint, their change is moot).
+/// Deployments left with only final rows are finished.
 fn supersede_older(
     tx: &mut Tx<'_>,
     newer: &DeploymentId,
     machines: &[MachineName],
 ) -> Result<(), StoreError> {
-    // Usually the deployment before has finished: nothing to look up per machine.
+    // Usually the deployment before has finished: nothing to look up.
     let others_running: bool = tx
         .sql
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM deployments WHERE state = ?1 AND id != ?2)")?
@@ -256,40 +258,42 @@ fn supersede_older(
     if !others_running {
         return Ok(());
     }
+    let rows: Vec<(String, String, String, i32)> = {
+        let mut stmt = tx.sql.prepare_cached(
+            "SELECT m.deployment_id, m.machine, m.closure, m.state FROM machines m
+             JOIN deployments d ON d.id = m.deployment_id
+             WHERE m.deployment_id != ?1 AND d.state = ?2",
+        )?;
+        stmt.query_map(
+            params![newer.as_str(), DeploymentState::Running as i32],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?
+        .collect::<Result<_, _>>()?
+    };
+    let kept: BTreeSet<&str> = machines.iter().map(MachineName::as_str).collect();
     let mut touched = BTreeSet::new();
-    for machine in machines {
-        let rows: Vec<(String, String, i32)> = {
-            let mut stmt = tx.sql.prepare_cached(
-                "SELECT m.deployment_id, m.closure, m.state FROM machines m
-                 JOIN deployments d ON d.id = m.deployment_id
-                 WHERE m.machine = ?1 AND m.deployment_id != ?2 AND d.state = ?3",
-            )?;
-            stmt.query_map(
-                params![
-                    machine.as_str(),
-                    newer.as_str(),
-                    DeploymentState::Running as i32
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?
-            .collect::<Result<_, _>>()?
-        };
-        for (older, closure, state) in rows {
-            if machine_state(state).is_final() {
-                continue;
-            }
-            let older = parse_id(&older)?;
-            set_state(tx, &older, machine, MachineState::Superseded)?;
-            let update = MachineUpdate {
-                machine: machine.to_string(),
-                state: MachineState::Superseded as i32,
-                closure,
-                message: format!("superseded by {newer}"),
-                ..Default::default()
-            };
-            tx.emit(older.as_str(), event::Kind::Machine(update))?;
-            touched.insert(older);
+    for (older, machine, closure, state) in rows {
+        if machine_state(state).is_final() {
+            continue;
         }
+        let older = parse_id(&older)?;
+        let machine =
+            MachineName::parse(&machine).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        set_state(tx, &older, &machine, MachineState::Superseded)?;
+        let message = if kept.contains(machine.as_str()) {
+            format!("superseded by {newer}")
+        } else {
+            format!("superseded by {newer}, which no longer has {machine}")
+        };
+        let update = MachineUpdate {
+            machine: machine.to_string(),
+            state: MachineState::Superseded as i32,
+            closure,
+            message,
+            ..Default::default()
+        };
+        tx.emit(older.as_str(), event::Kind::Machine(update))?;
+        touched.insert(older);
     }
     for older in touched {
         finish_if_done(tx, older.as_str())?;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use procurator_core::artifact::Demand;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{
-    VmAssignment, VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event,
+    MachineState, VmAssignment, VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event,
 };
 use rusqlite::{OptionalExtension as _, params};
 
@@ -19,6 +19,9 @@ use crate::placement::{self, Host};
 /// A VM host unseen for this long is gone, and its instances are placed
 /// elsewhere; one that only reconnects meanwhile keeps them.
 pub const HOST_GONE_AFTER_MS: i64 = 10 * 60 * 1000;
+
+/// How the reason of a row whose VM instance has no host begins.
+const UNPLACED_NOTE: &str = "not placed: ";
 
 /// Place `artifact`'s VM instances and record it. Without a VM instance, or
 /// without any VM host (the VMs' own agents deploy them in place), nothing
@@ -91,12 +94,32 @@ pub(super) fn place_vms(
             });
         }
     }
+    // An unplaced instance's row waits, saying why, for a host with room;
+    // one placed now loses that note.
+    tx.sql
+        .prepare_cached(&format!(
+            "UPDATE machines SET reason = '', updated_ms = ?2
+             WHERE deployment_id = ?1 AND state = ?3 AND reason LIKE '{UNPLACED_NOTE}%'"
+        ))?
+        .execute(params![id.as_str(), tx.now, MachineState::Pending as i32])?;
     for (instance, reason) in placed.unplaced {
         let machine = machine_of
             .get(&instance)
             .map(|(m, _)| m.to_string())
             .unwrap_or_default();
         tracing::warn!(deployment = %id, %instance, %reason, "VM instance not placed");
+        tx.sql
+            .prepare_cached(
+                "UPDATE machines SET reason = ?3, updated_ms = ?4
+                 WHERE deployment_id = ?1 AND machine = ?2 AND state = ?5",
+            )?
+            .execute(params![
+                id.as_str(),
+                instance.as_str(),
+                format!("{UNPLACED_NOTE}{reason}"),
+                tx.now,
+                MachineState::Pending as i32
+            ])?;
         event.unplaced.push(VmUnplaced {
             instance: instance.to_string(),
             machine,
@@ -283,6 +306,7 @@ fn known_hosts(tx: &Tx<'_>) -> Result<Vec<Host>, StoreError> {
                     milli_cpus: capacity.milli_cpus,
                     memory_bytes: capacity.memory_bytes,
                 },
+                vmm: capacity.vmm,
             })
         })
         .collect()

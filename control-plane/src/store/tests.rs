@@ -246,33 +246,26 @@ async fn a_newer_deployment_supersedes_unfinished_rows() {
     let (_dir, store) = open();
     let old = submit(&store, COMMIT_A, &[("web-1", "sys-a"), ("db-1", "sys-a")]).await;
     connect_and_schedule(&store, "web-1").await;
-    let new = submit(&store, COMMIT_B, &[("web-1", "sys-b")]).await;
+    let new = submit(&store, COMMIT_B, &[("web-1", "sys-b"), ("db-1", "sys-a")]).await;
     assert!(new.created);
     assert_ne!(old.id, new.id);
 
-    assert_eq!(
-        machine_state(&store, &old.id, "web-1").await,
-        MachineState::Superseded
-    );
-    // db-1 is not in the new deployment: still the old one's.
-    assert_eq!(
-        machine_state(&store, &old.id, "db-1").await,
-        MachineState::Pending
-    );
+    for machine in ["web-1", "db-1"] {
+        assert_eq!(
+            machine_state(&store, &old.id, machine).await,
+            MachineState::Superseded,
+            "{machine}"
+        );
+    }
     assert_eq!(schedule(&store).await, [m("web-1")]);
     let desired = desired(&store, "web-1").await.unwrap();
     assert_eq!(desired.deployment_id, new.id.as_str());
     assert!(desired.closure.ends_with("-sys-b"));
-
-    // The old deployment ends once its last machine does, as superseded.
-    let done = result(&store, "db-1", &old.id, MachineState::Succeeded).await;
     assert_eq!(
-        done,
-        ResultOutcome::Recorded {
-            finished: Some(DeploymentState::Superseded)
-        }
+        store.deployment_state(old.id.clone()).await.unwrap(),
+        Some(DeploymentState::Superseded)
     );
-    // A late result for the superseded row changes nothing.
+    // A late result for a superseded row changes nothing.
     assert_eq!(
         result(&store, "web-1", &old.id, MachineState::Succeeded).await,
         ResultOutcome::Stale
@@ -282,6 +275,35 @@ async fn a_newer_deployment_supersedes_unfinished_rows() {
     let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(ids, vec![new.id.as_str(), old.id.as_str()], "newest first");
     assert_eq!(store.list_deployments(1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_machine_left_out_of_the_newer_blueprint_is_superseded_too() {
+    let (_dir, store) = open();
+    let old = submit(&store, COMMIT_A, &[("web-1", "sys-a"), ("db-1", "sys-a")]).await;
+    // db-1 is gone from the blueprint: its pending change is moot, and the
+    // old deployment must not wait for it forever.
+    let new = submit(&store, COMMIT_B, &[("web-1", "sys-b")]).await;
+    assert_eq!(
+        machine_state(&store, &old.id, "db-1").await,
+        MachineState::Superseded
+    );
+    assert_eq!(
+        store.deployment_state(old.id.clone()).await.unwrap(),
+        Some(DeploymentState::Superseded)
+    );
+    let events = store
+        .events_after(0, Some(old.id.clone()), 100)
+        .await
+        .unwrap();
+    let said = events.iter().any(|e| match &e.kind {
+        Some(event::Kind::Machine(u)) => {
+            u.machine == "db-1"
+                && u.message == format!("superseded by {}, which no longer has db-1", new.id)
+        }
+        _ => false,
+    });
+    assert!(said, "{events:?}");
 }
 
 #[tokio::test]

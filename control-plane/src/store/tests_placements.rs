@@ -14,6 +14,7 @@ async fn connect_host(store: &Store, name: &str, generation: u64, cpus: u64, gib
             milli_cpus: cpus * 1000,
             memory_bytes: gib * GIB,
             labels: Vec::new(),
+            vmm: "cloud-hypervisor".into(),
         }),
         ..Default::default()
     };
@@ -46,6 +47,16 @@ fn placed(events: &[Event]) -> Vec<VmsPlaced> {
             Some(event::Kind::VmsPlaced(p)) => Some(p.clone()),
             _ => None,
         })
+        .collect()
+}
+
+/// Instance → the reason on its row in the newest deployment.
+async fn row_reasons(store: &Store) -> std::collections::BTreeMap<String, String> {
+    let newest = store.list_deployments(1).await.unwrap().remove(0);
+    newest
+        .machines
+        .into_iter()
+        .map(|row| (row.machine, row.reason))
         .collect()
 }
 
@@ -145,6 +156,16 @@ async fn what_the_hosts_cannot_hold_is_reported_unplaced() {
             .contains("no VM host has that much free"),
         "{p:?}"
     );
+    // The instance's row waits, and says why.
+    let reasons = row_reasons(&store).await;
+    let unplaced = &p.unplaced[0].instance;
+    assert_eq!(
+        reasons[unplaced],
+        format!("not placed: {}", p.unplaced[0].reason)
+    );
+    for placed in &p.placements {
+        assert_eq!(reasons[&placed.instance], "", "{reasons:?}");
+    }
 }
 
 #[tokio::test]
@@ -167,6 +188,9 @@ async fn a_host_that_comes_later_gets_the_vms_that_had_no_room() {
     assert!(store.replace_vms().await.unwrap());
     let second = placed(&all_events(&store).await).remove(1);
     assert!(second.unplaced.is_empty(), "{second:?}");
+    // Placed now: the row no longer says it has no host.
+    let reasons = row_reasons(&store).await;
+    assert!(reasons.values().all(String::is_empty), "{reasons:?}");
     assert_eq!(second.placements.len(), 2);
     // The one placed before stays where it was.
     let kept = &first.placements[0];

@@ -60,6 +60,8 @@ pub struct VmInstance {
     pub machine: MachineName,
     pub replica: u32,
     pub demand: Demand,
+    /// The machine's `deployment.backend`: the VMM its host must run.
+    pub backend: String,
 }
 
 impl MachineSpec {
@@ -153,6 +155,7 @@ impl DeploymentArtifact {
             .filter(|(_, spec)| spec.is_vm())
             .flat_map(|(machine, spec)| {
                 let demand = Demand::of(spec);
+                let backend = &spec.deployment.backend;
                 // Checked on parse: the names are valid.
                 let names = instance_names(machine, spec.replicas).unwrap_or_default();
                 names
@@ -163,6 +166,7 @@ impl DeploymentArtifact {
                         machine: machine.clone(),
                         replica,
                         demand,
+                        backend: backend.clone(),
                     })
             })
             .collect()

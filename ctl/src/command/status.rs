@@ -85,6 +85,11 @@ pub fn vm_hosts_table(agents: &[Agent]) -> Option<String> {
             Some(vec![
                 a.machine.clone(),
                 if a.connected { "yes" } else { "no" }.to_owned(),
+                if host.vmm.is_empty() {
+                    "-".to_owned()
+                } else {
+                    host.vmm.clone()
+                },
                 format!("{}/{}", cpus(free.milli_cpus), cpus(host.milli_cpus)),
                 format!(
                     "{}/{} MiB",
@@ -113,6 +118,7 @@ pub fn vm_hosts_table(agents: &[Agent]) -> Option<String> {
             &[
                 "VM-HOST",
                 "CONNECTED",
+                "VMM",
                 "FREE-CPUS",
                 "FREE-MEMORY",
                 "VMS",
@@ -167,6 +173,7 @@ pub fn agent_json(a: &Agent) -> Value {
             "cpus": h.milli_cpus as f64 / 1000.0,
             "memoryBytes": h.memory_bytes,
             "labels": h.labels,
+            "vmm": h.vmm,
             "freeCpus": a.vm_free.as_ref().map(|f| f.milli_cpus as f64 / 1000.0),
             "freeMemoryBytes": a.vm_free.as_ref().map(|f| f.memory_bytes),
             "vms": a.vms.iter().map(|v| json!({ "instance": v.instance, "machine": v.machine })).collect::<Vec<_>>(),
@@ -233,11 +240,13 @@ mod tests {
             milli_cpus: 1500,
             memory_bytes: 6 << 30,
             labels: vec!["rack-1".into(), "ssd".into()],
+            vmm: "qemu".into(),
         });
         all[1].vm_free = Some(procurator_proto::v1::VmHostCapacity {
             milli_cpus: 500,
             memory_bytes: 4 << 30,
             labels: Vec::new(),
+            vmm: "qemu".into(),
         });
         all[1].vms = vec![procurator_proto::v1::VmPlacement {
             instance: "web-0".into(),
@@ -248,11 +257,11 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2, "{table}");
         assert!(
-            lines[0].starts_with("VM-HOST   CONNECTED  FREE-CPUS"),
+            lines[0].starts_with("VM-HOST   CONNECTED  VMM   FREE-CPUS"),
             "{table}"
         );
         assert!(
-            lines[1].starts_with("worker-2  no         0.5/1.5    4096/6144 MiB  web-0"),
+            lines[1].starts_with("worker-2  no         qemu  0.5/1.5    4096/6144 MiB  web-0"),
             "{table}"
         );
         assert!(lines[1].ends_with("rack-1,ssd"), "{table}");
@@ -261,6 +270,7 @@ mod tests {
         let v = agent_json(&all[1]);
         assert_eq!(v["vmHost"]["cpus"], 1.5);
         assert_eq!(v["vmHost"]["labels"][1], "ssd");
+        assert_eq!(v["vmHost"]["vmm"], "qemu");
         assert_eq!(v["vmHost"]["freeCpus"], 0.5);
         assert_eq!(v["vmHost"]["vms"][0]["instance"], "web-0");
         assert_eq!(agent_json(&all[0])["vmHost"], Value::Null);

@@ -132,7 +132,10 @@ async fn vms_start_stay_change_roll_back_and_go_and_a_new_host_adopts_them() {
 
     // A new closure: restarted on it.
     let done = f.host.reconcile(&[f.assign("web-0", &b)]).await.unwrap();
-    assert_eq!(outcome(&done, "web-0"), Outcome::Restarted);
+    assert!(
+        matches!(outcome(&done, "web-0"), Outcome::Restarted { .. }),
+        "{done:?}"
+    );
     assert_ne!(f.pid("web-0").await, Some(first));
     assert!(
         f.console("web-0")
@@ -204,12 +207,22 @@ async fn a_guest_with_its_own_agent_is_switched_in_place_unless_its_kernel_line_
 
     // Without its agent the same change is a restart.
     let done = f.host.reconcile(&[f.assign("app", &b)]).await.unwrap();
-    assert_eq!(outcome(&done, "app"), Outcome::Restarted);
+    assert_eq!(
+        outcome(&done, "app"),
+        Outcome::Restarted {
+            why: "it has no agent of its own connected, which could switch it in place".into()
+        }
+    );
     let pid = f.pid("app").await.unwrap();
 
     // A new kernel command line needs a restart, agent or not.
     let done = f.host.reconcile(&[with_agent(&new_params)]).await.unwrap();
-    assert_eq!(outcome(&done, "app"), Outcome::Restarted);
+    assert_eq!(
+        outcome(&done, "app"),
+        Outcome::Restarted {
+            why: "its kernel command line changed".into()
+        }
+    );
     assert_ne!(f.pid("app").await, Some(pid));
     assert!(
         f.console("app")

@@ -122,7 +122,12 @@ fn outcomes_are_reported_for_the_rows_sent_only() {
     }
     let state = |outcome| report(&sent, &outcome).map(result).map(|r| r.state());
     assert_eq!(state(Outcome::Unchanged), Some(MachineState::Skipped));
-    assert_eq!(state(Outcome::Restarted), Some(MachineState::Succeeded));
+    let restarted = Outcome::Restarted {
+        why: "its kernel changed".into(),
+    };
+    let said = report(&sent, &restarted).map(result).unwrap();
+    assert_eq!(said.state(), MachineState::Succeeded);
+    assert_eq!(said.reason, "restarted: its kernel changed");
     let rolled = report(
         &sent,
         &Outcome::RolledBack {
