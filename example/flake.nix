@@ -30,23 +30,16 @@
         keyFile = "/etc/procurator/tls/agent.key";
       };
 
-      # Settings every machine shares: a cloud-hypervisor VM with a static
-      # address, and the agent.
+      # Settings every machine shares: a VM that a Procurator VM host runs
+      # under cloud-hypervisor (procurator.nixosModules.vm-guest: the host's
+      # store over virtiofs, a root in memory, the readiness line the host
+      # waits for), with a static address, and the agent, which updates the
+      # VM in place when its kernel stays the same.
       common =
         { pkgs, ... }:
         {
-          # cloud-hypervisor boots the closure's kernel and initrd directly,
-          # so there is no boot loader to install.
-          boot.loader.grub.enable = false;
-          boot.initrd.availableKernelModules = [
-            "virtio_pci"
-            "virtio_blk"
-            "virtio_net"
-          ];
-          fileSystems."/" = {
-            device = "/dev/vda";
-            fsType = "ext4";
-          };
+          procurator.vmGuest.enable = true;
+          boot.initrd.availableKernelModules = [ "virtio_net" ];
 
           networking.usePredictableInterfaceNames = false;
           networking.defaultGateway = "192.168.1.1";
@@ -123,6 +116,7 @@
       nixosSystem = nixpkgs.lib.nixosSystem;
       modules = [
         procurator.nixosModules.agent
+        procurator.nixosModules.vm-guest
         common
       ];
 

@@ -90,6 +90,10 @@ pub struct Cli {
     /// `deployment.backend` names it are placed here [default: cloud-hypervisor].
     #[arg(long, value_name = "VMM", requires = "vm_host")]
     pub vmm: Option<VmmKind>,
+    /// How long a VM may take from its start to reporting that it is up
+    /// and healthy, seconds; past it, the VM counts as broken.
+    #[arg(long, value_name = "SECS", requires = "vm_host", default_value_t = 300)]
+    pub vm_ready_timeout: u64,
     /// `text` or `json` logs on stderr.
     #[arg(
         long,
@@ -168,6 +172,8 @@ pub struct Config {
     pub vm_bridge: Option<String>,
     /// What runs its VMs.
     pub vmm: VmmKind,
+    /// How long a VM may take to report that it is up.
+    pub vm_ready_timeout: Duration,
 }
 
 impl Config {
@@ -230,6 +236,7 @@ impl Config {
             vm_host,
             vm_bridge: cli.vm_bridge.filter(|b| !b.is_empty()),
             vmm,
+            vm_ready_timeout: Duration::from_secs(cli.vm_ready_timeout.max(1)),
         })
     }
 }

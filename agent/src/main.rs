@@ -239,8 +239,10 @@ fn spawn_vm_runner<V: vm::Vmm + 'static>(
 ) -> (tokio::sync::watch::Sender<Option<VmAssignments>>, VmResults) {
     let (tx, rx) = tokio::sync::watch::channel(None);
     let (results_tx, results_rx) = tokio::sync::mpsc::channel(VM_RESULTS_CAPACITY);
+    let mut host = vm::host::VmHost::new(vmm, config.state_dir.join("vms"), "/".into());
+    host.ready_timeout = config.vm_ready_timeout;
     let runner = vm::runner::Runner {
-        host: vm::host::VmHost::new(vmm, config.state_dir.join("vms"), "/".into()),
+        host,
         nix: nix.clone(),
         substituters: config.substituters.clone(),
         trusted_public_keys: config.trusted_public_keys.clone(),

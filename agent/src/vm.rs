@@ -64,6 +64,12 @@ pub enum VmError {
     },
     #[error("the VM {name} stopped before it reported ready; see {log}")]
     Exited { name: String, log: PathBuf },
+    #[error("the guest {name} came up unhealthy: {why} (see {log})")]
+    Unhealthy {
+        name: String,
+        why: String,
+        log: PathBuf,
+    },
     #[error("the guest {name} reported booting {reported}, not {expected}")]
     WrongClosure {
         name: String,
@@ -127,6 +133,9 @@ pub(crate) async fn join_bridge(
 /// The line a guest prints on its serial console once it is up:
 /// `procurator-ready <the closure it booted>`.
 pub const READY_PREFIX: &str = "procurator-ready ";
+/// The line a guest prints instead when it came up unhealthy (e.g. with a
+/// failed unit): `procurator-unhealthy <the closure it booted> <why>`.
+pub const UNHEALTHY_PREFIX: &str = "procurator-unhealthy ";
 
 /// Waits until the guest's console log says it booted `spec.closure`.
 pub async fn wait_ready(spec: &VmSpec, timeout: std::time::Duration) -> Result<(), VmError> {
@@ -137,6 +146,13 @@ pub async fn wait_ready(spec: &VmSpec, timeout: std::time::Duration) -> Result<(
             .unwrap_or_default();
         match readiness(&log, spec.closure.as_str()) {
             Readiness::Ready => return Ok(()),
+            Readiness::Unhealthy(why) => {
+                return Err(VmError::Unhealthy {
+                    name: spec.name.to_string(),
+                    why,
+                    log: spec.serial_log(),
+                });
+            }
             Readiness::Other(reported) => {
                 return Err(VmError::WrongClosure {
                     name: spec.name.to_string(),
@@ -161,6 +177,8 @@ pub async fn wait_ready(spec: &VmSpec, timeout: std::time::Duration) -> Result<(
 #[derive(Debug, PartialEq, Eq)]
 enum Readiness {
     Ready,
+    /// The guest booted the closure and says it is not healthy, and why.
+    Unhealthy(String),
     /// A clean readiness line naming another closure.
     Other(String),
     NotYet,
@@ -175,6 +193,16 @@ enum Readiness {
 fn readiness(log: &str, expected: &str) -> Readiness {
     let mut other = None;
     for line in log.lines() {
+        if let Some(at) = line.find(UNHEALTHY_PREFIX)
+            && let Some(why) = line[at + UNHEALTHY_PREFIX.len()..].strip_prefix(expected)
+        {
+            let why = why.trim();
+            return Readiness::Unhealthy(if why.is_empty() {
+                "no reason given".to_owned()
+            } else {
+                why.to_owned()
+            });
+        }
         let Some(at) = line.find(READY_PREFIX) else {
             continue;
         };
@@ -455,6 +483,17 @@ mod tests {
             Readiness::Other(other.to_owned())
         );
         assert_eq!(readiness("booting\n", expected), Readiness::NotYet);
+        // A guest that came up with a failed unit says so, and why.
+        let unhealthy = format!(
+            "{UNHEALTHY_PREFIX}{expected} degraded: nginx.service failed\r\n{READY_PREFIX}{other}\n"
+        );
+        assert_eq!(
+            readiness(&unhealthy, expected),
+            Readiness::Unhealthy("degraded: nginx.service failed".into())
+        );
+        // ... only about the closure it was asked to boot.
+        let stale = format!("{UNHEALTHY_PREFIX}{other} degraded\n{READY_PREFIX}{expected}\n");
+        assert_eq!(readiness(&stale, expected), Readiness::Ready);
     }
 
     #[test]

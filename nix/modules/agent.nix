@@ -112,10 +112,23 @@ in
     vmHost = {
       enable = lib.mkEnableOption ''
         running the VM instances the control plane places on this machine
-        (`procurator-agent --vm-host`). The VMs run under QEMU and outlive
-        the agent: restarting or stopping the service leaves them running,
-        and the agent adopts them again when it starts
+        (`procurator-agent --vm-host`). The VMs outlive the agent:
+        restarting or stopping the service leaves them running, and the
+        agent adopts them again when it starts
       '';
+
+      vmm = lib.mkOption {
+        type = lib.types.enum [
+          "cloud-hypervisor"
+          "qemu"
+        ];
+        default = "cloud-hypervisor";
+        description = ''
+          What runs this host's VMs (`--vmm`). Only blueprint machines whose
+          `deployment.backend` names it are placed here. cloud-hypervisor
+          needs KVM; QEMU uses KVM where it can and TCG elsewhere.
+        '';
+      };
 
       cpus = lib.mkOption {
         type = lib.types.nullOr (lib.types.addCheck lib.types.number (n: n > 0));
@@ -148,11 +161,39 @@ in
         '';
       };
 
+      readyTimeout = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 300;
+        description = ''
+          Seconds a VM may take from its start to reporting that it is up
+          and healthy (`--vm-ready-timeout`); past it, the VM counts as
+          broken and, with the machine's autoRollback, goes back to the
+          closure it ran before.
+        '';
+      };
+
       qemuPackage = lib.mkOption {
         type = lib.types.package;
         default = pkgs.qemu_kvm;
         defaultText = lib.literalExpression "pkgs.qemu_kvm";
-        description = "Provides `qemu-system-x86_64`, which runs the VMs.";
+        description = "Provides `qemu-system-x86_64`, which runs the VMs when `vmm` is `qemu`.";
+      };
+
+      cloudHypervisorPackage = lib.mkOption {
+        type = lib.types.package;
+        default = pkgs.cloud-hypervisor;
+        defaultText = lib.literalExpression "pkgs.cloud-hypervisor";
+        description = "Provides `cloud-hypervisor`, which runs the VMs when `vmm` is `cloud-hypervisor`.";
+      };
+
+      virtiofsdPackage = lib.mkOption {
+        type = lib.types.package;
+        default = pkgs.virtiofsd;
+        defaultText = lib.literalExpression "pkgs.virtiofsd";
+        description = ''
+          Provides `virtiofsd`, one of which shares the host's /nix/store
+          read-only with each cloud-hypervisor VM.
+        '';
       };
     };
 
@@ -200,11 +241,23 @@ in
         config.nix.package
         pkgs.bash
       ]
-      ++ lib.optionals cfg.vmHost.enable [
-        cfg.vmHost.qemuPackage
-        # `ip link set dev TAP master BRIDGE up`.
-        pkgs.iproute2
-      ]
+      ++ lib.optionals cfg.vmHost.enable (
+        [
+          # `ip link set dev TAP master BRIDGE up`.
+          pkgs.iproute2
+        ]
+        ++ (
+          if cfg.vmHost.vmm == "qemu" then
+            [ cfg.vmHost.qemuPackage ]
+          else
+            [
+              cfg.vmHost.cloudHypervisorPackage
+              cfg.vmHost.virtiofsdPackage
+              # `setsid`: the VMM and virtiofsd run in sessions of their own.
+              pkgs.util-linux
+            ]
+        )
+      )
       ++ cfg.extraPackages;
 
       # switch-to-configuration, run by this very service, restarts the units
@@ -237,7 +290,13 @@ in
                 key
               ]) cfg.trustedPublicKeys
               ++ lib.optionals cfg.vmHost.enable (
-                [ "--vm-host" ]
+                [
+                  "--vm-host"
+                  "--vmm"
+                  cfg.vmHost.vmm
+                  "--vm-ready-timeout"
+                  (toString cfg.vmHost.readyTimeout)
+                ]
                 ++ lib.optionals (cfg.vmHost.cpus != null) [
                   "--vm-cpus"
                   # toString would write 1.5 as 1.500000.
@@ -271,8 +330,9 @@ in
         StateDirectory = cfg.stateDirectory;
         StateDirectoryMode = "0700";
 
-        # The VMs' QEMU processes live in this unit's control group; they
-        # must survive the agent's restarts (it adopts them again).
+        # The VMs' processes (QEMU, or cloud-hypervisor and virtiofsd) live
+        # in this unit's control group; they must survive the agent's
+        # restarts (it adopts them again).
         KillMode = if cfg.vmHost.enable then "process" else "control-group";
 
         Restart = "always";

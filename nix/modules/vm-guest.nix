@@ -41,6 +41,15 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    # The host boots the closure's kernel and initrd directly and attaches
+    # no disk: no boot loader, and a root in memory. What must outlive a
+    # restart belongs on the network (or define your own `/`).
+    boot.loader.grub.enable = lib.mkDefault false;
+    fileSystems."/" = lib.mkDefault {
+      device = "tmpfs";
+      fsType = "tmpfs";
+      options = [ "mode=0755" ];
+    };
     # The host's store, tagged `nix-store` by the VMM, read-only.
     fileSystems."/nix/.ro-store" = {
       device = "nix-store";
@@ -87,10 +96,12 @@ in
       else
         [ "virtiofs" ]
     );
-    # `procurator-ready <the closure running>`, as the host's wait_ready
-    # reads it from the serial console.
+    # The host's health check of a VM it (re)starts: once the boot has
+    # finished, `procurator-ready <the closure running>` when every unit
+    # came up, else `procurator-unhealthy <closure> <why>`, as the host's
+    # wait_ready reads them from the serial console.
     systemd.services.procurator-vm-ready = {
-      description = "Tell the Procurator VM host which closure runs";
+      description = "Tell the Procurator VM host which closure runs, and whether it is healthy";
       wantedBy = [ "multi-user.target" ];
       serviceConfig = {
         Type = "simple";
@@ -98,10 +109,21 @@ in
         TTYPath = "/dev/ttyS0";
         Restart = "always";
       };
-      path = [ pkgs.coreutils ];
+      path = [
+        pkgs.coreutils
+        config.systemd.package
+      ];
       script = ''
+        closure=$(readlink -f /run/current-system)
+        state=$(systemctl is-system-running --wait || true)
+        if [ "$state" = running ]; then
+          line="procurator-ready $closure"
+        else
+          failed=$(systemctl list-units --failed --plain --no-legend | cut -d' ' -f1 | tr '\n' ' ')
+          line="procurator-unhealthy $closure $state: failed units: ''${failed:-none}"
+        fi
         while true; do
-          echo "procurator-ready $(readlink -f /run/current-system)"
+          echo "$line"
           sleep ${toString cfg.readyInterval}
         done
       '';

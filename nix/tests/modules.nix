@@ -44,6 +44,9 @@ let
     bash = fakePackage "bash";
     qemu_kvm = fakePackage "qemu";
     iproute2 = fakePackage "iproute2";
+    cloud-hypervisor = fakePackage "cloud-hypervisor";
+    virtiofsd = fakePackage "virtiofsd";
+    util-linux = fakePackage "util-linux";
   };
 
   agent =
@@ -64,6 +67,7 @@ let
         inherit vmm;
         readyInterval = 7;
       };
+      config.systemd.package = fakePackage "systemd";
       pkgs = {
         coreutils = fakePackage "coreutils";
       };
@@ -157,11 +161,15 @@ optionChecks "agent.nix" (agent agentSettings).options
   ++ expect "guest 9p options" true (builtins.elem "trans=virtio" qemuGuest.fileSystems."/nix/.ro-store".options)
   ++ expect "guest store read-only" true (builtins.elem "ro" chGuest.fileSystems."/nix/.ro-store".options)
   ++ expect "guest writable layer" "/nix/.rw-store/store" qemuGuest.fileSystems."/nix/store".overlay.upperdir
+  ++ expect "guest root in memory" "tmpfs" qemuGuest.fileSystems."/".fsType
+  ++ expect "guest has no boot loader" false chGuest.boot.loader.grub.enable
   ++ expect "guest initrd modules (QEMU)" [ "virtio_pci" "overlay" "9p" "9pnet_virtio" ]
     qemuGuest.boot.initrd.availableKernelModules
   ++ expect "guest readiness on the serial console" "/dev/ttyS0" ready.serviceConfig.TTYPath
   ++ expect "guest readiness line" true (
-    stub.lib.hasInfix ''echo "procurator-ready $(readlink -f /run/current-system)"'' ready.script
+    stub.lib.hasInfix ''line="procurator-ready $closure"'' ready.script
+    && stub.lib.hasInfix "systemctl is-system-running --wait" ready.script
+    && stub.lib.hasInfix ''line="procurator-unhealthy $closure $state'' ready.script
   )
   ++ expect "guest readiness repeats" true (stub.lib.hasInfix "sleep 7" ready.script)
   ++ expect "guest disabled" { } (stub.evalModule {
@@ -190,23 +198,43 @@ optionChecks "agent.nix" (agent agentSettings).options
 )
 ++ (
   let
-    host = (agent (agentSettings // {
-      services.procurator-agent = agentSettings.services.procurator-agent // {
-        vmHost = {
-          enable = true;
-          cpus = 1.5;
-          memoryMiB = 4096;
-          labels = [ "rack-1" ];
-          bridge = "br0";
+    vmHost =
+      vmHost:
+      (agent (agentSettings // {
+        services.procurator-agent = agentSettings.services.procurator-agent // {
+          inherit vmHost;
         };
-      };
-    })).config.systemd.services.procurator-agent;
+      })).config.systemd.services.procurator-agent;
+    host = vmHost {
+      enable = true;
+      cpus = 1.5;
+      memoryMiB = 4096;
+      labels = [ "rack-1" ];
+      bridge = "br0";
+    };
+    qemuHost = vmHost {
+      enable = true;
+      vmm = "qemu";
+      readyTimeout = 600;
+    };
   in
   expect "VM host flags" true (
-    stub.lib.hasInfix ''"--vm-host" "--vm-cpus" "1.5" "--vm-memory-mib" "4096" "--vm-label" "rack-1" "--vm-bridge" "br0"'' host.serviceConfig.ExecStart
+    stub.lib.hasInfix ''"--vm-host" "--vmm" "cloud-hypervisor" "--vm-ready-timeout" "300" "--vm-cpus" "1.5" "--vm-memory-mib" "4096" "--vm-label" "rack-1" "--vm-bridge" "br0"'' host.serviceConfig.ExecStart
   )
   ++ expect "VM host keeps its VMs on restart" "process" host.serviceConfig.KillMode
-  ++ expect "VM host PATH" [ "nix" "bash" "qemu" "iproute2" "curl" ] (map (p: p.name) host.path)
+  ++ expect "VM host PATH" [
+    "nix"
+    "bash"
+    "iproute2"
+    "cloud-hypervisor"
+    "virtiofsd"
+    "util-linux"
+    "curl"
+  ] (map (p: p.name) host.path)
+  ++ expect "QEMU VM host flags" true (
+    stub.lib.hasInfix ''"--vm-host" "--vmm" "qemu" "--vm-ready-timeout" "600"'' qemuHost.serviceConfig.ExecStart
+  )
+  ++ expect "QEMU VM host PATH" [ "nix" "bash" "iproute2" "qemu" "curl" ] (map (p: p.name) qemuHost.path)
 )
 ++ expect "agent StateDirectory" "procurator-agent" agentUnit.serviceConfig.StateDirectory
 ++ expect "agent PATH" [ "nix" "bash" "curl" ] (map (p: p.name) agentUnit.path)

@@ -166,6 +166,8 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
         "br0",
         "--vmm",
         "qemu",
+        "--vm-ready-timeout",
+        "90",
     ])
     .unwrap()
     .unwrap();
@@ -175,6 +177,7 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
     assert_eq!(offered.labels, ["rack-1"]);
     assert_eq!(given.vm_bridge.as_deref(), Some("br0"));
     assert_eq!(given.vmm, VmmKind::Qemu);
+    assert_eq!(given.vm_ready_timeout, Duration::from_secs(90));
     assert_eq!(offered.vmm, "qemu", "the Hello says which backend it runs");
 
     let defaults = load(&["--vm-host"]).unwrap().unwrap().vm_host.unwrap();

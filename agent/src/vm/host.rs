@@ -41,6 +41,9 @@ pub struct Assignment {
     /// The instance's own agent is connected: a change it can switch to in
     /// place (same kernel, initrd, command line and size) needs no restart.
     pub guest_agent_connected: bool,
+    /// A new closure that does not come up goes back to the one before;
+    /// without it, the VM is left on the new closure.
+    pub auto_rollback: bool,
 }
 
 /// What reconciling did to one instance.
@@ -160,6 +163,7 @@ impl<V: Vmm> VmHost<V> {
             },
             deployment_id: String::new(),
             guest_agent_connected: false,
+            auto_rollback: true,
         }))
     }
 
@@ -230,6 +234,17 @@ impl<V: Vmm> VmHost<V> {
             Err(failure) => {
                 let reason = failure.to_string();
                 tracing::warn!(instance = %wanted.instance, %reason, "VM did not come up");
+                if !wanted.auto_rollback {
+                    // As a machine without autoRollback stays on its new
+                    // system: whatever runs is left for inspection.
+                    journal.vms.insert(name, target);
+                    self.save(journal).await?;
+                    return Ok(Outcome::Failed {
+                        reason: format!(
+                            "{reason}; autoRollback is off, so it is left on the new closure"
+                        ),
+                    });
+                }
                 self.vmm.stop(&state_dir, self.shutdown_grace).await?;
                 let previous = before.filter(|b| b.closure != target.closure);
                 if let Some(previous) = previous

@@ -110,6 +110,7 @@ impl<V: Vmm> Runner<V> {
                 },
                 deployment_id: vm.deployment_id.clone(),
                 guest_agent_connected: vm.guest_agent_connected,
+                auto_rollback: !vm.no_auto_rollback,
             };
             match self.fetch(&assignment.closure).await {
                 Ok(()) => wanted.push(assignment),

@@ -156,6 +156,7 @@ impl Store {
     /// of its newest row that was sent (or succeeded). A row still waiting
     /// for its wave is not run yet; a failed one is not run at all.
     pub async fn vm_assignments(&self, host: MachineName) -> Result<Vec<VmAssignment>, StoreError> {
+        let artifacts = self.inner.artifacts.clone();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&ASSIGNMENTS_QUERY)?;
             let rows = stmt
@@ -168,11 +169,24 @@ impl Store {
                         closure: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
                         deployment_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
                         guest_agent_connected: r.get(6)?,
+                        no_auto_rollback: false,
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             // An instance with nothing sent yet runs nothing yet.
-            Ok(rows.into_iter().filter(|a| !a.closure.is_empty()).collect())
+            let mut rows: Vec<VmAssignment> =
+                rows.into_iter().filter(|a| !a.closure.is_empty()).collect();
+            // autoRollback as the deployment whose closure it runs says.
+            for row in &mut rows {
+                let artifact = artifacts.get(conn, &row.deployment_id)?;
+                if let Some(spec) = MachineName::parse(&row.machine)
+                    .ok()
+                    .and_then(|m| artifact.blueprint.get(&m))
+                {
+                    row.no_auto_rollback = !spec.deployment.auto_rollback;
+                }
+            }
+            Ok(rows)
         })
         .await
     }

@@ -102,6 +102,7 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
         .into_iter()
         .flat_map(|set| set.unwrap())
         .inspect(|vm| assert!(vm.closure.ends_with("-sys"), "{vm:?}"))
+        .inspect(|vm| assert!(!vm.no_auto_rollback, "the blueprint's default: {vm:?}"))
         .map(|vm| vm.instance)
         .collect();
     assert_eq!(told.len(), 3, "{told:?}");
@@ -196,4 +197,34 @@ async fn a_host_that_comes_later_gets_the_vms_that_had_no_room() {
     let kept = &first.placements[0];
     assert_eq!(host_of(&second, &kept.instance), kept.host);
     assert!(!store.replace_vms().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_host_is_told_each_vms_auto_rollback() {
+    let (_dir, store) = open();
+    connect_host(&store, "host-a", 1, 4, 8).await;
+    let (mut parsed, _) = artifact_with(COMMIT_A, &[("web", "sys"), ("db", "sys")], "");
+    parsed
+        .blueprint
+        .get_mut(&m("db"))
+        .unwrap()
+        .deployment
+        .auto_rollback = false;
+    let json = parsed.canonical_json();
+    store
+        .submit(parsed, json, "ci".into(), false)
+        .await
+        .unwrap();
+    schedule(&store).await;
+    let told: std::collections::BTreeMap<String, bool> = store
+        .vm_assignments(m("host-a"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|vm| (vm.instance, !vm.no_auto_rollback))
+        .collect();
+    assert_eq!(
+        told,
+        std::collections::BTreeMap::from([("db".to_owned(), false), ("web".to_owned(), true)])
+    );
 }

@@ -79,6 +79,7 @@ impl Fixture {
             },
             deployment_id: String::new(),
             guest_agent_connected: false,
+            auto_rollback: true,
         }
     }
 
@@ -310,4 +311,30 @@ async fn a_missing_bridge_fails_the_start_and_says_so() {
         "{reason}"
     );
     assert_eq!(f.pid("web-0").await, None, "the half-started VM is stopped");
+}
+
+#[tokio::test]
+async fn without_auto_rollback_a_vm_that_does_not_come_up_stays_on_its_new_closure() {
+    let f = Fixture::new();
+    let _guard = f.guard("db");
+    let a = f.closure("a", true);
+    let broken = f.closure("broken", false);
+    let done = f.host.reconcile(&[f.assign("db", &a)]).await.unwrap();
+    assert_eq!(outcome(&done, "db"), Outcome::Started);
+
+    let no_rollback = Assignment {
+        auto_rollback: false,
+        ..f.assign("db", &broken)
+    };
+    let done = f.host.reconcile(&[no_rollback]).await.unwrap();
+    let Outcome::Failed { reason } = outcome(&done, "db") else {
+        panic!("expected a failure, got {done:?}");
+    };
+    assert!(reason.contains("autoRollback is off"), "{reason}");
+    // a was not booted again: the journal keeps the new closure (whose
+    // guest panicked, so nothing runs), and the next set retries it.
+    assert_eq!(f.pid("db").await, None);
+    let journal = std::fs::read_to_string(f.dir.path().join("vms/vms.json")).unwrap();
+    assert!(journal.contains(broken.as_str()), "{journal}");
+    assert!(!journal.contains(a.as_str()), "{journal}");
 }

@@ -110,6 +110,7 @@ fn outcomes_are_reported_for_the_rows_sent_only() {
         demand: Demand::default(),
         deployment_id: "d-3".into(),
         guest_agent_connected: true,
+        auto_rollback: true,
     };
     match report(&sent, &Outcome::InPlace) {
         Some(agent_message::Kind::VmInPlace(v)) => {
