@@ -111,11 +111,14 @@ impl<V: Vmm> VmHost<V> {
         let mut journal = self.load().await?;
         let mut outcomes = BTreeMap::new();
 
-        let unwanted: Vec<String> = journal
-            .vms
-            .keys()
+        // What the journal runs, and state folders it does not know: an
+        // agent killed between starting a VM and writing the journal leaves
+        // one (perhaps with its VMM still running).
+        let mut known: std::collections::BTreeSet<String> = journal.vms.keys().cloned().collect();
+        known.extend(self.state_folders().await?);
+        let unwanted: Vec<String> = known
+            .into_iter()
             .filter(|name| !wanted.iter().any(|a| a.instance.as_str() == name.as_str()))
-            .cloned()
             .collect();
         for name in unwanted {
             let state_dir = self.state_root.join(&name);
@@ -333,6 +336,28 @@ impl<V: Vmm> VmHost<V> {
                 });
             }
         }
+    }
+
+    /// The names of the folders under the state root that are instances'.
+    async fn state_folders(&self) -> Result<Vec<String>, VmError> {
+        let state = |source| VmError::State {
+            path: self.state_root.clone(),
+            source,
+        };
+        let mut entries = match tokio::fs::read_dir(&self.state_root).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(state(e)),
+        };
+        let mut names = Vec::new();
+        while let Some(entry) = entries.next_entry().await.map_err(state)? {
+            let is_dir = entry.file_type().await.is_ok_and(|t| t.is_dir());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_dir && MachineName::parse(&name).is_ok() {
+                names.push(name);
+            }
+        }
+        Ok(names)
     }
 
     fn journal_path(&self) -> PathBuf {

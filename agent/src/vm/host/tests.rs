@@ -338,3 +338,22 @@ async fn without_auto_rollback_a_vm_that_does_not_come_up_stays_on_its_new_closu
     assert!(journal.contains(broken.as_str()), "{journal}");
     assert!(!journal.contains(a.as_str()), "{journal}");
 }
+
+#[tokio::test]
+async fn a_state_folder_the_journal_does_not_know_is_cleared_away() {
+    // As an agent killed between starting a VM and writing its journal
+    // leaves it: a folder with a stale socket and pid file.
+    let dir = tempfile::tempdir().unwrap();
+    let host = Fixture::host(dir.path());
+    let orphan = dir.path().join("vms/lost-0");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("qemu.pid"), "999999999\n").unwrap();
+    std::fs::write(orphan.join("qmp.sock"), "").unwrap();
+    let done = host.reconcile(&[]).await.unwrap();
+    assert_eq!(outcome(&done, "lost-0"), Outcome::Removed);
+    assert!(!orphan.exists());
+    // Not an instance's folder: left alone.
+    std::fs::create_dir_all(dir.path().join("vms/.cache")).unwrap();
+    assert!(host.reconcile(&[]).await.unwrap().is_empty());
+    assert!(dir.path().join("vms/.cache").exists());
+}
