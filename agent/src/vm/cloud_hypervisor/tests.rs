@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::fake::{Role, script};
+use super::http::parse_response;
 use super::*;
 use crate::vm::openapi::OpenApi;
 use crate::vm::tests::spec;
