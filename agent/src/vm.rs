@@ -1,8 +1,9 @@
 //! VM hosts: an agent started with `--vm-host` runs the VM instances the
 //! control plane places on its machine, one VMM process per VM, behind
-//! [`Vmm`]. QEMU runs them today (with KVM where the CPU has it, TCG
-//! elsewhere); cloud-hypervisor is meant for production, and so far only
-//! its command lines and API bodies exist.
+//! [`Vmm`]: cloud-hypervisor (`--vmm cloud-hypervisor`, the default for
+//! production, with one virtiofsd per VM) or QEMU (`--vmm qemu`, with KVM
+//! where the CPU has it, TCG elsewhere, so the whole path also runs on
+//! machines without hardware virtualisation).
 //!
 //! A VM boots straight from its system closure: the closure's `kernel` and
 //! `initrd`, `init=<closure>/init` and the closure's `kernel-params` on the
