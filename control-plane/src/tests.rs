@@ -203,6 +203,9 @@ fn submit_request(machines: &[(&str, &str)]) -> SubmitRequest {
     }
 }
 
+// The test artifacts' machines are cloud-hypervisor VMs: with no VM host
+// connected, a VM whose own agent is connected deploys in place like any
+// machine.
 #[tokio::test]
 async fn an_agent_receives_and_completes_its_desired_state() {
     let server = TestServer::start(Duration::from_secs(10)).await;
