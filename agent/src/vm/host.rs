@@ -141,9 +141,13 @@ impl<V: Vmm> VmHost<V> {
             }
         }
 
-        for assignment in wanted {
-            let outcome = self.apply(&mut journal, assignment).await?;
-            outcomes.insert(assignment.instance.clone(), outcome);
+        // All at once: a host that boots twenty VMs after its own reboot
+        // should not wait for each guest's readiness in turn.
+        let journal = tokio::sync::Mutex::new(journal);
+        let applied =
+            futures::future::join_all(wanted.iter().map(|a| self.apply(&journal, a))).await;
+        for (assignment, outcome) in wanted.iter().zip(applied) {
+            outcomes.insert(assignment.instance.clone(), outcome?);
         }
         Ok(outcomes)
     }
@@ -196,11 +200,17 @@ impl<V: Vmm> VmHost<V> {
             .join(closure.as_str().trim_start_matches('/'))
     }
 
-    async fn apply(&self, journal: &mut Journal, wanted: &Assignment) -> Result<Outcome, VmError> {
+    /// Makes one instance run what it is assigned; `journal` is shared with
+    /// the other instances' applications running at the same time.
+    async fn apply(
+        &self,
+        journal: &tokio::sync::Mutex<Journal>,
+        wanted: &Assignment,
+    ) -> Result<Outcome, VmError> {
         let name = wanted.instance.as_str().to_owned();
         let state_dir = self.state_root.join(&name);
         let running = self.vmm.pid(&state_dir).await.is_some();
-        let before = journal.vms.get(&name).cloned();
+        let before = journal.lock().await.vms.get(&name).cloned();
         let target = Running {
             closure: wanted.closure.to_string(),
             milli_cpus: wanted.demand.milli_cpus,
@@ -225,8 +235,7 @@ impl<V: Vmm> VmHost<V> {
         }
         match self.boot(&wanted.instance, &target).await {
             Ok(()) => {
-                journal.vms.insert(name, target);
-                self.save(journal).await?;
+                self.record(journal, name, Some(target)).await?;
                 tracing::info!(instance = %wanted.instance, closure = %wanted.closure, "VM running");
                 Ok(if running {
                     Outcome::Restarted { why: why.into() }
@@ -240,8 +249,7 @@ impl<V: Vmm> VmHost<V> {
                 if !wanted.auto_rollback {
                     // As a machine without autoRollback stays on its new
                     // system: whatever runs is left for inspection.
-                    journal.vms.insert(name, target);
-                    self.save(journal).await?;
+                    self.record(journal, name, Some(target)).await?;
                     return Ok(Outcome::Failed {
                         reason: format!(
                             "{reason}; autoRollback is off, so it is left on the new closure"
@@ -253,13 +261,11 @@ impl<V: Vmm> VmHost<V> {
                 if let Some(previous) = previous
                     && self.boot(&wanted.instance, &previous).await.is_ok()
                 {
-                    journal.vms.insert(name, previous);
-                    self.save(journal).await?;
+                    self.record(journal, name, Some(previous)).await?;
                     return Ok(Outcome::RolledBack { reason });
                 }
                 self.vmm.stop(&state_dir, self.shutdown_grace).await?;
-                journal.vms.remove(&name);
-                self.save(journal).await?;
+                self.record(journal, name, None).await?;
                 Ok(Outcome::Failed { reason })
             }
         }
@@ -336,6 +342,21 @@ impl<V: Vmm> VmHost<V> {
                 });
             }
         }
+    }
+
+    /// Writes what `name` runs now (`None`: nothing) to the journal.
+    async fn record(
+        &self,
+        journal: &tokio::sync::Mutex<Journal>,
+        name: String,
+        running: Option<Running>,
+    ) -> Result<(), VmError> {
+        let mut journal = journal.lock().await;
+        match running {
+            Some(running) => journal.vms.insert(name, running),
+            None => journal.vms.remove(&name),
+        };
+        self.save(&journal).await
     }
 
     /// The names of the folders under the state root that are instances'.

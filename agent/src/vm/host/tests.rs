@@ -357,3 +357,71 @@ async fn a_state_folder_the_journal_does_not_know_is_cleared_away() {
     assert!(host.reconcile(&[]).await.unwrap().is_empty());
     assert!(dir.path().join("vms/.cache").exists());
 }
+
+/// A VMM whose starts only succeed once `n` of them are in flight at the
+/// same time: it tells a reconcile that boots in turn from one that boots
+/// at once. Its "guests" are ready as soon as they start.
+struct Rendezvous {
+    barrier: tokio::sync::Barrier,
+    running: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
+}
+
+impl Vmm for Rendezvous {
+    async fn start(&self, spec: &VmSpec) -> Result<nix::unistd::Pid, VmError> {
+        let together = tokio::time::timeout(Duration::from_secs(20), self.barrier.wait());
+        if together.await.is_err() {
+            return Err(VmError::Timeout {
+                vmm: "rendezvous",
+                what: "see the other VMs start alongside this one",
+                secs: 20,
+                log: spec.serial_log(),
+            });
+        }
+        std::fs::create_dir_all(&spec.state_dir).unwrap();
+        std::fs::write(
+            spec.serial_log(),
+            format!("{}{}\n", crate::vm::READY_PREFIX, spec.closure),
+        )
+        .unwrap();
+        self.running.lock().unwrap().insert(spec.state_dir.clone());
+        Ok(nix::unistd::Pid::this())
+    }
+
+    async fn pid(&self, state_dir: &Path) -> Option<nix::unistd::Pid> {
+        self.running
+            .lock()
+            .unwrap()
+            .contains(state_dir)
+            .then(nix::unistd::Pid::this)
+    }
+
+    async fn stop(&self, state_dir: &Path, _grace: Duration) -> Result<(), VmError> {
+        self.running.lock().unwrap().remove(state_dir);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_vms_of_one_set_boot_at_the_same_time() {
+    let f = Fixture::new();
+    let a = f.closure("a", true);
+    let vmm = Rendezvous {
+        barrier: tokio::sync::Barrier::new(3),
+        running: Default::default(),
+    };
+    let host = VmHost::new(vmm, f.dir.path().join("vms"), f.dir.path().join("root"));
+    let set = [
+        f.assign("web-0", &a),
+        f.assign("web-1", &a),
+        f.assign("db", &a),
+    ];
+    let done = host.reconcile(&set).await.unwrap();
+    assert!(
+        done.values().all(|o| *o == Outcome::Started),
+        "one at a time would have timed out waiting for the others: {done:?}"
+    );
+    let journal = std::fs::read_to_string(f.dir.path().join("vms/vms.json")).unwrap();
+    for instance in ["web-0", "web-1", "db"] {
+        assert!(journal.contains(&format!("\"{instance}\"")), "{journal}");
+    }
+}
