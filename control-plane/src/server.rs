@@ -177,6 +177,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
             source,
         })?;
     }
+    tell_systemd(&format!("READY=1\nSTATUS=serving on {addr}"));
 
     tokio::select! {
         () = signal.cancelled() => {}
@@ -189,6 +190,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
 
     tracing::info!("shutting down");
+    tell_systemd("STOPPING=1\nSTATUS=draining in-flight RPCs");
     for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
         health
             .set_service_status(name, ServingStatus::NotServing)
@@ -211,6 +213,14 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A `Type=notify` unit's state; nothing outside systemd. A failure is only
+/// logged: serving matters more than telling.
+fn tell_systemd(state: &str) {
+    if let Err(e) = procurator_core::sd_notify::notify(state) {
+        tracing::warn!(error = %e, state, "cannot notify systemd ($NOTIFY_SOCKET)");
+    }
 }
 
 async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServerError> {

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod names;
 pub mod nix;
 pub mod pki;
+pub mod sd_notify;
 pub mod store_path;
 pub mod telemetry;
 pub mod tls;

@@ -133,9 +133,9 @@ in
       startLimitIntervalSec = 0;
 
       serviceConfig = {
-        # The binary does not send sd_notify readiness yet; `exec` at least
-        # fails the start when the binary cannot be executed.
-        Type = "exec";
+        # READY=1 once it listens, so units ordered after this one start
+        # when agents and CI can reach it.
+        Type = "notify";
         ExecStart = lib.concatStringsSep " " (
           [
             (utils.escapeSystemdExecArgs [
@@ -195,7 +195,7 @@ in
         ProtectControlGroups = true;
         ProtectProc = "invisible";
         ProcSubset = "pid";
-        # AF_UNIX for the journal and, later, sd_notify.
+        # AF_UNIX for the journal and sd_notify.
         RestrictAddressFamilies = [
           "AF_INET"
           "AF_INET6"

@@ -329,4 +329,5 @@ optionChecks "agent.nix" (agent agentSettings).options
 ++ expect "control plane on IPv6" true (
   builtins.match ''.*"--listen" "\[::]:443".*'' cpLowPort.serviceConfig.ExecStart != null
 )
+++ expect "control plane tells systemd when it serves" "notify" cpUnit.serviceConfig.Type
 ++ expect "control plane AmbientCapabilities on a high port" false (cpUnit.serviceConfig ? AmbientCapabilities)
