@@ -130,6 +130,24 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// An agent stream as `name` whose `first` message is accepted: the
+    /// server's `Welcome` has been read.
+    async fn connect(
+        &self,
+        name: &str,
+        first: AgentMessage,
+    ) -> (mpsc::Sender<AgentMessage>, Streaming<ControlMessage>) {
+        let (tx, response) = self.dial(Role::Agent, name, Some(first)).await;
+        let mut stream = response.unwrap();
+        assert!(matches!(
+            next(&mut stream).await,
+            control_message::Kind::Welcome(_)
+        ));
+        (tx, stream)
+    }
+}
+
 async fn wait_for_ready_file(path: &Path) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -370,18 +388,8 @@ async fn the_handshake_is_checked() {
 #[tokio::test]
 async fn a_second_connection_replaces_the_first() {
     let server = TestServer::start(Duration::from_secs(10)).await;
-    let (_tx1, first) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-    let mut first = first.unwrap();
-    assert!(matches!(
-        next(&mut first).await,
-        control_message::Kind::Welcome(_)
-    ));
-    let (_tx2, second) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-    let mut second = second.unwrap();
-    assert!(matches!(
-        next(&mut second).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (_tx1, mut first) = server.connect("web-1", hello()).await;
+    let (_tx2, mut second) = server.connect("web-1", hello()).await;
     assert_eq!(ending_status(&mut first).await, Code::Aborted);
 
     // The old stream's end did not mark the machine disconnected: a
@@ -411,12 +419,7 @@ async fn after_a_restart_an_agent_is_welcomed_at_its_first_dial() {
     let mut server = TestServer::start(Duration::from_secs(10)).await;
     // Several connections: the store remembers generation 3 for web-1.
     for _ in 0..3 {
-        let (_tx, stream) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-        let mut stream = stream.unwrap();
-        assert!(matches!(
-            next(&mut stream).await,
-            control_message::Kind::Welcome(_)
-        ));
+        let (_tx, _stream) = server.connect("web-1", hello()).await;
     }
     server.restart().await;
 
@@ -465,12 +468,7 @@ async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
     assert_eq!(list().await[0].vm_host, Some(capacity(8, 32, &["rack-1"])));
 
     // Restarted without --vm-host: no longer a VM host.
-    let (_tx2, again) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-    let mut again = again.unwrap();
-    assert!(matches!(
-        next(&mut again).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (_tx2, _again) = server.connect("web-1", hello()).await;
     assert_eq!(list().await[0].vm_host, None);
 }
 
@@ -479,12 +477,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
     let server = TestServer::start(Duration::from_secs(10)).await;
     let hello = vm_host_hello(4, 8, &[]);
     // web-1 stands in for the VM host here: its certificate is the one issued.
-    let (report, stream) = server.dial(Role::Agent, "web-1", Some(hello)).await;
-    let mut host = stream.unwrap();
-    assert!(matches!(
-        next(&mut host).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (report, mut host) = server.connect("web-1", hello).await;
     let assigned = |kind| match kind {
         control_message::Kind::VmAssignments(a) => a.vms,
         other => panic!("expected VM assignments, got {other:?}"),
@@ -534,14 +527,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
 
     // The host reports for its instances, and a result for an instance it
     // does not host is ignored: app-2 is moved onto a second host first.
-    let (other_tx, other) = server
-        .dial(Role::Agent, "web-2", Some(vm_host_hello(4, 8, &[])))
-        .await;
-    let mut other = other.unwrap();
-    assert!(matches!(
-        next(&mut other).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (other_tx, _other) = server.connect("web-2", vm_host_hello(4, 8, &[])).await;
     for instance in ["app-1", "app-2"] {
         let result = ActivationResult {
             instance: instance.into(),
@@ -634,21 +620,9 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
 #[tokio::test]
 async fn a_vm_with_its_own_agent_goes_through_its_host_which_leaves_it_in_place() {
     let server = TestServer::start(Duration::from_secs(10)).await;
-    let (host_tx, host) = server
-        .dial(Role::Agent, "web-1", Some(vm_host_hello(4, 8, &[])))
-        .await;
-    let mut host = host.unwrap();
-    assert!(matches!(
-        next(&mut host).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (host_tx, mut host) = server.connect("web-1", vm_host_hello(4, 8, &[])).await;
     // The VM's own agent, inside the guest.
-    let (_guest_tx, guest) = server.dial(Role::Agent, "web-2", Some(hello())).await;
-    let mut guest = guest.unwrap();
-    assert!(matches!(
-        next(&mut guest).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (_guest_tx, mut guest) = server.connect("web-2", hello()).await;
 
     let mut ci = server.deployments(Role::Ci, "ci");
     let id = ci

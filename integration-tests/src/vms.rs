@@ -104,15 +104,7 @@ pub fn state_dir(host: &TestHost, instance: &str) -> PathBuf {
 /// The QEMU processes (pids as this machine sees them) running VM
 /// `instance` of `host`, found by the state folder on their command line.
 pub fn qemu_pids(host: &TestHost, instance: &str) -> Vec<i32> {
-    let marker = format!("{}/", state_dir(host, instance).display());
-    processes()
-        .into_iter()
-        .filter(|(_, args)| {
-            args.first().is_some_and(|a| a.contains("qemu-system"))
-                && args.iter().any(|a| a.contains(&marker))
-        })
-        .map(|(pid, _)| pid)
-        .collect()
+    qemu_pids_under(&state_dir(host, instance))
 }
 
 /// The one QEMU process of `instance` on `host`; fails on none or several.
@@ -128,7 +120,12 @@ pub fn qemu_pid(host: &TestHost, instance: &str) -> Result<i32> {
 
 /// Every QEMU process started by `host`'s agent, whatever VM it runs.
 pub fn all_qemu_pids(host: &TestHost) -> Vec<i32> {
-    let marker = format!("{}/", host.dir().join("state/vms").display());
+    qemu_pids_under(&host.dir().join("state/vms"))
+}
+
+/// QEMU processes with a path under `dir` on their command line.
+fn qemu_pids_under(dir: &Path) -> Vec<i32> {
+    let marker = format!("{}/", dir.display());
     processes()
         .into_iter()
         .filter(|(_, args)| {

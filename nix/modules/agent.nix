@@ -11,7 +11,7 @@
 let
   cfg = config.services.procurator-agent;
 
-  inherit (import ./types.nix lib) secretPath;
+  inherit (import ./types.nix lib) secretPath vmm;
 
   # What `procurator-agent --substituter` and `nix copy --from` accept.
   storeUri = lib.types.strMatching "(/|[A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]+";
@@ -118,10 +118,7 @@ in
       '';
 
       vmm = lib.mkOption {
-        type = lib.types.enum [
-          "cloud-hypervisor"
-          "qemu"
-        ];
+        type = vmm;
         default = "cloud-hypervisor";
         description = ''
           What runs this host's VMs (`--vmm`). Only blueprint machines whose

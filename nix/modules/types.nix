@@ -9,4 +9,11 @@ lib: {
     // {
       description = "absolute path outside the Nix store";
     };
+
+  # What runs a VM: a blueprint machine's `deployment.backend` for VMs, a VM
+  # host's `--vmm` (procurator_core::artifact::VM_BACKENDS).
+  vmm = lib.types.enum [
+    "cloud-hypervisor"
+    "qemu"
+  ];
 }

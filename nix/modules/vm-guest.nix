@@ -10,6 +10,7 @@
   ...
 }:
 let
+  inherit (import ./types.nix lib) vmm;
   cfg = config.procurator.vmGuest;
   qemu = cfg.vmm == "qemu";
 in
@@ -18,10 +19,7 @@ in
     enable = lib.mkEnableOption "running this system as a VM of a Procurator VM host";
 
     vmm = lib.mkOption {
-      type = lib.types.enum [
-        "cloud-hypervisor"
-        "qemu"
-      ];
+      type = vmm;
       default = "cloud-hypervisor";
       description = ''
         The VMM the host runs this VM under, as the blueprint's

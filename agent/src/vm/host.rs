@@ -219,16 +219,17 @@ impl<V: Vmm> VmHost<V> {
         if running && before.as_ref() == Some(&target) {
             return Ok(Outcome::Unchanged);
         }
+        // Why it is (re)started rather than left to its own agent.
         let why = match &before {
+            _ if !running => "it was not running",
             _ if !wanted.guest_agent_connected => {
                 "it has no agent of its own connected, which could switch it in place"
             }
+            None => "the host's journal did not say what it ran",
             Some(before) => match self.restart_reason(&wanted.instance, before, &target) {
                 Some(why) => why,
-                None if running => return Ok(Outcome::InPlace),
-                None => "it was not running",
+                None => return Ok(Outcome::InPlace),
             },
-            None => "it was not running",
         };
         if running {
             self.vmm.stop(&state_dir, self.shutdown_grace).await?;

@@ -97,11 +97,16 @@ pub(super) fn place_vms(
     // An unplaced instance's row waits, saying why, for a host with room;
     // one placed now loses that note.
     tx.sql
-        .prepare_cached(&format!(
+        .prepare_cached(
             "UPDATE machines SET reason = '', updated_ms = ?2
-             WHERE deployment_id = ?1 AND state = ?3 AND reason LIKE '{UNPLACED_NOTE}%'"
-        ))?
-        .execute(params![id.as_str(), tx.now, MachineState::Pending as i32])?;
+             WHERE deployment_id = ?1 AND state = ?3 AND reason LIKE ?4 || '%'",
+        )?
+        .execute(params![
+            id.as_str(),
+            tx.now,
+            MachineState::Pending as i32,
+            UNPLACED_NOTE
+        ])?;
     for (instance, reason) in placed.unplaced {
         let machine = machine_of
             .get(&instance)

@@ -63,12 +63,7 @@ async fn metrics_count_agents_rpcs_and_deployments() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
-    let (_tx, response) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-    let mut stream = response.unwrap();
-    assert!(matches!(
-        next(&mut stream).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (_tx, mut stream) = server.connect("web-1", hello()).await;
     assert!(matches!(
         next(&mut stream).await,
         control_message::Kind::DesiredState(_)

@@ -23,12 +23,7 @@ async fn confirm_is_answered_then_refused_after_cancel() {
         .unwrap()
         .into_inner()
         .deployment_id;
-    let (tx, response) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-    let mut stream = response.unwrap();
-    assert!(matches!(
-        next(&mut stream).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (tx, mut stream) = server.connect("web-1", hello()).await;
     let control_message::Kind::DesiredState(desired) = next(&mut stream).await else {
         panic!("no DesiredState")
     };
@@ -233,12 +228,7 @@ async fn an_offline_machine_ends_unreachable_and_converges_when_it_connects() {
     assert_eq!(seen, [MachineState::Unreachable]);
 
     // The agent comes back: the row re-opens and the machine gets it.
-    let (_tx, response) = server.dial(Role::Agent, "web-1", Some(hello())).await;
-    let mut stream = response.unwrap();
-    assert!(matches!(
-        next(&mut stream).await,
-        control_message::Kind::Welcome(_)
-    ));
+    let (_tx, mut stream) = server.connect("web-1", hello()).await;
     let control_message::Kind::DesiredState(desired) = next(&mut stream).await else {
         panic!("no DesiredState")
     };
