@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use procurator_core::Role;
+use procurator_core::intent::PublicKey;
 use procurator_core::telemetry::LogFormat;
 use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::VmHostCapacity;
@@ -39,8 +40,9 @@ pub struct Cli {
         default_value = "/var/lib/procurator-agent"
     )]
     pub state_dir: PathBuf,
-    /// A binary cache to pull closures from, tried before the deployment's own
-    /// (repeatable; the environment variable is space separated).
+    /// A binary cache to pull closures from, tried in order (repeatable; the
+    /// environment variable is space separated). Caches are the agent's own
+    /// configuration: the control plane cannot add one.
     #[arg(
         long = "substituter",
         env = "PROCURATOR_SUBSTITUTERS",
@@ -57,6 +59,18 @@ pub struct Cli {
         value_delimiter = ' '
     )]
     pub trusted_public_keys: Vec<String>,
+    /// The public half of a key deployments must be signed with, `name:base64`
+    /// as `nix key convert-secret-to-public` prints it (repeatable; the
+    /// environment variable is space separated). With one, the agent acts
+    /// only on statements signed by these keys, for this machine, newer than
+    /// the last it accepted; without, it trusts the control plane.
+    #[arg(
+        long = "intent-public-key",
+        env = "PROCURATOR_INTENT_PUBLIC_KEYS",
+        value_name = "KEY",
+        value_delimiter = ' '
+    )]
+    pub intent_public_keys: Vec<String>,
     /// The system profile that holds the boot generations.
     #[arg(
         long,
@@ -143,6 +157,8 @@ pub enum ConfigError {
         "--trusted-public-key {0:?} is not a Nix public key: expected NAME:BASE64, as `nix key convert-secret-to-public` prints"
     )]
     Key(String),
+    #[error("--intent-public-key {key:?}: {why}")]
+    IntentKey { key: String, why: String },
     #[error("--{0} must be at least 1 second")]
     TooShort(&'static str),
     #[error("--vm-cpus {0} is not a positive number of CPUs")]
@@ -163,6 +179,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
+    /// Empty: the control plane is trusted for what runs.
+    pub intent_public_keys: Vec<PublicKey>,
     pub system_profile: PathBuf,
     pub keepalive: Duration,
     pub max_backoff: Duration,
@@ -192,6 +210,13 @@ impl Config {
         if let Some(bad) = trusted_public_keys.iter().find(|k| !is_public_key(k)) {
             return Err(ConfigError::Key(bad.clone()));
         }
+        let intent_public_keys = non_empty(cli.intent_public_keys)
+            .into_iter()
+            .map(|key| {
+                key.parse::<PublicKey>()
+                    .map_err(|why| ConfigError::IntentKey { key, why })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if cli.keepalive == 0 {
             return Err(ConfigError::TooShort("keepalive"));
         }
@@ -230,6 +255,7 @@ impl Config {
             state_dir: cli.state_dir,
             substituters,
             trusted_public_keys,
+            intent_public_keys,
             system_profile: cli.system_profile,
             keepalive,
             max_backoff: Duration::from_secs(cli.max_backoff),

@@ -18,7 +18,6 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::deployer::Activity;
 use crate::desired::Inbound;
 use crate::outbox::{Outbox, Outgoing};
 use crate::system::SystemPaths;
@@ -84,7 +83,6 @@ pub struct Dialer {
     pub outbox: Arc<Outbox>,
     /// Desired states and cancellations, for the deployer.
     pub desired: mpsc::Sender<Inbound>,
-    pub activity: Arc<Activity>,
     pub paths: SystemPaths,
     pub nix: Nix,
     /// What this machine offers VMs, sent in every Hello; `None` on a plain machine.
@@ -220,7 +218,6 @@ impl Dialer {
             current_system: self.paths.current_system().unwrap_or_default(),
             booted_system: self.paths.booted_system().unwrap_or_default(),
             nix_version,
-            active_deployment_id: self.activity.active_deployment().unwrap_or_default(),
             vm_host: self.vm_host.clone(),
         }
     }

@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use futures::future::OptionFuture;
+use procurator_core::MachineName;
 use procurator_proto::v1::{Cancel, DesiredState, MachineState};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -13,6 +14,7 @@ use tracing::Instrument as _;
 
 use crate::activation::{Activator, ProgressSink};
 use crate::desired::{Desired, Inbound, clip};
+use crate::intent::IntentPolicy;
 use crate::outbox::Outbox;
 use crate::outcome::{Failure, Outcome};
 use crate::reboot::reboot_after_report;
@@ -65,6 +67,10 @@ pub struct Deployer {
     pub activator: Arc<Activator>,
     pub outbox: Arc<Outbox>,
     pub activity: Arc<Activity>,
+    /// Which statements this agent acts on.
+    pub intents: Arc<IntentPolicy>,
+    /// This machine, as its certificate names it: the name a statement must be for.
+    pub machine: MachineName,
 }
 
 impl Deployer {
@@ -124,23 +130,17 @@ impl Deployer {
         running: &mut Option<Running>,
         pending: &mut Option<Desired>,
     ) {
-        let desired = match Desired::from_proto(&state) {
+        // Before anything else: nothing is copied for a statement refused.
+        let intent = match self
+            .intents
+            .admit(&self.machine, &state.closure, &state.intent)
+        {
+            Ok(intent) => intent,
+            Err(reason) => return self.refuse(&state, reason),
+        };
+        let desired = match Desired::from_proto(&state, intent.as_ref()) {
             Ok(desired) => desired,
-            Err(e) => {
-                tracing::warn!(deployment = %clip(&state.deployment_id, 64), error = %e, "refusing a desired state");
-                self.outbox.record(Outcome::failed(
-                    &clip(&state.deployment_id, 64),
-                    &clip(&state.closure, 300),
-                    MachineState::Failed,
-                    Failure::new(
-                        MachineState::Unspecified,
-                        format!("refused the desired state: {e}"),
-                        "",
-                    ),
-                    self.activator.paths.current_system().unwrap_or_default(),
-                ));
-                return;
-            }
+            Err(e) => return self.refuse(&state, format!("refused the desired state: {e}")),
         };
         let key = key_of(&desired);
         if running.as_ref().is_some_and(|r| r.key == key)
@@ -161,6 +161,18 @@ impl Deployer {
             return;
         }
         *running = Some(self.start(desired));
+    }
+
+    /// Reports `state` as refused, with `reason`; nothing ran.
+    fn refuse(&self, state: &DesiredState, reason: String) {
+        tracing::warn!(deployment = %clip(&state.deployment_id, 64), %reason, "refusing a desired state");
+        self.outbox.record(Outcome::failed(
+            &clip(&state.deployment_id, 64),
+            &clip(&state.closure, 300),
+            MachineState::Failed,
+            Failure::new(MachineState::Unspecified, reason, ""),
+            self.activator.paths.current_system().unwrap_or_default(),
+        ));
     }
 
     /// Drops the queued desired state of a cancelled deployment. One that

@@ -1,17 +1,19 @@
 //! A `DesiredState` from the control plane, validated before anything runs.
+//! With intent keys, what runs comes from the signed statement instead
+//! (crate::intent); the limits are the artifact's own (invariant 10).
 
 use std::time::Duration;
 
+use procurator_core::artifact::{MAX_CHECK_COMMAND_BYTES, MAX_HEALTH_CHECKS};
+use procurator_core::intent::Intent;
 use procurator_core::names::NameError;
 use procurator_core::store_path::StorePathError;
 use procurator_core::{DeploymentId, StorePath};
-use procurator_proto::v1::{Cancel, DesiredState};
+use procurator_proto::v1::{Cancel, DesiredState, HealthCheck};
 
 use crate::health::Check;
 
 const MAX_SUBSTITUTER_LEN: usize = 1024;
-const MAX_HEALTH_CHECKS: usize = 64;
-const MAX_CHECK_COMMAND_LEN: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidDesired {
@@ -19,8 +21,6 @@ pub enum InvalidDesired {
     DeploymentId(NameError),
     #[error("bad closure: {0}")]
     Closure(StorePathError),
-    #[error("bad substituter: {0}")]
-    Substituter(String),
     #[error("bad health check: {0}")]
     HealthCheck(String),
 }
@@ -30,8 +30,6 @@ pub enum InvalidDesired {
 pub struct Desired {
     pub deployment_id: DeploymentId,
     pub closure: StorePath,
-    /// Tried after the agent's own substituters.
-    pub substituters: Vec<String>,
     pub health_checks: Vec<Check>,
     pub auto_rollback: bool,
     /// Zero: no connectivity confirmation.
@@ -60,12 +58,34 @@ impl From<Cancel> for Inbound {
 }
 
 impl Desired {
-    pub fn from_proto(state: &DesiredState) -> Result<Self, InvalidDesired> {
+    /// The desired state, with what it runs taken from `intent` when the
+    /// agent verified one (the control plane's fields are then ignored).
+    pub fn from_proto(
+        state: &DesiredState,
+        intent: Option<&Intent>,
+    ) -> Result<Self, InvalidDesired> {
         let deployment_id =
             DeploymentId::parse(&state.deployment_id).map_err(InvalidDesired::DeploymentId)?;
         let closure = StorePath::parse(&state.closure).map_err(InvalidDesired::Closure)?;
-        for substituter in &state.substituters {
-            check_substituter(substituter).map_err(InvalidDesired::Substituter)?;
+        if let Some(intent) = intent {
+            return Ok(Self {
+                deployment_id,
+                closure,
+                health_checks: intent
+                    .health_checks
+                    .iter()
+                    .map(|c| {
+                        Check::from_proto(&HealthCheck {
+                            command: c.command.clone(),
+                            timeout_secs: c.timeout_secs,
+                            interval_secs: c.interval_secs,
+                        })
+                    })
+                    .collect(),
+                auto_rollback: intent.auto_rollback,
+                confirm_timeout: Duration::from_secs(u64::from(intent.confirm_timeout_secs)),
+                allow_reboot: intent.allow_reboot,
+            });
         }
         if state.health_checks.len() > MAX_HEALTH_CHECKS {
             return Err(InvalidDesired::HealthCheck(format!(
@@ -74,16 +94,15 @@ impl Desired {
             )));
         }
         for check in &state.health_checks {
-            if check.command.trim().is_empty() || check.command.len() > MAX_CHECK_COMMAND_LEN {
+            if check.command.trim().is_empty() || check.command.len() > MAX_CHECK_COMMAND_BYTES {
                 return Err(InvalidDesired::HealthCheck(format!(
-                    "the command must be 1 to {MAX_CHECK_COMMAND_LEN} bytes, not blank"
+                    "the command must be 1 to {MAX_CHECK_COMMAND_BYTES} bytes, not blank"
                 )));
             }
         }
         Ok(Self {
             deployment_id,
             closure,
-            substituters: state.substituters.clone(),
             health_checks: state.health_checks.iter().map(Check::from_proto).collect(),
             auto_rollback: state.auto_rollback,
             confirm_timeout: Duration::from_secs(u64::from(state.confirm_timeout_secs)),
@@ -116,8 +135,6 @@ pub fn clip(s: &str, max_chars: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use procurator_proto::v1::HealthCheck;
-
     use super::*;
 
     const CLOSURE: &str = "/nix/store/0c5mfs2ar4ixwh4z6fmgy8lbh4zn6hsa-nixos-system-worker-1-25.11";
@@ -126,7 +143,6 @@ mod tests {
         DesiredState {
             deployment_id: "d-1".into(),
             closure: CLOSURE.into(),
-            substituters: vec!["https://cache.example".into(), "file:///srv/cache".into()],
             health_checks: vec![HealthCheck {
                 command: "true".into(),
                 timeout_secs: 5,
@@ -135,12 +151,13 @@ mod tests {
             auto_rollback: true,
             confirm_timeout_secs: 30,
             allow_reboot: false,
+            intent: String::new(),
         }
     }
 
     #[test]
     fn a_good_desired_state_is_accepted() {
-        let desired = Desired::from_proto(&state()).unwrap();
+        let desired = Desired::from_proto(&state(), None).unwrap();
         assert_eq!(desired.closure.as_str(), CLOSURE);
         assert_eq!(desired.health_checks.len(), 1);
         assert_eq!(desired.confirm_timeout, Duration::from_secs(30));
@@ -154,15 +171,6 @@ mod tests {
             (|s| s.closure = "/tmp/evil".into(), "bad closure"),
             (|s| s.closure = format!("{CLOSURE}/bin"), "bad closure"),
             (
-                |s| s.substituters.push("--option".into()),
-                "bad substituter",
-            ),
-            (
-                |s| s.substituters.push("https://a b".into()),
-                "bad substituter",
-            ),
-            (|s| s.substituters.push(String::new()), "bad substituter"),
-            (
                 |s| s.health_checks[0].command = " ".into(),
                 "bad health check",
             ),
@@ -170,7 +178,7 @@ mod tests {
         for (spoil, expected) in cases {
             let mut s = state();
             spoil(&mut s);
-            let err = Desired::from_proto(&s).unwrap_err().to_string();
+            let err = Desired::from_proto(&s, None).unwrap_err().to_string();
             assert!(err.starts_with(expected), "{err}");
         }
     }

@@ -89,8 +89,10 @@ pub struct Entry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
-    #[serde(default)]
-    pub substituters: Vec<String>,
+    /// Written by agents whose desired states carried substituters; read
+    /// and ignored, so their journals still resume.
+    #[serde(default, rename = "substituters", skip_serializing)]
+    pub legacy_substituters: Vec<String>,
     #[serde(default)]
     pub health_checks: Vec<Check>,
     #[serde(default)]

@@ -12,6 +12,7 @@ mod deployer;
 mod desired;
 mod detached;
 mod health;
+mod intent;
 mod journal;
 mod outbox;
 mod outcome;
@@ -36,6 +37,7 @@ use crate::config::{Cli, Config, VmmKind};
 use crate::confirm::GrpcConfirmer;
 use crate::connection::Dialer;
 use crate::deployer::{Activity, Deployer};
+use crate::intent::IntentPolicy;
 use crate::journal::Journal;
 use crate::outbox::Outbox;
 use crate::system::SystemPaths;
@@ -93,6 +95,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_cli(cli).context("the agent's configuration is not usable")?;
     if config.trusted_public_keys.is_empty() {
         tracing::warn!("no --trusted-public-key: no closure can be copied to this machine");
+    }
+    let intents = Arc::new(
+        IntentPolicy::load(config.intent_public_keys.clone(), &config.state_dir)
+            .context("the agent's record of accepted intents is not usable")?,
+    );
+    if intents.enforced() {
+        tracing::info!(
+            keys = %config.intent_public_keys.iter().map(|k| k.name()).collect::<Vec<_>>().join(" "),
+            "acting only on deployments signed with these intent keys"
+        );
+    } else {
+        tracing::warn!(
+            "no --intent-public-key: this agent trusts the control plane for what it runs (health checks run as root); give it the public half of CI's intent key"
+        );
     }
     let cancel = CancellationToken::new();
     watch_signals(cancel.clone())?;
@@ -162,6 +178,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         activator,
         outbox: outbox.clone(),
         activity: activity.clone(),
+        intents: intents.clone(),
+        machine: config.material.identity.name.clone(),
     };
     let deployer = tokio::spawn(deployer.run(desired_rx, cancel.clone()));
     // A VM host runs the VMs it is assigned; they outlive the agent, which
@@ -169,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (vm_assignments, vm_results) = config
         .vm_host
         .as_ref()
-        .map(|_| start_vm_host(&config, &nix, &cancel))
+        .map(|_| start_vm_host(&config, &nix, &intents, &cancel))
         .unzip();
     let working = activity.clone();
     let dialer = Dialer {
@@ -181,7 +199,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_backoff: config.max_backoff,
         outbox,
         desired: desired_tx,
-        activity,
         paths,
         nix,
         vm_host: config.vm_host.clone(),
@@ -206,6 +223,7 @@ type VmResults = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<agent_messag
 fn start_vm_host(
     config: &Config,
     nix: &Nix,
+    intents: &Arc<IntentPolicy>,
     cancel: &CancellationToken,
 ) -> (tokio::sync::watch::Sender<Option<VmAssignments>>, VmResults) {
     let bridge = config.vm_bridge.clone();
@@ -217,6 +235,7 @@ fn start_vm_host(
             },
             config,
             nix,
+            intents,
             cancel,
         ),
         VmmKind::CloudHypervisor => spawn_vm_runner(
@@ -226,6 +245,7 @@ fn start_vm_host(
             },
             config,
             nix,
+            intents,
             cancel,
         ),
     }
@@ -235,6 +255,7 @@ fn spawn_vm_runner<V: vm::Vmm + 'static>(
     vmm: V,
     config: &Config,
     nix: &Nix,
+    intents: &Arc<IntentPolicy>,
     cancel: &CancellationToken,
 ) -> (tokio::sync::watch::Sender<Option<VmAssignments>>, VmResults) {
     let (tx, rx) = tokio::sync::watch::channel(None);
@@ -246,6 +267,7 @@ fn spawn_vm_runner<V: vm::Vmm + 'static>(
         nix: nix.clone(),
         substituters: config.substituters.clone(),
         trusted_public_keys: config.trusted_public_keys.clone(),
+        intents: intents.clone(),
         results: Some(results_tx),
         outcomes: None,
         gc_roots: true,

@@ -121,7 +121,6 @@ mod tests {
         let desired = |closure: &procurator_core::StorePath| crate::desired::Desired {
             deployment_id: procurator_core::DeploymentId::parse("d-1").unwrap(),
             closure: closure.clone(),
-            substituters: Vec::new(),
             health_checks: Vec::new(),
             auto_rollback: true,
             confirm_timeout: Duration::ZERO,

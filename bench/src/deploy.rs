@@ -146,6 +146,7 @@ fn measure_fleet(size: u32, runs: u32) -> Result<Vec<Case>> {
             nat: false,
             supervised: Vec::new(),
             flake_files: Vec::new(),
+            signed: false,
         },
     )
     .with_context(|| format!("starting a fleet of {size} test hosts"))?;

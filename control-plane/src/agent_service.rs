@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use procurator_core::identity::Rpc;
 use procurator_core::tls::require_role;
 use procurator_core::{
-    DeploymentId, MIN_PROTOCOL_VERSION, MachineName, PROTOCOL_VERSION, Role, StorePath,
+    DeploymentId, MIN_PROTOCOL_VERSION, MachineName, PROTOCOL_VERSION, StorePath,
 };
 use procurator_proto::v1::agent_service_server::AgentService;
 use procurator_proto::v1::{
@@ -42,6 +43,10 @@ pub enum ConnectError {
         "the agent speaks protocol version {got}; this control plane speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the older side"
     )]
     Version { got: u32 },
+    #[error(
+        "{0} offers VM-host capacity, but its certificate does not allow it to host VMs; issue it with `procurator-ctl pki issue --role agent --name {0} --vm-host`, or start the agent without --vm-host"
+    )]
+    NotAVmHost(MachineName),
     #[error("replaced by a newer connection")]
     Replaced,
     #[error("the control plane is shutting down; reconnect")]
@@ -58,6 +63,7 @@ impl From<ConnectError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             ConnectError::Version { .. } => Status::failed_precondition(e.to_string()),
+            ConnectError::NotAVmHost(_) => Status::permission_denied(e.to_string()),
             ConnectError::Replaced => Status::aborted(e.to_string()),
             ConnectError::ShuttingDown => Status::unavailable(e.to_string()),
             ConnectError::Store(e) => e.into(),
@@ -108,9 +114,14 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let machine = require_role(&request, &[Role::Agent])?.name;
+        let identity = require_role(&request, Rpc::Connect)?;
+        let machine = identity.name;
         let mut inbound = request.into_inner();
         let hello = self.await_hello(&mut inbound).await?;
+        if hello.vm_host.is_some() && !identity.vm_host {
+            tracing::warn!(machine = %machine, "refused: a Hello with VM-host capacity from a certificate without the VM-host mark");
+            return Err(ConnectError::NotAVmHost(machine).into());
+        }
 
         let generation = self.connections.next_generation();
         // Committed before the agent hears Welcome.
@@ -167,7 +178,7 @@ impl AgentService for AgentSvc {
         &self,
         request: Request<ConfirmRequest>,
     ) -> Result<Response<ConfirmResponse>, Status> {
-        let machine = require_role(&request, &[Role::Agent])?.name;
+        let machine = require_role(&request, Rpc::Confirm)?.name;
         let ConfirmRequest {
             deployment_id,
             closure,
@@ -338,6 +349,9 @@ impl AgentStream {
                 // only for those.
                 let row = if result.instance.is_empty() {
                     machine
+                } else if !self.vm_host {
+                    tracing::warn!("a VM result from an agent that is not a VM host; ignored");
+                    return Ok(());
                 } else {
                     let Ok(instance) = MachineName::parse(&result.instance) else {
                         tracing::warn!(instance = %result.instance, "a result for a malformed instance name; ignored");
@@ -370,6 +384,9 @@ impl AgentStream {
                 // next wave may start or the rollout may halt.
                 dispatch_to(&self.store, &self.conn, &self.machine).await?;
                 self.dispatcher.kick().await?;
+            }
+            Some(agent_message::Kind::VmInPlace(_)) if !self.vm_host => {
+                tracing::warn!("an in-place answer from an agent that is not a VM host; ignored");
             }
             Some(agent_message::Kind::VmInPlace(in_place)) => {
                 let Some(id) = self.deployment_id(&in_place.deployment_id) else {

@@ -4,22 +4,20 @@ use crate::dispatcher::Dispatcher;
 use crate::store::{Cancelled, RolledBack, Store, StoreError, SubmitError, Submitted};
 use crate::watch;
 use procurator_core::artifact::ArtifactError;
+use procurator_core::identity::Rpc;
 use procurator_core::names::NameError;
 use procurator_core::tls::require_role;
-use procurator_core::{DeploymentArtifact, DeploymentId, Role};
+use procurator_core::{DeploymentArtifact, DeploymentId};
 use procurator_proto::v1::deployment_service_server::DeploymentService;
 use procurator_proto::v1::{
     CancelRequest, Deployment, Event, GetDeploymentRequest, ListAgentsRequest, ListAgentsResponse,
-    ListDeploymentsRequest, ListDeploymentsResponse, RollbackRequest, SubmitRequest,
+    ListDeploymentsRequest, ListDeploymentsResponse, RollbackPlan, RollbackRequest, SubmitRequest,
     SubmitResponse, WatchRequest,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-
-/// Every DeploymentService RPC is for CI and operators, never agents.
-const ROLES: &[Role] = &[Role::Ci, Role::Operator];
 
 const DEFAULT_LIST_LIMIT: u32 = 50;
 const MAX_LIST_LIMIT: u32 = 1000;
@@ -40,6 +38,8 @@ pub enum ApiError {
     AlreadyFinished { id: DeploymentId, state: String },
     #[error("{0}")]
     NothingToRollBackTo(String),
+    #[error("the rollback's statements do not fit its target: {0}")]
+    InvalidIntents(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -47,7 +47,7 @@ pub enum ApiError {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {
-            ApiError::InvalidArtifact(_) | ApiError::InvalidId(_) => {
+            ApiError::InvalidArtifact(_) | ApiError::InvalidId(_) | ApiError::InvalidIntents(_) => {
                 Status::invalid_argument(e.to_string())
             }
             ApiError::NotFound(_) | ApiError::NothingToRollBackTo(_) => {
@@ -86,7 +86,7 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let caller = require_role(&request, ROLES)?;
+        let caller = require_role(&request, Rpc::Submit)?;
         let SubmitRequest {
             artifact_json: json,
             force,
@@ -123,7 +123,7 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<GetDeploymentRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        require_role(&request, ROLES)?;
+        require_role(&request, Rpc::GetDeployment)?;
         let id =
             DeploymentId::parse(&request.into_inner().deployment_id).map_err(ApiError::from)?;
         match self
@@ -142,7 +142,7 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<ListDeploymentsRequest>,
     ) -> Result<Response<ListDeploymentsResponse>, Status> {
-        require_role(&request, ROLES)?;
+        require_role(&request, Rpc::ListDeployments)?;
         let limit = match request.into_inner().limit {
             0 => DEFAULT_LIST_LIMIT,
             n => n.min(MAX_LIST_LIMIT),
@@ -163,7 +163,7 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        require_role(&request, ROLES)?;
+        require_role(&request, Rpc::Watch)?;
         if self.shutdown.is_cancelled() {
             return Err(ApiError::ShuttingDown.into());
         }
@@ -182,7 +182,7 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        require_role(&request, ROLES)?;
+        require_role(&request, Rpc::ListAgents)?;
         let agents = self.store.list_agents().await.map_err(ApiError::from)?;
         Ok(Response::new(ListAgentsResponse { agents }))
     }
@@ -193,7 +193,7 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<CancelRequest>,
     ) -> Result<Response<Deployment>, Status> {
-        let caller = require_role(&request, ROLES)?;
+        let caller = require_role(&request, Rpc::Cancel)?;
         let CancelRequest {
             deployment_id,
             reason,
@@ -242,27 +242,55 @@ impl DeploymentService for DeploymentSvc {
         &self,
         request: Request<RollbackRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let caller = require_role(&request, ROLES)?;
-        let to = match request.into_inner().to_deployment_id.as_str() {
-            "" => None,
-            id => Some(DeploymentId::parse(id).map_err(ApiError::from)?),
-        };
+        let caller = require_role(&request, Rpc::Rollback)?;
+        let RollbackRequest {
+            to_deployment_id,
+            intents,
+        } = request.into_inner();
+        let to = target(&to_deployment_id)?;
+        let signed = !intents.is_empty();
         let submitted = match self
             .store
-            .rollback(to, caller.name.to_string())
+            .rollback(to, caller.name.to_string(), intents.into_iter().collect())
             .await
             .map_err(ApiError::from)?
         {
             RolledBack::NotFound(why) => return Err(ApiError::NothingToRollBackTo(why).into()),
+            RolledBack::Invalid(why) => return Err(ApiError::InvalidIntents(why).into()),
             RolledBack::Done(submitted) => submitted,
         };
-        tracing::info!(deployment = %submitted.id, submitted_by = %caller, "rollback submitted");
+        tracing::info!(deployment = %submitted.id, submitted_by = %caller, signed, "rollback submitted");
         self.started(&submitted).await;
         Ok(Response::new(SubmitResponse {
             deployment_id: submitted.id.to_string(),
             created: true,
             revision: submitted.revision,
         }))
+    }
+
+    /// As for Rollback; changes nothing.
+    async fn plan_rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackPlan>, Status> {
+        require_role(&request, Rpc::PlanRollback)?;
+        let to = target(&request.into_inner().to_deployment_id)?;
+        match self.store.plan_rollback(to).await.map_err(ApiError::from)? {
+            Ok(target) => Ok(Response::new(RollbackPlan {
+                to_deployment_id: target.id,
+                git_commit: target.git_commit,
+                artifact_json: target.artifact_json,
+            })),
+            Err(why) => Err(ApiError::NothingToRollBackTo(why).into()),
+        }
+    }
+}
+
+/// A rollback's target: the id given, or `None` for the default.
+fn target(id: &str) -> Result<Option<DeploymentId>, ApiError> {
+    match id {
+        "" => Ok(None),
+        id => Ok(Some(DeploymentId::parse(id)?)),
     }
 }
 

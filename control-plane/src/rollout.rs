@@ -11,7 +11,9 @@ use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{DeploymentState, DesiredState, HealthCheck, MachineState};
 
 /// What `machine` should run for `deployment_id`: its closure, the
-/// blueprint's enabled health checks and its auto-rollback setting.
+/// blueprint's enabled health checks and its auto-rollback setting, and the
+/// row's signed statement, verbatim, which an agent with intent keys obeys
+/// instead of the rest.
 pub fn desired_state(
     artifact: &DeploymentArtifact,
     deployment_id: &str,
@@ -34,12 +36,14 @@ pub fn desired_state(
     DesiredState {
         deployment_id: deployment_id.to_owned(),
         closure: closure.to_owned(),
-        // Substituters and trusted keys are the agent's own configuration.
-        substituters: Vec::new(),
         health_checks,
         auto_rollback,
         confirm_timeout_secs: artifact.rollout().confirm_timeout_secs(),
         allow_reboot,
+        intent: artifact
+            .statement(machine)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -184,7 +188,7 @@ mod tests {
         assert_eq!(d.deployment_id, "d-1");
         assert_eq!(d.closure, closure);
         assert!(!d.auto_rollback);
-        assert!(d.substituters.is_empty());
+        assert!(d.intent.is_empty(), "an unsigned artifact has no statement");
         assert_eq!(d.confirm_timeout_secs, 30);
         assert!(!d.allow_reboot);
         assert_eq!(

@@ -44,8 +44,12 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let pki_dir = dir.path().join("pki");
         let init = pki::init(&pki_dir, &[], "admin").unwrap();
-        pki::issue(&pki_dir, Role::Agent, "web-1", &[], false).unwrap();
-        pki::issue(&pki_dir, Role::Agent, "web-2", &[], false).unwrap();
+        // web-1 and web-2 may host VMs; web-3 may not.
+        for host in ["web-1", "web-2"] {
+            let identity = pki::identity(Role::Agent, host, true).unwrap();
+            pki::issue_for(&pki_dir, &identity, &[], false).unwrap();
+        }
+        pki::issue(&pki_dir, Role::Agent, "web-3", &[], false).unwrap();
         pki::issue(&pki_dir, Role::Ci, "ci", &[], false).unwrap();
         let ready = dir.path().join("ready");
         let mut config = server::Config {
@@ -699,3 +703,4 @@ async fn a_vm_with_its_own_agent_goes_through_its_host_which_leaves_it_in_place(
 
 mod metrics;
 mod rollout;
+mod trust;

@@ -7,11 +7,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::intent::Statement;
 use crate::names::MachineName;
 use crate::store_path::StorePath;
 
 /// Artifacts larger than this are refused before parsing.
 pub const MAX_ARTIFACT_BYTES: usize = 4 * 1024 * 1024;
+/// Health checks per machine, and bytes per check's command.
+pub const MAX_HEALTH_CHECKS: usize = 64;
+pub const MAX_CHECK_COMMAND_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -43,6 +47,10 @@ pub enum ArtifactError {
     Rollout(String),
     #[error("{0}")]
     Replicas(String),
+    #[error("{0}")]
+    Intents(String),
+    #[error("{0}")]
+    HealthChecks(String),
     #[error("blueprint: the blueprint names no machine; there is nothing to deploy")]
     NoMachines,
 }
@@ -64,6 +72,10 @@ pub struct DeploymentArtifact {
     /// How the deployment moves through the fleet (docs/rollouts.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// A signed statement per row (machine or VM instance), when the
+    /// artifact is signed (crate::intent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub intents: BTreeMap<MachineName, Statement>,
 }
 
 /// One machine of the blueprint (`VmSpec` in the workflow notes).
@@ -344,10 +356,36 @@ impl DeploymentArtifact {
             return Err(ArtifactError::MachineWithoutClosure(m.to_string()));
         }
         self.check_replicas().map_err(ArtifactError::Replicas)?;
+        self.check_health_checks()
+            .map_err(ArtifactError::HealthChecks)?;
         if let Some(rollout) = &self.rollout {
             rollout
                 .check(&self.blueprint)
                 .map_err(ArtifactError::Rollout)?;
+        }
+        self.check_intents().map_err(ArtifactError::Intents)?;
+        Ok(())
+    }
+
+    /// What an agent runs is bounded here, once, for `validate`, Submit and
+    /// the agent alike.
+    fn check_health_checks(&self) -> Result<(), String> {
+        for (machine, spec) in &self.blueprint {
+            let checks = &spec.deployment.health_checks;
+            if checks.len() > MAX_HEALTH_CHECKS {
+                return Err(format!(
+                    "blueprint.{machine}.deployment.healthChecks: {} checks; at most {MAX_HEALTH_CHECKS} are allowed",
+                    checks.len()
+                ));
+            }
+            if let Some(i) = checks
+                .iter()
+                .position(|c| c.command.as_str().len() > MAX_CHECK_COMMAND_BYTES)
+            {
+                return Err(format!(
+                    "blueprint.{machine}.deployment.healthChecks[{i}].command: longer than {MAX_CHECK_COMMAND_BYTES} bytes; run a script from the closure instead"
+                ));
+            }
         }
         Ok(())
     }
@@ -427,6 +465,7 @@ impl DeploymentArtifact {
 }
 
 mod instances;
+mod intents;
 mod rollout;
 pub use instances::{Demand, Target, VM_BACKENDS, VmInstance, instance_names};
 pub use rollout::{PlannedWave, Rollout, WaveSpec};

@@ -10,6 +10,11 @@ use crate::names::MachineName;
 
 pub const URI_PREFIX: &str = "spiffe://procurator/";
 
+/// The second SAN URI of an agent certificate that may host VMs
+/// (`procurator-ctl pki issue --role agent --vm-host`): only such an agent
+/// may offer capacity, have VM instances placed on it and report for them.
+pub const VM_HOST_URI: &str = "urn:procurator:vm-host";
+
 /// What a certificate's holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -17,7 +22,7 @@ pub enum Role {
     Agent,
     /// CI: submits deployments, reads state.
     Ci,
-    /// A human operator: submits, reads, watches.
+    /// A human operator: also cancels and rolls back.
     Operator,
     /// The control plane's own server certificate.
     ControlPlane,
@@ -52,6 +57,69 @@ pub struct Identity {
     pub role: Role,
     /// For agents this is the machine name; for others, who they are.
     pub name: MachineName,
+    /// The certificate carries [`VM_HOST_URI`] (agents only).
+    pub vm_host: bool,
+}
+
+/// Every RPC of the control plane, with the roles that may call it: the one
+/// table of who may do what (docs/interfaces.md shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    Connect,
+    Confirm,
+    Submit,
+    GetDeployment,
+    ListDeployments,
+    Watch,
+    ListAgents,
+    Cancel,
+    Rollback,
+    PlanRollback,
+}
+
+impl Rpc {
+    pub const ALL: [Rpc; 10] = [
+        Rpc::Connect,
+        Rpc::Confirm,
+        Rpc::Submit,
+        Rpc::GetDeployment,
+        Rpc::ListDeployments,
+        Rpc::Watch,
+        Rpc::ListAgents,
+        Rpc::Cancel,
+        Rpc::Rollback,
+        Rpc::PlanRollback,
+    ];
+
+    /// Who may call it. CI submits and reads; only a person may stop or
+    /// undo a rollout, so a leaked CI credential cannot.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Rpc::Connect | Rpc::Confirm => &[Role::Agent],
+            Rpc::Submit
+            | Rpc::GetDeployment
+            | Rpc::ListDeployments
+            | Rpc::Watch
+            | Rpc::ListAgents => &[Role::Ci, Role::Operator],
+            Rpc::Cancel | Rpc::Rollback | Rpc::PlanRollback => &[Role::Operator],
+        }
+    }
+
+    /// `Service/Method`, as gRPC names it.
+    pub fn path(self) -> &'static str {
+        match self {
+            Rpc::Connect => "AgentService/Connect",
+            Rpc::Confirm => "AgentService/Confirm",
+            Rpc::Submit => "DeploymentService/Submit",
+            Rpc::GetDeployment => "DeploymentService/GetDeployment",
+            Rpc::ListDeployments => "DeploymentService/ListDeployments",
+            Rpc::Watch => "DeploymentService/Watch",
+            Rpc::ListAgents => "DeploymentService/ListAgents",
+            Rpc::Cancel => "DeploymentService/Cancel",
+            Rpc::Rollback => "DeploymentService/Rollback",
+            Rpc::PlanRollback => "DeploymentService/PlanRollback",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +138,11 @@ pub enum IdentityError {
 
 impl Identity {
     pub fn new(role: Role, name: MachineName) -> Self {
-        Self { role, name }
+        Self {
+            role,
+            name,
+            vm_host: false,
+        }
     }
 
     pub fn uri(&self) -> String {
@@ -83,7 +155,7 @@ impl Identity {
         let (role, name) = rest.split_once('/').ok_or_else(invalid)?;
         let role = Role::parse(role).ok_or_else(invalid)?;
         let name = MachineName::parse(name).map_err(|_| invalid())?;
-        Ok(Self { role, name })
+        Ok(Self::new(role, name))
     }
 
     /// Read the identity from a DER certificate (the peer's leaf).
@@ -93,18 +165,24 @@ impl Identity {
         let san = cert
             .subject_alternative_name()
             .map_err(|e| IdentityError::Malformed(e.to_string()))?;
-        let mut found = None;
+        let mut found: Option<Self> = None;
+        let mut vm_host = false;
         for name in san.iter().flat_map(|san| san.value.general_names.iter()) {
-            if let GeneralName::URI(uri) = name
-                && uri.starts_with(URI_PREFIX)
-            {
-                if found.is_some() {
-                    return Err(IdentityError::Ambiguous);
+            match name {
+                GeneralName::URI(uri) if uri.starts_with(URI_PREFIX) => {
+                    if found.is_some() {
+                        return Err(IdentityError::Ambiguous);
+                    }
+                    found = Some(Self::from_uri(uri)?);
                 }
-                found = Some(Self::from_uri(uri)?);
+                GeneralName::URI(uri) if *uri == VM_HOST_URI => vm_host = true,
+                _ => {}
             }
         }
-        found.ok_or(IdentityError::Missing)
+        let mut identity = found.ok_or(IdentityError::Missing)?;
+        // Only an agent can host VMs, whatever else a certificate says.
+        identity.vm_host = vm_host && identity.role == Role::Agent;
+        Ok(identity)
     }
 }
 
@@ -117,6 +195,22 @@ impl fmt::Display for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_operators_cancel_and_roll_back() {
+        for rpc in Rpc::ALL {
+            let roles = rpc.roles();
+            assert!(!roles.contains(&Role::ControlPlane), "{rpc:?}");
+            assert_eq!(
+                roles.contains(&Role::Agent),
+                rpc.path().starts_with("AgentService/"),
+                "{rpc:?}"
+            );
+        }
+        assert_eq!(Rpc::Cancel.roles(), [Role::Operator]);
+        assert_eq!(Rpc::Rollback.roles(), [Role::Operator]);
+        assert!(Rpc::Submit.roles().contains(&Role::Ci));
+    }
 
     #[test]
     fn uri_round_trip() {

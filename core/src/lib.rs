@@ -7,6 +7,7 @@
 pub mod artifact;
 pub mod backoff;
 pub mod identity;
+pub mod intent;
 pub mod names;
 pub mod nix;
 pub mod pki;

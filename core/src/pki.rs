@@ -42,6 +42,8 @@ pub enum PkiError {
     BadCa(PathBuf, rcgen::Error),
     #[error("generating a certificate failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("--vm-host marks agent certificates only, not role {0}")]
+    VmHostNotAgent(Role),
 }
 
 /// Where a certificate and its key were written.
@@ -117,13 +119,18 @@ pub fn init(dir: &Path, sans: &[String], operator_name: &str) -> Result<InitFile
     let control_plane = issue_with(
         dir,
         &issuer,
-        Role::ControlPlane,
-        &server_name,
+        &Identity::new(Role::ControlPlane, server_name),
         &server_sans,
         false,
     )?;
     let operator_name = parse_name(operator_name)?;
-    let operator = issue_with(dir, &issuer, Role::Operator, &operator_name, &[], false)?;
+    let operator = issue_with(
+        dir,
+        &issuer,
+        &Identity::new(Role::Operator, operator_name),
+        &[],
+        false,
+    )?;
     Ok(InitFiles {
         ca_cert: ca_cert_path,
         ca_key: ca_key_path,
@@ -140,9 +147,30 @@ pub fn issue(
     sans: &[String],
     force: bool,
 ) -> Result<IssuedFiles, PkiError> {
-    let name = parse_name(name)?;
+    issue_for(dir, &identity(role, name, false)?, sans, force)
+}
+
+/// Issue a certificate for `identity` (a VM host's, say), signed by the CA in `dir`.
+pub fn issue_for(
+    dir: &Path,
+    identity: &Identity,
+    sans: &[String],
+    force: bool,
+) -> Result<IssuedFiles, PkiError> {
     let issuer = load_issuer(dir)?;
-    issue_with(dir, &issuer, role, &name, sans, force)
+    issue_with(dir, &issuer, identity, sans, force)
+}
+
+/// The identity `issue` makes a certificate for, from the command line's words.
+pub fn identity(role: Role, name: &str, vm_host: bool) -> Result<Identity, PkiError> {
+    let name = parse_name(name)?;
+    if vm_host && role != Role::Agent {
+        return Err(PkiError::VmHostNotAgent(role));
+    }
+    Ok(Identity {
+        vm_host,
+        ..Identity::new(role, name)
+    })
 }
 
 fn parse_name(name: &str) -> Result<MachineName, PkiError> {
@@ -164,12 +192,11 @@ fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
 fn issue_with(
     dir: &Path,
     issuer: &Issuer<'_, KeyPair>,
-    role: Role,
-    name: &MachineName,
+    identity: &Identity,
     sans: &[String],
     force: bool,
 ) -> Result<IssuedFiles, PkiError> {
-    let (cert_path, key_path) = leaf_paths(dir, role, name);
+    let (cert_path, key_path) = leaf_paths(dir, identity.role, &identity.name);
     if !force {
         for p in [&cert_path, &key_path] {
             if p.exists() {
@@ -177,7 +204,7 @@ fn issue_with(
             }
         }
     }
-    let leaf = issue_pem(issuer, role, name, sans)?;
+    let leaf = issue_pem(issuer, identity, sans)?;
     // The key first: a certificate without its key is useless, the reverse is harmless.
     write_file(&key_path, leaf.key_pem.as_bytes(), 0o600, force)?;
     write_file(&cert_path, leaf.cert_pem.as_bytes(), 0o644, force)?;
@@ -222,17 +249,17 @@ impl Authority {
         name: &MachineName,
         sans: &[String],
     ) -> Result<IssuedPem, PkiError> {
-        issue_pem(&self.issuer, role, name, sans)
+        issue_pem(&self.issuer, &Identity::new(role, name.clone()), sans)
     }
 }
 
 fn issue_pem(
     issuer: &Issuer<'_, KeyPair>,
-    role: Role,
-    name: &MachineName,
+    identity: &Identity,
     sans: &[String],
 ) -> Result<IssuedPem, PkiError> {
-    let identity = Identity::new(role, name.clone());
+    let identity = identity.clone();
+    let role = identity.role;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     for san in sans {
         params
@@ -252,6 +279,14 @@ fn issue_pem(
             .try_into()
             .map_err(|e| PkiError::BadSan(uri, e))?,
     ));
+    if identity.vm_host {
+        let mark = crate::identity::VM_HOST_URI.to_owned();
+        params.subject_alt_names.push(SanType::URI(
+            mark.clone()
+                .try_into()
+                .map_err(|e| PkiError::BadSan(mark, e))?,
+        ));
+    }
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, identity.to_string());
     params.distinguished_name = dn;
@@ -307,10 +342,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let init = init(dir.path(), &["cp.example".into()], "alice").unwrap();
         assert_eq!(init.operator.identity.to_string(), "operator/alice");
-        let agent = issue(dir.path(), Role::Agent, "worker-1", &[], false).unwrap();
+        let agent = issue_as(dir.path(), Role::Agent, "worker-1", false).unwrap();
         let der = pem_to_der(&fs::read_to_string(&agent.cert).unwrap());
         let id = Identity::from_certificate_der(&der).unwrap();
         assert_eq!(id.to_string(), "agent/worker-1");
+        assert!(!id.vm_host);
         for key in [
             &init.ca_key,
             &init.control_plane.key,
@@ -325,20 +361,40 @@ mod tests {
             Err(PkiError::AlreadyInitialised(_))
         ));
         assert!(matches!(
-            issue(dir.path(), Role::Agent, "worker-1", &[], false),
+            issue_as(dir.path(), Role::Agent, "worker-1", false),
             Err(PkiError::Exists(_))
         ));
-        issue(dir.path(), Role::Agent, "worker-1", &[], true).unwrap();
+        issue_as(dir.path(), Role::Agent, "worker-1", true).unwrap();
         assert!(matches!(
-            issue(dir.path(), Role::Agent, "../x", &[], false),
+            issue_as(dir.path(), Role::Agent, "../x", false),
             Err(PkiError::BadName(..))
         ));
     }
 
     #[test]
+    fn a_vm_host_agent_is_marked_and_only_agents_can_be() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[], "alice").unwrap();
+        let host = identity(Role::Agent, "host-a", true).unwrap();
+        let issued = issue_for(dir.path(), &host, &[], false).unwrap();
+        let der = pem_to_der(&fs::read_to_string(&issued.cert).unwrap());
+        let id = Identity::from_certificate_der(&der).unwrap();
+        assert_eq!(id, host);
+        assert!(id.vm_host);
+        assert!(matches!(
+            identity(Role::Ci, "ci", true),
+            Err(PkiError::VmHostNotAgent(Role::Ci))
+        ));
+    }
+
+    fn issue_as(dir: &Path, role: Role, name: &str, force: bool) -> Result<IssuedFiles, PkiError> {
+        issue(dir, role, name, &[], force)
+    }
+
+    #[test]
     fn issue_without_a_ca_says_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
-        let err = issue(dir.path(), Role::Ci, "ci", &[], false)
+        let err = issue_as(dir.path(), Role::Ci, "ci", false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("pki init"), "{err}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, ServerTlsConfig};
 
-use crate::identity::{Identity, IdentityError, Role};
+use crate::identity::{Identity, IdentityError, Rpc};
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -240,11 +240,9 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Result<Identity, tonic::
         .map_err(|e| tonic::Status::unauthenticated(format!("client certificate refused: {e}")))
 }
 
-/// Refuse unless the peer holds one of `allowed` roles.
-pub fn require_role<T>(
-    request: &tonic::Request<T>,
-    allowed: &[Role],
-) -> Result<Identity, tonic::Status> {
+/// Refuse unless the peer holds a role that may call `rpc`.
+pub fn require_role<T>(request: &tonic::Request<T>, rpc: Rpc) -> Result<Identity, tonic::Status> {
+    let allowed = rpc.roles();
     let identity = peer_identity(request)?;
     if allowed.contains(&identity.role) {
         Ok(identity)

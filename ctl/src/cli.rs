@@ -45,6 +45,8 @@ pub enum Command {
     Publish(command::publish::Args),
     /// Evaluate and build the flake; write deployment.json.
     Artifact(command::artifact::Args),
+    /// Sign what each machine of a deployment.json is to do with an intent key.
+    Sign(command::sign::Args),
     /// CI on every push: evaluate, build, detect change, publish, write the
     /// artifact, submit, and with --wait follow the rollout.
     Ci(command::ci::Args),
@@ -66,6 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Plan(args) => command::plan::run(args).await,
         Command::Publish(args) => command::publish::run(args).await,
         Command::Artifact(args) => command::artifact::run(args).await,
+        Command::Sign(args) => command::sign::run(args),
         Command::Ci(args) => command::ci::run(conn, args).await,
         Command::Completions(args) => command::completions::run(args),
     }

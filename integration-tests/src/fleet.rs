@@ -37,6 +37,9 @@ pub struct FleetOptions {
     /// Files copied into the fixture flake before anything is built:
     /// (source, path in the flake), e.g. the VM fixture's guest kernel.
     pub flake_files: Vec<(PathBuf, PathBuf)>,
+    /// Every agent trusts [`Fleet::intent`] (`--intent-public-key`), and
+    /// acts only on artifacts signed with it ([`Fleet::sign`]).
+    pub signed: bool,
 }
 
 impl Default for FleetOptions {
@@ -47,6 +50,7 @@ impl Default for FleetOptions {
             nat: false,
             supervised: Vec::new(),
             flake_files: Vec::new(),
+            signed: false,
         }
     }
 }
@@ -60,6 +64,10 @@ pub struct Fleet {
     pub network: Option<NatNetwork>,
     pub pki: Pki,
     pub key: SigningKey,
+    /// CI's intent key (`nix key generate-secret`, as the cache key).
+    pub intent: SigningKey,
+    /// Whether agents are started trusting [`Self::intent`].
+    pub signed: bool,
     pub fixture: Fixture,
     /// The file:// binary cache the agents pull from.
     pub cache: PathBuf,
@@ -112,6 +120,7 @@ impl Fleet {
         }
         pki.issue(&nix, "ci", "github")?;
         let key = SigningKey::generate(&nix, &root.join("signing"), "procurator-test-1")?;
+        let intent = SigningKey::generate(&nix, &root.join("intent"), "ci-intent-1")?;
         let fixture = Fixture::copy_from(source, &root.join("flake"), machines)?;
         for (from, to) in &opts.flake_files {
             fixture.add_file(from, to)?;
@@ -143,6 +152,8 @@ impl Fleet {
             network,
             pki,
             key,
+            intent,
+            signed: opts.signed,
             fixture,
             cache: root.join("cache"),
             initial,
@@ -167,7 +178,11 @@ impl Fleet {
             identity: self.pki.agent(machine),
             substituters: vec![format!("file://{}", self.cache.display())],
             trusted_public_keys: vec![self.key.public.clone()],
-            extra_args: Vec::new(),
+            extra_args: if self.signed {
+                vec!["--intent-public-key".into(), self.intent.public.clone()]
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -179,7 +194,8 @@ impl Fleet {
     /// line, e.g. `--vm-host --vm-cpus 2`.
     pub fn start_agent_with(&mut self, machine: &str, extra_args: &[&str]) -> Result<()> {
         let mut opts = self.agent_options(machine)?;
-        opts.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        opts.extra_args
+            .extend(extra_args.iter().map(|a| a.to_string()));
         let host = self
             .hosts
             .get_mut(machine)
@@ -269,6 +285,18 @@ impl Fleet {
         let path = dir.join(format!("{commit}.json"));
         std::fs::write(&path, serde_json::to_vec_pretty(&artifact)?)?;
         Ok((path, commit))
+    }
+
+    /// `procurator-ctl sign --intent-key KEY FILE`: signs the artifact in
+    /// place with `key` (default: [`Self::intent`]).
+    pub fn sign(&self, artifact: &std::path::Path, key: Option<&SigningKey>) -> Result<()> {
+        let key = key.unwrap_or(&self.intent);
+        let path = artifact.to_str().context("utf-8 path")?;
+        let secret = key.secret.to_str().context("utf-8 path")?;
+        self.ctl()?
+            .run(&["sign", "--intent-key", secret, path])?
+            .expect_code(0)?;
+        Ok(())
     }
 
     /// Builds, publishes (signed) and writes the artifact.

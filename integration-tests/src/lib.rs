@@ -27,6 +27,7 @@ pub mod netns;
 pub mod nixenv;
 pub mod pki;
 pub mod process;
+pub mod rogue;
 pub mod scenario;
 pub mod vms;
 

@@ -46,22 +46,38 @@ impl Pki {
 
     /// `procurator-ctl pki issue --role ROLE --name NAME`.
     pub fn issue(&self, nix: &NixEnv, role: &str, name: &str) -> Result<Identity> {
+        self.issue_with(nix, role, name, &[])
+    }
+
+    /// `procurator-ctl pki issue --role ROLE --name NAME EXTRA…`, e.g.
+    /// `--vm-host --force` to make a machine's agent a VM host.
+    pub fn issue_with(
+        &self,
+        nix: &NixEnv,
+        role: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<Identity> {
         let ctl = crate::bin("procurator-ctl")?;
         let dir_arg = self.dir.to_string_lossy().into_owned();
-        nix.run(
-            ctl.to_string_lossy().as_ref(),
-            [
-                "pki",
-                "issue",
-                "--dir",
-                dir_arg.as_str(),
-                "--role",
-                role,
-                "--name",
-                name,
-            ],
-        )
-        .with_context(|| format!("procurator-ctl pki issue --role {role} --name {name}"))?;
+        let mut args = vec![
+            "pki",
+            "issue",
+            "--dir",
+            dir_arg.as_str(),
+            "--role",
+            role,
+            "--name",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        nix.run(ctl.to_string_lossy().as_ref(), args)
+            .with_context(|| {
+                format!(
+                    "procurator-ctl pki issue --role {role} --name {name} {}",
+                    extra.join(" ")
+                )
+            })?;
         let id = self.identity(role, name);
         anyhow::ensure!(
             id.cert.is_file(),

@@ -67,9 +67,15 @@ pub fn start(hosts: &[&str], guests: &[&str]) -> Result<Fleet> {
                 (GUEST_KERNEL.into(), "guest/vmlinuz".into()),
                 (GUEST_BUSYBOX.into(), "guest/busybox".into()),
             ],
+            // Hosts and guests act only on what CI signed.
+            signed: true,
         },
     )?;
     for host in hosts {
+        // Only a certificate marked so may offer VM capacity.
+        fleet
+            .pki
+            .issue_with(&fleet.nix, "agent", host, &["--vm-host", "--force"])?;
         fleet.start_agent_with(host, &VM_HOST_ARGS)?;
     }
     for guest in guests {

@@ -216,6 +216,52 @@ fn every_rpc_checks_the_role_in_the_certificate() {
         "{reply} {deployment}"
     );
     assert_eq!(deployment["submittedBy"], "github", "{deployment}");
+
+    // CI may not stop or undo a rollout: only a person may.
+    let id = reply["deploymentId"].as_str().expect("id");
+    let cancel = json!({ "deploymentId": id }).to_string();
+    for (rpc, body) in [
+        ("procurator.v1.DeploymentService/Cancel", cancel.as_str()),
+        ("procurator.v1.DeploymentService/Rollback", "{}"),
+        ("procurator.v1.DeploymentService/PlanRollback", "{}"),
+    ] {
+        let out = grpcurl.call(Some(&ci), rpc, body).expect("grpcurl");
+        assert_eq!(
+            grpc_code(&out).as_deref(),
+            Some("PermissionDenied"),
+            "{rpc}: {out}"
+        );
+        assert!(out.stderr.contains("role operator"), "{rpc}: {out}");
+    }
+    let still = fleet.deployment_by_commit(&commit).expect("stored");
+    assert_eq!(still["state"], "DEPLOYMENT_STATE_RUNNING", "{still}");
+
+    // An agent whose certificate lacks the VM-host mark may not pose as one.
+    let posing = json!({ "hello": {
+        "protocolVersion": 1,
+        "agentVersion": "grpcurl",
+        "vmHost": { "milliCpus": 1_000_000_000u64, "memoryBytes": 1_000_000_000_000_000u64, "vmm": "cloud-hypervisor" },
+    }});
+    let out = grpcurl
+        .agent_stream(
+            Some(&agent),
+            &[posing],
+            false,
+            Duration::from_secs(10),
+            |s| !s.is_empty(),
+        )
+        .expect("grpcurl connect");
+    assert_eq!(
+        grpc_code(&out).as_deref(),
+        Some("PermissionDenied"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("--vm-host"), "{out}");
+    let agents = fleet.agents().expect("agents");
+    assert!(
+        agents.iter().all(|a| a.get("vmHost").is_none()),
+        "no capacity recorded: {agents:?}"
+    );
 }
 
 #[test]

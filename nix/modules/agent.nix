@@ -74,8 +74,9 @@ in
       default = [ ];
       example = [ "https://cache.example.org" ];
       description = ''
-        Binary caches to pull closures from, tried before the ones a
-        deployment names. Any store URI `nix copy --from` takes.
+        Binary caches to pull closures from, tried in order. Any store URI
+        `nix copy --from` takes. They live only here: the control plane
+        cannot add one.
       '';
     };
 
@@ -88,6 +89,22 @@ in
         signs with: `procurator-ctl ci --signing-key`). They live only here,
         in the machine's own configuration, so the control plane cannot make
         the agent trust a new key. With none, nothing can be copied.
+      '';
+    };
+
+    intentPublicKeys = lib.mkOption {
+      type = lib.types.listOf publicKey;
+      default = [ ];
+      example = [ "ci-intent-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      description = ''
+        The keys deployments must be signed with (the public half of the key
+        CI signs intents with: `procurator-ctl ci --intent-key`, and of any
+        operator key used for `procurator-ctl rollback --intent-key`). With
+        one, the agent acts only on a statement signed by these keys, for
+        this machine and the closure it is sent, newer than any it accepted
+        before: health checks, rollback and reboot policy come from it, not
+        from the control plane. With none, the agent trusts the control
+        plane for what it runs.
       '';
     };
 
@@ -217,11 +234,17 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    warnings = lib.optional (cfg.trustedPublicKeys == [ ]) ''
-      services.procurator-agent.trustedPublicKeys is empty: the agent refuses
-      every closure, since none can be signed with a key it trusts. Add the
-      public key of the key CI signs closures with.
-    '';
+    warnings =
+      lib.optional (cfg.trustedPublicKeys == [ ]) ''
+        services.procurator-agent.trustedPublicKeys is empty: the agent refuses
+        every closure, since none can be signed with a key it trusts. Add the
+        public key of the key CI signs closures with.
+      ''
+      ++ lib.optional (cfg.intentPublicKeys == [ ]) ''
+        services.procurator-agent.intentPublicKeys is empty: the agent runs
+        whatever the control plane sends it (health checks run as root). Add
+        the public half of the key CI signs deployments with.
+      '';
 
     systemd.services.procurator-agent = {
       description = "Procurator agent";
@@ -286,6 +309,10 @@ in
                 "--trusted-public-key"
                 key
               ]) cfg.trustedPublicKeys
+              ++ lib.concatMap (key: [
+                "--intent-public-key"
+                key
+              ]) cfg.intentPublicKeys
               ++ lib.optionals cfg.vmHost.enable (
                 [
                   "--vm-host"

@@ -251,6 +251,10 @@ in
     value = agentModule (s: s // { trustedPublicKeys = [ "cache.example.org-1" ]; });
     message = "The option `services.procurator-agent.trustedPublicKeys' is not of type";
   };
+  agent-bad-intent-key = {
+    value = agentModule (s: s // { intentPublicKeys = [ "ci-intent-1:notbase64" ]; });
+    message = "The option `services.procurator-agent.intentPublicKeys' is not of type";
+  };
   agent-substituter-with-space = {
     value = agentModule (s: s // { substituters = [ "https://cache.example.org extra" ]; });
     message = "The option `services.procurator-agent.substituters' is not of type";

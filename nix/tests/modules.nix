@@ -10,6 +10,7 @@ let
   };
 
   key = "cache.example.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+  intentKey = "ci-intent-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
   agentSettings = {
     services.procurator-agent = {
@@ -28,6 +29,7 @@ let
         "s3://fleet-cache?endpoint=minio.internal&profile=%user$HOME"
       ];
       trustedPublicKeys = [ key ];
+      intentPublicKeys = [ intentKey ];
       logFormat = "json";
       extraPackages = [ (fakePackage "curl") ];
       extraArgs = [
@@ -188,6 +190,7 @@ optionChecks "agent.nix" (agent agentSettings).options
   ''"--substituter" "https://cache.example.org"''
   ''"--substituter" "s3://fleet-cache?endpoint=minio.internal&profile=%%user$$HOME"''
   ''"--trusted-public-key" "${key}"''
+  ''"--intent-public-key" "${intentKey}"''
   "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
   ''"--max-backoff" "60"''
 ]) agentUnit.serviceConfig.ExecStart
@@ -254,6 +257,14 @@ optionChecks "agent.nix" (agent agentSettings).options
   ]
 )
 ++ expect "agent warnings with keys" [ ] (agent agentSettings).config.warnings
+++ expect "agent warns without intent keys" 1 (
+  builtins.length
+    (agent (agentSettings // {
+      services.procurator-agent = agentSettings.services.procurator-agent // {
+        intentPublicKeys = [ ];
+      };
+    })).config.warnings
+)
 ++ expect "agent warns without keys" 1 (
   builtins.length
     (agent (agentSettings // {

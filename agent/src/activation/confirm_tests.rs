@@ -35,7 +35,6 @@ fn desired(closure: &StorePath, auto_rollback: bool) -> Desired {
     Desired {
         deployment_id: DeploymentId::parse("d-1").unwrap(),
         closure: closure.clone(),
-        substituters: Vec::new(),
         health_checks: Vec::new(),
         auto_rollback,
         confirm_timeout: Duration::from_secs(7),

@@ -111,10 +111,10 @@ impl Activator {
             auto_rollback: desired.auto_rollback,
             failure: None,
             plan: Plan {
-                substituters: desired.substituters.clone(),
                 health_checks: desired.health_checks.clone(),
                 confirm_timeout_secs: desired.confirm_timeout.as_secs(),
                 allow_reboot: desired.allow_reboot,
+                ..Plan::default()
             },
             activation: None,
         };
@@ -162,7 +162,7 @@ impl Deployment<'_> {
 
         if from <= Phase::Copying {
             self.enter(Phase::Copying).map_err(unchanged)?;
-            self.copy(&desired.substituters).await.map_err(unchanged)?;
+            self.copy().await.map_err(unchanged)?;
             self.gc_root = Some(self.spawn_gc_root());
         }
         let profile = Profile::new(self.closure.clone())

@@ -125,7 +125,6 @@ fn desired_of(entry: &Entry) -> Option<Desired> {
     Some(Desired {
         deployment_id: DeploymentId::parse(&entry.deployment_id).ok()?,
         closure: StorePath::parse(&entry.closure).ok()?,
-        substituters: entry.plan.substituters.clone(),
         health_checks: entry.plan.health_checks.clone(),
         auto_rollback: entry.auto_rollback,
         confirm_timeout: Duration::from_secs(entry.plan.confirm_timeout_secs),

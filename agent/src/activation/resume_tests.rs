@@ -49,7 +49,6 @@ fn desired(closure: &StorePath) -> Desired {
     Desired {
         deployment_id: DeploymentId::parse("d-1").unwrap(),
         closure: closure.clone(),
-        substituters: Vec::new(),
         health_checks: Vec::new(),
         auto_rollback: true,
         confirm_timeout: Duration::ZERO,

@@ -23,11 +23,11 @@ const COPY_RETRY_DELAY: Duration = Duration::from_secs(1);
 impl Deployment<'_> {
     /// `nix copy --from` each substituter in turn (the agent's own first)
     /// until one has the closure, signed by a key the agent trusts.
-    pub(super) async fn copy(&self, extra_substituters: &[String]) -> Result<(), Failure> {
+    pub(super) async fn copy(&self) -> Result<(), Failure> {
         let activator = self.activator;
         let closure = &self.closure;
         let mut substituters: Vec<&str> = Vec::new();
-        for s in activator.substituters.iter().chain(extra_substituters) {
+        for s in &activator.substituters {
             if !substituters.contains(&s.as_str()) {
                 substituters.push(s);
             }
@@ -36,7 +36,7 @@ impl Deployment<'_> {
             return Err(Failure::new(
                 MachineState::Copying,
                 format!(
-                    "no substituter to copy {closure} from: start the agent with --substituter, or give the deployment substituters"
+                    "no substituter to copy {closure} from: start the agent with --substituter"
                 ),
                 "",
             ));

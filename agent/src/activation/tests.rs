@@ -13,7 +13,6 @@ fn desired(closure: &StorePath, checks: &[&str], auto_rollback: bool) -> Desired
     Desired {
         deployment_id: DeploymentId::parse("d-1").unwrap(),
         closure: closure.clone(),
-        substituters: Vec::new(),
         health_checks: checks
             .iter()
             .map(|c| Check {

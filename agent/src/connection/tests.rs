@@ -164,7 +164,6 @@ async fn start(refusals: Vec<Status>) -> Harness {
         max_backoff: Duration::from_secs(1),
         outbox: outbox.clone(),
         desired: desired_tx,
-        activity: Arc::new(Activity::default()),
         paths: SystemPaths {
             current_system: dir.path().into(),
             booted_system: dir.path().join("missing"),

@@ -21,6 +21,11 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Self {
+        Self::trusting(Vec::new()).await
+    }
+
+    /// A deployer that acts only on statements signed by `keys`.
+    async fn trusting(keys: Vec<procurator_core::intent::PublicKey>) -> Self {
         let host = Host::new().await;
         let outbox = Arc::new(Outbox::load(&host.path("state")));
         let activity = Arc::new(Activity::default());
@@ -30,6 +35,8 @@ impl Harness {
             activator: Arc::new(host.activator()),
             outbox: outbox.clone(),
             activity: activity.clone(),
+            intents: Arc::new(IntentPolicy::load(keys, &host.path("state")).unwrap()),
+            machine: MachineName::parse("worker-1").unwrap(),
         };
         let task = tokio::spawn(deployer.run(rx, cancel.clone()));
         Harness {
@@ -174,6 +181,74 @@ async fn an_invalid_desired_state_is_reported_failed() {
         "{}",
         outcome.reason
     );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn with_intent_keys_only_the_signed_statement_is_obeyed() {
+    use procurator_core::intent::{Intent, IntentCheck, SigningKey};
+    let ci = SigningKey::generate("ci-1").unwrap();
+    let h = Harness::trusting(vec![ci.public_key()]).await;
+    let old = h.host.system("old", Behaviour::default()).await;
+    h.host.run(&old);
+    let new = h.host.system("new", Behaviour::default()).await;
+    let marker = h.host.path("PWNED");
+    let signed_check = h.host.path("signed-check-ran");
+    let intent = Intent {
+        name: MachineName::parse("worker-1").unwrap(),
+        closure: new.clone(),
+        git_commit: "0123456789abcdef".to_owned().try_into().unwrap(),
+        issued_at_ms: 1_000,
+        health_checks: vec![IntentCheck {
+            command: format!("touch {}", signed_check.display()),
+            timeout_secs: 30,
+            interval_secs: 1,
+        }],
+        auto_rollback: true,
+        allow_reboot: false,
+        confirm_timeout_secs: 0,
+        vm: None,
+    };
+    let statement = ci.sign(&intent).unwrap().as_str().to_owned();
+    let evil = HealthCheck {
+        command: format!("touch {}", marker.display()),
+        timeout_secs: 30,
+        interval_secs: 1,
+    };
+
+    // Unsigned: refused, nothing runs.
+    let unsigned = DesiredState {
+        deployment_id: "d-1".into(),
+        closure: new.to_string(),
+        health_checks: vec![evil.clone()],
+        ..DesiredState::default()
+    };
+    h.tx.send(unsigned.into()).await.unwrap();
+    let outcome = h.result().await;
+    assert_eq!(outcome.state, MachineState::Failed);
+    assert!(
+        outcome
+            .reason
+            .starts_with("intent refused: the control plane sent no signed statement"),
+        "{}",
+        outcome.reason
+    );
+
+    // Signed, with the control plane's own health check beside it: the
+    // statement's check runs, the control plane's never does.
+    let signed = DesiredState {
+        deployment_id: "d-2".into(),
+        closure: new.to_string(),
+        health_checks: vec![evil],
+        intent: statement,
+        ..DesiredState::default()
+    };
+    h.tx.send(signed.into()).await.unwrap();
+    let outcome = h.result().await;
+    assert_eq!(outcome.state, MachineState::Succeeded, "{}", outcome.reason);
+    assert!(signed_check.exists(), "the signed check ran");
+    assert!(!marker.exists(), "the control plane's check never ran");
+    assert_eq!(h.host.calls(), ["new test", "new boot"]);
     h.stop().await;
 }
 

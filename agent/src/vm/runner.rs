@@ -4,6 +4,7 @@
 //! is done next, and any older one it replaced is skipped.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use procurator_core::MachineName;
 use procurator_core::artifact::Demand;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Vmm;
 use super::host::{Assignment, Outcome, VmHost};
+use crate::intent::IntentPolicy;
 
 pub struct Runner<V> {
     pub host: VmHost<V>,
@@ -24,6 +26,8 @@ pub struct Runner<V> {
     /// Tried in order for a closure the store lacks.
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
+    /// Which statements this host acts on, per instance.
+    pub intents: Arc<IntentPolicy>,
     /// What the control plane hears: a result per instance whose
     /// deployment's closure was applied or failed, or that its guest's
     /// agent switches it in place.
@@ -87,8 +91,9 @@ impl<V: Vmm> Runner<V> {
     }
 
     /// The set as assignments whose closures are in the store. An instance
-    /// whose new closure cannot be had keeps what it runs (or is left out
-    /// if nothing runs), so a cache outage never stops a running VM; its
+    /// whose statement is refused, or whose new closure cannot be had, keeps
+    /// what it runs (or is left out if nothing runs), so neither a cache
+    /// outage nor a forged assignment stops a running VM; the refusal or
     /// failed copy is a result of its own.
     async fn prepare(&self, set: &VmAssignments) -> (Vec<Assignment>, Vec<ActivationResult>) {
         let mut wanted = Vec::new();
@@ -101,7 +106,7 @@ impl<V: Vmm> Runner<V> {
                 tracing::warn!(instance = %vm.instance, closure = %vm.closure, "ignoring a malformed VM assignment");
                 continue;
             };
-            let assignment = Assignment {
+            let mut assignment = Assignment {
                 instance,
                 closure,
                 demand: Demand {
@@ -112,6 +117,45 @@ impl<V: Vmm> Runner<V> {
                 guest_agent_connected: vm.guest_agent_connected,
                 auto_rollback: !vm.no_auto_rollback,
             };
+            // Size and rollback come from the statement, when one is required.
+            let refused = match self
+                .intents
+                .admit(&assignment.instance, &vm.closure, &vm.intent)
+            {
+                Ok(None) => None,
+                Ok(Some(intent)) => match intent.vm {
+                    Some(size) => {
+                        assignment.demand = Demand {
+                            milli_cpus: size.milli_cpus,
+                            memory_bytes: size.memory_bytes,
+                        };
+                        assignment.auto_rollback = intent.auto_rollback;
+                        None
+                    }
+                    None => Some(format!(
+                        "{}: the statement for {} is not for a VM instance",
+                        crate::intent::REFUSED,
+                        assignment.instance
+                    )),
+                },
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = refused {
+                tracing::warn!(instance = %assignment.instance, %reason, "refusing a VM assignment; the VM keeps what it runs");
+                if !assignment.deployment_id.is_empty() {
+                    failed.push(ActivationResult {
+                        instance: assignment.instance.to_string(),
+                        deployment_id: assignment.deployment_id.clone(),
+                        state: MachineState::Failed.into(),
+                        reason,
+                        ..Default::default()
+                    });
+                }
+                if let Ok(Some(current)) = self.host.current(&assignment.instance).await {
+                    wanted.push(current);
+                }
+                continue;
+            }
             match self.fetch(&assignment.closure).await {
                 Ok(()) => wanted.push(assignment),
                 Err(reason) => {

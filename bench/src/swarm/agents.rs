@@ -307,7 +307,6 @@ impl SimulatedAgent {
             current_system: current.to_owned(),
             booted_system: current.to_owned(),
             nix_version: "nix (Nix) simulated".into(),
-            active_deployment_id: String::new(),
             vm_host: None,
         };
         // The receiver is alive right here: this cannot fail.

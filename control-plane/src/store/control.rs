@@ -1,11 +1,16 @@
 //! What operators and agents ask of a deployment beyond submitting it:
 //! cancel it, roll back to an earlier one, confirm it over a new connection.
 
+use std::collections::BTreeMap;
+
+use procurator_core::intent::Statement;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{DeploymentState, MachineState, MachineUpdate, event};
 use rusqlite::{OptionalExtension as _, params};
 
-use super::deployments::{Submitted, finish_if_done, insert, machine_state, row, set_state};
+use super::deployments::{
+    NewDeployment, Submitted, finish_if_done, insert, machine_state, row, set_state,
+};
 use super::{Store, StoreError};
 use crate::rollout::{self, Stop};
 
@@ -26,7 +31,84 @@ pub enum Cancelled {
 pub enum RolledBack {
     /// No such deployment (the id given), or no succeeded one to go back to.
     NotFound(String),
+    /// The statements given do not fit the target's artifact.
+    Invalid(String),
     Done(Submitted),
+}
+
+/// The deployment a rollback goes back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackTarget {
+    pub id: String,
+    pub git_commit: String,
+    pub artifact_json: String,
+}
+
+/// `to`, or the newest succeeded deployment before the one in force.
+fn rollback_target(
+    conn: &rusqlite::Connection,
+    to: Option<&DeploymentId>,
+) -> Result<Option<RollbackTarget>, StoreError> {
+    let read = |r: &rusqlite::Row<'_>| {
+        Ok(RollbackTarget {
+            id: r.get(0)?,
+            git_commit: r.get(1)?,
+            artifact_json: r.get(2)?,
+        })
+    };
+    Ok(match to {
+        Some(id) => conn
+            .query_row(
+                "SELECT id, git_commit, artifact FROM deployments WHERE id = ?1",
+                [id.as_str()],
+                read,
+            )
+            .optional()?,
+        None => conn
+            .query_row(
+                "SELECT id, git_commit, artifact FROM deployments
+                 WHERE state = ?1 AND seq < (
+                     SELECT seq FROM deployments WHERE state != ?2 AND stopped != ?3
+                     ORDER BY seq DESC LIMIT 1)
+                 ORDER BY seq DESC LIMIT 1",
+                params![
+                    DeploymentState::Succeeded as i32,
+                    DeploymentState::Cancelled as i32,
+                    Stop::to_sql(Some(Stop::Cancelled))
+                ],
+                read,
+            )
+            .optional()?,
+    })
+}
+
+fn not_found(to: Option<&DeploymentId>) -> String {
+    match to {
+        Some(id) => {
+            format!("there is no deployment {id}; list them with `procurator-ctl deployments`")
+        }
+        None => "there is no succeeded deployment before the one in force to roll back to; \
+                 name one with --to"
+            .to_owned(),
+    }
+}
+
+/// `artifact` with `intents` as its statements, checked like any submitted
+/// artifact: each must say exactly what the artifact says.
+fn resigned(
+    mut artifact: DeploymentArtifact,
+    intents: BTreeMap<String, String>,
+) -> Result<(DeploymentArtifact, String), String> {
+    let mut statements = BTreeMap::new();
+    for (row, text) in intents {
+        let name = MachineName::parse(&row).map_err(|e| format!("intents: {e}"))?;
+        let statement = Statement::parse(&text).map_err(|e| format!("intents.{name}: {e}"))?;
+        statements.insert(name, statement);
+    }
+    artifact.intents = statements;
+    let json = artifact.canonical_json();
+    let checked = DeploymentArtifact::from_json(json.as_bytes()).map_err(|e| e.to_string())?;
+    Ok((checked, json))
 }
 
 /// The answer to an agent's confirmation.
@@ -94,58 +176,55 @@ impl Store {
         .await
     }
 
+    /// What `rollback` with `to` would deploy: the target's id, commit and
+    /// artifact as submitted.
+    pub async fn plan_rollback(
+        &self,
+        to: Option<DeploymentId>,
+    ) -> Result<Result<RollbackTarget, String>, StoreError> {
+        self.read(move |conn| {
+            Ok(rollback_target(conn, to.as_ref())?.ok_or_else(|| not_found(to.as_ref())))
+        })
+        .await
+    }
+
     /// Deploy `to`'s artifact again as a new deployment (default: the newest
     /// succeeded deployment before the one in force). Neither deduped nor
-    /// checked for staleness: going back is the point.
+    /// checked for staleness: going back is the point. With `intents`, the
+    /// new deployment carries those statements instead of the target's.
     pub async fn rollback(
         &self,
         to: Option<DeploymentId>,
         submitted_by: String,
+        intents: BTreeMap<String, String>,
     ) -> Result<RolledBack, StoreError> {
         self.write(move |tx| {
-            let target: Option<(String, String)> = match &to {
-                Some(id) => tx
-                    .sql
-                    .query_row(
-                        "SELECT id, artifact FROM deployments WHERE id = ?1",
-                        [id.as_str()],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?,
-                None => tx
-                    .sql
-                    .query_row(
-                        "SELECT id, artifact FROM deployments
-                         WHERE state = ?1 AND seq < (
-                             SELECT seq FROM deployments WHERE state != ?2 AND stopped != ?3
-                             ORDER BY seq DESC LIMIT 1)
-                         ORDER BY seq DESC LIMIT 1",
-                        params![
-                            DeploymentState::Succeeded as i32,
-                            DeploymentState::Cancelled as i32,
-                            Stop::to_sql(Some(Stop::Cancelled))
-                        ],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?,
+            let Some(target) = rollback_target(&tx.sql, to.as_ref())? else {
+                return Ok(RolledBack::NotFound(not_found(to.as_ref())));
             };
-            let Some((target, json)) = target else {
-                return Ok(RolledBack::NotFound(match to {
-                    Some(id) => format!(
-                        "there is no deployment {id}; list them with `procurator-ctl deployments`"
-                    ),
-                    None => {
-                        "there is no succeeded deployment before the one in force to roll back to; \
-                             name one with --to"
-                            .to_owned()
-                    }
-                }));
+            let stored =
+                DeploymentArtifact::from_json(target.artifact_json.as_bytes()).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "the stored artifact of {} is invalid: {e}",
+                        target.id
+                    ))
+                })?;
+            let (artifact, json) = if intents.is_empty() {
+                (stored, target.artifact_json.clone())
+            } else {
+                match resigned(stored, intents) {
+                    Ok(resigned) => resigned,
+                    Err(why) => return Ok(RolledBack::Invalid(why)),
+                }
             };
-            let artifact = DeploymentArtifact::from_json(json.as_bytes()).map_err(|e| {
-                StoreError::Corrupt(format!("the stored artifact of {target} is invalid: {e}"))
-            })?;
-            let submitted = insert(tx, &artifact, &json, &submitted_by, &target)?;
-            Ok(RolledBack::Done(submitted))
+            let new = NewDeployment {
+                artifact: &artifact,
+                artifact_json: &json,
+                submitted_by: &submitted_by,
+                forced_by: "",
+                rollback_of: target.id.as_str(),
+            };
+            Ok(RolledBack::Done(insert(tx, &new)?))
         })
         .await
     }

@@ -61,7 +61,14 @@ impl Store {
                 if !force && let Some(why) = stale(tx, &artifact)? {
                     return Ok(Err(why));
                 }
-                insert(tx, &artifact, &artifact_json, &submitted_by, "").map(Ok)
+                let new = NewDeployment {
+                    artifact: &artifact,
+                    artifact_json: &artifact_json,
+                    submitted_by: &submitted_by,
+                    forced_by: if force { &submitted_by } else { "" },
+                    rollback_of: "",
+                };
+                insert(tx, &new).map(Ok)
             })
             .await?;
         outcome.map_err(SubmitError::Stale)
@@ -126,26 +133,42 @@ fn stale(tx: &Tx<'_>, artifact: &DeploymentArtifact) -> Result<Option<String>, S
             "commit {commit_new} was deployed by {older}, before {id} (commit {commit}) which is in force"
         )));
     }
-    if let (Some(new), Some(current)) = (artifact.git_commit_time, time)
-        && new < current
-    {
-        return Ok(Some(format!(
+    match (artifact.git_commit_time, time) {
+        (Some(new), Some(current)) if new < current => Ok(Some(format!(
             "commit {commit_new} (committed at {new}) is older than commit {commit} of {id} in force (committed at {current})"
-        )));
+        ))),
+        // Without a time nothing says it is newer: it could be any old build.
+        (None, Some(current)) if commit_new != commit => Ok(Some(format!(
+            "commit {commit_new} has no gitCommitTime, so nothing shows it is newer than commit {commit} of {id} in force (committed at {current}); write the artifact with `procurator-ctl artifact`, which records the time"
+        ))),
+        _ => Ok(None),
     }
-    Ok(None)
+}
+
+/// A deployment about to be stored, and who is behind it.
+pub(super) struct NewDeployment<'a> {
+    pub artifact: &'a DeploymentArtifact,
+    /// The artifact's text, as stored and as `PlanRollback` returns it.
+    pub artifact_json: &'a str,
+    pub submitted_by: &'a str,
+    /// Who passed `force`; empty when nobody did.
+    pub forced_by: &'a str,
+    /// The deployment this one rolls back to; empty when it is no rollback.
+    pub rollback_of: &'a str,
 }
 
 /// Store a new deployment of `artifact` with its rows, waves and
 /// `DeploymentSubmitted` event, and supersede older rows of its machines.
-pub(super) fn insert(
-    tx: &mut Tx<'_>,
-    artifact: &DeploymentArtifact,
-    artifact_json: &str,
-    submitted_by: &str,
-    rollback_of: &str,
-) -> Result<Submitted, StoreError> {
+pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitted, StoreError> {
+    let NewDeployment {
+        artifact,
+        artifact_json,
+        submitted_by,
+        forced_by,
+        rollback_of,
+    } = *new;
     let digest = artifact.digest();
+    let intent_keys: Vec<&str> = artifact.intent_key_names().into_iter().collect();
     // A row per machine, each VM machine a row per instance.
     let targets = artifact.targets();
     let machines: Vec<MachineName> = targets.iter().map(|t| t.name.clone()).collect();
@@ -162,8 +185,8 @@ pub(super) fn insert(
 
     let id = fresh_id(tx, &digest)?;
     tx.sql.prepare_cached("INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
-                                  git_commit_time, waves, rollback_of)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(
+                                  git_commit_time, waves, rollback_of, forced_by, intent_keys)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)")?.execute(
         params![
             id.as_str(),
             artifact.git_commit.as_str(),
@@ -174,7 +197,9 @@ pub(super) fn insert(
             submitted_by,
             artifact.git_commit_time,
             waves_json,
-            rollback_of
+            rollback_of,
+            forced_by,
+            intent_keys.join(" ")
         ],
     )?;
     let wave_of: std::collections::HashMap<&MachineName, usize> = waves
@@ -203,6 +228,9 @@ pub(super) fn insert(
         git_commit: artifact.git_commit.to_string(),
         machines: machines.iter().map(ToString::to_string).collect(),
         submitted_by: submitted_by.to_owned(),
+        forced_by: forced_by.to_owned(),
+        intent_keys: intent_keys.iter().map(|k| (*k).to_owned()).collect(),
+        rollback_of: rollback_of.to_owned(),
     };
     let revision = tx.emit(id.as_str(), event::Kind::Submitted(submitted))?;
     tx.sql

@@ -175,13 +175,15 @@ impl Store {
                         deployment_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
                         guest_agent_connected: r.get(6)?,
                         no_auto_rollback: false,
+                        intent: String::new(),
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             // An instance with nothing sent yet runs nothing yet.
             let mut rows: Vec<VmAssignment> =
                 rows.into_iter().filter(|a| !a.closure.is_empty()).collect();
-            // autoRollback as the deployment whose closure it runs says.
+            // autoRollback and the statement as the deployment whose
+            // closure it runs says.
             for row in &mut rows {
                 let artifact = artifacts.get(conn, &row.deployment_id)?;
                 if let Some(spec) = MachineName::parse(&row.machine)
@@ -189,6 +191,12 @@ impl Store {
                     .and_then(|m| artifact.blueprint.get(&m))
                 {
                     row.no_auto_rollback = !spec.deployment.auto_rollback;
+                }
+                if let Some(statement) = MachineName::parse(&row.instance)
+                    .ok()
+                    .and_then(|i| artifact.statement(&i))
+                {
+                    row.intent = statement.as_str().to_owned();
                 }
             }
             Ok(rows)

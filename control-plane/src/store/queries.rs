@@ -8,7 +8,7 @@ use super::deployments::{StoredWave, from_sql, machine_state};
 use super::{Store, StoreError};
 
 const DEPLOYMENT_COLUMNS: &str = "id, git_commit, state, created_ms, finished_ms, submitted_by,
-     halted_reason, rollback_of, waves FROM deployments";
+     halted_reason, rollback_of, waves, forced_by, intent_keys FROM deployments";
 
 impl Store {
     pub async fn get_deployment(&self, id: DeploymentId) -> Result<Option<Deployment>, StoreError> {
@@ -74,6 +74,12 @@ fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
         halted_reason: r.get(6)?,
         rollback_of: r.get(7)?,
         waves: waves(&r.get::<_, String>(8)?),
+        forced_by: r.get(9)?,
+        intent_keys: r
+            .get::<_, String>(10)?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
     })
 }
 

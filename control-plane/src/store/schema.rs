@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const VERSION: i64 = 3;
+const VERSION: i64 = 4;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -34,7 +34,12 @@ CREATE TABLE IF NOT EXISTS deployments (
     halted_reason   TEXT    NOT NULL DEFAULT '',
     -- The highest wave that has started (NULL: none yet) and when it did.
     started_wave    INTEGER,
-    wave_started_ms INTEGER NOT NULL DEFAULT 0
+    wave_started_ms INTEGER NOT NULL DEFAULT 0,
+    -- Who submitted it with force, past the stale-commit check. (Version 4.)
+    forced_by       TEXT    NOT NULL DEFAULT '',
+    -- The names of the keys its statements say signed them, space
+    -- separated; empty when unsigned. (Version 4.)
+    intent_keys     TEXT    NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deployments_by_digest ON deployments (digest);
 CREATE INDEX IF NOT EXISTS deployments_by_commit ON deployments (git_commit);
@@ -146,6 +151,14 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
     conn.execute_batch(SCHEMA)?;
     // Version 2 -> 3: agents say what they offer VMs.
     add_column(conn, "agents", "vm_host", "BLOB")?;
+    // Version 3 -> 4: forced submissions and signed intents are recorded.
+    add_column(conn, "deployments", "forced_by", "TEXT NOT NULL DEFAULT ''")?;
+    add_column(
+        conn,
+        "deployments",
+        "intent_keys",
+        "TEXT NOT NULL DEFAULT ''",
+    )?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }

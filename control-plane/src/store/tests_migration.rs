@@ -56,7 +56,10 @@ async fn a_version_1_database_is_migrated() {
         .unwrap();
     assert_eq!((same.created, same.id), (false, id.clone()));
     assert!(matches!(
-        store.rollback(Some(id), "ops".into()).await.unwrap(),
+        store
+            .rollback(Some(id), "ops".into(), Default::default())
+            .await
+            .unwrap(),
         RolledBack::Done(_)
     ));
     drop(store);
@@ -75,7 +78,16 @@ async fn a_version_1_database_is_migrated() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+    // Version 4's columns are there, empty for what was stored before.
+    let (forced_by, intent_keys): (String, String) = conn
+        .query_row(
+            "SELECT forced_by, intent_keys FROM deployments LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap_or_default();
+    assert_eq!((forced_by.as_str(), intent_keys.as_str()), ("", ""));
 }
 
 #[tokio::test]
@@ -106,5 +118,14 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+    // Version 4's columns are there, empty for what was stored before.
+    let (forced_by, intent_keys): (String, String) = conn
+        .query_row(
+            "SELECT forced_by, intent_keys FROM deployments LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap_or_default();
+    assert_eq!((forced_by.as_str(), intent_keys.as_str()), ("", ""));
 }

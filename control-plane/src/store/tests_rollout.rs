@@ -334,7 +334,10 @@ async fn cancel_refuses_confirmation_and_drops_what_was_not_started() {
 async fn rollback_deploys_the_last_succeeded_artifact_again() {
     let (_dir, store) = open();
     assert!(matches!(
-        store.rollback(None, "ops".into()).await.unwrap(),
+        store
+            .rollback(None, "ops".into(), Default::default())
+            .await
+            .unwrap(),
         RolledBack::NotFound(_)
     ));
     let a = submit_with(&store, COMMIT_A, &[("web-1", "a")], "", false)
@@ -345,7 +348,11 @@ async fn rollback_deploys_the_last_succeeded_artifact_again() {
         .await
         .unwrap();
 
-    let RolledBack::Done(back) = store.rollback(None, "ops".into()).await.unwrap() else {
+    let RolledBack::Done(back) = store
+        .rollback(None, "ops".into(), Default::default())
+        .await
+        .unwrap()
+    else {
         panic!("no rollback")
     };
     assert!(back.created);

@@ -70,7 +70,9 @@ async fn confirm_is_answered_then_refused_after_cancel() {
         Code::PermissionDenied
     );
 
-    let cancelled = ci
+    // Only an operator may cancel.
+    let mut operator = server.deployments(Role::Operator, "admin");
+    let cancelled = operator
         .cancel(CancelRequest {
             deployment_id: id.clone(),
             reason: "wrong closure".into(),
@@ -117,7 +119,7 @@ async fn confirm_is_answered_then_refused_after_cancel() {
         reason: String::new(),
     };
     assert_eq!(
-        ci.cancel(again).await.unwrap_err().code(),
+        operator.cancel(again).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
 }
@@ -166,6 +168,7 @@ async fn rollback_creates_a_new_deployment_marked_as_a_rollback() {
     let back = ci
         .rollback(RollbackRequest {
             to_deployment_id: first.deployment_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::pipeline::intent::{self, IntentKeyArgs};
 use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build, rollout};
 use crate::{Outcome, output};
 
@@ -24,7 +25,8 @@ pub struct Args {
     pub git_commit: Option<String>,
 
     /// The committer time of --git-commit (Unix seconds), written as
-    /// gitCommitTime so the control plane can refuse older commits.
+    /// gitCommitTime so the control plane can refuse older commits
+    /// [default with --git-commit: now].
     #[arg(long, value_name = "SECS", requires = "git_commit")]
     pub git_commit_time: Option<i64>,
 
@@ -32,6 +34,9 @@ pub struct Args {
     /// budget, …; docs/rollouts.md).
     #[arg(long, value_name = "FILE")]
     pub rollout: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub intent: IntentKeyArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<Outcome> {
@@ -43,12 +48,20 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         args.git_commit_time,
     )?;
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
+    let intent_key = args.intent.load()?;
     let nix = crate::pipeline::nix();
     let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
-    let (deployment, text) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    let (mut deployment, mut text) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    if let Some(key) = &intent_key {
+        (deployment, text) = intent::sign_text(&text, key)?;
+    }
     artifact::write_atomically(&args.out, &text)?;
+    let signed = match &intent_key {
+        Some(key) => format!(", signed with intent key {}", key.name()),
+        None => String::new(),
+    };
     output::print(&format!(
-        "wrote {} ({} machines, commit {})\n",
+        "wrote {} ({} machines, commit {}{signed})\n",
         args.out.display(),
         deployment.blueprint.len(),
         deployment.git_commit

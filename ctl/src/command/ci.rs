@@ -13,6 +13,7 @@ use crate::connection::{ConnectionArgs, is_retryable};
 use crate::failure::{self, Stage, StageError};
 use crate::output::{OutputArgs, OutputFormat};
 use crate::pipeline::change::{Plan, load_previous};
+use crate::pipeline::intent::{self, IntentKeyArgs};
 use crate::pipeline::publish::{Destination, Published, publish};
 use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build, rollout};
 use crate::render::{self, PlainRenderer};
@@ -58,7 +59,8 @@ pub struct Args {
     pub git_commit: Option<String>,
 
     /// The committer time of --git-commit (Unix seconds), written as
-    /// gitCommitTime so the control plane can refuse older commits.
+    /// gitCommitTime so the control plane can refuse older commits
+    /// [default with --git-commit: now].
     #[arg(long, value_name = "SECS", requires = "git_commit")]
     pub git_commit_time: Option<i64>,
 
@@ -66,6 +68,9 @@ pub struct Args {
     /// budget, …; docs/rollouts.md).
     #[arg(long, value_name = "FILE")]
     pub rollout: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub intent: IntentKeyArgs,
 
     /// Follow the rollout until it ends; exit 3 if it failed.
     #[arg(long)]
@@ -146,6 +151,7 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     )?;
     report.git_commit = Some(commit.sha.to_string());
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
+    let intent_key = args.intent.load()?;
 
     let nix = crate::pipeline::nix();
     let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
@@ -169,7 +175,19 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
 
     // Checked before publishing: an artifact the control plane would refuse
     // is not worth a cache upload.
-    let (deployment, artifact_json) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    let (mut deployment, mut artifact_json) =
+        artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    if let Some(key) = &intent_key {
+        (deployment, artifact_json) = intent::sign_text(&artifact_json, key)?;
+        say(
+            args,
+            &format!(
+                "signed {} statements with intent key {}\n",
+                deployment.intents.len(),
+                key.name()
+            ),
+        )?;
+    }
     if rollout.is_some() {
         say(args, &rollout::waves_text(&deployment.waves()))?;
     }

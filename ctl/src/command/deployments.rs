@@ -88,6 +88,9 @@ fn note(d: &Deployment) -> String {
     if !d.halted_reason.is_empty() {
         parts.push(d.halted_reason.clone());
     }
+    if !d.forced_by.is_empty() {
+        parts.push(format!("forced by {}", d.forced_by));
+    }
     if parts.is_empty() {
         "-".to_owned()
     } else {
@@ -131,6 +134,8 @@ pub fn deployment_json(d: &Deployment) -> Value {
         "machines": machines,
         "haltedReason": non_empty(&d.halted_reason),
         "rollbackOf": non_empty(&d.rollback_of),
+        "forcedBy": non_empty(&d.forced_by),
+        "intentKeys": d.intent_keys,
         "waves": d.waves.iter().map(|w| json!({
             "index": w.index,
             "name": w.name,

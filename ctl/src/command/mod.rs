@@ -10,6 +10,7 @@ pub mod pki;
 pub mod plan;
 pub mod publish;
 pub mod rollback;
+pub mod sign;
 pub mod status;
 pub mod submit;
 pub mod validate;

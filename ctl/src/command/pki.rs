@@ -55,6 +55,11 @@ pub struct IssueArgs {
     /// Replace an existing certificate and key of the same name.
     #[arg(long)]
     pub force: bool,
+
+    /// Let this agent host VMs: only an agent whose certificate says so may
+    /// offer VM capacity (`procurator-agent --vm-host`).
+    #[arg(long)]
+    pub vm_host: bool,
 }
 
 /// The roles a client certificate can carry; the control plane's own
@@ -86,13 +91,8 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
             init_text(&args.dir, &args.san, &files)
         }
         Command::Issue(args) => {
-            let files = pki::issue(
-                &args.dir,
-                args.role.role(),
-                &args.name,
-                &args.san,
-                args.force,
-            )?;
+            let identity = pki::identity(args.role.role(), &args.name, args.vm_host)?;
+            let files = pki::issue_for(&args.dir, &identity, &args.san, args.force)?;
             issue_text(&args.dir, &files)
         }
     };
@@ -178,6 +178,13 @@ fn init_text(dir: &Path, sans: &[String], files: &InitFiles) -> String {
 fn issue_text(dir: &Path, files: &IssuedFiles) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Issued {} ({}):", files.identity, files.identity.uri());
+    if files.identity.vm_host {
+        let _ = writeln!(
+            out,
+            "  marked as a VM host ({})",
+            procurator_core::identity::VM_HOST_URI
+        );
+    }
     let _ = writeln!(out, "  certificate  {}", files.cert.display());
     let _ = writeln!(out, "  private key  {} (mode 0600)", files.key.display());
     let flags = format!(

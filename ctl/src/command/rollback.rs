@@ -8,8 +8,11 @@ use serde_json::json;
 use tonic::Code;
 
 use super::watch::parse_id;
-use crate::connection::ConnectionArgs;
+use std::collections::HashMap;
+
+use crate::connection::{Connection, ConnectionArgs};
 use crate::output::{self, OutputArgs, OutputFormat};
+use crate::pipeline::intent::{IntentKeyArgs, sign_text};
 use crate::{Outcome, follow, format, render};
 
 #[derive(Debug, clap::Args)]
@@ -29,26 +32,58 @@ pub struct Args {
     #[arg(long)]
     pub wait: bool,
 
+    /// Sign fresh statements for the earlier closures with this key (an
+    /// operator's, trusted by the agents), so agents with intent keys take
+    /// the rollback as a new intent rather than refuse a replay.
+    #[command(flatten)]
+    pub intent: IntentKeyArgs,
+
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
-    let to_deployment_id = args.to.as_deref().map(parse_id).transpose()?;
+    let mut to_deployment_id = args.to.as_deref().map(parse_id).transpose()?;
+    let key = args.intent.load()?;
     let mut conn = conn.connect()?;
+    let mut intents = HashMap::new();
+    if let Some(key) = &key {
+        // Sign what the target deployed, for exactly that target.
+        let plan = RollbackRequest {
+            to_deployment_id: to_deployment_id.clone().unwrap_or_default(),
+            ..RollbackRequest::default()
+        };
+        let plan = match conn.client.plan_rollback(plan).await {
+            Ok(plan) => plan.into_inner(),
+            Err(status) => return Err(rollback_error(&conn, &status, to_deployment_id.as_deref())),
+        };
+        let (artifact, _) = sign_text(&plan.artifact_json, key).map_err(|e| {
+            anyhow!(
+                "the artifact of {} cannot be signed: {e:#}",
+                plan.to_deployment_id
+            )
+        })?;
+        eprintln!(
+            "signed {} statements for {} (commit {}) with intent key {}",
+            artifact.intents.len(),
+            plan.to_deployment_id,
+            format::short_commit(&plan.git_commit),
+            key.name()
+        );
+        intents = artifact
+            .intents
+            .iter()
+            .map(|(row, statement)| (row.to_string(), statement.as_str().to_owned()))
+            .collect();
+        to_deployment_id = Some(plan.to_deployment_id);
+    }
     let request = RollbackRequest {
         to_deployment_id: to_deployment_id.clone().unwrap_or_default(),
+        intents,
     };
     let response = match conn.client.rollback(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) if status.code() == Code::NotFound => {
-            return Err(anyhow!(
-                "{}\n{}",
-                conn.error(&status, "rolling back"),
-                not_found_hint(to_deployment_id.as_deref())
-            ));
-        }
-        Err(status) => return Err(conn.error(&status, "rolling back")),
+        Err(status) => return Err(rollback_error(&conn, &status, to_deployment_id.as_deref())),
     };
     // What it rolls back to is for people; the rollback is under way even
     // if this look-up fails.
@@ -99,6 +134,18 @@ fn target_text(d: &Deployment) -> Option<String> {
         ));
     }
     Some(text)
+}
+
+/// The control plane's refusal, with what to do about it.
+fn rollback_error(conn: &Connection, status: &tonic::Status, to: Option<&str>) -> anyhow::Error {
+    let error = conn.error(status, "rolling back");
+    match status.code() {
+        Code::NotFound => anyhow!("{error}\n{}", not_found_hint(to)),
+        Code::PermissionDenied => {
+            anyhow!("{error}\nonly an operator's certificate may roll back (not CI's)")
+        }
+        _ => error,
+    }
 }
 
 fn not_found_hint(to: Option<&str>) -> &'static str {

@@ -32,8 +32,9 @@ impl Commit {
     }
 }
 
-/// `--git-commit` (with `--git-commit-time` if given) if given, else
-/// `git -C DIR rev-parse HEAD` and the commit's committer time.
+/// `--git-commit` (with `--git-commit-time`, else now: the time of signing)
+/// if given, else `git -C DIR rev-parse HEAD` and the commit's committer
+/// time. Always with a time, so the control plane can order the artifact.
 pub fn resolve_commit(
     flake_dir: &Path,
     given: Option<&str>,
@@ -42,10 +43,11 @@ pub fn resolve_commit(
     if let Some(sha) = given {
         let sha =
             GitCommit::try_from(sha.trim().to_owned()).map_err(|e| anyhow!("--git-commit: {e}"))?;
-        // Not from git: the time is only what the caller says it is.
+        // Not from git: the time is what the caller says, or now.
+        let now = procurator_core::now_ms() / 1000;
         return Ok(Commit {
             sha,
-            time: given_time,
+            time: Some(given_time.unwrap_or(now)),
         });
     }
     let sha = git(flake_dir, &["rev-parse", "HEAD"])?;
@@ -244,7 +246,12 @@ mod tests {
         assert_eq!(commit.time, Some(1_748_762_102));
         assert_eq!(commit.sha.as_str().len(), 40);
         let given = resolve_commit(dir.path(), Some("abcdef0"), None).unwrap();
-        assert_eq!(given.time, None, "a given commit has no time unless given");
+        let now = procurator_core::now_ms() / 1000;
+        let time = given.time.unwrap();
+        assert!(
+            (now - 5..=now).contains(&time),
+            "a given commit is stamped now: {time}"
+        );
         let given = resolve_commit(dir.path(), Some("abcdef0"), Some(5)).unwrap();
         assert_eq!(given.time, Some(5));
     }

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod change;
+pub mod intent;
 pub mod publish;
 pub mod rollout;
 

@@ -20,6 +20,9 @@ pub fn event_json(ev: &Event) -> Value {
                 "gitCommit": s.git_commit,
                 "machines": s.machines,
                 "submittedBy": s.submitted_by,
+                "intentKeys": s.intent_keys,
+                "forcedBy": if s.forced_by.is_empty() { Value::Null } else { s.forced_by.clone().into() },
+                "rollbackOf": if s.rollback_of.is_empty() { Value::Null } else { s.rollback_of.clone().into() },
             }),
         ),
         Some(event::Kind::Machine(u)) => (
@@ -199,6 +202,7 @@ mod tests {
             git_commit: "3f2c1a9".into(),
             machines: vec!["a".into()],
             submitted_by: "ci/ci".into(),
+            ..Default::default()
         })));
         assert_eq!(v["type"], "submitted");
         assert_eq!(v["gitCommit"], "3f2c1a9");

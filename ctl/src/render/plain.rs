@@ -10,6 +10,24 @@ use procurator_proto::v1::{
 use super::view::{DeploymentView, summary_label};
 use crate::format;
 
+/// `; signed by key ci-1; forced by ci/github`: what a submission's
+/// provenance adds to its line (nothing for an unsigned, unforced one).
+pub fn provenance(intent_keys: &[String], forced_by: &str) -> String {
+    let mut out = String::new();
+    if !intent_keys.is_empty() {
+        let _ = write!(
+            out,
+            "; signed by key{} {}",
+            if intent_keys.len() > 1 { "s" } else { "" },
+            intent_keys.join(", ")
+        );
+    }
+    if !forced_by.is_empty() {
+        let _ = write!(out, "; forced by {forced_by}");
+    }
+    out
+}
+
 /// The text for one event, ending in a newline; a failure's output tail
 /// follows on indented lines. `view` (with the event applied) says how many
 /// machines a halt left alone.
@@ -29,6 +47,7 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
                 format::short_commit(&s.git_commit),
                 s.machines.join(", ")
             );
+            out.push_str(&provenance(&s.intent_keys, &s.forced_by));
         }
         Some(event::Kind::Machine(u)) => out.push_str(&machine_text(u)),
         Some(event::Kind::Finished(f)) => {
@@ -336,6 +355,7 @@ mod tests {
             git_commit: "3f2c1a9b8e7d6c5b4a39281706f5e4d3c2b1a098".into(),
             machines: vec!["worker-1".into(), "worker-2".into()],
             submitted_by: "ci/github".into(),
+            ..Default::default()
         })));
         assert_eq!(
             submitted,

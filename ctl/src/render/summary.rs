@@ -32,6 +32,10 @@ pub fn summary_text(view: &DeploymentView) -> String {
     if !view.rollback_of.is_empty() {
         let _ = writeln!(out, "  rollback of {}", view.rollback_of);
     }
+    let provenance = super::plain::provenance(&view.intent_keys, &view.forced_by);
+    if let Some(rest) = provenance.strip_prefix("; ") {
+        let _ = writeln!(out, "  {}", rest.replace("; ", "\n  "));
+    }
     if !view.halted_reason.is_empty() {
         let what = if view.state == DeploymentState::Cancelled {
             "cancelled"

@@ -63,6 +63,10 @@ pub struct DeploymentView {
     pub wave: Option<WaveView>,
     /// The deployment this one rolls back to, when it is a rollback.
     pub rollback_of: String,
+    /// The keys its statements say signed them; empty when unsigned.
+    pub intent_keys: Vec<String>,
+    /// Who submitted it with force; empty when nobody did.
+    pub forced_by: String,
 }
 
 impl DeploymentView {
@@ -77,6 +81,8 @@ impl DeploymentView {
             halted_machines: Vec::new(),
             wave: None,
             rollback_of: String::new(),
+            intent_keys: Vec::new(),
+            forced_by: String::new(),
         }
     }
 
@@ -89,6 +95,8 @@ impl DeploymentView {
             self.halted_reason.clone_from(&d.halted_reason);
         }
         self.rollback_of.clone_from(&d.rollback_of);
+        self.intent_keys.clone_from(&d.intent_keys);
+        self.forced_by.clone_from(&d.forced_by);
         let has_waves = !d.waves.is_empty();
         for m in &d.machines {
             self.machines.insert(
@@ -127,6 +135,8 @@ impl DeploymentView {
         match &ev.kind {
             Some(event::Kind::Submitted(s)) => {
                 self.git_commit.clone_from(&s.git_commit);
+                self.intent_keys.clone_from(&s.intent_keys);
+                self.forced_by.clone_from(&s.forced_by);
                 for m in &s.machines {
                     self.machines.entry(m.clone()).or_default();
                 }
@@ -247,6 +257,7 @@ mod tests {
                 git_commit: "3f2c1a9".into(),
                 machines: vec!["a".into(), "b".into()],
                 submitted_by: "ci/ci".into(),
+                ..Default::default()
             }),
         ));
         assert_eq!(view.machines.len(), 2);

@@ -50,6 +50,7 @@ async fn sets_are_reconciled_and_an_uncopyable_closure_keeps_what_runs() {
         nix: Nix::new(),
         substituters: Vec::new(),
         trusted_public_keys: Vec::new(),
+        intents: no_intent_keys(f.dir.path()),
         results: Some(results_tx),
         outcomes: Some(reports),
         // Its closures are not in a real store.
@@ -238,6 +239,7 @@ async fn a_running_vms_closure_survives_garbage_collection_until_it_is_removed()
             .with_option("store", store.uri()),
         substituters: Vec::new(),
         trusted_public_keys: Vec::new(),
+        intents: no_intent_keys(f.dir.path()),
         results: None,
         outcomes: Some(reports),
         gc_roots: true,
@@ -263,4 +265,9 @@ async fn a_running_vms_closure_survives_garbage_collection_until_it_is_removed()
 
     cancel.cancel();
     running.await.unwrap();
+}
+
+/// A host that trusts its control plane, as one without intent keys does.
+fn no_intent_keys(dir: &std::path::Path) -> Arc<IntentPolicy> {
+    Arc::new(IntentPolicy::load(Vec::new(), dir).unwrap())
 }
