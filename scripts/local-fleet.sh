@@ -131,6 +131,12 @@ nix key convert-secret-to-public <"$work/cache.secret" >"$work/cache.public"
 public_key=$(cat "$work/cache.public")
 echo "$public_key"
 
+say "intent key: what each machine does is signed (nix key generate-secret)"
+nix key generate-secret --key-name procurator-local-intent-1 >"$work/intent.secret"
+nix key convert-secret-to-public <"$work/intent.secret" >"$work/intent.public"
+intent_key=$(cat "$work/intent.public")
+echo "$intent_key"
+
 flake="$work/flake"
 mkdir -p "$flake"
 # procurator-lib.nix links to nix/lib.nix: copy what it points at.
@@ -226,6 +232,7 @@ for m in "${machines[@]}"; do
         --state-dir "$host/state" \
         --substituter "file://$work/cache" \
         --trusted-public-key "$public_key" \
+        --intent-public-key "$intent_key" \
         >"$host/agent.log" 2>&1 &
     pids+=("$!")
 done
@@ -257,7 +264,8 @@ commit=$(git -C "$repo" rev-parse HEAD 2>/dev/null || date +%s%N | sha1sum | cut
     done
     printf '\n  }\n}\n'
 } >"$work/deployment.json"
-"$ctl_bin" validate "$work/deployment.json"
+"$ctl_bin" sign --intent-key "$work/intent.secret" "$work/deployment.json"
+"$ctl_bin" validate --intent-public-key "$intent_key" "$work/deployment.json"
 
 say "procurator-ctl submit"
 submitted=$("$ctl_bin" submit --output json "$work/deployment.json")

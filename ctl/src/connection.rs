@@ -133,7 +133,7 @@ pub fn describe_status(status: &Status, url: &str, doing: &str) -> String {
             "cannot reach the control plane at {url}: {detail} — is it running? check --control-plane"
         ),
         Code::PermissionDenied => format!(
-            "the control plane refused {doing}: {detail} (check that --tls-cert is a ci or operator certificate)"
+            "the control plane refused {doing}: {detail} (use --tls-cert and --tls-key of a certificate with that role: procurator-ctl pki issue --role …)"
         ),
         Code::Unauthenticated => format!(
             "the control plane did not accept this client's certificate while {doing}: {detail}; check --tls-cert and --tls-key"

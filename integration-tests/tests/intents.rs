@@ -138,6 +138,34 @@ fn agents_run_only_what_ci_signed_and_never_an_older_statement() {
         fleet.host(m).assert_on(&gen2[m], "system-3-link");
     }
 
+    // `validate` checks signatures as the agents will.
+    let out = operator
+        .run(&[
+            "validate",
+            a2.to_str().expect("utf-8"),
+            "--intent-public-key",
+            &fleet.intent.public,
+        ])
+        .expect("validate");
+    out.expect_code(0).expect("a2 is signed by CI");
+    assert!(
+        out.stdout.contains("3 statements signed by trusted keys"),
+        "{out}"
+    );
+    let out = operator
+        .run(&[
+            "validate",
+            a2.to_str().expect("utf-8"),
+            "--intent-public-key",
+            &ops.public,
+        ])
+        .expect("validate");
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("signed by unknown key ci-intent-1"),
+        "{out}"
+    );
+
     // CI built and published gen3; the attacker has a ci certificate only.
     let gen3 = fleet.build(&json!({ "generation": 3 })).expect("gen3");
     fleet.publish(&gen3).expect("publish gen3");
@@ -246,8 +274,33 @@ fn agents_run_only_what_ci_signed_and_never_an_older_statement() {
     assert_eq!(out.code, Some(3), "the agents refuse it: {out}");
     assert_nothing_ran(&fleet, &gen2);
     let secret = ops.secret.to_str().expect("utf-8");
+    // The operator checks first that the control plane's copy of d1 is what
+    // CI signed: with the wrong key to check against, nothing is signed.
     let out = operator
-        .run(&["rollback", "--to", &d1, "--intent-key", secret, "--wait"])
+        .run(&[
+            "rollback",
+            "--to",
+            &d1,
+            "--intent-key",
+            secret,
+            "--intent-public-key",
+            &ops.public,
+        ])
+        .expect("rollback");
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("refusing to sign"), "{out}");
+    let ci_public = fleet.intent.public.clone();
+    let out = operator
+        .run(&[
+            "rollback",
+            "--to",
+            &d1,
+            "--intent-key",
+            secret,
+            "--intent-public-key",
+            &ci_public,
+            "--wait",
+        ])
         .expect("rollback");
     out.expect_code(0).expect("the signed rollback converges");
     assert!(out.stdout.contains("signed by key ops-1"), "{out}");

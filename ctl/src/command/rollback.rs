@@ -12,8 +12,9 @@ use std::collections::HashMap;
 
 use crate::connection::{Connection, ConnectionArgs};
 use crate::output::{self, OutputArgs, OutputFormat};
-use crate::pipeline::intent::{IntentKeyArgs, sign_text};
+use crate::pipeline::intent::{IntentKeyArgs, IntentPublicKeyArgs, sign_text, verify_all};
 use crate::{Outcome, follow, format, render};
+use procurator_core::DeploymentArtifact;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -38,6 +39,12 @@ pub struct Args {
     #[command(flatten)]
     pub intent: IntentKeyArgs,
 
+    /// Before signing, check that the target's statements were signed by
+    /// this key (CI's): the operator then signs what CI built, not what the
+    /// control plane says it built.
+    #[command(flatten)]
+    pub verify: IntentPublicKeyArgs,
+
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -45,6 +52,12 @@ pub struct Args {
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     let mut to_deployment_id = args.to.as_deref().map(parse_id).transpose()?;
     let key = args.intent.load()?;
+    let trusted = args.verify.keys()?;
+    if !trusted.is_empty() && key.is_none() {
+        eprintln!(
+            "warning: --intent-public-key checks what --intent-key signs; without --intent-key the old statements go out as they were, and agents with intent keys refuse them"
+        );
+    }
     let mut conn = conn.connect()?;
     let mut intents = HashMap::new();
     if let Some(key) = &key {
@@ -57,6 +70,18 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
             Ok(plan) => plan.into_inner(),
             Err(status) => return Err(rollback_error(&conn, &status, to_deployment_id.as_deref())),
         };
+        if !trusted.is_empty() {
+            let earlier =
+                DeploymentArtifact::from_json(plan.artifact_json.as_bytes()).map_err(|e| {
+                    anyhow!("the artifact of {} is invalid: {e}", plan.to_deployment_id)
+                })?;
+            verify_all(&earlier, &trusted).map_err(|e| {
+                anyhow!(
+                    "refusing to sign {} again: the control plane's copy is not what a trusted key signed: {e:#}",
+                    plan.to_deployment_id
+                )
+            })?;
+        }
         let (artifact, _) = sign_text(&plan.artifact_json, key).map_err(|e| {
             anyhow!(
                 "the artifact of {} cannot be signed: {e:#}",
@@ -141,9 +166,6 @@ fn rollback_error(conn: &Connection, status: &tonic::Status, to: Option<&str>) -
     let error = conn.error(status, "rolling back");
     match status.code() {
         Code::NotFound => anyhow!("{error}\n{}", not_found_hint(to)),
-        Code::PermissionDenied => {
-            anyhow!("{error}\nonly an operator's certificate may roll back (not CI's)")
-        }
         _ => error,
     }
 }

@@ -7,17 +7,36 @@ use anyhow::Context as _;
 use procurator_core::DeploymentArtifact;
 
 use crate::Outcome;
+use crate::pipeline::intent::{IntentPublicKeyArgs, verify_all};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The deployment.json to check.
     pub file: PathBuf,
+
+    #[command(flatten)]
+    pub intent: IntentPublicKeyArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
+    let keys = args.intent.keys()?;
     let (artifact, _) = load(&args.file)?;
+    let signed = if keys.is_empty() {
+        match artifact.intents.len() {
+            0 => String::new(),
+            n => format!(", {n} statements not checked: give --intent-public-key"),
+        }
+    } else {
+        let n = verify_all(&artifact, &keys).with_context(|| {
+            format!(
+                "{} is not signed as the agents require",
+                args.file.display()
+            )
+        })?;
+        format!(", {n} statements signed by trusted keys")
+    };
     crate::output::print(&format!(
-        "{}: ok ({} machines, commit {})\n",
+        "{}: ok ({} machines, commit {}{signed})\n",
         args.file.display(),
         artifact.blueprint.len(),
         artifact.git_commit

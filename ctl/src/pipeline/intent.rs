@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use procurator_core::DeploymentArtifact;
-use procurator_core::intent::SigningKey;
+use procurator_core::intent::{PublicKey, SigningKey};
 use serde_json::Value;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -24,6 +24,52 @@ impl IntentKeyArgs {
     pub fn load(&self) -> anyhow::Result<Option<SigningKey>> {
         self.intent_key.as_deref().map(read_key).transpose()
     }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct IntentPublicKeyArgs {
+    /// Check that every statement was signed by this key, `NAME:BASE64` as
+    /// `nix key convert-secret-to-public` prints it (repeatable; the
+    /// environment variable is space separated): as the agents will.
+    #[arg(
+        long = "intent-public-key",
+        env = "PROCURATOR_INTENT_PUBLIC_KEYS",
+        value_name = "KEY",
+        value_delimiter = ' '
+    )]
+    pub intent_public_keys: Vec<String>,
+}
+
+impl IntentPublicKeyArgs {
+    pub fn keys(&self) -> anyhow::Result<Vec<PublicKey>> {
+        self.intent_public_keys
+            .iter()
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                k.parse()
+                    .map_err(|e| anyhow!("--intent-public-key {k:?}: {e}"))
+            })
+            .collect()
+    }
+}
+
+/// Checks, as an agent would, that every row's statement was signed by
+/// one of `keys`; returns how many were checked.
+pub fn verify_all(artifact: &DeploymentArtifact, keys: &[PublicKey]) -> anyhow::Result<usize> {
+    let rows = artifact.targets();
+    for row in &rows {
+        let statement = artifact.statement(&row.name).ok_or_else(|| {
+            anyhow!(
+                "intents.{}: there is no statement for {}: the artifact is not signed",
+                row.name,
+                row.name
+            )
+        })?;
+        statement
+            .verify(keys)
+            .map_err(|e| anyhow!("intents.{}: {e}", row.name))?;
+    }
+    Ok(rows.len())
 }
 
 pub fn read_key(path: &Path) -> anyhow::Result<SigningKey> {
@@ -88,5 +134,16 @@ mod tests {
         let (again, _) = sign_text(&signed, &key).unwrap();
         let newer = again.intents.values().next().unwrap().unverified_intent();
         assert!(newer.issued_at_ms > intent.issued_at_ms);
+
+        assert_eq!(verify_all(&again, &[key.public_key()]).unwrap(), 1);
+        let other = SigningKey::generate("ci-2").unwrap();
+        let err = verify_all(&again, &[other.public_key()]).unwrap_err();
+        assert!(
+            err.to_string().contains("signed by unknown key ci-1"),
+            "{err}"
+        );
+        let unsigned = DeploymentArtifact::from_json(text.as_bytes()).unwrap();
+        let err = verify_all(&unsigned, &[key.public_key()]).unwrap_err();
+        assert!(err.to_string().contains("not signed"), "{err}");
     }
 }
