@@ -276,32 +276,16 @@ fn agents_run_only_what_ci_signed_and_never_an_older_statement() {
     let secret = ops.secret.to_str().expect("utf-8");
     // The operator checks first that the control plane's copy of d1 is what
     // CI signed: with the wrong key to check against, nothing is signed.
-    let out = operator
-        .run(&[
-            "rollback",
-            "--to",
-            &d1,
-            "--intent-key",
-            secret,
-            "--intent-public-key",
-            &ops.public,
-        ])
-        .expect("rollback");
+    let signed_rollback = |check_with: &str, wait: &[&str]| {
+        let mut args = vec!["rollback", "--to", &d1, "--intent-key", secret];
+        args.extend(["--intent-public-key", check_with]);
+        args.extend_from_slice(wait);
+        operator.run(&args).expect("rollback")
+    };
+    let out = signed_rollback(&ops.public, &[]);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("refusing to sign"), "{out}");
-    let ci_public = fleet.intent.public.clone();
-    let out = operator
-        .run(&[
-            "rollback",
-            "--to",
-            &d1,
-            "--intent-key",
-            secret,
-            "--intent-public-key",
-            &ci_public,
-            "--wait",
-        ])
-        .expect("rollback");
+    let out = signed_rollback(&fleet.intent.public, &["--wait"]);
     out.expect_code(0).expect("the signed rollback converges");
     assert!(out.stdout.contains("signed by key ops-1"), "{out}");
     for m in MACHINES {
