@@ -131,7 +131,9 @@ in
         running the VM instances the control plane places on this machine
         (`procurator-agent --vm-host`). The VMs outlive the agent:
         restarting or stopping the service leaves them running, and the
-        agent adopts them again when it starts
+        agent adopts them again when it starts. The machine's certificate
+        must be issued with `procurator-ctl pki issue --vm-host`, or the
+        control plane refuses its capacity
       '';
 
       vmm = lib.mkOption {

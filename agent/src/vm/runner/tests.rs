@@ -271,3 +271,69 @@ async fn a_running_vms_closure_survives_garbage_collection_until_it_is_removed()
 fn no_intent_keys(dir: &std::path::Path) -> Arc<IntentPolicy> {
     Arc::new(IntentPolicy::load(Vec::new(), dir).unwrap())
 }
+
+#[tokio::test]
+async fn with_intent_keys_an_instance_runs_only_as_its_statement_says() {
+    use procurator_core::intent::{Intent, SigningKey, VmIntent};
+    let f = Fixture::new();
+    let a = f.closure("a", true);
+    let ci = SigningKey::generate("ci-1").unwrap();
+    let runner = Runner {
+        host: Fixture::host(f.dir.path()),
+        nix: Nix::new(),
+        substituters: Vec::new(),
+        trusted_public_keys: Vec::new(),
+        intents: Arc::new(IntentPolicy::load(vec![ci.public_key()], f.dir.path()).unwrap()),
+        results: None,
+        outcomes: None,
+        gc_roots: false,
+    };
+    let statement = ci
+        .sign(&Intent {
+            name: MachineName::parse("web-0").unwrap(),
+            closure: a.clone(),
+            git_commit: "0123456789abcdef".to_owned().try_into().unwrap(),
+            issued_at_ms: 1_000,
+            health_checks: Vec::new(),
+            auto_rollback: false,
+            allow_reboot: false,
+            confirm_timeout_secs: 0,
+            vm: Some(VmIntent {
+                machine: MachineName::parse("web").unwrap(),
+                milli_cpus: 500,
+                memory_bytes: 128 << 20,
+            }),
+        })
+        .unwrap();
+    // The control plane says web-0 is twice as big and rolls back; the
+    // statement says otherwise. web-1 comes with no statement at all.
+    let mut signed = vm("web-0", &a, "d-1");
+    signed.intent = statement.as_str().to_owned();
+    let unsigned = vm("web-1", &a, "d-1");
+    let set = VmAssignments {
+        vms: vec![signed, unsigned],
+    };
+    let (wanted, refused) = runner.prepare(&set).await;
+    assert_eq!(wanted.len(), 1, "{wanted:?}");
+    assert_eq!(wanted[0].instance.as_str(), "web-0");
+    assert_eq!(
+        wanted[0].demand,
+        Demand {
+            milli_cpus: 500,
+            memory_bytes: 128 << 20
+        }
+    );
+    assert!(!wanted[0].auto_rollback);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].instance.as_str(), refused[0].state()),
+        ("web-1", MachineState::Failed)
+    );
+    assert!(
+        refused[0]
+            .reason
+            .starts_with("intent refused: the control plane sent no signed statement"),
+        "{}",
+        refused[0].reason
+    );
+}
