@@ -334,15 +334,35 @@ fn an_older_commit_is_refused_unless_forced() {
         );
     }
 
+    // The downgrade without a time: a fresh commit id and the hosts' first
+    // closures. Nothing shows it is newer, so it is refused too.
+    let (downgrade, downgrade_commit) = fleet.write_deployment(&fleet.initial).expect("artifact");
+    let refused = ctl
+        .run(&["submit", path(&downgrade)])
+        .expect("submit the downgrade");
+    refused
+        .expect_code(1)
+        .expect("an artifact without a time is refused");
+    assert!(refused.all().contains("has no gitCommitTime"), "{refused}");
+    assert!(fleet.deployment_by_commit(&downgrade_commit).is_err());
+
     let forced = ctl
         .run(&["submit", path(&older), "--force", "--wait"])
         .expect("submit --force");
     forced
         .expect_code(0)
         .expect("--force deploys the older commit");
+    assert!(forced.stdout.contains("forced by admin"), "{forced}");
     for m in MACHINES {
         assert_runs(&fleet, m, &older_closures[m]);
     }
+    let recorded = fleet.deployment_by_commit(&older_commit).expect("stored");
+    assert_eq!(recorded["forcedBy"], "admin", "{recorded}");
+    let listed = ctl
+        .run(&["deployments", "--output", "json"])
+        .expect("deployments");
+    let listed: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json");
+    assert_eq!(listed[0]["forcedBy"], "admin", "{listed}");
 }
 
 #[test]
