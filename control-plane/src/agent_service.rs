@@ -80,6 +80,8 @@ pub enum ConfirmError {
     InvalidClosure(#[from] procurator_core::store_path::StorePathError),
     #[error("this machine has no deployment {0} with that closure")]
     NotFound(DeploymentId),
+    #[error("this machine's row of deployment {0} is {1}, not sent: there is nothing to confirm")]
+    NotSent(DeploymentId, MachineState),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -91,6 +93,7 @@ impl From<ConfirmError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             ConfirmError::NotFound(_) => Status::not_found(e.to_string()),
+            ConfirmError::NotSent(..) => Status::failed_precondition(e.to_string()),
             ConfirmError::Store(e) => e.into(),
         }
     }
@@ -192,6 +195,7 @@ impl AgentService for AgentSvc {
             .map_err(ConfirmError::from)?;
         let response = match answer {
             Confirmation::NotFound => return Err(ConfirmError::NotFound(id).into()),
+            Confirmation::NotSent(state) => return Err(ConfirmError::NotSent(id, state).into()),
             Confirmation::Refused(reason) => {
                 tracing::info!(machine = %machine, deployment = %id, %reason, "confirmation refused");
                 ConfirmResponse {

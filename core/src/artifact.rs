@@ -11,11 +11,8 @@ use crate::intent::Statement;
 use crate::names::MachineName;
 use crate::store_path::StorePath;
 
-/// Artifacts larger than this are refused before parsing.
-pub const MAX_ARTIFACT_BYTES: usize = 4 * 1024 * 1024;
-/// Health checks per machine, and bytes per check's command.
-pub const MAX_HEALTH_CHECKS: usize = 64;
-pub const MAX_CHECK_COMMAND_BYTES: usize = 16 * 1024;
+pub use crate::limits::{MAX_ARTIFACT_BYTES, MAX_CHECK_COMMAND_BYTES, MAX_HEALTH_CHECKS};
+use crate::limits::{MAX_LABELS, MAX_MACHINES, MAX_STRING_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -51,6 +48,8 @@ pub enum ArtifactError {
     Intents(String),
     #[error("{0}")]
     HealthChecks(String),
+    #[error("{0}")]
+    Limit(String),
     #[error("blueprint: the blueprint names no machine; there is nothing to deploy")]
     NoMachines,
 }
@@ -326,6 +325,7 @@ impl DeploymentArtifact {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ArtifactError::Empty);
         }
+        unique_keys::check(bytes)?;
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let artifact: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -341,6 +341,13 @@ impl DeploymentArtifact {
         if self.blueprint.is_empty() {
             return Err(ArtifactError::NoMachines);
         }
+        if self.blueprint.len() > MAX_MACHINES {
+            return Err(ArtifactError::Limit(format!(
+                "blueprint: {} machines; at most {MAX_MACHINES} are allowed in one deployment",
+                self.blueprint.len()
+            )));
+        }
+        self.check_strings().map_err(ArtifactError::Limit)?;
         if let Some(m) = self
             .closures
             .keys()
@@ -364,6 +371,48 @@ impl DeploymentArtifact {
                 .map_err(ArtifactError::Rollout)?;
         }
         self.check_intents().map_err(ArtifactError::Intents)?;
+        Ok(())
+    }
+
+    /// Every string of the blueprint and its labels within crate::limits.
+    fn check_strings(&self) -> Result<(), String> {
+        let long = |path: String, value: &str| {
+            (value.len() > MAX_STRING_BYTES).then(|| {
+                format!(
+                    "{path}: {} bytes; at most {MAX_STRING_BYTES} are allowed",
+                    value.len()
+                )
+            })
+        };
+        for (machine, spec) in &self.blueprint {
+            let d = &spec.deployment;
+            let fields = [
+                ("role", spec.role.as_str()),
+                ("deployment.addr", d.addr.as_str()),
+                ("deployment.backend", d.backend.as_str()),
+                ("deployment.sshUser", d.ssh_user.as_str()),
+            ];
+            if let Some(e) = fields
+                .iter()
+                .find_map(|(f, v)| long(format!("blueprint.{machine}.{f}"), v))
+            {
+                return Err(e);
+            }
+            if spec.labels.len() > MAX_LABELS {
+                return Err(format!(
+                    "blueprint.{machine}.labels: {} labels; at most {MAX_LABELS} are allowed",
+                    spec.labels.len()
+                ));
+            }
+            if let Some(e) = spec
+                .labels
+                .iter()
+                .enumerate()
+                .find_map(|(i, l)| long(format!("blueprint.{machine}.labels[{i}]"), l))
+            {
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -467,6 +516,7 @@ impl DeploymentArtifact {
 mod instances;
 mod intents;
 mod rollout;
+mod unique_keys;
 pub use instances::{Demand, Target, VM_BACKENDS, VmInstance, instance_names};
 pub use rollout::{PlannedWave, Rollout, WaveSpec};
 

@@ -26,7 +26,7 @@ use crate::store_path::StorePath;
 
 /// A statement longer than this is refused unread, by the artifact's parser,
 /// the control plane and the agent alike.
-pub const MAX_STATEMENT_BYTES: usize = 256 * 1024;
+pub use crate::limits::MAX_STATEMENT_BYTES;
 
 /// The JWS `typ` of a statement: the version of [`Intent`]'s shape.
 pub const STATEMENT_TYPE: &str = "procurator-intent+json";

@@ -8,6 +8,7 @@ pub mod artifact;
 pub mod backoff;
 pub mod identity;
 pub mod intent;
+pub mod limits;
 pub mod names;
 pub mod nix;
 pub mod pki;

@@ -21,6 +21,28 @@ fn malformed(valid: &Value) -> Vec<(&'static str, String, &'static str)> {
     let text = serde_json::to_string_pretty(valid).expect("json");
     let truncated = text[..text.len() / 2].to_owned();
 
+    // The 400-byte Submit that once took the control plane down.
+    let mut replicas = valid.clone();
+    replicas["blueprint"]["worker-1"]["replicas"] = json!(1_000_000_000u64);
+    replicas["blueprint"]["worker-1"]["deployment"]["backend"] = json!("cloud-hypervisor");
+
+    let mut many_checks = valid.clone();
+    many_checks["blueprint"]["worker-1"]["deployment"]["healthChecks"] =
+        Value::Array(vec![json!({ "command": "true", "timeout": 5 }); 65]);
+    let mut long_check = valid.clone();
+    long_check["blueprint"]["worker-1"]["deployment"]["healthChecks"] =
+        json!([{ "command": "x".repeat(20 * 1024), "timeout": 5 }]);
+
+    // serde_json writes each key once; the duplicate goes in by hand.
+    let closure = valid["closures"]["worker-1"].as_str().expect("closure");
+    let compact = valid.to_string();
+    let duplicate = compact.replacen(
+        "\"closures\":{",
+        &format!("\"closures\":{{\"worker-1\":\"{closure}\","),
+        1,
+    );
+    assert_ne!(duplicate, compact, "the duplicate was written");
+
     vec![
         (
             "a closure that is not a store path",
@@ -38,6 +60,26 @@ fn malformed(valid: &Value) -> Vec<(&'static str, String, &'static str)> {
             "deployTarget",
         ),
         ("a truncated file", truncated, "truncated"),
+        (
+            "a billion replicas",
+            replicas.to_string(),
+            "replicas; at most 1024 are allowed",
+        ),
+        (
+            "65 health checks",
+            many_checks.to_string(),
+            "65 checks; at most 64",
+        ),
+        (
+            "a 20 KiB health-check command",
+            long_check.to_string(),
+            "longer than 16384 bytes",
+        ),
+        (
+            "a key given twice",
+            duplicate,
+            "closures.worker-1: the key \"worker-1\" appears twice",
+        ),
     ]
 }
 
@@ -102,6 +144,45 @@ fn malformed_artifacts_are_refused_and_change_nothing() {
     assert_eq!(
         before.stdout, after.stdout,
         "no malformed artifact was stored"
+    );
+    // The control plane is still up and says so.
+    let out = grpcurl
+        .run(
+            Some(&fleet.pki.operator()),
+            &["-d", "{}"],
+            &["grpc.health.v1.Health/Check"],
+        )
+        .expect("health");
+    out.expect_code(0).expect("health answers");
+    let health: Value = serde_json::from_str(&out.stdout).expect("health JSON");
+    assert_eq!(health["status"], "SERVING", "{health}");
+}
+
+#[test]
+fn validate_refuses_a_billion_replicas_without_allocating_for_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let artifact = json!({
+        "gitCommit": "a".repeat(40),
+        "blueprint": {"m1": {"role": "w", "cpu": 1, "memory": {"amount": 1, "unit": "GB"},
+            "replicas": 1_000_000_000u64, "deployment": {"addr": "x", "backend": "cloud-hypervisor"}}},
+        "closures": {"m1": format!("/nix/store/{}-x", "0".repeat(32))},
+    });
+    let path = dir.path().join("deployment.json");
+    std::fs::write(&path, artifact.to_string()).expect("write");
+    let ctl = procurator_integration_tests::bin("procurator-ctl").expect("ctl");
+    // 512 MiB of address space: a billion instance names would need ~40 GB.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 524288 && exec \"$0\" validate \"$1\"")
+        .arg(&ctl)
+        .arg(&path)
+        .output()
+        .expect("run validate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("blueprint.m1.replicas: 1000000000 replicas; at most 1024 are allowed"),
+        "{stderr}"
     );
 }
 

@@ -116,6 +116,9 @@ fn resigned(
 pub enum Confirmation {
     /// This machine has no row with that closure in that deployment.
     NotFound,
+    /// The row is not between SENT and CONFIRMING (it waits for its wave,
+    /// or is committing already): nothing to confirm.
+    NotSent(MachineState),
     Refused(String),
     Confirmed,
 }
@@ -262,6 +265,18 @@ impl Store {
                 return Ok(Confirmation::Refused(format!(
                     "this machine's part of deployment {id} already ended {state}"
                 )));
+            }
+            // Only what was sent can be confirmed: a row still waiting for
+            // its wave must not jump ahead of it.
+            if !matches!(
+                state,
+                MachineState::Sent
+                    | MachineState::Copying
+                    | MachineState::Activating
+                    | MachineState::Checking
+                    | MachineState::Confirming
+            ) {
+                return Ok(Confirmation::NotSent(state));
             }
             set_state(tx, &id, &machine, MachineState::Confirming)?;
             let update = MachineUpdate {

@@ -266,3 +266,35 @@ async fn a_rollback_carries_fresh_statements_or_is_refused() {
     assert_eq!(deployment.rollback_of, first.deployment_id);
     assert_eq!(deployment.intent_keys, ["ops-1"]);
 }
+
+#[tokio::test]
+async fn a_row_never_sent_cannot_be_confirmed() {
+    let server = TestServer::start(Duration::from_secs(10)).await;
+    let mut ci = server.deployments(Role::Ci, "ci");
+    let request = submit_request(&[("web-1", "sys")]);
+    let closure = DeploymentArtifact::from_json(request.artifact_json.as_bytes())
+        .unwrap()
+        .closures
+        .into_values()
+        .next()
+        .unwrap()
+        .to_string();
+    // web-1's agent is not connected: its row waits, PENDING.
+    let id = ci.submit(request).await.unwrap().into_inner().deployment_id;
+    let mut confirmer = AgentServiceClient::new(server.channel(Role::Agent, "web-1"));
+    let refused = confirmer
+        .confirm(procurator_proto::v1::ConfirmRequest {
+            deployment_id: id.clone(),
+            closure,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("not sent"), "{refused:?}");
+    let deployment = ci
+        .get_deployment(GetDeploymentRequest { deployment_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deployment.machines[0].state(), MachineState::Pending);
+}

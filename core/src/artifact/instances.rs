@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::{DeploymentArtifact, MachineSpec};
+use crate::limits::{MAX_REPLICAS, MAX_ROWS};
 use crate::names::MachineName;
 use crate::store_path::StorePath;
 
@@ -175,6 +176,22 @@ impl DeploymentArtifact {
     /// The replica rules: at least one replica, several only for VMs, and
     /// every instance name distinct from every machine and other instance.
     pub(super) fn check_replicas(&self) -> Result<(), String> {
+        // Counted before a single instance name is built.
+        let mut rows: u64 = 0;
+        for (machine, spec) in &self.blueprint {
+            if spec.replicas > MAX_REPLICAS {
+                return Err(format!(
+                    "blueprint.{machine}.replicas: {} replicas; at most {MAX_REPLICAS} are allowed",
+                    spec.replicas
+                ));
+            }
+            rows += u64::from(spec.replicas.max(1));
+        }
+        if rows > MAX_ROWS as u64 {
+            return Err(format!(
+                "blueprint: {rows} machines and VM instances; at most {MAX_ROWS} are allowed in one deployment"
+            ));
+        }
         let mut owner: BTreeMap<MachineName, &MachineName> = BTreeMap::new();
         for (machine, spec) in &self.blueprint {
             if spec.replicas == 0 {

@@ -71,9 +71,32 @@ impl Rollout {
         &self,
         blueprint: &BTreeMap<MachineName, MachineSpec>,
     ) -> Result<(), String> {
+        use crate::limits::{MAX_LABELS, MAX_STRING_BYTES, MAX_WAVES};
+        if self.waves.len() > MAX_WAVES {
+            return Err(format!(
+                "rollout.waves: {} waves; at most {MAX_WAVES} are allowed",
+                self.waves.len()
+            ));
+        }
         for (i, wave) in self.waves.iter().enumerate() {
             if wave.name.trim().is_empty() {
                 return Err(format!("rollout.waves[{i}].name: must not be empty"));
+            }
+            if wave.name.len() > MAX_STRING_BYTES {
+                return Err(format!(
+                    "rollout.waves[{i}].name: {} bytes; at most {MAX_STRING_BYTES} are allowed",
+                    wave.name.len()
+                ));
+            }
+            for (what, selector) in [("labels", &wave.labels), ("roles", &wave.roles)] {
+                let selector = selector.as_deref().unwrap_or_default();
+                if selector.len() > MAX_LABELS
+                    || selector.iter().any(|s| s.len() > MAX_STRING_BYTES)
+                {
+                    return Err(format!(
+                        "rollout.waves[{i}].{what}: at most {MAX_LABELS} of at most {MAX_STRING_BYTES} bytes each are allowed"
+                    ));
+                }
             }
             for m in wave.machines.iter().flatten() {
                 if !blueprint.contains_key(m) {

@@ -469,3 +469,95 @@ fn a_wave_naming_an_unknown_machine_is_refused() {
         "{msg}"
     );
 }
+
+#[test]
+fn every_limit_is_checked_and_named() {
+    type Edit = fn(&mut Value);
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            |v| {
+                v["blueprint"]["worker-1"]["replicas"] = json!(1_000_000_000u64);
+                v["blueprint"]["worker-1"]["deployment"]["backend"] = json!("cloud-hypervisor");
+            },
+            "blueprint.worker-1.replicas: 1000000000 replicas; at most 1024 are allowed",
+        ),
+        (
+            |v| {
+                let check = json!({"command": "true", "timeout": 5});
+                v["blueprint"]["worker-1"]["deployment"]["healthChecks"] =
+                    Value::Array(vec![check; 65]);
+            },
+            "blueprint.worker-1.deployment.healthChecks: 65 checks; at most 64 are allowed",
+        ),
+        (
+            |v| {
+                v["blueprint"]["worker-1"]["deployment"]["healthChecks"] =
+                    json!([{"command": "x".repeat(20 * 1024), "timeout": 5}]);
+            },
+            "blueprint.worker-1.deployment.healthChecks[0].command: longer than 16384 bytes",
+        ),
+        (
+            |v| v["blueprint"]["worker-1"]["role"] = json!("r".repeat(257)),
+            "blueprint.worker-1.role: 257 bytes; at most 256",
+        ),
+        (
+            |v| v["blueprint"]["worker-1"]["labels"] = Value::Array(vec![json!("l"); 65]),
+            "blueprint.worker-1.labels: 65 labels; at most 64",
+        ),
+        (
+            |v| {
+                let wave = json!({"name": "w"});
+                v["rollout"] = json!({"waves": Value::Array(vec![wave; 1001])});
+            },
+            "rollout.waves: 1001 waves; at most 1000",
+        ),
+        (
+            |v| {
+                let vm = v["blueprint"]["worker-1"].clone();
+                let closures = v["closures"].clone();
+                let blueprint = v["blueprint"].as_object_mut().unwrap();
+                let mut all = serde_json::Map::new();
+                for i in 0..50 {
+                    let mut spec = vm.clone();
+                    spec["replicas"] = json!(1024);
+                    spec["deployment"]["backend"] = json!("qemu");
+                    blueprint.insert(format!("vm{i}"), spec);
+                    all.insert(format!("vm{i}"), closures["worker-1"].clone());
+                }
+                all.insert("worker-1".into(), closures["worker-1"].clone());
+                v["closures"] = Value::Object(all);
+            },
+            "blueprint: 51201 machines and VM instances; at most 50000",
+        ),
+    ];
+    for (edit, expected) in cases {
+        let mut v = minimal();
+        edit(&mut v);
+        let err = parse(&v).unwrap_err().to_string();
+        assert!(err.contains(expected), "{expected:?} not in {err:?}");
+    }
+}
+
+#[test]
+fn a_repeated_key_is_refused_with_its_path() {
+    let text = format!(
+        r#"{{"gitCommit": "3f2c1a9", "blueprint": {{"worker-1": {{"role": "worker", "cpu": 1,
+            "memory": {{"amount": 1, "unit": "GB"}}, "deployment": {{"addr": "x", "backend": "nixos"}}}}}},
+            "closures": {{"worker-1": "{WORKER_CLOSURE}", "worker-1": "{WORKER_CLOSURE}"}}}}"#
+    );
+    let err = DeploymentArtifact::from_json(text.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("closures.worker-1: the key \"worker-1\" appears twice"),
+        "{err}"
+    );
+    let nested = r#"{"blueprint": {"m": {"deployment": {"healthChecks": [{"command": "a", "command": "b"}]}}}}"#;
+    let err = DeploymentArtifact::from_json(nested.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("blueprint.m.deployment.healthChecks[0].command: the key"),
+        "{err}"
+    );
+}

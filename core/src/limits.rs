@@ -1,0 +1,49 @@
+//! Every limit on what crosses a trust boundary, in one table (DESIGN.md
+//! invariant 10). `procurator-ctl validate`, the control plane's Submit and
+//! the agent all check deployment.json against these through
+//! [`crate::DeploymentArtifact::from_json`]; docs/interfaces.md lists them.
+//! Each count is checked before anything proportional to it is built.
+
+/// deployment.json, in bytes: refused before it is parsed.
+pub const MAX_ARTIFACT_BYTES: usize = 4 * 1024 * 1024;
+/// Machines in one blueprint.
+pub const MAX_MACHINES: usize = 20_000;
+/// VM instances of one machine (`replicas`).
+pub const MAX_REPLICAS: u32 = 1_024;
+/// Rows of one deployment: machines and VM instances together.
+pub const MAX_ROWS: usize = 50_000;
+/// Waves of one rollout.
+pub const MAX_WAVES: usize = 1_000;
+/// Health checks of one machine.
+pub const MAX_HEALTH_CHECKS: usize = 64;
+/// One health check's command, in bytes.
+pub const MAX_CHECK_COMMAND_BYTES: usize = 16 * 1024;
+/// Labels of one machine (and selectors of one wave).
+pub const MAX_LABELS: usize = 64;
+/// Any other string of the artifact (role, addr, backend, sshUser, a label,
+/// a wave's name), in bytes.
+pub const MAX_STRING_BYTES: usize = 256;
+/// One signed statement (crate::intent), in bytes.
+pub const MAX_STATEMENT_BYTES: usize = 256 * 1024;
+
+/// Every limit, named as docs/interfaces.md names it, for `--help`-style
+/// listings and the docs test.
+pub const TABLE: [(&str, u64); 11] = [
+    ("artifact bytes", MAX_ARTIFACT_BYTES as u64),
+    ("machines per blueprint", MAX_MACHINES as u64),
+    ("replicas per machine", MAX_REPLICAS as u64),
+    (
+        "rows (machines and VM instances) per deployment",
+        MAX_ROWS as u64,
+    ),
+    ("waves per rollout", MAX_WAVES as u64),
+    ("health checks per machine", MAX_HEALTH_CHECKS as u64),
+    (
+        "bytes per health-check command",
+        MAX_CHECK_COMMAND_BYTES as u64,
+    ),
+    ("labels per machine or wave selector", MAX_LABELS as u64),
+    ("bytes per other string", MAX_STRING_BYTES as u64),
+    ("bytes per signed statement", MAX_STATEMENT_BYTES as u64),
+    ("JSON nesting depth", 128),
+];
