@@ -39,6 +39,8 @@ pub enum ConnectError {
     NotHello,
     #[error("the stream ended before Hello")]
     NoHello,
+    #[error("a malformed Hello: {0}")]
+    BadHello(String),
     #[error(
         "the agent speaks protocol version {got}; this control plane speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the older side"
     )]
@@ -59,7 +61,7 @@ impl From<ConnectError> for Status {
     fn from(e: ConnectError) -> Self {
         match e {
             ConnectError::HelloTimeout(_) => Status::deadline_exceeded(e.to_string()),
-            ConnectError::NotHello | ConnectError::NoHello => {
+            ConnectError::NotHello | ConnectError::NoHello | ConnectError::BadHello(_) => {
                 Status::invalid_argument(e.to_string())
             }
             ConnectError::Version { .. } => Status::failed_precondition(e.to_string()),
@@ -221,7 +223,7 @@ impl AgentSvc {
             () = self.shutdown.cancelled() => return Err(ConnectError::ShuttingDown.into()),
             first = tokio::time::timeout(self.hello_timeout, inbound.message()) => first,
         };
-        let hello = match first {
+        let mut hello = match first {
             Err(_) => return Err(ConnectError::HelloTimeout(self.hello_timeout).into()),
             Ok(Err(status)) => return Err(status),
             Ok(Ok(None)) => return Err(ConnectError::NoHello.into()),
@@ -236,6 +238,7 @@ impl AgentSvc {
             }
             .into());
         }
+        crate::received::hello(&mut hello).map_err(ConnectError::BadHello)?;
         Ok(hello)
     }
 }
@@ -323,7 +326,8 @@ impl AgentStream {
     async fn handle(&self, message: AgentMessage) -> Result<(), ConnectError> {
         let machine = self.machine.clone();
         match message.kind {
-            Some(agent_message::Kind::Progress(progress)) => {
+            Some(agent_message::Kind::Progress(mut progress)) => {
+                crate::received::progress(&mut progress);
                 let state = MachineState::try_from(progress.state).unwrap_or_default();
                 let Some(id) = self.deployment_id(&progress.deployment_id) else {
                     return Ok(());
@@ -340,7 +344,8 @@ impl AgentStream {
                     tracing::debug!(deployment = %id, "progress for a finished or unknown row; ignored");
                 }
             }
-            Some(agent_message::Kind::Result(result)) => {
+            Some(agent_message::Kind::Result(mut result)) => {
+                crate::received::result(&mut result);
                 let state = MachineState::try_from(result.state).unwrap_or_default();
                 let Some(id) = self.deployment_id(&result.deployment_id) else {
                     return Ok(());
@@ -420,9 +425,8 @@ impl AgentStream {
                 }
             }
             Some(agent_message::Kind::Heartbeat(beat)) => {
-                self.store
-                    .agent_heartbeat(machine, beat.current_system)
-                    .await?;
+                let current_system = crate::received::heartbeat_system(beat.current_system);
+                self.store.agent_heartbeat(machine, current_system).await?;
             }
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("a second Hello on the same stream; ignored");

@@ -8,6 +8,7 @@ mod deployment_service;
 mod dispatcher;
 mod metrics;
 mod placement;
+mod received;
 mod rollout;
 mod server;
 mod store;

@@ -171,7 +171,7 @@ fn hello() -> AgentMessage {
     agent(agent_message::Kind::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "test".into(),
-        current_system: "/nix/store/old".into(),
+        current_system: format!("/nix/store/{}-old", "0".repeat(32)),
         ..Default::default()
     }))
 }

@@ -26,6 +26,28 @@ pub const MAX_STRING_BYTES: usize = 256;
 /// One signed statement (crate::intent), in bytes.
 pub const MAX_STATEMENT_BYTES: usize = 256 * 1024;
 
+/// What an agent reports, in bytes, kept at most: versions, a VMM's name, a
+/// VM host's labels.
+pub const MAX_AGENT_STRING_BYTES: usize = 256;
+/// A reason or progress message an agent reports.
+pub const MAX_REASON_BYTES: usize = 4 * 1024;
+/// The output tail of a failed command an agent reports.
+pub const MAX_OUTPUT_TAIL_BYTES: usize = 16 * 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, with a marker
+/// saying how much was cut; unchanged when it fits.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let marker = format!(" … [{} bytes cut]", text.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &text[..end])
+}
+
 /// Every limit, named as docs/interfaces.md names it, for `--help`-style
 /// listings and the docs test.
 pub const TABLE: [(&str, u64); 11] = [
@@ -47,3 +69,18 @@ pub const TABLE: [(&str, u64); 11] = [
     ("bytes per signed statement", MAX_STATEMENT_BYTES as u64),
     ("JSON nesting depth", 128),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_keeps_whole_characters_and_says_so() {
+        assert_eq!(clip("short", 10), "short");
+        let long = "é".repeat(100);
+        let cut = clip(&long, 64);
+        assert!(cut.len() <= 64, "{}", cut.len());
+        assert!(cut.ends_with(" … [200 bytes cut]"), "{cut}");
+        assert!(cut.starts_with("éé"));
+    }
+}

@@ -91,6 +91,27 @@ pub fn ago(now_ms: i64, then_ms: i64) -> String {
 }
 
 /// At most `max` characters, with `…` when cut.
+/// `s` safe to print on a terminal: control characters (escape sequences,
+/// carriage returns, newlines) and bidirectional overrides, which an agent
+/// or an artifact could use to erase or forge what an operator sees, are
+/// shown as `\u{1b}`. JSON output never goes through this: it stays exact.
+pub fn safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()

@@ -334,3 +334,64 @@ fn an_agent_only_ever_receives_its_own_machines_state() {
         "worker-2's closure never reached worker-1"
     );
 }
+
+#[test]
+fn agent_strings_reach_an_operators_terminal_escaped() {
+    // worker-1's agent is not running: grpcurl speaks for it.
+    let opts = FleetOptions {
+        agents: vec!["control-plane-1".to_owned(), "worker-2".to_owned()],
+        ..FleetOptions::default()
+    };
+    let fleet = Fleet::start_with(opts).expect("fleet");
+    let (_, artifact, commit) = fleet.prepare(&json!({ "generation": 1 })).expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+    ctl.run(&["submit", artifact.to_str().expect("utf-8")])
+        .expect("submit")
+        .expect_code(0)
+        .expect("submitted");
+    let id = fleet.deployment_by_commit(&commit).expect("deployment")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    let forged = "ok\u{1b}[1A\u{1b}[2Kworker-1 succeeded";
+    // A Hello whose system is not a store path is refused outright.
+    let bad_hello = json!({ "hello": { "protocolVersion": 1, "currentSystem": format!("/nix/store/x{forged}") } });
+    let out = grpcurl
+        .agent_stream(
+            Some(&fleet.pki.agent("worker-1")),
+            &[bad_hello],
+            false,
+            Duration::from_secs(10),
+            |s| !s.is_empty(),
+        )
+        .expect("grpcurl");
+    assert_eq!(grpc_code(&out).as_deref(), Some("InvalidArgument"), "{out}");
+    // A result's reason is only text: it is kept, and shown escaped.
+    let frames = [
+        json!({ "hello": { "protocolVersion": 1, "agentVersion": "grpcurl" } }),
+        json!({ "result": { "deploymentId": id, "state": "MACHINE_STATE_FAILED", "reason": forged } }),
+    ];
+    grpcurl
+        .agent_stream(
+            Some(&fleet.pki.agent("worker-1")),
+            &frames,
+            true,
+            Duration::from_secs(30),
+            |s| s.contains("desiredState"),
+        )
+        .expect("grpcurl");
+    let out = ctl.run(&["watch", &id]).expect("watch");
+    assert!(
+        !out.stdout.contains('\u{1b}'),
+        "a raw escape reached the terminal: {out}"
+    );
+    assert!(
+        out.stdout
+            .contains("ok\\u{1b}[1A\\u{1b}[2Kworker-1 succeeded"),
+        "{out}"
+    );
+    let out = ctl.run(&["deployments"]).expect("deployments");
+    assert!(!out.stdout.contains('\u{1b}'), "{out}");
+}

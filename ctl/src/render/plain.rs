@@ -59,12 +59,12 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
         }
         Some(event::Kind::Agent(a)) => {
             if a.connected {
-                let _ = write!(out, "{} connected", a.machine);
+                let _ = write!(out, "{} connected", format::safe(&a.machine));
                 if !a.current_system.is_empty() {
-                    let _ = write!(out, ", running {}", a.current_system);
+                    let _ = write!(out, ", running {}", format::safe(&a.current_system));
                 }
             } else {
-                let _ = write!(out, "{} disconnected", a.machine);
+                let _ = write!(out, "{} disconnected", format::safe(&a.machine));
             }
         }
         Some(event::Kind::WaveStarted(w)) => out.push_str(&wave_text(w)),
@@ -163,7 +163,7 @@ pub fn left_text(n: usize) -> String {
 pub fn machine_text(u: &MachineUpdate) -> String {
     format!(
         "{} {}",
-        u.machine,
+        format::safe(&u.machine),
         state_text(u.state(), u.failed_phase(), &u.message, u.copy.as_ref())
     )
 }
@@ -185,7 +185,7 @@ pub fn state_text(
         let _ = write!(out, " ({})", failed_phase.label());
     }
     if !message.is_empty() {
-        let _ = write!(out, ": {message}");
+        let _ = write!(out, ": {}", format::safe(message));
     }
     out
 }
@@ -227,9 +227,32 @@ pub fn summary_counts(summary: &std::collections::HashMap<String, u32>) -> Strin
 pub fn indented_tail(tail: &str) -> String {
     let mut out = String::new();
     for line in tail.trim_end().lines() {
-        let _ = writeln!(out, "    {line}");
+        let _ = writeln!(out, "    {}", format::safe(line));
     }
     out
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+
+    #[test]
+    fn agent_strings_cannot_move_the_cursor() {
+        let forged = "done\u{1b}[1A\u{1b}[2Kworker-2 succeeded\r\nx";
+        let text = state_text(
+            MachineState::Failed,
+            MachineState::Unspecified,
+            forged,
+            None,
+        );
+        assert_eq!(
+            text,
+            "failed: done\\u{1b}[1A\\u{1b}[2Kworker-2 succeeded\\u{d}\\u{a}x"
+        );
+        assert!(!text.chars().any(char::is_control));
+        let tail = indented_tail("ok\nbad\u{1b}]0;title\u{7}");
+        assert_eq!(tail, "    ok\n    bad\\u{1b}]0;title\\u{7}\n");
+    }
 }
 
 #[cfg(test)]
