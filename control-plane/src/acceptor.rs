@@ -24,6 +24,13 @@ use crate::metrics::Metrics;
 const READY_QUEUE: usize = 1024;
 /// After an accept error (e.g. out of file descriptors), wait before the next.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Handshakes in flight at once. A connection past this is closed at once,
+/// so peers that never finish a handshake cannot hold every descriptor.
+pub const MAX_HANDSHAKES: usize = 8192;
+/// How long a new connection may take to send its first byte (the start of
+/// a ClientHello): an idle socket is dropped long before the handshake's
+/// own timeout.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub type Incoming = ReceiverStream<std::io::Result<TlsStream<TcpStream>>>;
 
@@ -61,8 +68,14 @@ pub fn incoming(
 ) -> Incoming {
     let (ready_tx, ready_rx) = mpsc::channel(READY_QUEUE);
     let acceptor = TlsAcceptor::from(config);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         while let Some(stream) = accept_next(&listener, &stop, "a connection").await {
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                metrics.tls_handshake_failed();
+                tracing::debug!("{MAX_HANDSHAKES} handshakes in flight; closing a new connection");
+                continue;
+            };
             // Without this a small reply (a confirmation) can wait 40 ms for
             // the peer's delayed ACK.
             if let Err(e) = stream.set_nodelay(true) {
@@ -71,7 +84,17 @@ pub fn incoming(
             let (acceptor, ready_tx, metrics) =
                 (acceptor.clone(), ready_tx.clone(), metrics.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let peer = stream.peer_addr().ok();
+                let mut first = [0u8; 1];
+                if !matches!(
+                    tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await,
+                    Ok(Ok(1))
+                ) {
+                    metrics.tls_handshake_failed();
+                    tracing::debug!(?peer, "nothing sent within {FIRST_BYTE_TIMEOUT:?}; closed");
+                    return;
+                }
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         metrics.tls_handshake(tls.get_ref().1.handshake_kind());

@@ -7,6 +7,7 @@ mod connections;
 mod deployment_service;
 mod dispatcher;
 mod metrics;
+mod open_files;
 mod placement;
 mod received;
 mod rollout;
@@ -78,6 +79,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format, "info");
+    open_files::raise_limit();
 
     let config = server::Config {
         listen: args.listen,

@@ -395,3 +395,59 @@ fn agent_strings_reach_an_operators_terminal_escaped() {
     let out = ctl.run(&["deployments"]).expect("deployments");
     assert!(!out.stdout.contains('\u{1b}'), "{out}");
 }
+
+#[test]
+fn idle_connections_cannot_starve_the_control_plane() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // The control plane starts under a soft limit of 1,024 open files, as
+    // anywhere outside the NixOS module; it raises its own to the hard one.
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if hard < 8192 {
+        eprintln!("the hard open-file limit is {hard}: too low to test with 3,000 connections");
+        return;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, 1024.min(soft), hard).expect("lower the soft limit");
+    let fleet = Fleet::start_with(no_agents());
+    // This test's own sockets need more than 1,024.
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the soft limit");
+    let fleet = fleet.expect("fleet");
+    let log = fleet.control_plane.log();
+    assert!(
+        log.contains(&format!("open_files={hard}")),
+        "the control plane raised its limit to {hard}: {log}"
+    );
+
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    let operator = fleet.pki.operator();
+    let healthy = || {
+        let out = grpcurl
+            .run(
+                Some(&operator),
+                &["-d", "{}"],
+                &["grpc.health.v1.Health/Check"],
+            )
+            .expect("grpcurl");
+        out.code == Some(0) && out.stdout.contains("SERVING")
+    };
+    let addr = fleet.control_plane.host_port().expect("address");
+    // 3,000 connections that never send a byte.
+    let idle: Vec<std::net::TcpStream> = (0..3000)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Health answers all along while they are held (they are closed after
+    // the first-byte timeout, 3 s).
+    for _ in 0..10 {
+        assert!(
+            healthy(),
+            "health did not answer with 3,000 idle connections open"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(idle);
+    assert!(healthy(), "health answers once they close");
+    let ctl = fleet.ctl().expect("ctl");
+    ctl.run(&["deployments"])
+        .expect("deployments")
+        .expect_code(0)
+        .expect("the control plane serves");
+}
