@@ -73,6 +73,33 @@ pub enum ServerError {
 type AgentServer = AgentServiceServer<AgentSvc>;
 type DeploymentServer = DeploymentServiceServer<DeploymentSvc>;
 
+/// Health follows the store: NOT_SERVING while it cannot be written, so a
+/// load balancer or supervisor sees a control plane with a full disk as the
+/// broken one it is, SERVING again once a write succeeds.
+async fn report_writable(
+    mut writable: tokio::sync::watch::Receiver<Option<String>>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = writable.changed() => if changed.is_err() { return },
+        }
+        let status = if writable.borrow_and_update().is_some() {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
+            health.set_service_status(name, status).await;
+        }
+    }
+}
+
 /// Serve until `signal` fires, then: health NOT_SERVING, agent and watch
 /// streams end with UNAVAILABLE, in-flight RPCs drain for at most
 /// [`DRAIN_DEADLINE`].
@@ -110,6 +137,11 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     // Offline machines become unreachable on time, and a restarted control
     // plane carries on with the rollouts its store holds.
     tasks.spawn(dispatcher.clone().tick(stop.clone()));
+    tasks.spawn(report_writable(
+        store.writable(),
+        health.clone(),
+        stop.clone(),
+    ));
     let metrics = Arc::new(Metrics::new());
     tasks.spawn(metrics.clone().watch_events(store.clone(), stop.clone()));
     if let Some((listener, metrics_addr)) = metrics_listener {

@@ -129,6 +129,9 @@ pub fn describe_status(status: &Status, url: &str, doing: &str) -> String {
         );
     }
     match status.code() {
+        Code::Unavailable if detail.contains("cannot write its store") => {
+            format!("the control plane at {url} is running but refused {doing}: {detail}")
+        }
         Code::Unavailable => format!(
             "cannot reach the control plane at {url}: {detail} — is it running? check --control-plane"
         ),

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use procurator_proto::v1::{Event, event};
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use self::artifacts::ArtifactCache;
 
@@ -77,10 +77,36 @@ pub enum StoreError {
     Commit(String),
 }
 
+impl StoreError {
+    /// The database could not be written or read back from disk: out of
+    /// space, an I/O error, a read-only file system. Not the caller's fault,
+    /// and not fixed by retrying at once.
+    pub fn is_io(&self) -> bool {
+        use rusqlite::ErrorCode;
+        match self {
+            StoreError::Commit(_) => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                ErrorCode::DiskFull
+                    | ErrorCode::SystemIoFailure
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::DatabaseCorrupt
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl From<StoreError> for tonic::Status {
     fn from(e: StoreError) -> Self {
         // The full error is logged here; clients get what they can act on.
         tracing::error!(error = %e, "state store error");
+        if e.is_io() {
+            return tonic::Status::unavailable(format!(
+                "the control plane cannot write its store: {e}; it serves again by itself once that is fixed (free space in its --data-dir?)"
+            ));
+        }
         match e {
             StoreError::CreateDir { .. }
             | StoreError::Open { .. }
@@ -112,6 +138,9 @@ struct Inner {
     threads: Vec<std::thread::JoinHandle<()>>,
     events: broadcast::Sender<Event>,
     artifacts: Arc<ArtifactCache>,
+    /// `None` while the last write that changed anything committed; the
+    /// error of the last write that could not be made otherwise.
+    writable: watch::Receiver<Option<String>>,
 }
 
 /// Reads run on this many threads, each with its own connection: a burst of
@@ -141,6 +170,8 @@ struct Writer {
     /// When this process opened the store (Unix ms).
     opened_ms: i64,
     artifacts: Arc<ArtifactCache>,
+    /// Whether the last write could be made (see [`Store::writable`]).
+    writable: watch::Sender<Option<String>>,
 }
 
 /// One write transaction and the events it appends.
@@ -150,6 +181,9 @@ pub(crate) struct Tx<'c> {
     opened_ms: i64,
     events: Vec<Event>,
     artifacts: Arc<ArtifactCache>,
+    /// Set by a write that failed because the database could not be written
+    /// (a full disk, an I/O error): the store is then not writable.
+    io_error: Option<String>,
 }
 
 /// A queued write: runs inside the batch's transaction, says whether it
@@ -199,11 +233,13 @@ impl Store {
         }
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let artifacts = Arc::<ArtifactCache>::default();
+        let (writable_tx, writable) = watch::channel(None);
         let mut writer = Writer {
             conn,
             events: events.clone(),
             opened_ms: procurator_core::now_ms(),
             artifacts: artifacts.clone(),
+            writable: writable_tx,
         };
         writer.write(agents::disconnect_all)?;
         let thread_error = |source| StoreError::CreateDir {
@@ -214,7 +250,18 @@ impl Store {
         let mut threads = vec![
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer.run(queue))
+                .spawn(move || {
+                    // A writer that died would leave a process that answers
+                    // SERVING and can write nothing: end it instead, so its
+                    // supervisor starts it again.
+                    let run = std::panic::AssertUnwindSafe(|| writer.run(queue));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!(
+                            "the state store's writer thread panicked; exiting so that the control plane is restarted"
+                        );
+                        std::process::exit(70);
+                    }
+                })
                 .map_err(thread_error)?,
         ];
         let (reads, read_queue) = mpsc::channel::<ReadJob>();
@@ -235,8 +282,15 @@ impl Store {
                 threads,
                 events,
                 artifacts,
+                writable,
             }),
         })
+    }
+
+    /// Whether the store can be written: `None`, or why not. Changes as
+    /// writes fail and succeed again.
+    pub fn writable(&self) -> watch::Receiver<Option<String>> {
+        self.inner.writable.clone()
     }
 
     /// Committed events from now on. Subscribe before reading the backlog so
@@ -253,6 +307,11 @@ impl Store {
         let (result_tx, result_rx) = oneshot::channel();
         let job: Job = Box::new(move |tx| {
             let outcome = f(tx);
+            if let Err(e) = &outcome
+                && e.is_io()
+            {
+                tx.io_error = Some(e.to_string());
+            }
             let succeeded = outcome.is_ok();
             let deliver: Deliver = Box::new(move |commit_error| {
                 let result = match (outcome, commit_error) {
@@ -320,11 +379,40 @@ impl Writer {
                 batch.push(job);
             }
             let mut delivers = Vec::with_capacity(batch.len());
+            let changes_before = self.conn.total_changes();
             // Jobs the batch did not reach are dropped, which fails them.
-            let error = self.run_batch(batch, &mut delivers).err();
+            let mut io_error = None;
+            let error = self.run_batch(batch, &mut delivers, &mut io_error).err();
+            let changed = self.conn.total_changes() != changes_before;
+            self.note_writable(error.as_ref(), io_error, changed);
             for deliver in delivers {
                 deliver(error.as_ref());
             }
+        }
+    }
+
+    /// The store is not writable after a batch that failed to commit or had
+    /// a write fail for lack of space or I/O; it is again after a batch that
+    /// changed something committed (one that changed nothing proves nothing).
+    fn note_writable(&self, error: Option<&StoreError>, io_error: Option<String>, changed: bool) {
+        let failed = match error {
+            Some(e) if e.is_io() => Some(e.to_string()),
+            Some(_) => None,
+            None => io_error,
+        };
+        let was = self.writable.borrow().clone();
+        match failed {
+            Some(why) => {
+                if was.is_none() {
+                    tracing::error!(error = %why, "the state store cannot be written; health is NOT_SERVING until a write succeeds");
+                }
+                self.writable.send_replace(Some(why));
+            }
+            None if changed && error.is_none() && was.is_some() => {
+                tracing::info!("the state store can be written again");
+                self.writable.send_replace(None);
+            }
+            None => {}
         }
     }
 
@@ -332,6 +420,7 @@ impl Writer {
         &mut self,
         batch: Vec<Job>,
         delivers: &mut Vec<Deliver>,
+        io_error: &mut Option<String>,
     ) -> Result<(), StoreError> {
         let mut tx = begin(&mut self.conn, self.opened_ms, &self.artifacts)?;
         for job in batch {
@@ -347,6 +436,7 @@ impl Writer {
                 tx.events.truncate(published);
             }
         }
+        *io_error = tx.io_error.take();
         commit(&self.events, tx)
     }
 
@@ -373,6 +463,7 @@ fn begin<'c>(
         opened_ms,
         events: Vec::new(),
         artifacts: artifacts.clone(),
+        io_error: None,
     })
 }
 
