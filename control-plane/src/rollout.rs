@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 mod schedule;
-pub use schedule::{Limits, Progress, Row, Step, is_in_flight, schedule};
+pub use schedule::{Limits, Progress, Row, Step, is_confirmable, is_in_flight, schedule};
 
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{DeploymentState, DesiredState, HealthCheck, MachineState};
@@ -47,18 +47,10 @@ pub fn desired_state(
     }
 }
 
-/// States a `Progress` report may move a machine into.
+/// States a `Progress` report may move a machine into: those of a machine
+/// in flight.
 pub fn is_progress_state(state: MachineState) -> bool {
-    matches!(
-        state,
-        MachineState::Sent
-            | MachineState::Copying
-            | MachineState::Activating
-            | MachineState::Checking
-            | MachineState::Confirming
-            | MachineState::Committing
-            | MachineState::RollingBack
-    )
+    is_in_flight(state)
 }
 
 /// States an `ActivationResult` may carry.

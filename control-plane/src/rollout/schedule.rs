@@ -56,6 +56,12 @@ pub enum Step {
 
 /// Whether the machine holds a desired state it has not finished.
 pub fn is_in_flight(state: MachineState) -> bool {
+    is_confirmable(state) || matches!(state, MachineState::Committing | MachineState::RollingBack)
+}
+
+/// Whether the machine was sent its desired state and has not yet been
+/// confirmed past CONFIRMING: the rows `Confirm` may answer.
+pub fn is_confirmable(state: MachineState) -> bool {
     matches!(
         state,
         MachineState::Sent
@@ -63,8 +69,6 @@ pub fn is_in_flight(state: MachineState) -> bool {
             | MachineState::Activating
             | MachineState::Checking
             | MachineState::Confirming
-            | MachineState::Committing
-            | MachineState::RollingBack
     )
 }
 

@@ -268,14 +268,7 @@ impl Store {
             }
             // Only what was sent can be confirmed: a row still waiting for
             // its wave must not jump ahead of it.
-            if !matches!(
-                state,
-                MachineState::Sent
-                    | MachineState::Copying
-                    | MachineState::Activating
-                    | MachineState::Checking
-                    | MachineState::Confirming
-            ) {
+            if !rollout::is_confirmable(state) {
                 return Ok(Confirmation::NotSent(state));
             }
             set_state(tx, &id, &machine, MachineState::Confirming)?;
