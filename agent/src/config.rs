@@ -207,7 +207,10 @@ impl Config {
             check_substituter(s).map_err(ConfigError::Substituter)?;
         }
         let trusted_public_keys = non_empty(cli.trusted_public_keys);
-        if let Some(bad) = trusted_public_keys.iter().find(|k| !is_public_key(k)) {
+        if let Some(bad) = trusted_public_keys
+            .iter()
+            .find(|k| k.parse::<PublicKey>().is_err())
+        {
             return Err(ConfigError::Key(bad.clone()));
         }
         let intent_public_keys = non_empty(cli.intent_public_keys)
@@ -310,18 +313,6 @@ fn mem_total_bytes() -> Result<u64, String> {
         .and_then(|kib| kib.trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
         .ok_or_else(|| "/proc/meminfo has no MemTotal; give --vm-memory-mib".into())
-}
-
-/// `name:base64` of an ed25519 key (32 bytes: 44 base64 characters).
-fn is_public_key(key: &str) -> bool {
-    let Some((name, data)) = key.split_once(':') else {
-        return false;
-    };
-    !name.is_empty()
-        && data.len() == 44
-        && data
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
 }
 
 /// The journal must be writable before the first deployment, not during it.

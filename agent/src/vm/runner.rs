@@ -11,7 +11,7 @@ use procurator_core::artifact::Demand;
 use procurator_core::nix::Nix;
 use procurator_core::store_path::StorePath;
 use procurator_proto::v1::{
-    ActivationResult, MachineState, VmAssignments, VmInPlace, agent_message,
+    ActivationResult, MachineState, VmAssignment, VmAssignments, VmInPlace, agent_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -106,7 +106,7 @@ impl<V: Vmm> Runner<V> {
                 tracing::warn!(instance = %vm.instance, closure = %vm.closure, "ignoring a malformed VM assignment");
                 continue;
             };
-            let mut assignment = Assignment {
+            let assignment = Assignment {
                 instance,
                 closure,
                 demand: Demand {
@@ -117,66 +117,73 @@ impl<V: Vmm> Runner<V> {
                 guest_agent_connected: vm.guest_agent_connected,
                 auto_rollback: !vm.no_auto_rollback,
             };
-            // Size and rollback come from the statement, when one is required.
-            let refused = match self
-                .intents
-                .admit(&assignment.instance, &vm.closure, &vm.intent)
-            {
-                Ok(None) => None,
-                Ok(Some(intent)) => match intent.vm {
-                    Some(size) => {
-                        assignment.demand = Demand {
-                            milli_cpus: size.milli_cpus,
-                            memory_bytes: size.memory_bytes,
-                        };
-                        assignment.auto_rollback = intent.auto_rollback;
-                        None
+            let ready = match self.admit(assignment, vm) {
+                Ok(assignment) => match self.fetch(&assignment.closure).await {
+                    Ok(()) => Ok(assignment),
+                    Err(reason) => {
+                        let reason = format!("cannot copy {}: {reason}", assignment.closure);
+                        Err((assignment, MachineState::Copying, reason))
                     }
-                    None => Some(format!(
-                        "{}: the statement for {} is not for a VM instance",
-                        crate::intent::REFUSED,
-                        assignment.instance
-                    )),
                 },
-                Err(reason) => Some(reason),
+                Err((assignment, reason)) => Err((assignment, MachineState::Unspecified, reason)),
             };
-            if let Some(reason) = refused {
-                tracing::warn!(instance = %assignment.instance, %reason, "refusing a VM assignment; the VM keeps what it runs");
-                if !assignment.deployment_id.is_empty() {
-                    failed.push(ActivationResult {
-                        instance: assignment.instance.to_string(),
-                        deployment_id: assignment.deployment_id.clone(),
-                        state: MachineState::Failed.into(),
-                        reason,
-                        ..Default::default()
-                    });
+            let (assignment, failed_phase, reason) = match ready {
+                Ok(assignment) => {
+                    wanted.push(assignment);
+                    continue;
                 }
-                if let Ok(Some(current)) = self.host.current(&assignment.instance).await {
-                    wanted.push(current);
-                }
-                continue;
+                Err(refused) => refused,
+            };
+            tracing::warn!(instance = %assignment.instance, %reason, "not applying a VM assignment; the VM keeps what it runs");
+            if !assignment.deployment_id.is_empty() {
+                failed.push(ActivationResult {
+                    instance: assignment.instance.to_string(),
+                    deployment_id: assignment.deployment_id.clone(),
+                    state: MachineState::Failed.into(),
+                    failed_phase: failed_phase.into(),
+                    reason,
+                    ..Default::default()
+                });
             }
-            match self.fetch(&assignment.closure).await {
-                Ok(()) => wanted.push(assignment),
-                Err(reason) => {
-                    tracing::warn!(instance = %assignment.instance, closure = %assignment.closure, %reason, "cannot copy the VM's closure; it keeps what it runs");
-                    if !assignment.deployment_id.is_empty() {
-                        failed.push(ActivationResult {
-                            instance: assignment.instance.to_string(),
-                            deployment_id: assignment.deployment_id.clone(),
-                            state: MachineState::Failed.into(),
-                            failed_phase: MachineState::Copying.into(),
-                            reason: format!("cannot copy {}: {reason}", assignment.closure),
-                            ..Default::default()
-                        });
-                    }
-                    if let Ok(Some(current)) = self.host.current(&assignment.instance).await {
-                        wanted.push(current);
-                    }
-                }
+            if let Ok(Some(current)) = self.host.current(&assignment.instance).await {
+                wanted.push(current);
             }
         }
         (wanted, failed)
+    }
+
+    /// The assignment as its statement says (size, rollback), when this host
+    /// requires statements; or why it is refused.
+    fn admit(
+        &self,
+        mut assignment: Assignment,
+        vm: &VmAssignment,
+    ) -> Result<Assignment, (Assignment, String)> {
+        match self
+            .intents
+            .admit(&assignment.instance, &vm.closure, &vm.intent)
+        {
+            Ok(None) => Ok(assignment),
+            Ok(Some(intent)) => match intent.vm {
+                Some(size) => {
+                    assignment.demand = Demand {
+                        milli_cpus: size.milli_cpus,
+                        memory_bytes: size.memory_bytes,
+                    };
+                    assignment.auto_rollback = intent.auto_rollback;
+                    Ok(assignment)
+                }
+                None => {
+                    let reason = format!(
+                        "{}: the statement for {} is not for a VM instance",
+                        crate::intent::REFUSED,
+                        assignment.instance
+                    );
+                    Err((assignment, reason))
+                }
+            },
+            Err(reason) => Err((assignment, reason)),
+        }
     }
 
     /// Point each running VM's root at the closure it booted.
