@@ -23,6 +23,7 @@ use tracing::Instrument as _;
 
 use crate::connections::{Conn, Connections, dispatch_to, dispatch_vms};
 use crate::dispatcher::Dispatcher;
+use crate::metrics::Metrics;
 use crate::rollout;
 use crate::store::{Confirmation, ResultOutcome, Store, StoreError};
 
@@ -103,6 +104,7 @@ impl From<ConfirmError> for Status {
 
 pub struct AgentSvc {
     pub store: Store,
+    pub metrics: Arc<Metrics>,
     pub connections: Arc<Connections>,
     pub dispatcher: Dispatcher,
     pub hello_timeout: Duration,
@@ -138,6 +140,7 @@ impl AgentService for AgentSvc {
         if !newest {
             return Err(ConnectError::Replaced.into());
         }
+        self.metrics.agent_connected();
         tracing::info!(
             machine = %machine,
             generation,
@@ -166,6 +169,7 @@ impl AgentService for AgentSvc {
 
         let stream = AgentStream {
             store: self.store.clone(),
+            metrics: self.metrics.clone(),
             connections: self.connections.clone(),
             dispatcher: self.dispatcher.clone(),
             shutdown: self.shutdown.clone(),
@@ -246,6 +250,7 @@ impl AgentSvc {
 /// The inbound side of one agent's stream, after the handshake.
 struct AgentStream {
     store: Store,
+    metrics: Arc<Metrics>,
     connections: Arc<Connections>,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
@@ -273,7 +278,10 @@ impl AgentStream {
             .agent_disconnected(self.machine.clone(), self.conn.generation)
             .await
         {
-            Ok(true) => tracing::info!("agent disconnected"),
+            Ok(true) => {
+                self.metrics.agent_disconnected();
+                tracing::info!("agent disconnected");
+            }
             Ok(false) => tracing::debug!("stream ended after a newer one took over"),
             Err(e) => tracing::warn!(error = %e, "could not record the disconnect"),
         }

@@ -70,6 +70,16 @@ struct Args {
     /// Once the metrics listener is bound, write its `HOST:PORT` here (atomically).
     #[arg(long, requires = "metrics_listen")]
     metrics_ready_file: Option<PathBuf>,
+    /// Keep this many of the newest deployments, with their machine rows and
+    /// events; older finished ones are pruned. Unfinished ones are always kept.
+    #[arg(long, env = "PROCURATOR_RETAIN_DEPLOYMENTS", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    retain_deployments: u32,
+    /// Prune events older than this many days from the event log, whatever
+    /// they belong to; a Watch from a pruned revision is told where to resume.
+    #[arg(long, env = "PROCURATOR_RETAIN_EVENTS_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=36500), value_name = "D")]
+    retain_events_days: u32,
     /// Log as human-readable `text` or as `json` lines.
     #[arg(long, env = "PROCURATOR_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -94,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
         keepalive: Duration::from_secs(args.keepalive),
         metrics_listen: args.metrics_listen,
         metrics_ready_file: args.metrics_ready_file,
+        retention: store::Retention {
+            deployments: args.retain_deployments,
+            events_for: Duration::from_secs(u64::from(args.retain_events_days) * 24 * 3600),
+        },
     };
     let signal = CancellationToken::new();
     tokio::spawn(watch_signals(signal.clone()));

@@ -212,8 +212,18 @@ impl Metrics {
         Ok(out)
     }
 
-    /// Follow the event log until `stop`: count agent connects and
-    /// disconnects, and time each machine's phases from the events' stamps.
+    /// An agent's stream completed its handshake. Counted here, not from the
+    /// event log: the log records what agents report, not every reconnect.
+    pub fn agent_connected(&self) {
+        self.agent_connects.inc();
+    }
+
+    pub fn agent_disconnected(&self) {
+        self.agent_disconnects.inc();
+    }
+
+    /// Follow the event log until `stop`: time each machine's phases from
+    /// the events' stamps.
     pub async fn watch_events(self: Arc<Self>, store: Store, stop: CancellationToken) {
         let mut events = store.subscribe();
         let mut phases = PhaseClock::default();
@@ -233,14 +243,6 @@ impl Metrics {
 
     fn observe(&self, phases: &mut PhaseClock, event: &Event) {
         match &event.kind {
-            Some(event::Kind::Agent(a)) => {
-                let counter = if a.connected {
-                    &self.agent_connects
-                } else {
-                    &self.agent_disconnects
-                };
-                counter.inc();
-            }
             Some(event::Kind::Machine(m)) => {
                 let key = (event.deployment_id.clone(), m.machine.clone());
                 if let Some((phase, seconds)) = phases.moved(key, m.state(), event.at_ms) {
@@ -278,7 +280,7 @@ impl PhaseClock {
         if previous.is_some_and(|(s, _)| s == state) {
             return None;
         }
-        if is_final(state) {
+        if state.is_final() {
             self.entered.remove(&key);
         } else {
             self.entered.insert(key, (state, at_ms));
@@ -295,22 +297,6 @@ fn is_timed(state: MachineState) -> bool {
     matches!(
         state,
         S::Copying | S::Activating | S::Checking | S::Confirming | S::Committing
-    )
-}
-
-fn is_final(state: MachineState) -> bool {
-    use MachineState as S;
-    !matches!(
-        state,
-        S::Unspecified
-            | S::Pending
-            | S::Sent
-            | S::Copying
-            | S::Activating
-            | S::Checking
-            | S::Confirming
-            | S::Committing
-            | S::RollingBack
     )
 }
 

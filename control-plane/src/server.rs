@@ -24,7 +24,7 @@ use crate::deployment_service::DeploymentSvc;
 use crate::dispatcher::Dispatcher;
 use crate::metrics::Metrics;
 use crate::metrics::layer::RpcMetricsLayer;
-use crate::store::{Store, StoreError};
+use crate::store::{Retention, Store, StoreError};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -44,6 +44,8 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     /// Once the metrics listener is bound, write its `HOST:PORT` here.
     pub metrics_ready_file: Option<PathBuf>,
+    /// What the store keeps of its history.
+    pub retention: Retention,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     // Offline machines become unreachable on time, and a restarted control
     // plane carries on with the rollouts its store holds.
     tasks.spawn(dispatcher.clone().tick(stop.clone()));
+    tasks.spawn(store.clone().keep_pruned(config.retention, stop.clone()));
     tasks.spawn(report_writable(
         store.writable(),
         health.clone(),
@@ -166,6 +169,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
     let agents = AgentSvc {
         store: store.clone(),
+        metrics: metrics.clone(),
         connections,
         dispatcher: dispatcher.clone(),
         hello_timeout: config.hello_timeout,

@@ -65,6 +65,7 @@ impl TestServer {
             keepalive: Duration::from_secs(20),
             metrics_listen: None,
             metrics_ready_file: None,
+            retention: crate::store::Retention::default(),
         };
         adjust(&mut config);
         let signal = CancellationToken::new();

@@ -6,6 +6,14 @@
 //! after it arrives live; the revision check drops what is in both. A
 //! subscriber that falls behind re-reads the store from its last revision.
 //! So: no gaps, no duplicates.
+//!
+//! Bounded: a watcher holds at most [`QUEUE`] events here. One that reads
+//! nothing for [`STALL_TIMEOUT`] while they wait is ended with
+//! RESOURCE_EXHAUSTED saying so (a slot is kept free for that status), and
+//! one that asks for pruned history gets OUT_OF_RANGE with the revision it
+//! can resume from.
+
+use std::time::Duration;
 
 use procurator_core::DeploymentId;
 use procurator_proto::v1::{Event, WatchRequest, event};
@@ -16,12 +24,14 @@ use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::deployment_service::ApiError;
-use crate::store::Store;
+use crate::store::{Compacted, Store};
 
 /// Events read from the store per query while catching up.
 const PAGE: usize = 500;
 /// Events queued towards one watcher before the reader waits.
 const QUEUE: usize = 64;
+/// How long a full queue may go unread before the watcher is dropped.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub type Sender = mpsc::Sender<Result<Event, Status>>;
 
@@ -46,13 +56,16 @@ pub async fn start(
         },
         None => false,
     };
-    let (tx, rx) = mpsc::channel(QUEUE);
+    // One slot more than is ever filled with events: the status that ends
+    // the stream always fits.
+    let (tx, rx) = mpsc::channel(QUEUE + 1);
     let follower = Follower {
         store: store.clone(),
         deployment,
         last: request.from_revision,
         tx,
         shutdown: shutdown.clone(),
+        stall_timeout: STALL_TIMEOUT,
     };
     tasks.spawn(follower.run(live, already_finished));
     Ok(ReceiverStream::new(rx))
@@ -65,6 +78,7 @@ struct Follower {
     last: u64,
     tx: Sender,
     shutdown: CancellationToken,
+    stall_timeout: Duration,
 }
 
 /// Whether to keep following.
@@ -106,12 +120,16 @@ impl Follower {
         loop {
             let page = match self
                 .store
-                .events_after(self.last, self.deployment.clone(), PAGE)
+                .watch_page(self.last, self.deployment.clone(), PAGE)
                 .await
             {
-                Ok(page) => page,
+                Ok(Ok(page)) => page,
+                Ok(Err(compacted)) => {
+                    self.end(compacted_status(compacted));
+                    return Flow::Stop;
+                }
                 Err(e) => {
-                    let _ = self.tx.send(Err(e.into())).await;
+                    self.end(e.into());
                     return Flow::Stop;
                 }
             };
@@ -140,24 +158,64 @@ impl Follower {
         let revision = event.revision;
         let ends =
             self.deployment.is_some() && matches!(event.kind, Some(event::Kind::Finished(_)));
-        let sent = tokio::select! {
+        // Room for this event and the status that may have to follow it.
+        let room = tokio::select! {
             () = self.shutdown.cancelled() => {
                 self.shutting_down();
                 return Flow::Stop;
             }
-            sent = self.tx.send(Ok(event)) => sent,
+            room = tokio::time::timeout(self.stall_timeout, self.tx.reserve_many(2)) => room,
         };
-        if sent.is_err() {
-            return Flow::Stop; // the watcher hung up
+        match room {
+            Ok(Ok(mut permits)) => {
+                if let Some(permit) = permits.next() {
+                    permit.send(Ok(event));
+                }
+            }
+            Ok(Err(_)) => return Flow::Stop, // the watcher hung up
+            Err(_) => {
+                tracing::info!(
+                    last_revision = self.last,
+                    "dropping a watcher that read nothing for {} s",
+                    self.stall_timeout.as_secs()
+                );
+                self.end(Status::resource_exhausted(format!(
+                    "this Watch was ended: its client read nothing for {} s while {QUEUE} events waited; \
+                     watch again with from_revision {} to carry on",
+                    self.stall_timeout.as_secs(),
+                    self.last
+                )));
+                return Flow::Stop;
+            }
         }
         self.last = revision;
         if ends { Flow::Stop } else { Flow::Continue }
     }
 
     fn shutting_down(&self) {
-        // Best effort: a watcher whose queue is full just sees the stream end.
-        let _ = self.tx.try_send(Err(ApiError::ShuttingDown.into()));
+        self.end(ApiError::ShuttingDown.into());
     }
+
+    /// End the stream with `status`; the slot kept free holds it.
+    fn end(&self, status: Status) {
+        let _ = self.tx.try_send(Err(status));
+    }
+}
+
+fn compacted_status(compacted: Compacted) -> Status {
+    let Compacted { asked, resume_from } = compacted;
+    let mut status = Status::out_of_range(format!(
+        "events after revision {asked} have been pruned from the event log (the control plane keeps \
+         --retain-events-days of events and the newest --retain-deployments deployments); \
+         the oldest revision to resume from is {resume_from}: read the current state \
+         (GetDeployment, ListAgents), then watch with from_revision {resume_from}"
+    ));
+    if let Ok(value) = resume_from.to_string().parse() {
+        status
+            .metadata_mut()
+            .insert(procurator_proto::RESUME_REVISION_METADATA, value);
+    }
+    status
 }
 
 #[cfg(test)]
@@ -178,13 +236,14 @@ mod tests {
         let shutdown = CancellationToken::new();
         // A queue of one: the follower blocks after the first event, so its
         // subscription overflows while the events below are published.
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = mpsc::channel(2);
         let follower = Follower {
             store: store.clone(),
             deployment: None,
             last: 0,
             tx,
             shutdown: shutdown.clone(),
+            stall_timeout: STALL_TIMEOUT,
         };
         let task = tokio::spawn(follower.run(store.subscribe(), false));
         store.emit_test_events(EVENTS).await.unwrap();
@@ -205,6 +264,95 @@ mod tests {
         let ended = rx.recv().await.unwrap().unwrap_err();
         assert_eq!(ended.code(), tonic::Code::Unavailable);
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_does_not_read_is_dropped_and_told_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.emit_test_events(5).await.unwrap();
+        // Room for one event and the closing status.
+        let (tx, mut rx) = mpsc::channel(2);
+        let follower = Follower {
+            store: store.clone(),
+            deployment: None,
+            last: 0,
+            tx,
+            shutdown: CancellationToken::new(),
+            stall_timeout: Duration::from_millis(100),
+        };
+        // Nobody reads: the follower gives up by itself.
+        follower.run(store.subscribe(), false).await;
+        assert_eq!(rx.recv().await.unwrap().unwrap().revision, 1);
+        let dropped = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(dropped.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            dropped
+                .message()
+                .contains("with from_revision 1 to carry on"),
+            "{dropped:?}"
+        );
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_watch_of_pruned_history_is_told_where_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 1..=3 {
+            let (parsed, json) = artifact(&format!("{i:040x}"), &[("web-1", &format!("s{i}"))]);
+            store
+                .submit(parsed, json, "ci".into(), false)
+                .await
+                .unwrap();
+        }
+        let keep_one = crate::store::Retention {
+            deployments: 1,
+            ..Default::default()
+        };
+        store
+            .prune(keep_one, &CancellationToken::new())
+            .await
+            .unwrap();
+        let resume = store.log_bounds().await.unwrap().pruned;
+
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let from_one = WatchRequest {
+            deployment_id: String::new(),
+            from_revision: 1,
+        };
+        let mut stream = start(&store, &shutdown, &tasks, from_one)
+            .await
+            .unwrap()
+            .into_inner();
+        let refused = stream.recv().await.unwrap().unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::OutOfRange);
+        assert!(
+            refused
+                .message()
+                .contains(&format!("the oldest revision to resume from is {resume}")),
+            "{refused:?}"
+        );
+        let told = refused
+            .metadata()
+            .get(procurator_proto::RESUME_REVISION_METADATA)
+            .unwrap();
+        assert_eq!(told.to_str().unwrap(), resume.to_string());
+        assert!(stream.recv().await.is_none());
+
+        // From there it follows.
+        let from_resume = WatchRequest {
+            deployment_id: String::new(),
+            from_revision: resume,
+        };
+        let mut stream = start(&store, &shutdown, &tasks, from_resume)
+            .await
+            .unwrap()
+            .into_inner();
+        store.emit_test_events(1).await.unwrap();
+        assert!(stream.recv().await.unwrap().unwrap().revision > resume);
+        shutdown.cancel();
     }
 
     #[tokio::test]

@@ -69,6 +69,24 @@ pub async fn follow_view(
         .await?
         {
             StreamEnd::Finished => break,
+            StreamEnd::Compacted { resume_from } => {
+                if resume_from <= last_revision {
+                    bail!(
+                        "the control plane says events after revision {last_revision} are pruned, yet tells us to resume from {resume_from}; it is misbehaving"
+                    );
+                }
+                renderer.notice(&format!(
+                    "the control plane no longer holds this deployment's events after revision {last_revision} \
+                     (pruned: see its --retain-events-days); showing the deployment as it is now and following from revision {resume_from}"
+                ));
+                let now = get_deployment(conn, deployment_id).await?;
+                view.merge(&now);
+                last_revision = resume_from;
+                if view.finished {
+                    break;
+                }
+                continue;
+            }
             StreamEnd::Broken(status) => status,
         };
         if broken_since.is_none() {
@@ -100,6 +118,10 @@ pub async fn follow_view(
 
 enum StreamEnd {
     Finished,
+    /// The events after `last_revision` were pruned: resume from here.
+    Compacted {
+        resume_from: u64,
+    },
     /// Worth re-opening from `last_revision`.
     Broken(Status),
 }
@@ -118,8 +140,7 @@ async fn stream_until_finished(
     };
     let mut stream = match conn.client.watch(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) if is_retryable(&status) => return Ok(StreamEnd::Broken(status)),
-        Err(status) => return Err(conn.error(&status, "following the deployment")),
+        Err(status) => return ended_with(conn, status),
     };
     // The control plane answered: the outage, if there was one, is over.
     if broken_since.take().is_some() {
@@ -151,10 +172,26 @@ async fn stream_until_finished(
                     "the stream ended early",
                 )));
             }
-            Err(status) if is_retryable(&status) => return Ok(StreamEnd::Broken(status)),
-            Err(status) => return Err(conn.error(&status, "following the deployment")),
+            Err(status) => return ended_with(conn, status),
         }
     }
+}
+
+/// What a Watch that failed with `status` means for following on.
+fn ended_with(conn: &Connection, status: Status) -> anyhow::Result<StreamEnd> {
+    if status.code() == Code::OutOfRange
+        && let Some(resume_from) = status
+            .metadata()
+            .get(procurator_proto::RESUME_REVISION_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    {
+        return Ok(StreamEnd::Compacted { resume_from });
+    }
+    if is_retryable(&status) {
+        return Ok(StreamEnd::Broken(status));
+    }
+    Err(conn.error(&status, "following the deployment"))
 }
 
 /// Fold `ev` into the view unless it was seen already (after a reconnect the

@@ -23,6 +23,8 @@ pub struct ControlPlane {
     starts: u32,
     /// The network namespace it runs in, if not this machine's network.
     netns: Option<String>,
+    /// More arguments, from the next start on ([`Self::restart_with`]).
+    args: Vec<String>,
 }
 
 impl ControlPlane {
@@ -49,6 +51,7 @@ impl ControlPlane {
             addr: None,
             starts: 0,
             netns: netns.map(str::to_owned),
+            args: Vec::new(),
         };
         cp.spawn(nix, listen)?;
         Ok(cp)
@@ -87,7 +90,8 @@ impl ControlPlane {
             .arg("--tls-key")
             .arg(&server.key)
             .arg("--ready-file")
-            .arg(&ready);
+            .arg(&ready)
+            .args(&self.args);
         nix.apply(&mut cmd);
         self.starts += 1;
         let log = self.dir.join(format!("control-plane-{}.log", self.starts));
@@ -169,6 +173,13 @@ impl ControlPlane {
         }
         let listen = self.host_port()?;
         self.spawn(nix, &listen)
+    }
+
+    /// [`Self::restart`] with `args` added to its command line, then and on
+    /// every later start.
+    pub fn restart_with(&mut self, nix: &NixEnv, args: &[&str]) -> Result<()> {
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.restart(nix)
     }
 
     /// Everything it logged since it last started.

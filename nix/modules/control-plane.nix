@@ -98,6 +98,26 @@ in
       '';
     };
 
+    retention = {
+      deployments = lib.mkOption {
+        type = lib.types.ints.positive;
+        default = 500;
+        description = ''
+          How many of the newest deployments the store keeps, with their
+          machine rows and events (`--retain-deployments`). Older finished
+          ones are pruned; one that has not finished is always kept.
+        '';
+      };
+      eventsDays = lib.mkOption {
+        type = lib.types.ints.between 1 36500;
+        default = 30;
+        description = ''
+          Days of events the event log keeps (`--retain-events-days`). A
+          `Watch` from a pruned revision is told the oldest one to resume from.
+        '';
+      };
+    };
+
     logFormat = lib.mkOption {
       type = lib.types.enum [
         "text"
@@ -146,6 +166,10 @@ in
               "/var/lib/${cfg.stateDirectory}"
               "--log-format"
               cfg.logFormat
+              "--retain-deployments"
+              (toString cfg.retention.deployments)
+              "--retain-events-days"
+              (toString cfg.retention.eventsDays)
             ])
             # %d is the credentials directory LoadCredential= fills; it is
             # left unescaped so systemd expands it.

@@ -285,8 +285,18 @@ optionChecks "agent.nix" (agent agentSettings).options
 ++ expect "control plane ExecStart" (builtins.concatStringsSep " " [
   ''"/nix/store/00000000000000000000000000000000-procurator-control-plane/bin/procurator-control-plane"''
   ''"--listen" "0.0.0.0:7700" "--data-dir" "/var/lib/procurator" "--log-format" "text"''
+  ''"--retain-deployments" "500" "--retain-events-days" "30"''
   "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
 ]) cpUnit.serviceConfig.ExecStart
+++ expect "control plane retention" true (
+  stub.lib.hasInfix ''"--retain-deployments" "20" "--retain-events-days" "7"''
+    (controlPlane (withControlPlane {
+      retention = {
+        deployments = 20;
+        eventsDays = 7;
+      };
+    })).config.systemd.services.procurator-control-plane.serviceConfig.ExecStart
+)
 ++ expect "control plane LoadCredential" [
   "ca.crt:/etc/procurator/tls/ca.crt"
   "tls.crt:/etc/procurator/tls/control-plane.crt"

@@ -49,6 +49,11 @@ let
     nullOr = element: mkType "null or ${element.description}" (value: value == null || element.check value);
     number = mkType "number" (value: isInt value || builtins.isFloat value);
     ints.positive = mkType "positive integer" (value: isInt value && value > 0);
+    ints.between =
+      lowest: highest:
+      mkType "integer between ${toString lowest} and ${toString highest} (both inclusive)" (
+        value: isInt value && value >= lowest && value <= highest
+      );
   };
 
   hasPrefix = prefix: string: substring 0 (stringLength prefix) string == prefix;

@@ -14,3 +14,7 @@ pub mod v1 {
 
 pub mod codec;
 mod display;
+
+/// Metadata of a `Watch` refused with OUT_OF_RANGE: the revision from which
+/// the event log can still be followed (see `deployment.proto`).
+pub const RESUME_REVISION_METADATA: &str = "procurator-resume-revision";

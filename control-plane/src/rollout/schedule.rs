@@ -54,7 +54,9 @@ pub enum Step {
     Send(String),
 }
 
-/// Whether the machine holds a desired state it has not finished.
+/// Whether the machine holds a desired state it has not finished. Every
+/// state is exactly one of: not yet sent (PENDING), in flight, or final
+/// (`MachineState::is_final`).
 pub fn is_in_flight(state: MachineState) -> bool {
     is_confirmable(state) || matches!(state, MachineState::Committing | MachineState::RollingBack)
 }
@@ -184,6 +186,20 @@ mod tests {
         stopped: false,
         opened_ms: 0,
     };
+
+    #[test]
+    fn every_state_is_exactly_one_of_unsent_in_flight_or_final() {
+        for n in 0..=i32::from(u8::MAX) {
+            let Ok(state) = MachineState::try_from(n) else {
+                continue;
+            };
+            let unsent = matches!(state, Unspecified | Pending);
+            let kinds = [unsent, is_in_flight(state), state.is_final()];
+            assert_eq!(kinds.iter().filter(|k| **k).count(), 1, "{state:?}");
+            // A failure is a way of being final.
+            assert!(!state.is_failure() || state.is_final(), "{state:?}");
+        }
+    }
 
     fn row(machine: &str, wave: u32, state: MachineState, connected: bool) -> Row {
         Row {

@@ -4,7 +4,7 @@ use procurator_core::MachineName;
 use procurator_proto::v1::{
     Agent, AgentConnection, Hello, MachineState, VmHostCapacity, VmPlacement, event,
 };
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 
 use super::{Store, StoreError, Tx};
 
@@ -12,6 +12,10 @@ impl Store {
     /// A stream for `machine` completed its handshake. `generation` names this
     /// connection; only the same generation can mark it disconnected. False
     /// (nothing changed) when a newer generation got here first.
+    ///
+    /// An event is appended only when the agent is new or reports something
+    /// other than it last did: an agent that reconnects in a loop rewrites
+    /// its row and never grows the log.
     pub async fn agent_connected(
         &self,
         machine: MachineName,
@@ -20,6 +24,22 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
             let vm_host = hello.vm_host.as_ref().map(prost::Message::encode_to_vec);
+            let before: Option<Reported> = tx
+                .sql
+                .prepare_cached(
+                    "SELECT current_system, booted_system, agent_version, nix_version, vm_host
+                     FROM agents WHERE machine = ?1",
+                )?
+                .query_row([machine.as_str()], |r| {
+                    Ok(Reported {
+                        current_system: r.get(0)?,
+                        booted_system: r.get(1)?,
+                        agent_version: r.get(2)?,
+                        nix_version: r.get(3)?,
+                        vm_host: r.get(4)?,
+                    })
+                })
+                .optional()?;
             let changed = tx.sql.prepare_cached("INSERT INTO agents (machine, connected, generation, current_system, booted_system,
                                      agent_version, nix_version, last_seen_ms, vm_host)
                  VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -41,7 +61,16 @@ impl Store {
             if changed == 0 {
                 return Ok(false);
             }
-            emit_connection(tx, &machine, true, hello.current_system)?;
+            let now = Reported {
+                current_system: hello.current_system,
+                booted_system: hello.booted_system,
+                agent_version: hello.agent_version,
+                nix_version: hello.nix_version,
+                vm_host,
+            };
+            if before.as_ref() != Some(&now) {
+                emit_connection(tx, &machine, now.current_system)?;
+            }
             Ok(true)
         })
         .await
@@ -67,7 +96,9 @@ impl Store {
     }
 
     /// Connection `generation` of `machine` ended. Returns false (and changes
-    /// nothing) when a newer connection has taken over since.
+    /// nothing) when a newer connection has taken over since. No event: who is
+    /// connected is the agents table's to say (and the metrics' to count), so
+    /// that a flapping agent cannot grow the log.
     pub async fn agent_disconnected(
         &self,
         machine: MachineName,
@@ -85,15 +116,7 @@ impl Store {
                     generation_to_sql(generation),
                     tx.now
                 ])?;
-            if changed == 0 {
-                return Ok(false);
-            }
-            let current: String = tx
-                .sql
-                .prepare_cached("SELECT current_system FROM agents WHERE machine = ?1")?
-                .query_row([machine.as_str()], |r| r.get(0))?;
-            emit_connection(tx, &machine, false, current)?;
-            Ok(true)
+            Ok(changed > 0)
         })
         .await
     }
@@ -202,26 +225,19 @@ fn with_placements(
 
 /// On startup: no stream survived the restart.
 pub(super) fn disconnect_all(tx: &mut Tx<'_>) -> Result<(), StoreError> {
-    let stale: Vec<(String, String)> = {
-        let mut stmt = tx
-            .sql
-            .prepare("SELECT machine, current_system FROM agents WHERE connected = 1")?;
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?
-    };
     tx.sql
         .execute("UPDATE agents SET connected = 0 WHERE connected = 1", [])?;
-    for (machine, current_system) in stale {
-        tx.emit(
-            "",
-            event::Kind::Agent(AgentConnection {
-                machine,
-                connected: false,
-                current_system,
-            }),
-        )?;
-    }
     Ok(())
+}
+
+/// What an agent says about itself in its Hello, as stored.
+#[derive(PartialEq, Eq)]
+struct Reported {
+    current_system: String,
+    booted_system: String,
+    agent_version: String,
+    nix_version: String,
+    vm_host: Option<Vec<u8>>,
 }
 
 /// The agent reported how a deployment ended on its machine.
@@ -254,14 +270,13 @@ pub(super) fn record_last_result(
 fn emit_connection(
     tx: &mut Tx<'_>,
     machine: &MachineName,
-    connected: bool,
     current_system: String,
 ) -> Result<(), StoreError> {
     tx.emit(
         "",
         event::Kind::Agent(AgentConnection {
             machine: machine.to_string(),
-            connected,
+            connected: true,
             current_system,
         }),
     )?;

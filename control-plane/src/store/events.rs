@@ -3,7 +3,7 @@
 use procurator_core::DeploymentId;
 use procurator_proto::v1::{Event, event};
 use prost::Message as _;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{Store, StoreError};
 
@@ -45,37 +45,94 @@ fn decode(revision: i64, body: &[u8]) -> Result<Event, StoreError> {
     Ok(event)
 }
 
+/// A `Watch` asked to resume from a revision whose events, or some it
+/// should get after it, were pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub asked: u64,
+    /// The oldest revision it can resume from.
+    pub resume_from: u64,
+}
+
 impl Store {
     /// Up to `limit` events with a revision greater than `after`, oldest
     /// first; only `deployment`'s when given.
+    #[cfg(test)]
     pub async fn events_after(
         &self,
         after: u64,
         deployment: Option<DeploymentId>,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
-        let after = revision_to_sql(after);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| page(conn, after, deployment.as_ref(), limit))
+            .await
+    }
+
+    /// [`Store::events_after`] for a watcher, or `Compacted` when the log no
+    /// longer holds every event it should get after `after`. Of one
+    /// deployment: when some of its events were pruned by age (from 0, the
+    /// whole deployment, too). Of the whole log: when anything after `after`
+    /// was pruned (from 0: whatever is kept).
+    pub async fn watch_page(
+        &self,
+        after: u64,
+        deployment: Option<DeploymentId>,
+        limit: usize,
+    ) -> Result<Result<Vec<Event>, Compacted>, StoreError> {
         self.read(move |conn| {
-            let rows: Vec<(i64, Vec<u8>)> = match &deployment {
+            // One read transaction: the bounds and the page agree.
+            let read = conn.unchecked_transaction()?;
+            let bounds = super::retention::log_bounds(&read)?;
+            let resume_from = match &deployment {
                 Some(id) => {
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT revision, body FROM events
-                         WHERE deployment_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3",
-                    )?;
-                    stmt.query_map(params![id.as_str(), after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<Result<_, _>>()?
+                    let submitted: Option<i64> = read
+                        .prepare_cached("SELECT revision FROM deployments WHERE id = ?1")?
+                        .query_row([id.as_str()], |r| r.get(0))
+                        .optional()?;
+                    let lost_some = submitted
+                        .is_some_and(|revision| revision_to_sql(bounds.compacted) >= revision);
+                    (lost_some && after < bounds.compacted).then_some(bounds.compacted)
                 }
-                None => {
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT revision, body FROM events WHERE revision > ?1 ORDER BY revision LIMIT ?2",
-                    )?;
-                    stmt.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<Result<_, _>>()?
-                }
+                None => (after > 0 && after < bounds.pruned).then_some(bounds.pruned),
             };
-            rows.iter().map(|(rev, body)| decode(*rev, body)).collect()
+            if let Some(resume_from) = resume_from {
+                return Ok(Err(Compacted {
+                    asked: after,
+                    resume_from,
+                }));
+            }
+            page(&read, after, deployment.as_ref(), limit).map(Ok)
         })
         .await
     }
+}
+
+fn page(
+    conn: &Connection,
+    after: u64,
+    deployment: Option<&DeploymentId>,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let after = revision_to_sql(after);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows: Vec<(i64, Vec<u8>)> = match deployment {
+        Some(id) => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT revision, body FROM events
+                 WHERE deployment_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3",
+            )?;
+            stmt.query_map(params![id.as_str(), after, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?
+        }
+        None => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT revision, body FROM events WHERE revision > ?1 ORDER BY revision LIMIT ?2",
+            )?;
+            stmt.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        }
+    };
+    rows.iter().map(|(rev, body)| decode(*rev, body)).collect()
 }

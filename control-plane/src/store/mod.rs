@@ -23,6 +23,7 @@ mod events;
 mod placements;
 mod queries;
 mod reports;
+mod retention;
 mod schedule;
 mod schema;
 mod stats;
@@ -38,7 +39,11 @@ use self::artifacts::ArtifactCache;
 
 pub use control::{Cancelled, Confirmation, RolledBack};
 pub use deployments::{SubmitError, Submitted};
+pub use events::Compacted;
 pub use reports::ResultOutcome;
+#[cfg(test)]
+pub use retention::Pruned;
+pub use retention::Retention;
 pub use schedule::{Outbound, Scheduled, SendOrder};
 
 /// How many committed events a slow subscriber may fall behind before it
@@ -510,6 +515,9 @@ mod tests_migration;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_placements;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_retention;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_rollout;

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const VERSION: i64 = 4;
+const VERSION: i64 = 5;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -124,6 +124,17 @@ CREATE TABLE IF NOT EXISTS events (
     body           BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_deployment ON events (deployment_id, revision);
+
+-- How far the event log has been pruned (store/retention.rs). (Version 5.)
+CREATE TABLE IF NOT EXISTS log_bounds (
+    -- One row.
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    -- Every event up to this revision is gone (pruned by age, oldest first).
+    compacted INTEGER NOT NULL DEFAULT 0,
+    -- The highest revision pruned for any reason, also with a deployment.
+    pruned    INTEGER NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO log_bounds (id) VALUES (1);
 ";
 
 /// Set connection options and create the tables if they are missing.

@@ -24,10 +24,12 @@ impl Store {
                 [],
                 |r| r.get(0),
             )?;
-            let event_log_revision =
-                conn.query_row("SELECT coalesce(max(revision), 0) FROM events", [], |r| {
-                    r.get(0)
-                })?;
+            // The last revision given out, even when pruning left no event.
+            let event_log_revision = conn.query_row(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
+                [],
+                |r| r.get(0),
+            )?;
             let deployments = grouped(conn, "deployments")?
                 .into_iter()
                 .map(|(s, n)| {

@@ -75,7 +75,7 @@ async fn a_version_1_database_is_migrated() {
         )
         .unwrap();
     assert!(!sql.contains("deployments_v1"), "{sql}");
-    assert_is_version_4(&conn);
+    assert_is_current(&conn);
 }
 
 #[tokio::test]
@@ -103,17 +103,17 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     assert_eq!(store.last_generation().await.unwrap(), 7);
     drop(store);
     let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
-    assert_is_version_4(&conn);
+    assert_is_current(&conn);
 }
 
-/// The database is at version 4, whose columns are there and empty for
-/// what was stored before.
-fn assert_is_version_4(conn: &rusqlite::Connection) {
+/// The database is at version 5: the columns of version 4 are there and
+/// empty for what was stored before, and nothing was pruned yet.
+fn assert_is_current(conn: &rusqlite::Connection) {
     use rusqlite::OptionalExtension as _;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let (forced_by, intent_keys): (String, String) = conn
         .query_row(
             "SELECT forced_by, intent_keys FROM deployments LIMIT 1",
@@ -124,4 +124,10 @@ fn assert_is_version_4(conn: &rusqlite::Connection) {
         .expect("the columns exist")
         .unwrap_or_default();
     assert_eq!((forced_by.as_str(), intent_keys.as_str()), ("", ""));
+    let bounds: (i64, i64) = conn
+        .query_row("SELECT compacted, pruned FROM log_bounds", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(bounds, (0, 0));
 }
