@@ -150,5 +150,14 @@ for component in rustfmt clippy; do
     fi
 done
 
+# cargo-fuzz, for scripts/fuzz.sh (the fuzz targets in fuzz/), from crates.io.
+cargo_fuzz_version=0.13.2
+if cargo fuzz --version 2>/dev/null | grep -q "$cargo_fuzz_version"; then
+    log "cargo-fuzz $cargo_fuzz_version: present"
+else
+    log "installing cargo-fuzz $cargo_fuzz_version from crates.io"
+    cargo install --quiet --locked cargo-fuzz --version "$cargo_fuzz_version"
+fi
+
 log "nix: $(nix --version)"
 log "done"

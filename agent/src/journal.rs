@@ -2,9 +2,9 @@
 //! before it, and the phase it entered last, written atomically and fsynced
 //! before each phase so a restart can finish or undo what was started.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use procurator_core::atomic_file;
 use procurator_proto::v1::MachineState;
 use serde::{Deserialize, Serialize};
 
@@ -184,32 +184,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JournalErr
     })
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the
-/// new content: write a temporary file beside it, fsync, rename, fsync the
-/// directory.
+/// The agent's state files: replaced whole (a crash leaves the old or the
+/// new), readable by root only.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    atomic_file::write_atomically(path, bytes, atomic_file::PRIVATE)
 }
 
 #[cfg(test)]
@@ -256,19 +234,5 @@ mod tests {
         std::fs::write(journal.path(), b"{\"deployment_id\": ").unwrap();
         let err = journal.read().unwrap_err().to_string();
         assert!(err.contains("journal.json is not a journal"), "{err}");
-    }
-
-    #[test]
-    fn a_failed_write_leaves_the_old_journal_and_no_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::new(dir.path());
-        journal.write(&entry(Phase::Copying)).unwrap();
-        // The target is now a non-empty directory: rename fails.
-        let blocked = dir.path().join("blocked");
-        std::fs::create_dir_all(blocked.join("x")).unwrap();
-        assert!(write_atomically(&blocked, b"new").is_err());
-        assert!(blocked.join("x").is_dir());
-        assert_eq!(journal.read().unwrap(), Some(entry(Phase::Copying)));
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

@@ -1,32 +1,11 @@
-//! `procurator-control-plane`: the gRPC server agents dial into, the state
-//! store and the event log that `procurator-ctl watch` follows.
-
-mod acceptor;
-mod agent_service;
-mod connections;
-mod deployment_service;
-mod dispatcher;
-mod metrics;
-mod open_files;
-mod placement;
-mod received;
-mod rollout;
-mod server;
-mod store;
-mod watch;
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
-mod test_support;
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
-mod tests;
+//! `procurator-control-plane`: flags, signals, and [`server::run`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use procurator_control_plane::{open_files, server, store};
 use procurator_core::telemetry::{self, LogFormat};
 use procurator_core::tls::TlsFiles;
 use tokio_util::sync::CancellationToken;

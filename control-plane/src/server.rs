@@ -301,15 +301,8 @@ fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Write `HOST:PORT\n` so that a reader never sees a partial file: write a
-/// temporary file beside it, sync, rename.
+/// Write `HOST:PORT\n` so that a reader never sees a partial file.
 fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(format!("{addr}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    use procurator_core::atomic_file;
+    atomic_file::write_atomically(path, format!("{addr}\n").as_bytes(), atomic_file::PUBLIC)
 }

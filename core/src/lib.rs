@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod artifact;
+pub mod atomic_file;
 pub mod backoff;
 pub mod identity;
 pub mod intent;

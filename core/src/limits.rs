@@ -35,13 +35,17 @@ pub const MAX_REASON_BYTES: usize = 4 * 1024;
 pub const MAX_OUTPUT_TAIL_BYTES: usize = 16 * 1024;
 
 /// `text` cut to at most `max` bytes on a character boundary, with a marker
-/// saying how much was cut; unchanged when it fits.
+/// saying how much was cut; unchanged when it fits. Never longer than `max`:
+/// when even the marker does not fit, the cut text is all there is room for.
 pub fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
     let marker = format!(" … [{} bytes cut]", text.len());
-    let mut end = max.saturating_sub(marker.len());
+    let (mut end, marker) = match max.checked_sub(marker.len()) {
+        Some(room) => (room, marker.as_str()),
+        None => (max, ""),
+    };
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -82,5 +86,14 @@ mod tests {
         assert!(cut.len() <= 64, "{}", cut.len());
         assert!(cut.ends_with(" … [200 bytes cut]"), "{cut}");
         assert!(cut.starts_with("éé"));
+    }
+
+    /// Found by the `names` fuzz target: a limit smaller than the marker
+    /// gave the marker alone, longer than the limit.
+    #[test]
+    fn clipping_to_less_than_the_marker_stays_within_the_limit() {
+        assert_eq!(clip("x", 0), "");
+        assert_eq!(clip(&"x".repeat(300), 10), "x".repeat(10));
+        assert_eq!(clip("éé", 3), "é");
     }
 }

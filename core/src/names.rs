@@ -5,6 +5,12 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// A refused input as its error quotes it: a peer's megabyte of junk must
+/// not come back in the message, the logs or a gRPC status.
+pub(crate) fn quoted(s: &str) -> String {
+    crate::limits::clip(s, crate::limits::MAX_STRING_BYTES)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     #[error(
@@ -29,7 +35,7 @@ impl MachineName {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(NameError::Machine(s.to_owned()))
+            Err(NameError::Machine(quoted(s)))
         }
     }
 
@@ -50,7 +56,7 @@ impl DeploymentId {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(NameError::Deployment(s.to_owned()))
+            Err(NameError::Deployment(quoted(s)))
         }
     }
 

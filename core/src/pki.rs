@@ -2,8 +2,6 @@
 //! client certificates whose SAN URI carries a role and a name.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -311,24 +309,14 @@ fn issue_pem(
     })
 }
 
-/// Write atomically: a temporary file with the final mode from the start
-/// (a key is never readable by others, not even for a moment), then rename.
+/// Write atomically, with the final mode from the start (a key is never
+/// readable by others, not even for a moment).
 fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Result<(), PkiError> {
     if !replace && path.exists() {
         return Err(PkiError::Exists(path.to_owned()));
     }
-    let err = |e| PkiError::Write(path.to_owned(), e);
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(contents).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    crate::atomic_file::write_atomically(path, contents, mode)
+        .map_err(|e| PkiError::Write(path.to_owned(), e))
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::names::quoted;
+
 /// The store every Procurator machine uses.
 pub const STORE_DIR: &str = "/nix/store/";
 
@@ -39,20 +41,20 @@ impl StorePath {
     pub fn parse(s: &str) -> Result<Self, StorePathError> {
         let rest = s
             .strip_prefix(STORE_DIR)
-            .ok_or_else(|| StorePathError::NotInStore(s.to_owned()))?;
+            .ok_or_else(|| StorePathError::NotInStore(quoted(s)))?;
         if rest.contains('/') {
-            return Err(StorePathError::Nested(s.to_owned()));
+            return Err(StorePathError::Nested(quoted(s)));
         }
         let (hash, name) = match (rest.get(..HASH_LEN), rest.get(HASH_LEN..)) {
             (Some(hash), Some(name)) => (hash, name),
-            _ => return Err(StorePathError::BadHash(s.to_owned())),
+            _ => return Err(StorePathError::BadHash(quoted(s))),
         };
         if !hash.bytes().all(|b| NIX_BASE32.contains(&b)) {
-            return Err(StorePathError::BadHash(s.to_owned()));
+            return Err(StorePathError::BadHash(quoted(s)));
         }
         let name = name
             .strip_prefix('-')
-            .ok_or_else(|| StorePathError::BadHash(s.to_owned()))?;
+            .ok_or_else(|| StorePathError::BadHash(quoted(s)))?;
         let name_ok = !name.is_empty()
             && name.len() <= MAX_NAME_LEN
             && !name.starts_with('.')
@@ -60,7 +62,7 @@ impl StorePath {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
         if !name_ok {
-            return Err(StorePathError::BadName(s.to_owned()));
+            return Err(StorePathError::BadName(quoted(s)));
         }
         Ok(Self(s.to_owned()))
     }
@@ -148,5 +150,15 @@ mod tests {
             let err = StorePath::parse(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn an_error_quotes_a_bounded_part_of_its_input() {
+        let junk = format!("/nix/store/x{}", "y".repeat(4 << 20));
+        let e = StorePath::parse(&junk).unwrap_err().to_string();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(e.contains("bytes cut"), "{e}");
+        let e = crate::MachineName::parse(&junk).unwrap_err().to_string();
+        assert!(e.len() < 1024, "{} bytes", e.len());
     }
 }

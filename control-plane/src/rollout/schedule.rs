@@ -80,8 +80,10 @@ pub fn schedule(rows: &[Row], limits: Limits, progress: Progress, now: i64) -> V
     let mut rows = rows.to_vec();
     let mut started = progress.started_wave;
     let mut wave_start = progress.wave_started_ms;
-    let offline_for =
-        |since: i64, wave_start: i64| now - since.max(wave_start).max(progress.opened_ms);
+    // Saturating: timestamps come from clocks that can step.
+    let offline_for = |since: i64, wave_start: i64| {
+        now.saturating_sub(since.max(wave_start).max(progress.opened_ms))
+    };
     if progress.stopped {
         // Nothing more is sent, but a machine in flight whose agent is gone
         // must still end, or the deployment would never finish.
@@ -186,6 +188,35 @@ mod tests {
         stopped: false,
         opened_ms: 0,
     };
+
+    /// Found by the `rollout` fuzz target: an offline time past i64's range
+    /// overflowed.
+    #[test]
+    fn any_timestamps_are_survived() {
+        let mut rows = vec![row("a", 0, Pending, true), row("b", 0, Sent, false)];
+        // Offline since the far future, seen from the far past: not offline.
+        rows[1].disconnected_since = Some(i64::MAX);
+        let steps = schedule(&rows, LIMITS, FRESH, i64::MIN);
+        assert!(
+            !steps.iter().any(|s| matches!(s, Step::Unreachable { .. })),
+            "{steps:?}"
+        );
+        // And the other way round: offline for as long as there is.
+        rows[1].disconnected_since = Some(i64::MIN);
+        let started = Progress {
+            started_wave: Some(0),
+            wave_started_ms: i64::MIN,
+            ..FRESH
+        };
+        let steps = schedule(&rows, LIMITS, started, i64::MAX);
+        assert!(
+            steps.contains(&Step::Unreachable {
+                machine: "b".into(),
+                secs: i64::MAX / 1000
+            }),
+            "{steps:?}"
+        );
+    }
 
     #[test]
     fn every_state_is_exactly_one_of_unsent_in_flight_or_final() {

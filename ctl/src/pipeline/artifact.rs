@@ -2,13 +2,13 @@
 //! what was built, validated as the control plane would, and written so
 //! that the file is either whole or not there.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context as _, anyhow, bail};
 use procurator_core::DeploymentArtifact;
 use procurator_core::artifact::GitCommit;
+use procurator_core::atomic_file;
 use serde_json::{Value, json};
 
 use super::Evaluated;
@@ -110,45 +110,15 @@ pub fn render(
     Ok((artifact, text))
 }
 
-/// Writes `text` to `path` through a temporary file in the same directory,
-/// flushed to disk before it is renamed over `path`: a reader sees the old
-/// file or the new one, never half of one.
+/// Writes `text` to `path` so that a reader sees the old file or the new
+/// one, never half of one.
 pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut file = tempfile::Builder::new()
-        .prefix(".deployment-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| {
-            format!(
-                "cannot create a file in {}; check that the directory exists and is writable",
-                dir.display()
-            )
-        })?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", file.path().display()))?;
-    // The temporary file is private (0600); the artifact is not a secret.
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("cannot set the mode of {}", file.path().display()))?;
-    }
-    file.persist(path).map_err(|e| {
-        anyhow!(
-            "cannot move the artifact into place at {}: {}",
-            path.display(),
-            e.error
+    atomic_file::write_atomically(path, text.as_bytes(), atomic_file::PUBLIC).with_context(|| {
+        format!(
+            "cannot write {}; check that its directory exists and is writable",
+            path.display()
         )
-    })?;
-    // The rename itself is durable once the directory is.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -281,6 +251,10 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left behind");
         let err = write_atomically(&dir.path().join("missing/deployment.json"), "x").unwrap_err();
-        assert!(err.to_string().contains("cannot create a file in"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("check that its directory exists and is writable"),
+            "{err}"
+        );
     }
 }

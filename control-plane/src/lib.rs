@@ -1,0 +1,25 @@
+//! Procurator's control plane: the gRPC server agents dial into, the state
+//! store and the event log that `procurator-ctl watch` follows. The binary
+//! (`main.rs`) parses flags and runs [`server::run`]; the checks of what
+//! peers send ([`received`], [`rollout`]) are public for the fuzz targets.
+
+mod acceptor;
+mod agent_service;
+mod connections;
+mod deployment_service;
+mod dispatcher;
+mod metrics;
+pub mod open_files;
+mod placement;
+pub mod received;
+pub mod rollout;
+pub mod server;
+pub mod store;
+mod watch;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod test_support;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests;
