@@ -18,6 +18,12 @@ impl MachineState {
         )
     }
 
+    /// Whether the machine runs what it was sent: it succeeded, or had
+    /// nothing to do.
+    pub fn is_success(self) -> bool {
+        matches!(self, MachineState::Succeeded | MachineState::Skipped)
+    }
+
     /// Whether this final state counts against the deployment.
     pub fn is_failure(self) -> bool {
         matches!(

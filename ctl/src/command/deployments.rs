@@ -1,6 +1,6 @@
 //! `procurator-ctl deployments`: the history, newest first.
 
-use procurator_proto::v1::{Deployment, ListDeploymentsRequest, MachineState, MachineStatus};
+use procurator_proto::v1::{Deployment, ListDeploymentsRequest, MachineStatus};
 use serde_json::{Value, json};
 
 use crate::connection::ConnectionArgs;
@@ -38,10 +38,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
 
 /// Machines that ended well, ended badly, and all of them.
 fn counts(machines: &[MachineStatus]) -> (usize, usize, usize) {
-    let ok = machines
-        .iter()
-        .filter(|m| matches!(m.state(), MachineState::Succeeded | MachineState::Skipped))
-        .count();
+    let ok = machines.iter().filter(|m| m.state().is_success()).count();
     let failed = machines.iter().filter(|m| m.state().is_failure()).count();
     (ok, failed, machines.len())
 }
@@ -146,7 +143,7 @@ pub fn deployment_json(d: &Deployment) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use procurator_proto::v1::{DeploymentState, Wave};
+    use procurator_proto::v1::{DeploymentState, MachineState, Wave};
 
     use super::*;
 

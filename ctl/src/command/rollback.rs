@@ -2,19 +2,19 @@
 //! deployment's closures again, as a new deployment through the same safe
 //! path (waves, health checks, magic rollback).
 
+use std::collections::HashMap;
+
 use anyhow::anyhow;
+use procurator_core::DeploymentArtifact;
 use procurator_proto::v1::{Deployment, RollbackRequest};
 use serde_json::json;
 use tonic::Code;
 
 use super::watch::parse_id;
-use std::collections::HashMap;
-
 use crate::connection::{Connection, ConnectionArgs};
 use crate::output::{self, OutputArgs, OutputFormat};
 use crate::pipeline::intent::{IntentKeyArgs, IntentPublicKeyArgs, sign_text, verify_all};
 use crate::{Outcome, follow, format, render};
-use procurator_core::DeploymentArtifact;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\

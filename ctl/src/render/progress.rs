@@ -72,7 +72,7 @@ impl ProgressRenderer {
         bar.set_prefix(prefix(name, m, self.width));
         if m.state.is_final() {
             let (mark, template) = match m.state {
-                MachineState::Succeeded | MachineState::Skipped => ("✔", DONE_OK),
+                s if s.is_success() => ("✔", DONE_OK),
                 s if s.is_failure() => ("✘", DONE_FAILED),
                 // Superseded or cancelled: neither.
                 _ => ("–", DONE_OTHER),

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use procurator_proto::v1::{DeploymentState, MachineState};
+use procurator_proto::v1::DeploymentState;
 
 use super::plain::{indented_tail, state_text};
 use super::view::DeploymentView;
@@ -25,7 +25,7 @@ pub fn summary_text(view: &DeploymentView) -> String {
         ": {} of {} machines ok, {failed} failed",
         view.machines
             .values()
-            .filter(|m| matches!(m.state, MachineState::Succeeded | MachineState::Skipped))
+            .filter(|m| m.state.is_success())
             .count(),
         view.machines.len()
     );
@@ -91,6 +91,7 @@ fn reboot_text(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use procurator_proto::v1::MachineState;
 
     use super::*;
     use crate::render::view::MachineView;
