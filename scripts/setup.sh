@@ -150,6 +150,26 @@ for component in rustfmt clippy; do
     fi
 done
 
+# The real virtiofsd (the Rust one, from crates.io), which the
+# cloud-hypervisor tests run beside their stand-in VMM. It links libseccomp
+# and libcap-ng.
+virtiofsd_version=1.14.0
+if /usr/local/bin/virtiofsd --version 2>/dev/null | grep -q "$virtiofsd_version"; then
+    log "virtiofsd $virtiofsd_version: present at /usr/local/bin/virtiofsd"
+else
+    build_deps=()
+    for pkg in libseccomp-dev libcap-ng-dev pkg-config; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || build_deps+=("$pkg")
+    done
+    if ((${#build_deps[@]} > 0)); then
+        log "installing Debian packages for virtiofsd: ${build_deps[*]}"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${build_deps[@]}"
+    fi
+    log "building virtiofsd $virtiofsd_version from crates.io into /usr/local/bin"
+    cargo install --quiet --locked virtiofsd --version "$virtiofsd_version" --root /usr/local
+fi
+
 # cargo-fuzz, for scripts/fuzz.sh (the fuzz targets in fuzz/), from crates.io.
 cargo_fuzz_version=0.13.2
 if cargo fuzz --version 2>/dev/null | grep -q "$cargo_fuzz_version"; then

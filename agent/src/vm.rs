@@ -65,6 +65,12 @@ pub enum VmError {
     },
     #[error("the VM {name} stopped before it reported ready; see {log}")]
     Exited { name: String, log: PathBuf },
+    #[error("the guest {name} reset before it reported ready ({why}); see {log}")]
+    Reset {
+        name: String,
+        why: String,
+        log: PathBuf,
+    },
     #[error("the guest {name} came up unhealthy: {why} (see {log})")]
     Unhealthy {
         name: String,
@@ -92,10 +98,27 @@ pub trait Vmm: Send + Sync {
         state_dir: &Path,
         grace: Duration,
     ) -> impl Future<Output = Result<(), VmError>> + Send;
+    /// How often the guest of the VM in `state_dir` has reset (rebooted, or
+    /// panicked with `panic=N`) since it was started, and what said so last.
+    /// A VMM whose process ends on a reset (QEMU with `-no-reboot`) reports
+    /// none: its exit says it.
+    fn resets(&self, state_dir: &Path) -> impl Future<Output = Resets> + Send {
+        let _ = state_dir;
+        async { Resets::default() }
+    }
+}
+
+/// A guest's resets since its VM started (see [`Vmm::resets`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resets {
+    pub count: u32,
+    /// What said so, the last time.
+    pub last: Option<String>,
 }
 
 /// `ip link set dev TAP master BRIDGE up` under `prefix`: the VMM makes
-/// the VM's tap, but leaves it down and alone.
+/// the VM's tap (QEMU leaves it down, cloud-hypervisor brings it up at
+/// `vm.boot`), but neither joins it to a bridge.
 pub(crate) async fn join_bridge(
     vmm: &'static str,
     prefix: &[String],
@@ -283,7 +306,9 @@ impl VmSpec {
             // At least one vCPU; a fraction of a CPU is a host scheduling
             // share, not a smaller CPU.
             vcpus: u32::try_from(demand.milli_cpus.div_ceil(1000).max(1)).unwrap_or(u32::MAX),
-            memory_bytes: demand.memory_bytes,
+            // Rounded again: a statement signed before the rule, or by another
+            // tool, must not give a size the VMM refuses to boot.
+            memory_bytes: procurator_core::artifact::vm_memory_bytes(demand.memory_bytes),
             nic: Some(Nic {
                 tap: tap_name(&name),
                 mac: mac_address(&name),

@@ -516,7 +516,8 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
     assert_eq!(names, ["app-1", "app-2"]);
     assert!(vms[0].closure.ends_with("-sys-a"), "{vms:?}");
     assert_eq!(vms[0].deployment_id, first.deployment_id);
-    assert_eq!(vms[0].memory_bytes, 1_000_000_000);
+    // "1 GB", rounded up to whole 2 MiB pages (477 of them).
+    assert_eq!(vms[0].memory_bytes, 1_000_341_504);
     assert!(!vms[0].guest_agent_connected);
     let d = ci
         .get_deployment(GetDeploymentRequest {

@@ -517,7 +517,9 @@ mod instances;
 mod intents;
 mod rollout;
 mod unique_keys;
-pub use instances::{Demand, Target, VM_BACKENDS, VmInstance, instance_names};
+pub use instances::{
+    Demand, Target, VM_BACKENDS, VM_MEMORY_ALIGNMENT, VmInstance, instance_names, vm_memory_bytes,
+};
 pub use rollout::{PlannedWave, Rollout, WaveSpec};
 
 #[cfg(test)]

@@ -5,12 +5,20 @@
 //! in sessions of their own with a pid file, a socket and a log in the VM's
 //! state folder, so a restarted agent finds them again.
 //!
+//! A guest that resets (reboots, or panics with `panic=N`) does not end
+//! cloud-hypervisor: it boots the VM again under the same process. It says
+//! so on its event monitor (`--event-monitor path=…/events.json`, the
+//! events `vm rebooting` and `vm rebooted`), which [`Vmm::resets`] reads:
+//! the file is cloud-hypervisor's own account, unlike the console, which
+//! the guest writes.
+//!
 //! The request bodies are checked against cloud-hypervisor's own OpenAPI
 //! document (`specs/cloud-hypervisor-openapi.yaml`) in the tests, which run
-//! the lifecycle against a stand-in VMM (`fake.rs`): cloud-hypervisor needs
-//! hardware virtualisation.
+//! the lifecycle against a stand-in VMM (`fake.rs`) that answers as
+//! cloud-hypervisor v54 does, and the real virtiofsd: cloud-hypervisor
+//! itself needs hardware virtualisation. The real binary ignores a field it
+//! does not know, so that check is the only guard against a misspelt one.
 
-use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -45,6 +53,21 @@ pub fn api_socket(state_dir: &Path) -> PathBuf {
 pub fn virtiofs_socket(state_dir: &Path) -> PathBuf {
     state_dir.join("virtiofs.sock")
 }
+
+/// Where cloud-hypervisor reports what happens to the VM.
+pub fn event_monitor(state_dir: &Path) -> PathBuf {
+    state_dir.join("events.json")
+}
+
+/// The oldest cloud-hypervisor this backend drives: before v49, a net
+/// device without an address gave every VM's host tap the same one
+/// (192.168.249.1/24).
+pub const MIN_VERSION: u32 = 49;
+/// How long `vm.boot` may take: cloud-hypervisor waits up to 60 s for each
+/// vhost-user device (virtiofsd) to connect before it gives up.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Read of the event monitor: a guest in a reset loop makes it grow.
+const MAX_EVENT_BYTES: u64 = 1 << 20;
 
 /// The two processes of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +115,8 @@ pub fn vmm_argv(spec: &VmSpec) -> Vec<String> {
         "cloud-hypervisor".into(),
         "--api-socket".into(),
         Daemon::Vmm.socket_arg(&spec.state_dir),
+        "--event-monitor".into(),
+        format!("path={}", event_monitor(&spec.state_dir).display()),
     ]
 }
 
@@ -117,6 +142,8 @@ pub fn create_body(spec: &VmSpec) -> Value {
             "cmdline": spec.cmdline,
         },
         "cpus": { "boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus },
+        // VmSpec's size is whole 2 MiB pages (vm_memory_bytes): any other
+        // size is accepted here and refused at vm.boot.
         "memory": { "size": spec.memory_bytes, "shared": true },
         "fs": [{
             "tag": STORE_TAG,
@@ -145,6 +172,8 @@ pub struct CloudHypervisor {
     pub start_timeout: Duration,
     /// How long the VMM may take to answer one API request.
     pub request_timeout: Duration,
+    /// How long it may take to answer `vm.boot`.
+    pub boot_timeout: Duration,
     /// How long a process may take to exit after `vmm.shutdown`, SIGTERM
     /// or SIGKILL.
     pub exit_timeout: Duration,
@@ -160,6 +189,7 @@ impl Default for CloudHypervisor {
             prefix: Vec::new(),
             start_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
+            boot_timeout: BOOT_TIMEOUT,
             exit_timeout: Duration::from_secs(10),
             bridge: None,
         }
@@ -195,6 +225,8 @@ impl Vmm for CloudHypervisor {
         // for this boot's).
         self.clean_up(dir).await?;
         remove(&spec.serial_log()).await?;
+        // And its events, whose resets would pass for this boot's.
+        remove(&event_monitor(dir)).await?;
         match self.boot(spec).await {
             Ok(pid) => Ok(pid),
             Err(error) => {
@@ -208,6 +240,23 @@ impl Vmm for CloudHypervisor {
 
     async fn pid(&self, state_dir: &Path) -> Option<Pid> {
         running(Daemon::Vmm, state_dir).await
+    }
+
+    async fn resets(&self, state_dir: &Path) -> super::Resets {
+        use tokio::io::AsyncReadExt as _;
+        let Ok(file) = tokio::fs::File::open(event_monitor(state_dir)).await else {
+            return super::Resets::default();
+        };
+        let mut events = Vec::new();
+        if file
+            .take(MAX_EVENT_BYTES)
+            .read_to_end(&mut events)
+            .await
+            .is_err()
+        {
+            return super::Resets::default();
+        }
+        resets_in(&events)
     }
 
     /// The power button, then after `grace` `vm.shutdown`; `vm.delete` and
@@ -243,10 +292,12 @@ impl CloudHypervisor {
         argv[0] = self.program.display().to_string();
         self.launch(Daemon::Vmm, dir, argv).await?;
 
-        self.call(dir, "GET", "vmm.ping", None).await?;
+        let ping = self.call(dir, "GET", "vmm.ping", None).await?;
+        check_version(dir, &ping)?;
         self.call(dir, "PUT", "vm.create", Some(&create_body(spec)))
             .await?;
-        self.call(dir, "PUT", "vm.boot", None).await?;
+        self.call_within(self.boot_timeout, dir, "PUT", "vm.boot", None)
+            .await?;
         let info = self.call(dir, "GET", "vm.info", None).await?;
         let state = info
             .json()
@@ -264,7 +315,7 @@ impl CloudHypervisor {
             let message = format!("{} names no VMM of this VM", file.display());
             api_error(dir, "start", message)
         })?;
-        // cloud-hypervisor made the tap at vm.create.
+        // cloud-hypervisor made the tap, and brought it up, at vm.boot.
         if let Some(bridge) = &self.bridge {
             super::join_bridge(VMM, &self.prefix, spec, bridge).await?;
         }
@@ -326,10 +377,18 @@ impl CloudHypervisor {
         loop {
             let open = match daemon {
                 Daemon::Vmm => UnixStream::connect(&socket).await.is_ok(),
-                // Not connected to: virtiofsd serves a single connection.
+                // Not connected to: virtiofsd serves a single connection,
+                // and exits when it ends. It listens once the table of
+                // unix sockets says so: ours, since it binds before it
+                // moves into namespaces of its own (`--sandbox`). Under a
+                // prefix, which may have its own network namespace, the
+                // socket's file has to do.
+                Daemon::Virtiofsd if self.prefix.is_empty() => {
+                    listening(Path::new("/proc/self/net/unix"), &socket).await
+                }
                 Daemon::Virtiofsd => tokio::fs::metadata(&socket)
                     .await
-                    .is_ok_and(|m| m.file_type().is_socket()),
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())),
             };
             if open {
                 return Ok(());
@@ -369,8 +428,10 @@ impl CloudHypervisor {
                 let state = info
                     .json()
                     .and_then(|i| i["state"].as_str().map(str::to_owned));
-                // 404: there is no VM any more.
-                if info.status == 404 || state.as_deref() == Some("Shutdown") {
+                // 404: there is no VM any more. After vm.shutdown the VM is
+                // `Created` again (cloud-hypervisor never says `Shutdown`
+                // there); a guest that powers off ends the VMM.
+                if info.status == 404 || matches!(state.as_deref(), Some("Created" | "Shutdown")) {
                     return true;
                 }
             }
@@ -390,8 +451,17 @@ impl CloudHypervisor {
             }
         }
         for daemon in [Daemon::Vmm, Daemon::Virtiofsd] {
-            remove(&daemon.socket(dir)).await?;
+            let socket = daemon.socket(dir);
+            remove(&socket).await?;
             remove(&daemon.pid_file(dir)).await?;
+            // cloud-hypervisor locks its API socket (`api.sock.lock`),
+            // virtiofsd writes its pid beside its own (`virtiofs.sock.pid`);
+            // neither removes the file.
+            for suffix in [".lock", ".pid"] {
+                let mut beside = socket.clone().into_os_string();
+                beside.push(suffix);
+                remove(Path::new(&beside)).await?;
+            }
         }
         Ok(())
     }
@@ -419,12 +489,26 @@ impl CloudHypervisor {
         endpoint: &str,
         body: Option<&Value>,
     ) -> Result<Response, VmError> {
-        let response = self.send(dir, method, endpoint, body).await?;
+        self.call_within(self.request_timeout, dir, method, endpoint, body)
+            .await
+    }
+
+    /// [`Self::call`] with its own timeout.
+    async fn call_within(
+        &self,
+        timeout: Duration,
+        dir: &Path,
+        method: &str,
+        endpoint: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, VmError> {
+        let response = self
+            .send_within(timeout, dir, method, endpoint, body)
+            .await?;
         if (200..300).contains(&response.status) {
             return Ok(response);
         }
-        let text = String::from_utf8_lossy(&response.body);
-        let message = format!("HTTP {}: {}", response.status, text.trim());
+        let message = format!("HTTP {}: {}", response.status, reason(&response));
         Err(api_error(dir, &format!("{method} {endpoint}"), message))
     }
 
@@ -436,18 +520,106 @@ impl CloudHypervisor {
         endpoint: &str,
         body: Option<&Value>,
     ) -> Result<Response, VmError> {
+        self.send_within(self.request_timeout, dir, method, endpoint, body)
+            .await
+    }
+
+    async fn send_within(
+        &self,
+        timeout: Duration,
+        dir: &Path,
+        method: &str,
+        endpoint: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, VmError> {
         let name = format!("{method} {endpoint}");
         let socket = api_socket(dir);
         let sent = request(&socket, method, endpoint, body);
-        match tokio::time::timeout(self.request_timeout, sent).await {
+        match tokio::time::timeout(timeout, sent).await {
             Ok(Err(VmError::Api { message, .. })) => Err(api_error(dir, &name, message)),
             Ok(answer) => answer,
             Err(_) => {
-                let secs = self.request_timeout.as_secs();
+                let secs = timeout.as_secs();
                 Err(api_error(dir, &name, format!("no answer within {secs} s")))
             }
         }
     }
+}
+
+/// Why cloud-hypervisor refused a request: its body is the chain of
+/// errors as a JSON array (`["Error from API","The VM could not boot",
+/// "Memory manager error",…]`), said here as one sentence.
+fn reason(response: &Response) -> String {
+    if let Some(Value::Array(chain)) = response.json() {
+        let words: Vec<&str> = chain
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|w| *w != "Error from API")
+            .collect();
+        if !words.is_empty() {
+            return words.join(": ");
+        }
+    }
+    String::from_utf8_lossy(&response.body).trim().to_owned()
+}
+
+/// Refuses a cloud-hypervisor older than [`MIN_VERSION`], by `vmm.ping`'s
+/// `version` (`v54.0` or `54.0.0`).
+fn check_version(dir: &Path, ping: &Response) -> Result<(), VmError> {
+    let version = ping
+        .json()
+        .and_then(|p| p["version"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let major = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(major) if major >= MIN_VERSION => Ok(()),
+        _ => Err(api_error(
+            dir,
+            "GET vmm.ping",
+            format!(
+                "this is cloud-hypervisor {version:?}; Procurator needs v{MIN_VERSION} or later \
+                 (older ones give every VM's host tap the same address)"
+            ),
+        )),
+    }
+}
+
+/// Whether `table` (a network namespace's `/proc/…/net/unix`) lists a unix
+/// socket bound at `path` that accepts connections (`__SO_ACCEPTCON`).
+async fn listening(table: &Path, path: &Path) -> bool {
+    const ACCEPTING: u32 = 0x0001_0000;
+    let Ok(table) = tokio::fs::read_to_string(table).await else {
+        return false;
+    };
+    let path = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & ACCEPTING != 0)
+    })
+}
+
+/// The guest's resets on cloud-hypervisor's event monitor: pretty-printed
+/// JSON objects, one after another.
+fn resets_in(events: &[u8]) -> super::Resets {
+    let mut resets = super::Resets::default();
+    for event in serde_json::Deserializer::from_slice(events).into_iter::<Value>() {
+        // A half-written last event ends the read.
+        let Ok(event) = event else { break };
+        if event["source"] == "vm" && event["event"] == "rebooting" {
+            resets.count += 1;
+            let secs = event["timestamp"]["secs"].as_u64().unwrap_or_default();
+            resets.last = Some(format!(
+                "cloud-hypervisor's event monitor says the VM was rebooting {secs} s after its VMM started"
+            ));
+        }
+    }
+    resets
 }
 
 /// An API error pointing at the VMM's log.

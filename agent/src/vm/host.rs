@@ -20,7 +20,7 @@ use procurator_core::artifact::Demand;
 use procurator_core::store_path::StorePath;
 use serde::{Deserialize, Serialize};
 
-use super::{VmError, VmSpec, Vmm, wait_ready};
+use super::{Resets, VmError, VmSpec, Vmm, wait_ready};
 
 /// How long a guest may take from start to its readiness line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -318,8 +318,9 @@ impl<V: Vmm> VmHost<V> {
         self.await_ready(&spec).await
     }
 
-    /// Readiness, failing early when the VMM exits (a guest that panics
-    /// ends its VMM, which `-no-reboot` and cloud-hypervisor both do).
+    /// Readiness, failing early when the guest resets or its VMM exits. A
+    /// guest that panics or reboots ends QEMU (`-no-reboot`); cloud-hypervisor
+    /// boots it again under the same process, and says so in its events.
     async fn await_ready(&self, spec: &VmSpec) -> Result<(), VmError> {
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
@@ -334,6 +335,14 @@ impl<V: Vmm> VmHost<V> {
                     log: spec.serial_log(),
                 });
             }
+            let resets = self.vmm.resets(&spec.state_dir).await;
+            if resets.count > 0 {
+                return Err(VmError::Reset {
+                    name: spec.name.to_string(),
+                    why: resets.last.unwrap_or_else(|| "its VMM says so".into()),
+                    log: spec.serial_log(),
+                });
+            }
             if tokio::time::Instant::now() >= deadline {
                 return Err(VmError::Timeout {
                     vmm: "the guest",
@@ -343,6 +352,18 @@ impl<V: Vmm> VmHost<V> {
                 });
             }
         }
+    }
+
+    /// Each VM the journal says runs, with its guest's resets since its VM
+    /// started.
+    pub async fn resets(&self) -> Result<Vec<(String, Resets)>, VmError> {
+        let journal = self.load().await?;
+        let mut all = Vec::with_capacity(journal.vms.len());
+        for name in journal.vms.keys() {
+            let resets = self.vmm.resets(&self.state_root.join(name)).await;
+            all.push((name.clone(), resets));
+        }
+        Ok(all)
     }
 
     /// Writes what `name` runs now (`None`: nothing) to the journal.

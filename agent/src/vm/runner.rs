@@ -39,6 +39,10 @@ pub struct Runner<V> {
     pub gc_roots: bool,
 }
 
+/// How often running VMs are checked for guests that reset after they were
+/// ready.
+const RESET_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The link in a VM's state folder that roots the closure it booted.
 pub const GC_ROOT: &str = "gcroot";
 
@@ -49,9 +53,16 @@ impl<V: Vmm> Runner<V> {
         mut sets: watch::Receiver<Option<VmAssignments>>,
         cancel: CancellationToken,
     ) {
+        let mut check = tokio::time::interval(RESET_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_resets = BTreeMap::new();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
+                _ = check.tick() => {
+                    self.note_resets(&mut seen_resets).await;
+                    continue;
+                }
                 changed = sets.changed() => if changed.is_err() { return },
             }
             let Some(set) = sets.borrow_and_update().clone() else {
@@ -88,6 +99,32 @@ impl<V: Vmm> Runner<V> {
                 }
             }
         }
+    }
+
+    /// Says so when a guest that was ready has reset since (a reboot, or a
+    /// panic with `panic=N`): its VMM booted it again and it runs, but
+    /// something made it restart. `seen` is how many each VM had.
+    async fn note_resets(&self, seen: &mut BTreeMap<String, u32>) {
+        let all = match self.host.resets().await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the VMs for guest resets");
+                return;
+            }
+        };
+        let mut now = BTreeMap::new();
+        for (instance, resets) in all {
+            if resets.count > seen.get(&instance).copied().unwrap_or(0) {
+                tracing::warn!(
+                    %instance,
+                    resets = resets.count,
+                    last = resets.last.as_deref().unwrap_or_default(),
+                    "a VM's guest reset after it was ready; its VMM booted it again (see its console log)"
+                );
+            }
+            now.insert(instance, resets.count);
+        }
+        *seen = now;
     }
 
     /// The set as assignments whose closures are in the store. An instance

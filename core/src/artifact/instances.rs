@@ -13,6 +13,20 @@ use crate::store_path::StorePath;
 /// The backends whose machines are VMs run by a VM host's agent.
 pub const VM_BACKENDS: [&str; 2] = ["cloud-hypervisor", "qemu"];
 
+/// A VM's memory is a whole number of these: cloud-hypervisor refuses to
+/// boot a size that is not a multiple of its page size or its huge-page
+/// size (2 MiB on x86_64), and QEMU takes whole MiB.
+pub const VM_MEMORY_ALIGNMENT: u64 = 2 << 20;
+
+/// `bytes` rounded up to [`VM_MEMORY_ALIGNMENT`]: what a VM asking for
+/// `bytes` gets, is placed with and is shown with.
+pub fn vm_memory_bytes(bytes: u64) -> u64 {
+    bytes
+        .div_ceil(VM_MEMORY_ALIGNMENT)
+        .checked_mul(VM_MEMORY_ALIGNMENT)
+        .unwrap_or(u64::MAX / VM_MEMORY_ALIGNMENT * VM_MEMORY_ALIGNMENT)
+}
+
 /// What one VM instance needs from its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Demand {
@@ -25,7 +39,7 @@ impl Demand {
     pub fn of(spec: &MachineSpec) -> Self {
         Self {
             milli_cpus: (f64::from(spec.cpu) * 1000.0).round() as u64,
-            memory_bytes: spec.memory.bytes(),
+            memory_bytes: vm_memory_bytes(spec.memory.bytes()),
         }
     }
 
@@ -229,6 +243,30 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn vm_memory_is_rounded_up_to_2_mib() {
+        const MIB: u64 = 1 << 20;
+        for asked in [
+            2_000_000_000,
+            1_500_000_000,
+            512 * MIB + 1,
+            1_000_000_000,
+            1,
+        ] {
+            let given = vm_memory_bytes(asked);
+            assert_eq!(given % (2 * MIB), 0, "{asked} -> {given}");
+            assert!(
+                given >= asked && given - asked < 2 * MIB,
+                "{asked} -> {given}"
+            );
+        }
+        assert_eq!(vm_memory_bytes(2_000_000_000), 954 * 2 * MIB);
+        assert_eq!(vm_memory_bytes(512 * MIB), 512 * MIB);
+        assert_eq!(vm_memory_bytes(512 * MIB + 1), 514 * MIB);
+        assert_eq!(vm_memory_bytes(0), 0);
+        assert_eq!(vm_memory_bytes(u64::MAX), u64::MAX / (2 * MIB) * (2 * MIB));
+    }
 
     fn machine(backend: &str, replicas: u32, cpu: f64, mib: u32) -> Value {
         json!({
