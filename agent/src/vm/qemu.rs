@@ -340,7 +340,9 @@ pub fn argv(spec: &VmSpec, accel: Accel) -> Vec<String> {
         ),
         "-pidfile".into(),
         path(pid_file(&spec.state_dir)),
-        // A guest that powers off or panics ends its QEMU, as on cloud-hypervisor.
+        // A guest that powers off, reboots or panics ends its QEMU, so the
+        // host sees at once that it did not come up (cloud-hypervisor boots
+        // it again instead, and says so on its event monitor).
         "-no-reboot".into(),
         "-daemonize".into(),
     ]);

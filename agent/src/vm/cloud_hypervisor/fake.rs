@@ -264,12 +264,13 @@ fn check<'d>(
     body: &[u8],
 ) -> Result<Checked<'d>, (u16, Value)> {
     let refuse = |status, message: String| (status, chain(&[&message]));
+    // As the real one says them: the status's name only.
     let operations = document["paths"]
         .get(format!("/{endpoint}"))
-        .ok_or_else(|| refuse(404, format!("no endpoint {endpoint}")))?;
+        .ok_or((404, json!(["Not Found"])))?;
     let operation = operations
         .get(method.to_ascii_lowercase())
-        .ok_or_else(|| refuse(400, format!("{endpoint} does not take {method}")))?;
+        .ok_or((400, json!(["Bad Request"])))?;
     let request_body = &operation["requestBody"];
     let schema = request_body["content"]["application/json"]["schema"]["$ref"]
         .as_str()
@@ -350,7 +351,15 @@ fn answer(
             }
             (204, Value::Null)
         }
-        (_, None) => (404, chain(&["VM is not created"])),
+        ("vm.info", None) => (
+            404,
+            chain(&["The VM info is not available", "VM is not created"]),
+        ),
+        ("vm.boot", None) => (
+            404,
+            chain(&["The VM could not boot", "VM config is missing"]),
+        ),
+        (_, None) => (500, chain(&["VM is not created"])),
         ("vm.info", Some(vm)) => (
             200,
             json!({ "config": vm.config, "state": vm.state,
@@ -375,7 +384,7 @@ fn answer(
             events.say("vm", "shutdown");
             (204, Value::Null)
         }
-        ("vm.shutdown", Some(_)) => not_running("Error shutting down VM"),
+        ("vm.shutdown", Some(_)) => not_running("The VM could not shutdown"),
         (_, Some(_)) => (500, chain(&["the stand-in does not serve this endpoint"])),
     }
 }
@@ -413,12 +422,14 @@ fn boot(role: Role, vm: &mut Vm, events: &Events) -> (u16, Value) {
             Ok(stream) => vm.devices.push(stream),
             Err(e) => {
                 vm.devices.clear();
-                let why = format!("Failed to connect to vhost-user socket {socket}: {e}");
+                // The real one says only the first part; the socket helps a test.
+                let why = format!("Timed out waiting for vhost-user connection ({socket}: {e})");
                 return (
                     500,
                     chain(&[
                         "The VM could not boot",
-                        "Error manipulating virtio-fs device",
+                        "Error from device manager",
+                        "Cannot create virtio-fs device",
                         &why,
                     ]),
                 );

@@ -552,8 +552,10 @@ async fn the_stand_in_answers_as_cloud_hypervisor_does() {
     assert_eq!(status("PUT", "vm.boot", None).await.0, 404, "not created");
     assert_eq!(status("GET", "vm.info", None).await.0, 404);
     // A wrong method is 400, an unknown endpoint 404.
-    assert_eq!(status("GET", "vm.boot", None).await.0, 400);
-    assert_eq!(status("PUT", "vm.nothing", None).await.0, 404);
+    let bad = (400, r#"["Bad Request"]"#.to_owned());
+    assert_eq!(status("GET", "vm.boot", None).await, bad);
+    let missing = (404, r#"["Not Found"]"#.to_owned());
+    assert_eq!(status("PUT", "vm.nothing", None).await, missing);
     assert_eq!(status("PUT", "vm.create", None).await.0, 400, "no body");
     // A misspelt field is taken, and ignored (the schema check notes it).
     assert_eq!(status("PUT", "vm.create", Some(&typo)).await.0, 204);
@@ -563,9 +565,19 @@ async fn the_stand_in_answers_as_cloud_hypervisor_does() {
     assert_eq!(status("PUT", "vm.delete", None).await.0, 204);
     assert_eq!(status("PUT", "vm.create", Some(&config)).await.0, 204);
     assert_eq!(status("PUT", "vm.boot", Some(&json!({}))).await.0, 400);
-    // Not running: 500.
-    assert_eq!(status("PUT", "vm.power-button", None).await.0, 500);
-    assert_eq!(status("PUT", "vm.shutdown", None).await.0, 500);
+    // Not running: 500, and why, as the real one says it.
+    let (code, text) = status("PUT", "vm.power-button", None).await;
+    assert_eq!(code, 500);
+    assert_eq!(
+        text,
+        r#"["Error from API","Error triggering power button","VM is not running"]"#
+    );
+    let (code, text) = status("PUT", "vm.shutdown", None).await;
+    assert_eq!(
+        (code, text.contains("The VM could not shutdown")),
+        (500, true),
+        "{text}"
+    );
     // No virtiofsd listens on the configured socket.
     let (code, text) = status("PUT", "vm.boot", None).await;
     assert_eq!(
