@@ -1,11 +1,10 @@
 //! `DeploymentService`: what CI and operators call.
 
+use crate::api_error::ApiError;
 use crate::dispatcher::Dispatcher;
-use crate::store::{Cancelled, RolledBack, Store, StoreError, SubmitError, Submitted};
+use crate::store::{Cancelled, RolledBack, Store, Submitted};
 use crate::watch;
-use procurator_core::artifact::ArtifactError;
 use procurator_core::identity::Rpc;
-use procurator_core::names::NameError;
 use procurator_core::tls::require_role;
 use procurator_core::{DeploymentArtifact, DeploymentId};
 use procurator_proto::v1::deployment_service_server::DeploymentService;
@@ -21,55 +20,6 @@ use tonic::{Request, Response, Status};
 
 const DEFAULT_LIST_LIMIT: u32 = 50;
 const MAX_LIST_LIMIT: u32 = 1000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("the deployment artifact is invalid: {0}")]
-    InvalidArtifact(#[from] ArtifactError),
-    #[error("{0}")]
-    InvalidId(#[from] NameError),
-    #[error("there is no deployment {0}; list them with `procurator-ctl deployments`")]
-    NotFound(DeploymentId),
-    #[error("the control plane is shutting down; retry")]
-    ShuttingDown,
-    #[error("the artifact is stale: {0}")]
-    Stale(String),
-    #[error("deployment {id} already finished ({state}); there is nothing to cancel")]
-    AlreadyFinished { id: DeploymentId, state: String },
-    #[error("{0}")]
-    NothingToRollBackTo(String),
-    #[error("the rollback's statements do not fit its target: {0}")]
-    InvalidIntents(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Self {
-        match e {
-            ApiError::InvalidArtifact(_) | ApiError::InvalidId(_) | ApiError::InvalidIntents(_) => {
-                Status::invalid_argument(e.to_string())
-            }
-            ApiError::NotFound(_) | ApiError::NothingToRollBackTo(_) => {
-                Status::not_found(e.to_string())
-            }
-            ApiError::Stale(_) | ApiError::AlreadyFinished { .. } => {
-                Status::failed_precondition(e.to_string())
-            }
-            ApiError::ShuttingDown => Status::unavailable(e.to_string()),
-            ApiError::Store(e) => e.into(),
-        }
-    }
-}
-
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::Stale(_) => ApiError::Stale(e.to_string()),
-            SubmitError::Store(e) => ApiError::Store(e),
-        }
-    }
-}
 
 pub struct DeploymentSvc {
     pub store: Store,

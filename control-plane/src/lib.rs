@@ -5,6 +5,7 @@
 
 mod acceptor;
 mod agent_service;
+mod api_error;
 mod connections;
 mod deployment_service;
 mod dispatcher;

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 
-use crate::deployment_service::ApiError;
+use crate::api_error::ApiError;
 use crate::store::{Compacted, Store};
 
 /// Events read from the store per query while catching up.

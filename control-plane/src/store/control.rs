@@ -8,9 +8,8 @@ use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{DeploymentState, MachineState, MachineUpdate, event};
 use rusqlite::{OptionalExtension as _, params};
 
-use super::deployments::{
-    NewDeployment, Submitted, finish_if_done, insert, machine_state, row, set_state,
-};
+use super::deployments::{NewDeployment, Submitted, finish_if_done, insert};
+use super::rows::{machine_state, row, set_state};
 use super::{Store, StoreError};
 use crate::rollout::{self, Stop};
 

@@ -10,6 +10,7 @@ use procurator_proto::v1::{
 };
 use rusqlite::{OptionalExtension as _, params};
 
+use super::rows::{StoredWave, from_sql, machine_state, parse_id, set_state, to_sql};
 use super::{Store, StoreError, Tx};
 use crate::rollout;
 
@@ -33,13 +34,6 @@ pub enum SubmitError {
     Stale(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// A wave as stored with its deployment.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(super) struct StoredWave {
-    pub name: String,
-    pub machines: Vec<String>,
 }
 
 impl Store {
@@ -389,48 +383,3 @@ static IN_FLIGHT_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
         unfinished.join(", ")
     )
 });
-
-/// The closure and state of one machine's row.
-pub(super) fn row(
-    tx: &Tx<'_>,
-    id: &DeploymentId,
-    machine: &MachineName,
-) -> Result<Option<(String, MachineState)>, StoreError> {
-    Ok(tx
-        .sql
-        .prepare_cached(
-            "SELECT closure, state FROM machines WHERE deployment_id = ?1 AND machine = ?2",
-        )?
-        .query_row(params![id.as_str(), machine.as_str()], |r| {
-            Ok((r.get(0)?, machine_state(r.get(1)?)))
-        })
-        .optional()?)
-}
-
-pub(super) fn set_state(
-    tx: &Tx<'_>,
-    id: &DeploymentId,
-    machine: &MachineName,
-    state: MachineState,
-) -> Result<(), StoreError> {
-    tx.sql.prepare_cached("UPDATE machines SET state = ?3, updated_ms = ?4 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
-        params![id.as_str(), machine.as_str(), state as i32, tx.now],
-    )?;
-    Ok(())
-}
-
-pub(super) fn machine_state(value: i32) -> MachineState {
-    MachineState::try_from(value).unwrap_or(MachineState::Unspecified)
-}
-
-pub(super) fn parse_id(id: &str) -> Result<DeploymentId, StoreError> {
-    DeploymentId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-pub(super) fn to_sql(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-pub(super) fn from_sql(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}

@@ -24,6 +24,7 @@ mod placements;
 mod queries;
 mod reports;
 mod retention;
+mod rows;
 mod schedule;
 mod schema;
 mod stats;

@@ -12,7 +12,7 @@ use procurator_proto::v1::{
 };
 use rusqlite::{OptionalExtension as _, params};
 
-use super::deployments::to_sql;
+use super::rows::to_sql;
 use super::{Store, StoreError, Tx};
 use crate::placement::{self, Host};
 
@@ -150,7 +150,7 @@ impl Store {
             let Some(id) = newest else {
                 return Ok(false);
             };
-            let id = super::deployments::parse_id(&id)?;
+            let id = super::rows::parse_id(&id)?;
             let artifact = tx.artifacts.get(&tx.sql, id.as_str())?;
             place_vms(tx, &id, &artifact, true)
         })
@@ -239,7 +239,7 @@ impl Store {
         host: MachineName,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let Some((closure, state)) = super::deployments::row(tx, &deployment_id, &instance)?
+            let Some((closure, state)) = super::rows::row(tx, &deployment_id, &instance)?
             else {
                 return Ok(false);
             };

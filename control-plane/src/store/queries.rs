@@ -4,7 +4,7 @@ use procurator_core::DeploymentId;
 use procurator_proto::v1::{CopyProgress, Deployment, DeploymentState, MachineStatus, Wave};
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use super::deployments::{StoredWave, from_sql, machine_state};
+use super::rows::{StoredWave, from_sql, machine_state};
 use super::{Store, StoreError};
 
 const DEPLOYMENT_COLUMNS: &str = "id, git_commit, state, created_ms, finished_ms, submitted_by,

@@ -7,7 +7,8 @@ use procurator_proto::v1::{
 };
 use rusqlite::params;
 
-use super::deployments::{finish_if_done, row, set_state, to_sql};
+use super::deployments::finish_if_done;
+use super::rows::{row, set_state, to_sql};
 use super::{Store, StoreError, agents};
 
 /// What became of an `ActivationResult`.

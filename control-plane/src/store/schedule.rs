@@ -9,7 +9,8 @@ use procurator_proto::v1::{
 };
 use rusqlite::{OptionalExtension as _, params};
 
-use super::deployments::{StoredWave, finish_if_done, machine_state, parse_id, row, set_state};
+use super::deployments::finish_if_done;
+use super::rows::{StoredWave, machine_state, parse_id, row, set_state};
 use super::{Store, StoreError, Tx};
 use crate::rollout::{self, Step, Stop};
 

@@ -114,7 +114,9 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
         .iter()
         .map(|a| a.vm_free.as_ref().unwrap().memory_bytes)
         .sum();
-    assert_eq!(free_memory, 16 * GIB - 3_000_000_000, "1 GB each");
+    // 1 GB each, in whole 2 MiB pages.
+    let vm = procurator_core::artifact::vm_memory_bytes(1_000_000_000);
+    assert_eq!(free_memory, 16 * GIB - 3 * vm);
 
     // A later deployment of the same machines keeps every instance where it was.
     submit(&store, COMMIT_B, &[("web", 2), ("db", 1)]).await;

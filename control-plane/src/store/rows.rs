@@ -1,0 +1,60 @@
+//! One machine's row and the conversions between stored values and the
+//! domain's: shared by every part of the store that reads or moves rows.
+
+use procurator_core::{DeploymentId, MachineName};
+use procurator_proto::v1::MachineState;
+use rusqlite::{OptionalExtension as _, params};
+
+use super::{StoreError, Tx};
+
+/// A wave as stored with its deployment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct StoredWave {
+    pub name: String,
+    pub machines: Vec<String>,
+}
+
+/// The closure and state of one machine's row.
+pub(super) fn row(
+    tx: &Tx<'_>,
+    id: &DeploymentId,
+    machine: &MachineName,
+) -> Result<Option<(String, MachineState)>, StoreError> {
+    Ok(tx
+        .sql
+        .prepare_cached(
+            "SELECT closure, state FROM machines WHERE deployment_id = ?1 AND machine = ?2",
+        )?
+        .query_row(params![id.as_str(), machine.as_str()], |r| {
+            Ok((r.get(0)?, machine_state(r.get(1)?)))
+        })
+        .optional()?)
+}
+
+pub(super) fn set_state(
+    tx: &Tx<'_>,
+    id: &DeploymentId,
+    machine: &MachineName,
+    state: MachineState,
+) -> Result<(), StoreError> {
+    tx.sql.prepare_cached("UPDATE machines SET state = ?3, updated_ms = ?4 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
+        params![id.as_str(), machine.as_str(), state as i32, tx.now],
+    )?;
+    Ok(())
+}
+
+pub(super) fn machine_state(value: i32) -> MachineState {
+    MachineState::try_from(value).unwrap_or(MachineState::Unspecified)
+}
+
+pub(super) fn parse_id(id: &str) -> Result<DeploymentId, StoreError> {
+    DeploymentId::parse(id).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(super) fn to_sql(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(super) fn from_sql(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
