@@ -170,6 +170,19 @@ else
     cargo install --quiet --locked virtiofsd --version "$virtiofsd_version" --root /usr/local
 fi
 
+# PostgreSQL, for the tests of the control plane on PostgreSQL: each test
+# runs a cluster of its own (integration-tests/src/postgres.rs), so no
+# system cluster is made or started.
+if compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    log "PostgreSQL: $(ls -d /usr/lib/postgresql/*/bin | tr '\n' ' ')"
+else
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/procurator-tests.conf
+    log "installing PostgreSQL (Debian's postgresql, without a main cluster)"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql
+fi
+
 # cargo-fuzz, for scripts/fuzz.sh (the fuzz targets in fuzz/), from crates.io.
 cargo_fuzz_version=0.13.2
 if cargo fuzz --version 2>/dev/null | grep -q "$cargo_fuzz_version"; then

@@ -26,6 +26,7 @@ pub mod host;
 pub mod netns;
 pub mod nixenv;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod rogue;
 pub mod scenario;

@@ -1,0 +1,226 @@
+//! A PostgreSQL cluster of the test's own: `initdb` into a temporary
+//! folder, the postmaster in the foreground as the `postgres` user (initdb
+//! and postgres refuse root), on a unix socket in that folder and a loopback
+//! port, stopped and removed when dropped, also when the test fails.
+//! Debian's `postgresql` package provides the binaries (`scripts/setup.sh`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::process::Process;
+
+/// The database role `initdb` creates, trusted on the socket and loopback.
+pub const USER: &str = "procurator";
+/// How long the postmaster may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Postgres {
+    bin: PathBuf,
+    /// Removed when dropped, after the postmaster has stopped (field order).
+    process: Option<Process>,
+    dir: tempfile::TempDir,
+    port: u16,
+    starts: u32,
+}
+
+impl Postgres {
+    /// Creates a cluster and starts it; returns once it accepts connections.
+    pub fn start() -> Result<Self> {
+        let bin = bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("procurator-pg-")
+            .tempdir()?;
+        chown_to_postgres(dir.path())?;
+        let data = dir.path().join("data");
+        let out = as_postgres(&bin.join("initdb"))
+            .args(["--auth=trust", "--no-sync", "--encoding=UTF8", "--locale=C"])
+            .arg(format!("--username={USER}"))
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .context("running initdb")?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut pg = Self {
+            bin,
+            process: None,
+            dir,
+            port: free_port()?,
+            starts: 0,
+        };
+        pg.spawn()?;
+        Ok(pg)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = as_postgres(&self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            // Dead sessions release their locks within seconds.
+            .args([
+                "-c",
+                "tcp_keepalives_idle=5",
+                "-c",
+                "tcp_keepalives_interval=2",
+            ])
+            // A test cluster: losing the last commits on a host crash is fine.
+            .args(["-c", "fsync=off"]);
+        self.starts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("postgres-{}.log", self.starts));
+        let process = Process::spawn("postgres", cmd, &log)?;
+        self.process = Some(process);
+        crate::wait_for("PostgreSQL to accept connections", READY_TIMEOUT, || {
+            if let Some(status) = self
+                .process
+                .as_mut()
+                .and_then(|p| p.try_status().transpose())
+            {
+                bail!(
+                    "postgres exited ({}) before it was ready:\n{}",
+                    status?,
+                    crate::log_tail(&log, 40)
+                );
+            }
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .arg("-q")
+                .arg("-h")
+                .arg(self.dir.path())
+                .arg("-p")
+                .arg(self.port.to_string())
+                .status()
+                .context("running pg_isready")?;
+            Ok(ready.success().then_some(()))
+        })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The folder holding its unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A libpq URL of database `database` over loopback TCP.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{USER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Runs `sql` with psql on the unix socket; returns what it printed
+    /// (unaligned, tuples only).
+    pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(self.dir.path())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args([
+                "-U",
+                USER,
+                "-d",
+                database,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql -c {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `kill -9` of the postmaster and its backends, as a crash of the
+    /// database host would.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut process = self.process.take().context("postgres is not running")?;
+        process.kill()?;
+        Ok(())
+    }
+
+    /// Starts it again on the same port and data (crash recovery runs).
+    pub fn start_again(&mut self) -> Result<()> {
+        anyhow::ensure!(self.process.is_none(), "postgres is running");
+        self.spawn()
+    }
+
+    /// Everything it logged since it last started.
+    pub fn log(&self) -> String {
+        self.process.as_ref().map(Process::log).unwrap_or_default()
+    }
+}
+
+/// `/usr/lib/postgresql/<newest>/bin`.
+fn bin_dir() -> Result<PathBuf> {
+    let root = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
+        .with_context(|| {
+            format!(
+                "{} is missing: run scripts/setup.sh, which installs PostgreSQL",
+                root.display()
+            )
+        })?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .with_context(|| format!("no PostgreSQL with initdb under {}", root.display()))
+}
+
+/// `program` run as the `postgres` user, exec'd in place (so its pid is
+/// the program's), killed when the thread that started it ends.
+fn as_postgres(program: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"])
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(program);
+    cmd
+}
+
+fn chown_to_postgres(dir: &Path) -> Result<()> {
+    let user = nix::unistd::User::from_name("postgres")?
+        .context("there is no postgres user: run scripts/setup.sh, which installs PostgreSQL")?;
+    nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("chown postgres {}", dir.display()))?;
+    Ok(())
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
