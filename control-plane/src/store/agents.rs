@@ -4,8 +4,8 @@ use procurator_core::MachineName;
 use procurator_proto::v1::{
     Agent, AgentConnection, Hello, MachineState, VmHostCapacity, VmPlacement, event,
 };
-use rusqlite::{OptionalExtension as _, params};
 
+use super::engine::{Sql, SqlExt as _};
 use super::{Store, StoreError, Tx};
 
 impl Store {
@@ -24,13 +24,11 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
             let vm_host = hello.vm_host.as_ref().map(prost::Message::encode_to_vec);
-            let before: Option<Reported> = tx
-                .sql
-                .prepare_cached(
-                    "SELECT current_system, booted_system, agent_version, nix_version, vm_host
+            let before: Option<Reported> = tx.sql.fetch_opt(
+                "SELECT current_system, booted_system, agent_version, nix_version, vm_host
                      FROM agents WHERE machine = ?1",
-                )?
-                .query_row([machine.as_str()], |r| {
+                &[&machine.as_str()],
+                |r| {
                     Ok(Reported {
                         current_system: r.get(0)?,
                         booted_system: r.get(1)?,
@@ -38,24 +36,25 @@ impl Store {
                         nix_version: r.get(3)?,
                         vm_host: r.get(4)?,
                     })
-                })
-                .optional()?;
-            let changed = tx.sql.prepare_cached("INSERT INTO agents (machine, connected, generation, current_system, booted_system,
+                },
+            )?;
+            let changed = tx.sql.exec(
+                "INSERT INTO agents (machine, connected, generation, current_system, booted_system,
                                      agent_version, nix_version, last_seen_ms, vm_host)
                  VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (machine) DO UPDATE SET
                      connected = 1, generation = ?2, current_system = ?3, booted_system = ?4,
                      agent_version = ?5, nix_version = ?6, last_seen_ms = ?7, vm_host = ?8
-                 WHERE excluded.generation > agents.generation")?.execute(
-                params![
-                    machine.as_str(),
-                    generation_to_sql(generation),
-                    hello.current_system,
-                    hello.booted_system,
-                    hello.agent_version,
-                    hello.nix_version,
-                    tx.now,
-                    vm_host
+                 WHERE excluded.generation > agents.generation",
+                &[
+                    &machine.as_str(),
+                    &generation_to_sql(generation),
+                    &hello.current_system,
+                    &hello.booted_system,
+                    &hello.agent_version,
+                    &hello.nix_version,
+                    &tx.now,
+                    &vm_host,
                 ],
             )?;
             if changed == 0 {
@@ -83,13 +82,12 @@ impl Store {
         current_system: String,
     ) -> Result<(), StoreError> {
         self.write(move |tx| {
-            tx.sql
-                .prepare_cached(
-                    "UPDATE agents SET last_seen_ms = ?2,
+            tx.sql.exec(
+                "UPDATE agents SET last_seen_ms = ?2,
                      current_system = CASE WHEN ?3 = '' THEN current_system ELSE ?3 END
                  WHERE machine = ?1",
-                )?
-                .execute(params![machine.as_str(), tx.now, current_system])?;
+                &[&machine.as_str(), &tx.now, &current_system],
+            )?;
             Ok(())
         })
         .await
@@ -105,17 +103,11 @@ impl Store {
         generation: u64,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let changed = tx
-                .sql
-                .prepare_cached(
-                    "UPDATE agents SET connected = 0, last_seen_ms = ?3
+            let changed = tx.sql.exec(
+                "UPDATE agents SET connected = 0, last_seen_ms = ?3
                  WHERE machine = ?1 AND generation = ?2 AND connected = 1",
-                )?
-                .execute(params![
-                    machine.as_str(),
-                    generation_to_sql(generation),
-                    tx.now
-                ])?;
+                &[&machine.as_str(), &generation_to_sql(generation), &tx.now],
+            )?;
             Ok(changed > 0)
         })
         .await
@@ -126,9 +118,11 @@ impl Store {
     /// connections look older than the rows they replace and are refused.
     pub async fn last_generation(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
-            let last: i64 = conn
-                .prepare_cached("SELECT COALESCE(MAX(generation), 0) FROM agents")?
-                .query_row([], |r| r.get(0))?;
+            let last: i64 = conn.fetch_one(
+                "SELECT COALESCE(MAX(generation), 0) FROM agents",
+                &[],
+                |r| r.get(0),
+            )?;
             Ok(u64::try_from(last).unwrap_or(0))
         })
         .await
@@ -137,14 +131,13 @@ impl Store {
     /// Every agent ever seen, by machine name.
     pub async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
+            let agents = conn.fetch_all(
                 "SELECT machine, connected, current_system, booted_system, agent_version,
                         nix_version, last_seen_ms, last_deployment_id, last_state, last_reason,
                         vm_host
                  FROM agents ORDER BY machine",
-            )?;
-            let agents = stmt
-                .query_map([], |r| {
+                &[],
+                |r| {
                     Ok(Agent {
                         machine: r.get(0)?,
                         connected: r.get(1)?,
@@ -156,22 +149,20 @@ impl Store {
                         last_deployment_id: r.get(7)?,
                         last_state: r.get(8)?,
                         last_reason: r.get(9)?,
-                        vm_host: match r.get::<_, Option<Vec<u8>>>(10)? {
+                        vm_host: match r.get::<Option<Vec<u8>>>(10)? {
                             None => None,
                             Some(bytes) => {
                                 Some(prost::Message::decode(bytes.as_slice()).map_err(|e| {
-                                    rusqlite::Error::FromSqlConversionFailure(
-                                        10,
-                                        rusqlite::types::Type::Blob,
-                                        Box::new(e),
-                                    )
+                                    StoreError::Corrupt(format!(
+                                        "an agent's VM-host capacity cannot be decoded: {e}"
+                                    ))
                                 })?)
                             }
                         },
                         ..Default::default()
                     })
-                })?
-                .collect::<Result<Vec<Agent>, _>>()?;
+                },
+            )?;
             with_placements(conn, agents)
         })
         .await
@@ -179,15 +170,11 @@ impl Store {
 }
 
 /// Each VM host's instances, and what is left of its capacity.
-fn with_placements(
-    conn: &rusqlite::Connection,
-    mut agents: Vec<Agent>,
-) -> Result<Vec<Agent>, StoreError> {
-    let mut stmt = conn.prepare_cached(
+fn with_placements(conn: &dyn Sql, mut agents: Vec<Agent>) -> Result<Vec<Agent>, StoreError> {
+    let placed: Vec<(VmPlacement, i64, i64)> = conn.fetch_all(
         "SELECT instance, machine, host, milli_cpus, memory_bytes FROM placements ORDER BY instance",
-    )?;
-    let placed: Vec<(VmPlacement, i64, i64)> = stmt
-        .query_map([], |r| {
+        &[],
+        |r| {
             Ok((
                 VmPlacement {
                     instance: r.get(0)?,
@@ -197,8 +184,8 @@ fn with_placements(
                 r.get(3)?,
                 r.get(4)?,
             ))
-        })?
-        .collect::<Result<_, _>>()?;
+        },
+    )?;
     for agent in &mut agents {
         let Some(capacity) = &agent.vm_host else {
             continue;
@@ -226,7 +213,7 @@ fn with_placements(
 /// On startup: no stream survived the restart.
 pub(super) fn disconnect_all(tx: &mut Tx<'_>) -> Result<(), StoreError> {
     tx.sql
-        .execute("UPDATE agents SET connected = 0 WHERE connected = 1", [])?;
+        .exec("UPDATE agents SET connected = 0 WHERE connected = 1", &[])?;
     Ok(())
 }
 
@@ -249,21 +236,20 @@ pub(super) fn record_last_result(
     reason: &str,
     current_system: &str,
 ) -> Result<(), StoreError> {
-    tx.sql
-        .prepare_cached(
-            "UPDATE agents SET last_seen_ms = ?2, last_deployment_id = ?3, last_state = ?4,
+    tx.sql.exec(
+        "UPDATE agents SET last_seen_ms = ?2, last_deployment_id = ?3, last_state = ?4,
              last_reason = ?5,
              current_system = CASE WHEN ?6 = '' THEN current_system ELSE ?6 END
          WHERE machine = ?1",
-        )?
-        .execute(params![
-            machine.as_str(),
-            tx.now,
-            deployment_id,
-            state as i32,
-            reason,
-            current_system
-        ])?;
+        &[
+            &machine.as_str(),
+            &tx.now,
+            &deployment_id,
+            &(state as i32),
+            &reason,
+            &current_system,
+        ],
+    )?;
     Ok(())
 }
 

@@ -5,10 +5,9 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use procurator_core::DeploymentArtifact;
-use rusqlite::Connection;
-
 use super::StoreError;
+use super::engine::{Sql, SqlExt as _};
+use procurator_core::DeploymentArtifact;
 
 /// Running deployments are few; older ones are rarely read again.
 const KEEP: usize = 8;
@@ -20,13 +19,15 @@ pub(crate) struct ArtifactCache {
 
 impl ArtifactCache {
     /// Deployment `id`'s artifact, read and parsed on first use.
-    pub fn get(&self, conn: &Connection, id: &str) -> Result<Arc<DeploymentArtifact>, StoreError> {
+    pub fn get(&self, conn: &dyn Sql, id: &str) -> Result<Arc<DeploymentArtifact>, StoreError> {
         if let Some(found) = self.lock().iter().find(|(k, _)| k == id) {
             return Ok(found.1.clone());
         }
-        let json: String = conn
-            .prepare_cached("SELECT artifact FROM deployments WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))?;
+        let json: String = conn.fetch_one(
+            "SELECT artifact FROM deployments WHERE id = ?1",
+            &[&id],
+            |r| r.get(0),
+        )?;
         let parsed = Arc::new(DeploymentArtifact::from_json(json.as_bytes()).map_err(|e| {
             StoreError::Corrupt(format!("the stored artifact of {id} is invalid: {e}"))
         })?);

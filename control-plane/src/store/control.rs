@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use procurator_core::intent::Statement;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{DeploymentState, MachineState, MachineUpdate, event};
-use rusqlite::{OptionalExtension as _, params};
 
 use super::deployments::{NewDeployment, Submitted, finish_if_done, insert};
+use super::engine::{Row, Sql, SqlExt as _};
 use super::rows::{machine_state, row, set_state};
 use super::{Store, StoreError};
 use crate::rollout::{self, Stop};
@@ -45,10 +45,10 @@ pub struct RollbackTarget {
 
 /// `to`, or the newest succeeded deployment before the one in force.
 fn rollback_target(
-    conn: &rusqlite::Connection,
+    conn: &dyn Sql,
     to: Option<&DeploymentId>,
 ) -> Result<Option<RollbackTarget>, StoreError> {
-    let read = |r: &rusqlite::Row<'_>| {
+    let read = |r: &dyn Row| {
         Ok(RollbackTarget {
             id: r.get(0)?,
             git_commit: r.get(1)?,
@@ -56,28 +56,24 @@ fn rollback_target(
         })
     };
     Ok(match to {
-        Some(id) => conn
-            .query_row(
-                "SELECT id, git_commit, artifact FROM deployments WHERE id = ?1",
-                [id.as_str()],
-                read,
-            )
-            .optional()?,
-        None => conn
-            .query_row(
-                "SELECT id, git_commit, artifact FROM deployments
+        Some(id) => conn.fetch_opt(
+            "SELECT id, git_commit, artifact FROM deployments WHERE id = ?1",
+            &[&id.as_str()],
+            read,
+        )?,
+        None => conn.fetch_opt(
+            "SELECT id, git_commit, artifact FROM deployments
                  WHERE state = ?1 AND seq < (
                      SELECT seq FROM deployments WHERE state != ?2 AND stopped != ?3
                      ORDER BY seq DESC LIMIT 1)
                  ORDER BY seq DESC LIMIT 1",
-                params![
-                    DeploymentState::Succeeded as i32,
-                    DeploymentState::Cancelled as i32,
-                    Stop::to_sql(Some(Stop::Cancelled))
-                ],
-                read,
-            )
-            .optional()?,
+            &[
+                &(DeploymentState::Succeeded as i32),
+                &(DeploymentState::Cancelled as i32),
+                &Stop::to_sql(Some(Stop::Cancelled)),
+            ],
+            read,
+        )?,
     })
 }
 
@@ -129,10 +125,9 @@ impl Store {
         self.write(move |tx| {
             let state: Option<i32> = tx
                 .sql
-                .query_row("SELECT state FROM deployments WHERE id = ?1", [id.as_str()], |r| {
+                .fetch_opt("SELECT state FROM deployments WHERE id = ?1", &[&id.as_str()], |r| {
                     r.get(0)
-                })
-                .optional()?;
+                })?;
             let Some(state) = state else {
                 return Ok(Cancelled::NotFound);
             };
@@ -140,15 +135,16 @@ impl Store {
             if state.is_final() {
                 return Ok(Cancelled::AlreadyFinished(state));
             }
-            tx.sql.prepare_cached("UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1")?.execute(
-                params![id.as_str(), Stop::to_sql(Some(Stop::Cancelled)), reason],
+            tx.sql.exec(
+                "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
+                &[&id.as_str(), &Stop::to_sql(Some(Stop::Cancelled)), &reason],
             )?;
             let rows: Vec<(String, String, i32)> = {
-                let mut stmt = tx.sql.prepare_cached(
+                tx.sql.fetch_all(
                     "SELECT machine, closure, state FROM machines WHERE deployment_id = ?1 ORDER BY machine",
-                )?;
-                stmt.query_map([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect::<Result<_, _>>()?
+                    &[&id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?
             };
             let mut in_flight = Vec::new();
             for (machine, closure, state) in rows {
@@ -159,8 +155,9 @@ impl Store {
                     in_flight.push(machine);
                 } else if state == MachineState::Pending {
                     set_state(tx, &id, &machine, MachineState::Cancelled)?;
-                    tx.sql.prepare_cached("UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
-                        params![id.as_str(), machine.as_str(), reason],
+                    tx.sql.exec(
+                        "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                        &[&id.as_str(), &machine.as_str(), &reason],
                     )?;
                     let update = MachineUpdate {
                         machine: machine.to_string(),
@@ -201,7 +198,7 @@ impl Store {
         intents: BTreeMap<String, String>,
     ) -> Result<RolledBack, StoreError> {
         self.write(move |tx| {
-            let Some(target) = rollback_target(&tx.sql, to.as_ref())? else {
+            let Some(target) = rollback_target(&*tx.sql, to.as_ref())? else {
                 return Ok(RolledBack::NotFound(not_found(to.as_ref())));
             };
             let stored =
@@ -246,10 +243,11 @@ impl Store {
             if stored != closure {
                 return Ok(Confirmation::NotFound);
             }
-            let (stopped, reason): (i64, String) = tx
-                .sql
-                .prepare_cached("SELECT stopped, halted_reason FROM deployments WHERE id = ?1")?
-                .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let (stopped, reason): (i64, String) = tx.sql.fetch_one(
+                "SELECT stopped, halted_reason FROM deployments WHERE id = ?1",
+                &[&id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
             if Stop::from_sql(stopped) == Some(Stop::Cancelled) {
                 return Ok(Confirmation::Refused(format!(
                     "deployment {id} was cancelled: {reason}"

@@ -8,8 +8,8 @@ use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{
     DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineState, MachineUpdate, event,
 };
-use rusqlite::{OptionalExtension as _, params};
 
+use super::engine::{Sql as _, SqlExt as _};
 use super::rows::{StoredWave, from_sql, machine_state, parse_id, set_state, to_sql};
 use super::{Store, StoreError, Tx};
 use crate::rollout;
@@ -74,14 +74,11 @@ fn same_as_newest(
     tx: &Tx<'_>,
     artifact: &DeploymentArtifact,
 ) -> Result<Option<Submitted>, StoreError> {
-    let newest: Option<(String, String, i64)> = tx
-        .sql
-        .query_row(
-            "SELECT id, digest, revision FROM deployments ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
+    let newest: Option<(String, String, i64)> = tx.sql.fetch_opt(
+        "SELECT id, digest, revision FROM deployments ORDER BY seq DESC LIMIT 1",
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     match newest {
         Some((id, digest, revision)) if digest == artifact.digest() => Ok(Some(Submitted {
             id: parse_id(&id)?,
@@ -96,30 +93,24 @@ fn same_as_newest(
 /// Why the artifact is older than the deployment in force (the newest one
 /// not cancelled), if it is.
 fn stale(tx: &Tx<'_>, artifact: &DeploymentArtifact) -> Result<Option<String>, StoreError> {
-    let in_force: Option<(i64, String, String, Option<i64>)> = tx
-        .sql
-        .query_row(
-            "SELECT seq, id, git_commit, git_commit_time FROM deployments
+    let in_force: Option<(i64, String, String, Option<i64>)> = tx.sql.fetch_opt(
+        "SELECT seq, id, git_commit, git_commit_time FROM deployments
              WHERE state != ?1 AND stopped != ?2 ORDER BY seq DESC LIMIT 1",
-            params![
-                DeploymentState::Cancelled as i32,
-                rollout::Stop::to_sql(Some(rollout::Stop::Cancelled))
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .optional()?;
+        &[
+            &(DeploymentState::Cancelled as i32),
+            &rollout::Stop::to_sql(Some(rollout::Stop::Cancelled)),
+        ],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     let Some((seq, id, commit, time)) = in_force else {
         return Ok(None);
     };
     let commit_new = artifact.git_commit.as_str();
-    let older: Option<String> = tx
-        .sql
-        .query_row(
-            "SELECT id FROM deployments WHERE git_commit = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT 1",
-            params![commit_new, seq],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let older: Option<String> = tx.sql.fetch_opt(
+        "SELECT id FROM deployments WHERE git_commit = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT 1",
+        &[&commit_new, &seq],
+        |r| r.get(0),
+    )?;
     if let Some(older) = older
         && commit_new != commit
     {
@@ -178,22 +169,23 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
         .map_err(|e| StoreError::Corrupt(format!("cannot encode the waves: {e}")))?;
 
     let id = fresh_id(tx, &digest)?;
-    tx.sql.prepare_cached("INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
+    tx.sql.exec(
+        "INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
                                   git_commit_time, waves, rollback_of, forced_by, intent_keys)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)")?.execute(
-        params![
-            id.as_str(),
-            artifact.git_commit.as_str(),
-            artifact_json,
-            digest,
-            DeploymentState::Running as i32,
-            tx.now,
-            submitted_by,
-            artifact.git_commit_time,
-            waves_json,
-            rollback_of,
-            forced_by,
-            intent_keys.join(" ")
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        &[
+            &id.as_str(),
+            &artifact.git_commit.as_str(),
+            &artifact_json,
+            &digest,
+            &(DeploymentState::Running as i32),
+            &tx.now,
+            &submitted_by,
+            &artifact.git_commit_time,
+            &waves_json,
+            &rollback_of,
+            &forced_by,
+            &intent_keys.join(" "),
         ],
     )?;
     let wave_of: std::collections::HashMap<&MachineName, usize> = waves
@@ -201,23 +193,22 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
         .enumerate()
         .flat_map(|(i, w)| w.machines.iter().map(move |m| (m, i)))
         .collect();
-    let mut insert_row = tx.sql.prepare_cached(
-        "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
     for target in &targets {
         // Every row is in a wave.
         let wave = wave_of.get(&target.name).copied().unwrap_or(waves.len());
-        insert_row.execute(params![
-            id.as_str(),
-            target.name.as_str(),
-            target.closure.as_str(),
-            MachineState::Pending as i32,
-            tx.now,
-            i64::try_from(wave).unwrap_or(i64::MAX)
-        ])?;
+        tx.sql.exec(
+            "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            &[
+                &id.as_str(),
+                &target.name.as_str(),
+                &target.closure.as_str(),
+                &(MachineState::Pending as i32),
+                &tx.now,
+                &i64::try_from(wave).unwrap_or(i64::MAX),
+            ],
+        )?;
     }
-    drop(insert_row);
     let submitted = DeploymentSubmitted {
         git_commit: artifact.git_commit.to_string(),
         machines: machines.iter().map(ToString::to_string).collect(),
@@ -227,9 +218,10 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
         rollback_of: rollback_of.to_owned(),
     };
     let revision = tx.emit(id.as_str(), event::Kind::Submitted(submitted))?;
-    tx.sql
-        .prepare_cached("UPDATE deployments SET revision = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), to_sql(revision)])?;
+    tx.sql.exec(
+        "UPDATE deployments SET revision = ?2 WHERE id = ?1",
+        &[&id.as_str(), &to_sql(revision)],
+    )?;
     supersede_older(tx, &id, &machines)?;
     super::placements::place_vms(tx, &id, artifact, false)?;
     Ok(Submitted {
@@ -247,10 +239,11 @@ fn fresh_id(tx: &Tx<'_>, digest: &str) -> Result<DeploymentId, StoreError> {
         let Some(id) = rollout::new_deployment_id(tx.now, digest, widen) else {
             break;
         };
-        let taken: bool = tx
-            .sql
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM deployments WHERE id = ?1)")?
-            .query_row([id.as_str()], |r| r.get(0))?;
+        let taken: bool = tx.sql.fetch_one(
+            "SELECT EXISTS (SELECT 1 FROM deployments WHERE id = ?1)",
+            &[&id.as_str()],
+            |r| r.get(0),
+        )?;
         if !taken {
             return Ok(id);
         }
@@ -270,27 +263,22 @@ fn supersede_older(
     machines: &[MachineName],
 ) -> Result<(), StoreError> {
     // Usually the deployment before has finished: nothing to look up.
-    let others_running: bool = tx
-        .sql
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM deployments WHERE state = ?1 AND id != ?2)")?
-        .query_row(
-            params![DeploymentState::Running as i32, newer.as_str()],
-            |r| r.get(0),
-        )?;
+    let others_running: bool = tx.sql.fetch_one(
+        "SELECT EXISTS (SELECT 1 FROM deployments WHERE state = ?1 AND id != ?2)",
+        &[&(DeploymentState::Running as i32), &newer.as_str()],
+        |r| r.get(0),
+    )?;
     if !others_running {
         return Ok(());
     }
     let rows: Vec<(String, String, String, i32)> = {
-        let mut stmt = tx.sql.prepare_cached(
+        tx.sql.fetch_all(
             "SELECT m.deployment_id, m.machine, m.closure, m.state FROM machines m
              JOIN deployments d ON d.id = m.deployment_id
              WHERE m.deployment_id != ?1 AND d.state = ?2",
-        )?;
-        stmt.query_map(
-            params![newer.as_str(), DeploymentState::Running as i32],
+            &[&newer.as_str(), &(DeploymentState::Running as i32)],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?
-        .collect::<Result<_, _>>()?
     };
     let kept: BTreeSet<&str> = machines.iter().map(MachineName::as_str).collect();
     let mut touched = BTreeSet::new();
@@ -328,41 +316,44 @@ pub(super) fn finish_if_done(
     tx: &mut Tx<'_>,
     id: &str,
 ) -> Result<Option<DeploymentState>, StoreError> {
-    let state: i32 = tx
-        .sql
-        .prepare_cached("SELECT state FROM deployments WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))?;
+    let state: i32 =
+        tx.sql
+            .fetch_one("SELECT state FROM deployments WHERE id = ?1", &[&id], |r| {
+                r.get(0)
+            })?;
     if DeploymentState::try_from(state) != Ok(DeploymentState::Running) {
         return Ok(None);
     }
     // Called after every result: one index probe per in-flight state
     // answers "not yet" without reading every row, which made a large
     // rollout quadratic.
-    let in_flight: bool = tx
-        .sql
-        .prepare_cached(&IN_FLIGHT_QUERY)?
-        .query_row([id], |r| r.get(0))?;
+    let in_flight: bool = tx.sql.fetch_one(&IN_FLIGHT_QUERY, &[&id], |r| r.get(0))?;
     if in_flight {
         return Ok(None);
     }
     let states: Vec<MachineState> = {
-        let mut stmt = tx
-            .sql
-            .prepare_cached("SELECT state FROM machines WHERE deployment_id = ?1")?;
-        stmt.query_map([id], |r| r.get::<_, i32>(0))?
-            .map(|s| s.map(machine_state))
-            .collect::<Result<_, _>>()?
+        tx.sql
+            .fetch_all(
+                "SELECT state FROM machines WHERE deployment_id = ?1",
+                &[&id],
+                |r| r.get::<i32>(0),
+            )?
+            .into_iter()
+            .map(machine_state)
+            .collect()
     };
-    let stop: i64 = tx
-        .sql
-        .prepare_cached("SELECT stopped FROM deployments WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))?;
+    let stop: i64 = tx.sql.fetch_one(
+        "SELECT stopped FROM deployments WHERE id = ?1",
+        &[&id],
+        |r| r.get(0),
+    )?;
     let Some(outcome) = rollout::outcome(&states, rollout::Stop::from_sql(stop)) else {
         return Ok(None);
     };
-    tx.sql
-        .prepare_cached("UPDATE deployments SET state = ?2, finished_ms = ?3 WHERE id = ?1")?
-        .execute(params![id, outcome as i32, tx.now])?;
+    tx.sql.exec(
+        "UPDATE deployments SET state = ?2, finished_ms = ?3 WHERE id = ?1",
+        &[&id, &(outcome as i32), &tx.now],
+    )?;
     let finished = DeploymentFinished {
         state: outcome as i32,
         summary: rollout::summary(&states),

@@ -3,8 +3,9 @@
 use procurator_core::DeploymentId;
 use procurator_proto::v1::{Event, event};
 use prost::Message as _;
-use rusqlite::{Connection, OptionalExtension as _, params};
+use rusqlite::{Connection, params};
 
+use super::engine::{Row, Sql, SqlExt as _};
 use super::{Store, StoreError};
 
 /// Append one event and return its revision.
@@ -82,13 +83,14 @@ impl Store {
         self.read(move |conn| {
             // One read transaction: the bounds and the page agree.
             let read = conn.unchecked_transaction()?;
-            let bounds = super::retention::log_bounds(&read)?;
+            let bounds = super::retention::log_bounds(&*read)?;
             let resume_from = match &deployment {
                 Some(id) => {
-                    let submitted: Option<i64> = read
-                        .prepare_cached("SELECT revision FROM deployments WHERE id = ?1")?
-                        .query_row([id.as_str()], |r| r.get(0))
-                        .optional()?;
+                    let submitted: Option<i64> = read.fetch_opt(
+                        "SELECT revision FROM deployments WHERE id = ?1",
+                        &[&id.as_str()],
+                        |r| r.get(0),
+                    )?;
                     let lost_some = submitted
                         .is_some_and(|revision| revision_to_sql(bounds.compacted) >= revision);
                     (lost_some && after < bounds.compacted).then_some(bounds.compacted)
@@ -101,38 +103,36 @@ impl Store {
                     resume_from,
                 }));
             }
-            page(&read, after, deployment.as_ref(), limit).map(Ok)
+            page(&*read, after, deployment.as_ref(), limit).map(Ok)
         })
         .await
     }
 }
 
 fn page(
-    conn: &Connection,
+    conn: &dyn Sql,
     after: u64,
     deployment: Option<&DeploymentId>,
     limit: usize,
 ) -> Result<Vec<Event>, StoreError> {
     let after = revision_to_sql(after);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows: Vec<(i64, Vec<u8>)> = match deployment {
-        Some(id) => {
-            let mut stmt = conn.prepare_cached(
-                "SELECT revision, body FROM events
-                 WHERE deployment_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3",
-            )?;
-            stmt.query_map(params![id.as_str(), after, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?
-            .collect::<Result<_, _>>()?
-        }
-        None => {
-            let mut stmt = conn.prepare_cached(
-                "SELECT revision, body FROM events WHERE revision > ?1 ORDER BY revision LIMIT ?2",
-            )?;
-            stmt.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?
-        }
+    let row = |r: &dyn Row| -> Result<Event, StoreError> {
+        let revision: i64 = r.get(0)?;
+        let body: Vec<u8> = r.get(1)?;
+        decode(revision, &body)
     };
-    rows.iter().map(|(rev, body)| decode(*rev, body)).collect()
+    match deployment {
+        Some(id) => conn.fetch_all(
+            "SELECT revision, body FROM events
+             WHERE deployment_id = ?1 AND revision > ?2 ORDER BY revision LIMIT ?3",
+            &[&id.as_str(), &after, &limit],
+            row,
+        ),
+        None => conn.fetch_all(
+            "SELECT revision, body FROM events WHERE revision > ?1 ORDER BY revision LIMIT ?2",
+            &[&after, &limit],
+            row,
+        ),
+    }
 }

@@ -19,6 +19,7 @@ mod agents;
 mod artifacts;
 mod control;
 mod deployments;
+mod engine;
 mod events;
 mod placements;
 mod queries;
@@ -37,6 +38,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use self::artifacts::ArtifactCache;
+use self::engine::Sql as _;
 
 pub use control::{Cancelled, Confirmation, RolledBack};
 pub use deployments::{SubmitError, Submitted};
@@ -432,13 +434,13 @@ impl Writer {
         for job in batch {
             tx.now = procurator_core::now_ms();
             let published = tx.events.len();
-            tx.sql.prepare_cached("SAVEPOINT write")?.execute([])?;
+            tx.sql.exec("SAVEPOINT write", &[])?;
             let (succeeded, deliver) = job(&mut tx);
             delivers.push(deliver);
             if succeeded {
-                tx.sql.prepare_cached("RELEASE write")?.execute([])?;
+                tx.sql.exec("RELEASE write", &[])?;
             } else {
-                tx.sql.execute_batch("ROLLBACK TO write; RELEASE write")?;
+                tx.sql.exec_batch("ROLLBACK TO write; RELEASE write")?;
                 tx.events.truncate(published);
             }
         }

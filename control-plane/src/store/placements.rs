@@ -10,8 +10,8 @@ use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{
     MachineState, VmAssignment, VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event,
 };
-use rusqlite::{OptionalExtension as _, params};
 
+use super::engine::{Sql as _, SqlExt as _};
 use super::rows::to_sql;
 use super::{Store, StoreError, Tx};
 use crate::placement::{self, Host};
@@ -36,7 +36,7 @@ pub(super) fn place_vms(
 ) -> Result<bool, StoreError> {
     let instances = artifact.vm_instances();
     if instances.is_empty() {
-        let removed = tx.sql.execute("DELETE FROM placements", [])?;
+        let removed = tx.sql.exec("DELETE FROM placements", &[])?;
         return Ok(removed > 0);
     }
     let hosts = known_hosts(tx)?;
@@ -44,19 +44,14 @@ pub(super) fn place_vms(
         return Ok(false);
     }
     let previous: BTreeMap<MachineName, MachineName> = {
-        let mut stmt = tx
-            .sql
-            .prepare_cached("SELECT instance, host FROM placements")?;
-        stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-            .filter_map(|row| match row {
-                // A name that no longer parses is simply not kept.
-                Ok((i, h)) => Some(Ok((
-                    MachineName::parse(&i).ok()?,
-                    MachineName::parse(&h).ok()?,
-                ))),
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()?
+        tx.sql
+            .fetch_all("SELECT instance, host FROM placements", &[], |r| {
+                Ok((r.get::<String>(0)?, r.get::<String>(1)?))
+            })?
+            .into_iter()
+            // A name that no longer parses is simply not kept.
+            .filter_map(|(i, h)| Some((MachineName::parse(&i).ok()?, MachineName::parse(&h).ok()?)))
+            .collect()
     };
     let placed = placement::place(&instances, &hosts, &previous);
     // Instances still without room were reported when they first had none.
@@ -64,29 +59,29 @@ pub(super) fn place_vms(
         return Ok(false);
     }
 
-    tx.sql.execute("DELETE FROM placements", [])?;
+    tx.sql.exec("DELETE FROM placements", &[])?;
     let machine_of: BTreeMap<&MachineName, (&MachineName, Demand)> = instances
         .iter()
         .map(|i| (&i.name, (&i.machine, i.demand)))
         .collect();
     let mut event = VmsPlaced::default();
     {
-        let mut insert = tx.sql.prepare_cached(
-            "INSERT INTO placements (instance, machine, host, milli_cpus, memory_bytes, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
         for (instance, host) in &placed.assigned {
             let Some((machine, demand)) = machine_of.get(instance) else {
                 continue;
             };
-            insert.execute(params![
-                instance.as_str(),
-                machine.as_str(),
-                host.as_str(),
-                to_sql(demand.milli_cpus),
-                to_sql(demand.memory_bytes),
-                tx.now
-            ])?;
+            tx.sql.exec(
+                "INSERT INTO placements (instance, machine, host, milli_cpus, memory_bytes, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &[
+                    &instance.as_str(),
+                    &machine.as_str(),
+                    &host.as_str(),
+                    &to_sql(demand.milli_cpus),
+                    &to_sql(demand.memory_bytes),
+                    &tx.now,
+                ],
+            )?;
             event.placements.push(VmPlacement {
                 instance: instance.to_string(),
                 machine: machine.to_string(),
@@ -96,35 +91,33 @@ pub(super) fn place_vms(
     }
     // An unplaced instance's row waits, saying why, for a host with room;
     // one placed now loses that note.
-    tx.sql
-        .prepare_cached(
-            "UPDATE machines SET reason = '', updated_ms = ?2
+    tx.sql.exec(
+        "UPDATE machines SET reason = '', updated_ms = ?2
              WHERE deployment_id = ?1 AND state = ?3 AND reason LIKE ?4 || '%'",
-        )?
-        .execute(params![
-            id.as_str(),
-            tx.now,
-            MachineState::Pending as i32,
-            UNPLACED_NOTE
-        ])?;
+        &[
+            &id.as_str(),
+            &tx.now,
+            &(MachineState::Pending as i32),
+            &UNPLACED_NOTE,
+        ],
+    )?;
     for (instance, reason) in placed.unplaced {
         let machine = machine_of
             .get(&instance)
             .map(|(m, _)| m.to_string())
             .unwrap_or_default();
         tracing::warn!(deployment = %id, %instance, %reason, "VM instance not placed");
-        tx.sql
-            .prepare_cached(
-                "UPDATE machines SET reason = ?3, updated_ms = ?4
+        tx.sql.exec(
+            "UPDATE machines SET reason = ?3, updated_ms = ?4
                  WHERE deployment_id = ?1 AND machine = ?2 AND state = ?5",
-            )?
-            .execute(params![
-                id.as_str(),
-                instance.as_str(),
-                format!("{UNPLACED_NOTE}{reason}"),
-                tx.now,
-                MachineState::Pending as i32
-            ])?;
+            &[
+                &id.as_str(),
+                &instance.as_str(),
+                &format!("{UNPLACED_NOTE}{reason}"),
+                &tx.now,
+                &(MachineState::Pending as i32),
+            ],
+        )?;
         event.unplaced.push(VmUnplaced {
             instance: instance.to_string(),
             machine,
@@ -142,16 +135,16 @@ impl Store {
     /// `VmsPlaced` event says how).
     pub async fn replace_vms(&self) -> Result<bool, StoreError> {
         self.write(|tx| {
-            let newest: Option<String> = tx
-                .sql
-                .prepare_cached("SELECT id FROM deployments ORDER BY seq DESC LIMIT 1")?
-                .query_row([], |r| r.get(0))
-                .optional()?;
+            let newest: Option<String> = tx.sql.fetch_opt(
+                "SELECT id FROM deployments ORDER BY seq DESC LIMIT 1",
+                &[],
+                |r| r.get(0),
+            )?;
             let Some(id) = newest else {
                 return Ok(false);
             };
             let id = super::rows::parse_id(&id)?;
-            let artifact = tx.artifacts.get(&tx.sql, id.as_str())?;
+            let artifact = tx.artifacts.get(&*tx.sql, id.as_str())?;
             place_vms(tx, &id, &artifact, true)
         })
         .await
@@ -163,22 +156,19 @@ impl Store {
     pub async fn vm_assignments(&self, host: MachineName) -> Result<Vec<VmAssignment>, StoreError> {
         let artifacts = self.inner.artifacts.clone();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&ASSIGNMENTS_QUERY)?;
-            let rows = stmt
-                .query_map([host.as_str()], |r| {
-                    Ok(VmAssignment {
-                        instance: r.get(0)?,
-                        machine: r.get(1)?,
-                        milli_cpus: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                        memory_bytes: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
-                        closure: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                        deployment_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                        guest_agent_connected: r.get(6)?,
-                        no_auto_rollback: false,
-                        intent: String::new(),
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+            let rows = conn.fetch_all(&ASSIGNMENTS_QUERY, &[&host.as_str()], |r| {
+                Ok(VmAssignment {
+                    instance: r.get(0)?,
+                    machine: r.get(1)?,
+                    milli_cpus: u64::try_from(r.get::<i64>(2)?).unwrap_or(0),
+                    memory_bytes: u64::try_from(r.get::<i64>(3)?).unwrap_or(0),
+                    closure: r.get::<Option<String>>(4)?.unwrap_or_default(),
+                    deployment_id: r.get::<Option<String>>(5)?.unwrap_or_default(),
+                    guest_agent_connected: r.get(6)?,
+                    no_auto_rollback: false,
+                    intent: String::new(),
+                })
+            })?;
             // An instance with nothing sent yet runs nothing yet.
             let mut rows: Vec<VmAssignment> =
                 rows.into_iter().filter(|a| !a.closure.is_empty()).collect();
@@ -211,14 +201,13 @@ impl Store {
         instances: Vec<MachineName>,
     ) -> Result<Vec<MachineName>, StoreError> {
         self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT host FROM placements WHERE instance = ?1")?;
             let mut hosts = std::collections::BTreeSet::new();
             for instance in &instances {
-                if let Some(host) = stmt
-                    .query_row([instance.as_str()], |r| r.get::<_, String>(0))
-                    .optional()?
-                {
+                if let Some(host) = conn.fetch_opt(
+                    "SELECT host FROM placements WHERE instance = ?1",
+                    &[&instance.as_str()],
+                    |r| r.get::<String>(0),
+                )? {
                     hosts.insert(host);
                 }
             }
@@ -264,12 +253,11 @@ impl Store {
     /// The connected agents that host VMs.
     pub async fn connected_vm_hosts(&self) -> Result<Vec<MachineName>, StoreError> {
         self.read(|conn| {
-            let mut stmt = conn.prepare_cached(
+            let names = conn.fetch_all(
                 "SELECT machine FROM agents WHERE connected = 1 AND vm_host IS NOT NULL ORDER BY machine",
+                &[],
+                |r| r.get::<String>(0),
             )?;
-            let names = stmt
-                .query_map([], |r| r.get::<_, String>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
             names
                 .iter()
                 .map(|n| MachineName::parse(n).map_err(|e| StoreError::Corrupt(e.to_string())))
@@ -313,16 +301,13 @@ static ASSIGNMENTS_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new
 
 /// VM hosts that are connected or were seen within [`HOST_GONE_AFTER_MS`].
 fn known_hosts(tx: &Tx<'_>) -> Result<Vec<Host>, StoreError> {
-    let mut stmt = tx.sql.prepare_cached(
+    let rows: Vec<(String, Vec<u8>)> = tx.sql.fetch_all(
         "SELECT machine, vm_host FROM agents
          WHERE vm_host IS NOT NULL AND (connected = 1 OR last_seen_ms >= ?1)
          ORDER BY machine",
+        &[&(tx.now - HOST_GONE_AFTER_MS)],
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let rows: Vec<(String, Vec<u8>)> = stmt
-        .query_map([tx.now - HOST_GONE_AFTER_MS], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
-        .collect::<Result<_, _>>()?;
     rows.into_iter()
         .map(|(name, bytes)| {
             let capacity: VmHostCapacity = prost::Message::decode(bytes.as_slice())

@@ -2,8 +2,8 @@
 
 use procurator_core::DeploymentId;
 use procurator_proto::v1::{CopyProgress, Deployment, DeploymentState, MachineStatus, Wave};
-use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
+use super::engine::{Row, Sql, SqlExt as _};
 use super::rows::{StoredWave, from_sql, machine_state};
 use super::{Store, StoreError};
 
@@ -13,13 +13,11 @@ const DEPLOYMENT_COLUMNS: &str = "id, git_commit, state, created_ms, finished_ms
 impl Store {
     pub async fn get_deployment(&self, id: DeploymentId) -> Result<Option<Deployment>, StoreError> {
         self.read(move |conn| {
-            let deployment = conn
-                .query_row(
-                    &format!("SELECT {DEPLOYMENT_COLUMNS} WHERE id = ?1"),
-                    [id.as_str()],
-                    deployment_row,
-                )
-                .optional()?;
+            let deployment = conn.fetch_opt(
+                &format!("SELECT {DEPLOYMENT_COLUMNS} WHERE id = ?1"),
+                &[&id.as_str()],
+                deployment_row,
+            )?;
             deployment.map(|d| with_machines(conn, d)).transpose()
         })
         .await
@@ -28,13 +26,11 @@ impl Store {
     /// The newest `limit` deployments, newest first.
     pub async fn list_deployments(&self, limit: u32) -> Result<Vec<Deployment>, StoreError> {
         self.read(move |conn| {
-            let deployments: Vec<Deployment> = {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {DEPLOYMENT_COLUMNS} ORDER BY seq DESC LIMIT ?1"
-                ))?;
-                stmt.query_map([limit], deployment_row)?
-                    .collect::<Result<_, _>>()?
-            };
+            let deployments: Vec<Deployment> = conn.fetch_all(
+                &format!("SELECT {DEPLOYMENT_COLUMNS} ORDER BY seq DESC LIMIT ?1"),
+                &[&limit],
+                deployment_row,
+            )?;
             deployments
                 .into_iter()
                 .map(|d| with_machines(conn, d))
@@ -49,20 +45,18 @@ impl Store {
         id: DeploymentId,
     ) -> Result<Option<DeploymentState>, StoreError> {
         self.read(move |conn| {
-            let state: Option<i32> = conn
-                .query_row(
-                    "SELECT state FROM deployments WHERE id = ?1",
-                    [id.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let state: Option<i32> = conn.fetch_opt(
+                "SELECT state FROM deployments WHERE id = ?1",
+                &[&id.as_str()],
+                |r| r.get(0),
+            )?;
             Ok(state.map(|s| DeploymentState::try_from(s).unwrap_or(DeploymentState::Unspecified)))
         })
         .await
     }
 }
 
-fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
+fn deployment_row(r: &dyn Row) -> Result<Deployment, StoreError> {
     Ok(Deployment {
         id: r.get(0)?,
         git_commit: r.get(1)?,
@@ -73,10 +67,10 @@ fn deployment_row(r: &Row<'_>) -> rusqlite::Result<Deployment> {
         submitted_by: r.get(5)?,
         halted_reason: r.get(6)?,
         rollback_of: r.get(7)?,
-        waves: waves(&r.get::<_, String>(8)?),
+        waves: waves(&r.get::<String>(8)?),
         forced_by: r.get(9)?,
         intent_keys: r
-            .get::<_, String>(10)?
+            .get::<String>(10)?
             .split_whitespace()
             .map(str::to_owned)
             .collect(),
@@ -100,14 +94,13 @@ fn waves(json: &str) -> Vec<Wave> {
         .collect()
 }
 
-fn with_machines(conn: &Connection, mut deployment: Deployment) -> Result<Deployment, StoreError> {
-    let mut stmt = conn.prepare_cached(
+fn with_machines(conn: &dyn Sql, mut deployment: Deployment) -> Result<Deployment, StoreError> {
+    deployment.machines = conn.fetch_all(
         "SELECT machine, closure, state, failed_phase, reason, output_tail, bytes_done,
                 bytes_expected, paths_done, paths_expected, updated_ms, wave, reboot_required
          FROM machines WHERE deployment_id = ?1 ORDER BY machine",
-    )?;
-    deployment.machines = stmt
-        .query_map(params![deployment.id], |r| {
+        &[&deployment.id],
+        |r| {
             let copy = CopyProgress {
                 bytes_done: from_sql(r.get(6)?),
                 bytes_expected: from_sql(r.get(7)?),
@@ -124,10 +117,10 @@ fn with_machines(conn: &Connection, mut deployment: Deployment) -> Result<Deploy
                 // No copy report yet: leave it out rather than show zeros.
                 copy: (copy != CopyProgress::default()).then_some(copy),
                 updated_at_ms: r.get(10)?,
-                wave: u32::try_from(r.get::<_, i64>(11)?).unwrap_or(u32::MAX),
+                wave: u32::try_from(r.get::<i64>(11)?).unwrap_or(u32::MAX),
                 reboot_required: r.get(12)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
+        },
+    )?;
     Ok(deployment)
 }

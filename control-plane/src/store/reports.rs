@@ -5,9 +5,9 @@ use procurator_core::{DeploymentId, MachineName};
 use procurator_proto::v1::{
     ActivationResult, DeploymentState, MachineState, MachineUpdate, Progress, event,
 };
-use rusqlite::params;
 
 use super::deployments::finish_if_done;
+use super::engine::Sql as _;
 use super::rows::{row, set_state, to_sql};
 use super::{Store, StoreError, agents};
 
@@ -40,19 +40,18 @@ impl Store {
             }
             let copy = progress.copy;
             if let Some(c) = copy {
-                tx.sql
-                    .prepare_cached(
-                        "UPDATE machines SET bytes_done = ?3, bytes_expected = ?4, paths_done = ?5,
+                tx.sql.exec(
+                    "UPDATE machines SET bytes_done = ?3, bytes_expected = ?4, paths_done = ?5,
                          paths_expected = ?6 WHERE deployment_id = ?1 AND machine = ?2",
-                    )?
-                    .execute(params![
-                        deployment_id.as_str(),
-                        machine.as_str(),
-                        to_sql(c.bytes_done),
-                        to_sql(c.bytes_expected),
-                        to_sql(c.paths_done),
-                        to_sql(c.paths_expected)
-                    ])?;
+                    &[
+                        &deployment_id.as_str(),
+                        &machine.as_str(),
+                        &to_sql(c.bytes_done),
+                        &to_sql(c.bytes_expected),
+                        &to_sql(c.paths_done),
+                        &to_sql(c.paths_expected),
+                    ],
+                )?;
             }
             set_state(tx, &deployment_id, &machine, state)?;
             let update = MachineUpdate {
@@ -96,18 +95,19 @@ impl Store {
             }
             let failed_phase =
                 MachineState::try_from(result.failed_phase).unwrap_or(MachineState::Unspecified);
-            tx.sql.prepare_cached("UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
+            tx.sql.exec(
+                "UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
                      updated_ms = ?7, reboot_required = ?8
-                 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
-                params![
-                    id,
-                    machine.as_str(),
-                    state as i32,
-                    failed_phase as i32,
-                    result.reason,
-                    result.output_tail,
-                    tx.now,
-                    result.reboot_required
+                 WHERE deployment_id = ?1 AND machine = ?2",
+                &[
+                    &id,
+                    &machine.as_str(),
+                    &(state as i32),
+                    &(failed_phase as i32),
+                    &result.reason,
+                    &result.output_tail,
+                    &tx.now,
+                    &result.reboot_required,
                 ],
             )?;
             let message = match (result.reboot_required, result.reason.is_empty()) {

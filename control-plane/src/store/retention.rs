@@ -11,10 +11,10 @@
 use std::time::Duration;
 
 use procurator_proto::v1::{DeploymentState, event};
-use rusqlite::{Connection, OptionalExtension as _, params};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+use super::engine::{Sql, SqlExt as _};
 use super::{Store, StoreError, Tx};
 
 /// Rows deleted per write.
@@ -120,15 +120,17 @@ impl Store {
 
     #[cfg(test)]
     pub async fn log_bounds(&self) -> Result<LogBounds, StoreError> {
-        self.read(log_bounds).await
+        self.read(|conn| log_bounds(conn)).await
     }
 }
 
-pub(super) fn log_bounds(conn: &Connection) -> Result<LogBounds, StoreError> {
+pub(super) fn log_bounds(conn: &dyn Sql) -> Result<LogBounds, StoreError> {
     let (compacted, pruned): (i64, i64) = conn
-        .prepare_cached("SELECT compacted, pruned FROM log_bounds WHERE id = 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
+        .fetch_opt(
+            "SELECT compacted, pruned FROM log_bounds WHERE id = 1",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
         .unwrap_or((0, 0));
     Ok(LogBounds {
         compacted: u64::try_from(compacted).unwrap_or(0),
@@ -142,43 +144,39 @@ pub(super) fn log_bounds(conn: &Connection) -> Result<LogBounds, StoreError> {
 fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> {
     let old: Option<String> = tx
         .sql
-        .prepare_cached(&PRUNABLE_QUERY)?
-        .query_row([keep - 1], |r| r.get(0))
-        .optional()?;
+        .fetch_opt(&PRUNABLE_QUERY, &[&(keep - 1)], |r| r.get(0))?;
     if let Some(id) = old {
         // Events first and the row last: a pass cut short by a crash finds
         // the same deployment again and carries on.
-        let (last, n): (Option<i64>, i64) = tx
-            .sql
-            .prepare_cached(
-                "SELECT max(revision), count(*) FROM (SELECT revision FROM events
-                 WHERE deployment_id = ?1 ORDER BY revision LIMIT ?2)",
-            )?
-            .query_row(params![id, BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (last, n): (Option<i64>, i64) = tx.sql.fetch_one(
+            "SELECT max(revision), count(*) FROM (SELECT revision FROM events
+             WHERE deployment_id = ?1 ORDER BY revision LIMIT ?2)",
+            &[&id, &BATCH],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         if let Some(last) = last {
-            tx.sql
-                .prepare_cached("DELETE FROM events WHERE deployment_id = ?1 AND revision <= ?2")?
-                .execute(params![id, last])?;
+            tx.sql.exec(
+                "DELETE FROM events WHERE deployment_id = ?1 AND revision <= ?2",
+                &[&id, &last],
+            )?;
             raise_bounds(tx, None, last)?;
             return Ok(Step::Events(u64::try_from(n).unwrap_or(0)));
         }
         tx.sql
-            .prepare_cached("DELETE FROM machines WHERE deployment_id = ?1")?
-            .execute([&id])?;
+            .exec("DELETE FROM machines WHERE deployment_id = ?1", &[&id])?;
         tx.sql
-            .prepare_cached("DELETE FROM deployments WHERE id = ?1")?
-            .execute([&id])?;
+            .exec("DELETE FROM deployments WHERE id = ?1", &[&id])?;
         return Ok(Step::Deployment(id));
     }
 
     // By age: the longest run of the oldest events that are all past the
     // window, so that what is gone is always a prefix of the log.
     let cutoff = tx.now.saturating_sub(window_ms);
-    let oldest: Vec<(i64, i64)> = tx
-        .sql
-        .prepare_cached("SELECT revision, at_ms FROM events ORDER BY revision LIMIT ?1")?
-        .query_map([BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let oldest: Vec<(i64, i64)> = tx.sql.fetch_all(
+        "SELECT revision, at_ms FROM events ORDER BY revision LIMIT ?1",
+        &[&BATCH],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let Some(last) = oldest
         .iter()
         .take_while(|(_, at_ms)| *at_ms < cutoff)
@@ -189,20 +187,18 @@ fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> 
     };
     let n = tx
         .sql
-        .prepare_cached("DELETE FROM events WHERE revision <= ?1")?
-        .execute([last])?;
+        .exec("DELETE FROM events WHERE revision <= ?1", &[&last])?;
     raise_bounds(tx, Some(last), last)?;
     Ok(Step::Events(u64::try_from(n).unwrap_or(0)))
 }
 
 fn raise_bounds(tx: &Tx<'_>, compacted: Option<i64>, pruned: i64) -> Result<(), StoreError> {
-    tx.sql
-        .prepare_cached(
-            "UPDATE log_bounds SET compacted = max(compacted, coalesce(?1, 0)),
-                                   pruned = max(pruned, ?2)
-             WHERE id = 1",
-        )?
-        .execute(params![compacted, pruned])?;
+    tx.sql.exec(
+        "UPDATE log_bounds SET compacted = max(compacted, coalesce(?1, 0)),
+                               pruned = max(pruned, ?2)
+         WHERE id = 1",
+        &[&compacted, &pruned],
+    )?;
     Ok(())
 }
 

@@ -3,8 +3,8 @@
 
 use procurator_core::{DeploymentId, MachineName};
 use procurator_proto::v1::MachineState;
-use rusqlite::{OptionalExtension as _, params};
 
+use super::engine::{Sql as _, SqlExt as _};
 use super::{StoreError, Tx};
 
 /// A wave as stored with its deployment.
@@ -20,15 +20,11 @@ pub(super) fn row(
     id: &DeploymentId,
     machine: &MachineName,
 ) -> Result<Option<(String, MachineState)>, StoreError> {
-    Ok(tx
-        .sql
-        .prepare_cached(
-            "SELECT closure, state FROM machines WHERE deployment_id = ?1 AND machine = ?2",
-        )?
-        .query_row(params![id.as_str(), machine.as_str()], |r| {
-            Ok((r.get(0)?, machine_state(r.get(1)?)))
-        })
-        .optional()?)
+    tx.sql.fetch_opt(
+        "SELECT closure, state FROM machines WHERE deployment_id = ?1 AND machine = ?2",
+        &[&id.as_str(), &machine.as_str()],
+        |r| Ok((r.get(0)?, machine_state(r.get(1)?))),
+    )
 }
 
 pub(super) fn set_state(
@@ -37,8 +33,9 @@ pub(super) fn set_state(
     machine: &MachineName,
     state: MachineState,
 ) -> Result<(), StoreError> {
-    tx.sql.prepare_cached("UPDATE machines SET state = ?3, updated_ms = ?4 WHERE deployment_id = ?1 AND machine = ?2")?.execute(
-        params![id.as_str(), machine.as_str(), state as i32, tx.now],
+    tx.sql.exec(
+        "UPDATE machines SET state = ?3, updated_ms = ?4 WHERE deployment_id = ?1 AND machine = ?2",
+        &[&id.as_str(), &machine.as_str(), &(state as i32), &tx.now],
     )?;
     Ok(())
 }

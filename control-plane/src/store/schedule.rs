@@ -7,9 +7,9 @@ use procurator_core::{DeploymentId, MachineName};
 use procurator_proto::v1::{
     DeploymentState, DesiredState, MachineState, MachineUpdate, RolloutHalted, WaveStarted, event,
 };
-use rusqlite::{OptionalExtension as _, params};
 
 use super::deployments::finish_if_done;
+use super::engine::{Sql, SqlExt as _};
 use super::rows::{StoredWave, machine_state, parse_id, row, set_state};
 use super::{Store, StoreError, Tx};
 use crate::rollout::{self, Step, Stop};
@@ -27,17 +27,16 @@ impl SendOrder {
 }
 
 fn desired_of(
-    conn: &rusqlite::Connection,
+    conn: &dyn Sql,
     artifacts: &super::artifacts::ArtifactCache,
     machine: &MachineName,
 ) -> Result<Option<(Outbound, SendOrder)>, StoreError> {
-    let newest: Option<(String, String, i32, i64, String, i64)> = conn
-        .prepare_cached(
-            "SELECT m.deployment_id, m.closure, m.state, d.stopped, d.halted_reason, d.seq
+    let newest: Option<(String, String, i32, i64, String, i64)> = conn.fetch_opt(
+        "SELECT m.deployment_id, m.closure, m.state, d.stopped, d.halted_reason, d.seq
              FROM machines m JOIN deployments d ON d.id = m.deployment_id
              WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
-        )?
-        .query_row([machine.as_str()], |r| {
+        &[&machine.as_str()],
+        |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -46,8 +45,8 @@ fn desired_of(
                 r.get(4)?,
                 r.get(5)?,
             ))
-        })
-        .optional()?;
+        },
+    )?;
     let Some((id, closure, state, stopped, reason, seq)) = newest else {
         return Ok(None);
     };
@@ -125,16 +124,13 @@ impl Store {
     /// final. True when a row was re-opened.
     pub async fn reopen_unreachable(&self, machine: MachineName) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let newest: Option<(String, i32, i64)> = tx
-                .sql
-                .query_row(
-                    "SELECT m.deployment_id, m.state, d.stopped FROM machines m
+            let newest: Option<(String, i32, i64)> = tx.sql.fetch_opt(
+                "SELECT m.deployment_id, m.state, d.stopped FROM machines m
                      JOIN deployments d ON d.id = m.deployment_id
                      WHERE m.machine = ?1 ORDER BY d.seq DESC LIMIT 1",
-                    [machine.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
+                &[&machine.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
             let Some((id, state, stopped)) = newest else {
                 return Ok(false);
             };
@@ -145,14 +141,14 @@ impl Store {
                 return Ok(false);
             }
             let id = parse_id(&id)?;
-            tx.sql
-                .prepare_cached("UPDATE deployments SET state = ?2, finished_ms = 0 WHERE id = ?1")?
-                .execute(params![id.as_str(), DeploymentState::Running as i32])?;
-            tx.sql
-                .prepare_cached(
-                    "UPDATE machines SET reason = '' WHERE deployment_id = ?1 AND machine = ?2",
-                )?
-                .execute(params![id.as_str(), machine.as_str()])?;
+            tx.sql.exec(
+                "UPDATE deployments SET state = ?2, finished_ms = 0 WHERE id = ?1",
+                &[&id.as_str(), &(DeploymentState::Running as i32)],
+            )?;
+            tx.sql.exec(
+                "UPDATE machines SET reason = '' WHERE deployment_id = ?1 AND machine = ?2",
+                &[&id.as_str(), &machine.as_str()],
+            )?;
             update(
                 tx,
                 &id,
@@ -208,11 +204,11 @@ fn update_with(
 
 pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<Scheduled>, StoreError> {
     let running: Vec<String> = {
-        let mut stmt = tx
-            .sql
-            .prepare_cached("SELECT id FROM deployments WHERE state = ?1 ORDER BY seq")?;
-        stmt.query_map([DeploymentState::Running as i32], |r| r.get(0))?
-            .collect::<Result<_, _>>()?
+        tx.sql.fetch_all(
+            "SELECT id FROM deployments WHERE state = ?1 ORDER BY seq",
+            &[&(DeploymentState::Running as i32)],
+            |r| r.get(0),
+        )?
     };
     let mut send = Vec::new();
     for id in running {
@@ -224,20 +220,21 @@ pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<Scheduled>, StoreError
 fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, StoreError> {
     let (stopped, started_wave, wave_started_ms, waves, seq): (i64, Option<i64>, i64, String, i64) =
         tx.sql
-            .prepare_cached(
+            .fetch_one(
                 "SELECT stopped, started_wave, wave_started_ms, waves, seq FROM deployments WHERE id = ?1",
-            )?
-            .query_row([id.as_str()], |r| {
+                &[&id.as_str()],
+                |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?;
-    let artifact = tx.artifacts.get(&tx.sql, id.as_str())?;
+            },
+            )?;
+    let artifact = tx.artifacts.get(&*tx.sql, id.as_str())?;
     let settings = artifact.rollout();
     let waves: Vec<StoredWave> = serde_json::from_str(&waves)
         .map_err(|e| StoreError::Corrupt(format!("the waves of {id} cannot be read: {e}")))?;
     // Each placed VM instance's host, from the same read as the rows.
     let mut host_of: std::collections::HashMap<String, String> = Default::default();
     let rows: Vec<rollout::Row> = {
-        let mut stmt = tx.sql.prepare_cached(
+        tx.sql.fetch_all(
             // A VM instance is reachable through its own agent or, without
             // one, through the VM host it is placed on.
             "SELECT m.machine, m.wave, m.state,
@@ -249,25 +246,25 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
              LEFT JOIN placements p ON p.instance = m.machine
              LEFT JOIN agents h ON h.machine = p.host
              WHERE m.deployment_id = ?1 ORDER BY m.machine",
-        )?;
-        stmt.query_map([id.as_str()], |r| {
-            let connected: Option<bool> = r.get(3)?;
-            let last_seen: Option<i64> = r.get(4)?;
-            let machine: String = r.get(0)?;
-            if let Some(host) = r.get::<_, Option<String>>(5)? {
-                host_of.insert(machine.clone(), host);
-            }
-            Ok(rollout::Row {
-                machine,
-                wave: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
-                state: machine_state(r.get(2)?),
-                disconnected_since: match connected {
-                    Some(true) => None,
-                    _ => Some(last_seen.unwrap_or(0)),
-                },
-            })
-        })?
-        .collect::<Result<_, _>>()?
+            &[&id.as_str()],
+            |r| {
+                let connected: Option<bool> = r.get(3)?;
+                let last_seen: Option<i64> = r.get(4)?;
+                let machine: String = r.get(0)?;
+                if let Some(host) = r.get::<Option<String>>(5)? {
+                    host_of.insert(machine.clone(), host);
+                }
+                Ok(rollout::Row {
+                    machine,
+                    wave: u32::try_from(r.get::<i64>(1)?).unwrap_or(u32::MAX),
+                    state: machine_state(r.get(2)?),
+                    disconnected_since: match connected {
+                        Some(true) => None,
+                        _ => Some(last_seen.unwrap_or(0)),
+                    },
+                })
+            },
+        )?
     };
     let limits = rollout::Limits {
         max_in_flight: settings.max_in_flight,
@@ -285,11 +282,14 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
     // the events) in one read rather than one lookup each.
     let mut closures: std::collections::HashMap<String, String> =
         if steps.iter().filter(|s| matches!(s, Step::Send(_))).count() > 1 {
-            let mut stmt = tx
-                .sql
-                .prepare_cached("SELECT machine, closure FROM machines WHERE deployment_id = ?1")?;
-            stmt.query_map([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?
+            tx.sql
+                .fetch_all(
+                    "SELECT machine, closure FROM machines WHERE deployment_id = ?1",
+                    &[&id.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .into_iter()
+                .collect()
         } else {
             Default::default()
         };
@@ -298,11 +298,10 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
     for step in steps {
         match step {
             Step::WaveStarted(index) => {
-                tx.sql
-                    .prepare_cached(
-                        "UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1",
-                    )?
-                    .execute(params![id.as_str(), index, tx.now])?;
+                tx.sql.exec(
+                    "UPDATE deployments SET started_wave = ?2, wave_started_ms = ?3 WHERE id = ?1",
+                    &[&id.as_str(), &index, &tx.now],
+                )?;
                 let wave = waves.get(index as usize).cloned().unwrap_or(StoredWave {
                     name: format!("wave {index}"),
                     machines: Vec::new(),
@@ -318,11 +317,10 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
             Step::Unreachable { machine, secs } => {
                 let machine = name(&machine)?;
                 let reason = format!("no agent connected for {secs} s");
-                tx.sql
-                    .prepare_cached(
-                        "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
-                    )?
-                    .execute(params![id.as_str(), machine.as_str(), reason])?;
+                tx.sql.exec(
+                    "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    &[&id.as_str(), &machine.as_str(), &reason],
+                )?;
                 update(tx, id, &machine, MachineState::Unreachable, reason)?;
             }
             Step::Halted { failed } => {
@@ -332,15 +330,10 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
                     failed.len(),
                     settings.failure_budget
                 );
-                tx.sql
-                    .prepare_cached(
-                        "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
-                    )?
-                    .execute(params![
-                        id.as_str(),
-                        Stop::to_sql(Some(Stop::Halted)),
-                        reason
-                    ])?;
+                tx.sql.exec(
+                    "UPDATE deployments SET stopped = ?2, halted_reason = ?3 WHERE id = ?1",
+                    &[&id.as_str(), &Stop::to_sql(Some(Stop::Halted)), &reason],
+                )?;
                 let halted = RolloutHalted {
                     reason,
                     failed_machines: failed,
@@ -351,11 +344,10 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
                 let machine = name(&machine)?;
                 let reason =
                     format!("rollout halted: the failure budget was used up by {halted_by}");
-                tx.sql
-                    .prepare_cached(
-                        "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
-                    )?
-                    .execute(params![id.as_str(), machine.as_str(), reason])?;
+                tx.sql.exec(
+                    "UPDATE machines SET reason = ?3 WHERE deployment_id = ?1 AND machine = ?2",
+                    &[&id.as_str(), &machine.as_str(), &reason],
+                )?;
                 update(tx, id, &machine, MachineState::Cancelled, reason)?;
             }
             Step::Send(raw) => {

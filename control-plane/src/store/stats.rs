@@ -2,8 +2,8 @@
 //! scrape time, so a scrape costs the same however many machines there are.
 
 use procurator_proto::v1::{DeploymentState, MachineState};
-use rusqlite::Connection;
 
+use super::engine::{Sql, SqlExt as _};
 use super::{Store, StoreError};
 
 /// What a scrape reports from the store.
@@ -19,15 +19,15 @@ pub struct FleetStats {
 impl Store {
     pub async fn fleet_stats(&self) -> Result<FleetStats, StoreError> {
         self.read(|conn| {
-            let connected_agents = conn.query_row(
+            let connected_agents = conn.fetch_one(
                 "SELECT count(*) FROM agents WHERE connected != 0",
-                [],
+                &[],
                 |r| r.get(0),
             )?;
             // The last revision given out, even when pruning left no event.
-            let event_log_revision = conn.query_row(
+            let event_log_revision = conn.fetch_one(
                 "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
-                [],
+                &[],
                 |r| r.get(0),
             )?;
             let deployments = grouped(conn, "deployments")?
@@ -57,10 +57,10 @@ impl Store {
 }
 
 /// `state → count` of one table; `table` is one of ours, never input.
-fn grouped(conn: &Connection, table: &str) -> Result<Vec<(i32, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT state, count(*) FROM {table} GROUP BY state"
-    ))?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+fn grouped(conn: &dyn Sql, table: &str) -> Result<Vec<(i32, i64)>, StoreError> {
+    conn.fetch_all(
+        &format!("SELECT state, count(*) FROM {table} GROUP BY state"),
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }

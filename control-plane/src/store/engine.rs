@@ -1,0 +1,230 @@
+//! What the store's logic asks of a database, and nothing more: run a
+//! statement, read rows. The logic (deployments, schedule, placements, …)
+//! is written once against [`Sql`]; each engine implements it (SQLite in
+//! `engine/sqlite.rs`). Statements use SQLite's `?N` parameters, which an
+//! engine that numbers them otherwise rewrites.
+
+use super::StoreError;
+
+mod sqlite;
+
+/// A value bound to a statement's parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Param<'a> {
+    Int(i64),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    Null,
+}
+
+pub trait ToParam {
+    fn to_param(&self) -> Param<'_>;
+}
+
+impl ToParam for i64 {
+    fn to_param(&self) -> Param<'_> {
+        Param::Int(*self)
+    }
+}
+
+impl ToParam for i32 {
+    fn to_param(&self) -> Param<'_> {
+        Param::Int(i64::from(*self))
+    }
+}
+
+impl ToParam for u32 {
+    fn to_param(&self) -> Param<'_> {
+        Param::Int(i64::from(*self))
+    }
+}
+
+/// Booleans are stored as 0 and 1 in every engine.
+impl ToParam for bool {
+    fn to_param(&self) -> Param<'_> {
+        Param::Int(i64::from(*self))
+    }
+}
+
+impl ToParam for str {
+    fn to_param(&self) -> Param<'_> {
+        Param::Text(self)
+    }
+}
+
+impl ToParam for &str {
+    fn to_param(&self) -> Param<'_> {
+        Param::Text(self)
+    }
+}
+
+impl ToParam for String {
+    fn to_param(&self) -> Param<'_> {
+        Param::Text(self)
+    }
+}
+
+impl ToParam for [u8] {
+    fn to_param(&self) -> Param<'_> {
+        Param::Bytes(self)
+    }
+}
+
+impl ToParam for Vec<u8> {
+    fn to_param(&self) -> Param<'_> {
+        Param::Bytes(self)
+    }
+}
+
+impl<T: ToParam> ToParam for Option<T> {
+    fn to_param(&self) -> Param<'_> {
+        self.as_ref().map_or(Param::Null, ToParam::to_param)
+    }
+}
+
+/// A column's value in a row as read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cell<'a> {
+    Int(i64),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    Null,
+}
+
+/// One row of a result.
+pub trait Row {
+    fn cell(&self, index: usize) -> Result<Cell<'_>, StoreError>;
+}
+
+impl dyn Row + '_ {
+    /// Column `index` as a `T`.
+    pub fn get<T: FromCell>(&self, index: usize) -> Result<T, StoreError> {
+        let cell = self.cell(index)?;
+        T::from_cell(cell).map_err(|why| {
+            StoreError::Corrupt(format!("column {index} holds {cell:?}, which is {why}"))
+        })
+    }
+}
+
+pub trait FromCell: Sized {
+    /// `Err` says what the cell is not.
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str>;
+}
+
+impl FromCell for i64 {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        match cell {
+            Cell::Int(n) => Ok(n),
+            _ => Err("not an integer"),
+        }
+    }
+}
+
+impl FromCell for i32 {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        i32::try_from(i64::from_cell(cell)?).map_err(|_| "not a 32-bit integer")
+    }
+}
+
+impl FromCell for u32 {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        u32::try_from(i64::from_cell(cell)?).map_err(|_| "not an unsigned 32-bit integer")
+    }
+}
+
+impl FromCell for bool {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        Ok(i64::from_cell(cell)? != 0)
+    }
+}
+
+impl FromCell for String {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        match cell {
+            Cell::Text(text) => Ok(text.to_owned()),
+            _ => Err("not text"),
+        }
+    }
+}
+
+impl FromCell for Vec<u8> {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        match cell {
+            Cell::Bytes(bytes) => Ok(bytes.to_vec()),
+            _ => Err("not bytes"),
+        }
+    }
+}
+
+impl<T: FromCell> FromCell for Option<T> {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, &'static str> {
+        match cell {
+            Cell::Null => Ok(None),
+            cell => T::from_cell(cell).map(Some),
+        }
+    }
+}
+
+pub type Params<'a> = [&'a dyn ToParam];
+
+/// A connection or a transaction of some engine.
+pub trait Sql {
+    /// Run one statement; returns how many rows it changed.
+    fn exec(&self, sql: &str, params: &Params<'_>) -> Result<usize, StoreError>;
+    /// Run statements that take no parameters, one after another.
+    fn exec_batch(&self, sql: &str) -> Result<(), StoreError>;
+    /// Call `each` with the rows of a query, in order, until it returns
+    /// false or the rows end.
+    fn for_each_row(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError>;
+}
+
+/// The ways the logic reads, over any [`Sql`].
+pub trait SqlExt: Sql {
+    /// Every row, each made a `T`.
+    fn fetch_all<T>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        mut f: impl FnMut(&dyn Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut all = Vec::new();
+        self.for_each_row(sql, params, &mut |row| {
+            all.push(f(row)?);
+            Ok(true)
+        })?;
+        Ok(all)
+    }
+
+    /// The first row, if there is one.
+    fn fetch_opt<T>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        mut f: impl FnMut(&dyn Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let mut first = None;
+        self.for_each_row(sql, params, &mut |row| {
+            first = Some(f(row)?);
+            Ok(false)
+        })?;
+        Ok(first)
+    }
+
+    /// The first row, which must be there (an aggregate, a row just read).
+    fn fetch_one<T>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        f: impl FnMut(&dyn Row) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.fetch_opt(sql, params, f)?
+            .ok_or_else(|| StoreError::Corrupt(format!("no row where one must be: {sql}")))
+    }
+}
+
+impl<S: Sql + ?Sized> SqlExt for S {}
