@@ -3,20 +3,20 @@
 use procurator_core::DeploymentId;
 use procurator_proto::v1::{Event, event};
 use prost::Message as _;
-use rusqlite::{Connection, params};
 
 use super::engine::{Row, Sql, SqlExt as _};
 use super::{Store, StoreError};
 
-/// Append one event and return its revision.
+/// Append one event as `revision`.
 pub(super) fn append(
-    conn: &Connection,
+    conn: &dyn Sql,
+    revision: u64,
     deployment_id: &str,
     at_ms: i64,
     kind: &event::Kind,
-) -> Result<u64, StoreError> {
-    // The revision is the row id, unknown until the insert; it is filled in
-    // when the event is read back.
+) -> Result<(), StoreError> {
+    // The body's revision is left out: it is the row's, filled in when the
+    // event is read back.
     let body = Event {
         revision: 0,
         at_ms,
@@ -24,9 +24,28 @@ pub(super) fn append(
         kind: Some(kind.clone()),
     }
     .encode_to_vec();
-    conn.prepare_cached("INSERT INTO events (deployment_id, at_ms, body) VALUES (?1, ?2, ?3)")?
-        .execute(params![deployment_id, at_ms, body])?;
-    revision_from_sql(conn.last_insert_rowid())
+    conn.exec(
+        "INSERT INTO events (revision, deployment_id, at_ms, body) VALUES (?1, ?2, ?3, ?4)",
+        &[&revision_to_sql(revision), &deployment_id, &at_ms, &body],
+    )?;
+    Ok(())
+}
+
+/// The revision of the last event ever appended (0: none yet), kept even
+/// when pruning removed it.
+pub(super) fn head(conn: &dyn Sql) -> Result<u64, StoreError> {
+    let head: i64 = conn.fetch_one("SELECT head FROM log_bounds WHERE id = 1", &[], |r| {
+        r.get(0)
+    })?;
+    revision_from_sql(head)
+}
+
+pub(super) fn set_head(conn: &dyn Sql, head: u64) -> Result<(), StoreError> {
+    conn.exec(
+        "UPDATE log_bounds SET head = ?1 WHERE id = 1",
+        &[&revision_to_sql(head)],
+    )?;
+    Ok(())
 }
 
 fn revision_from_sql(rowid: i64) -> Result<u64, StoreError> {

@@ -192,6 +192,12 @@ pub(crate) struct Tx<'c> {
     /// Set by a write that failed because the database could not be written
     /// (a full disk, an I/O error): the store is then not writable.
     io_error: Option<String>,
+    /// The revision of the last event in the log, this transaction's
+    /// included: events are numbered here, in commit order, not by the
+    /// engine (whose sequences, in PostgreSQL, commit out of order).
+    head: u64,
+    /// `head` when the transaction began.
+    head_at_begin: u64,
 }
 
 /// A queued write: runs inside the batch's transaction, says whether it
@@ -203,7 +209,9 @@ type Deliver = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 impl Tx<'_> {
     /// Append an event to the log; it is published once the transaction commits.
     fn emit(&mut self, deployment_id: &str, kind: event::Kind) -> Result<u64, StoreError> {
-        let revision = events::append(&self.sql, deployment_id, self.now, &kind)?;
+        let revision = self.head + 1;
+        events::append(&*self.sql, revision, deployment_id, self.now, &kind)?;
+        self.head = revision;
         self.events.push(Event {
             revision,
             at_ms: self.now,
@@ -433,7 +441,7 @@ impl Writer {
         let mut tx = begin(&mut self.conn, self.opened_ms, &self.artifacts)?;
         for job in batch {
             tx.now = procurator_core::now_ms();
-            let published = tx.events.len();
+            let (published, head) = (tx.events.len(), tx.head);
             tx.sql.exec("SAVEPOINT write", &[])?;
             let (succeeded, deliver) = job(&mut tx);
             delivers.push(deliver);
@@ -442,6 +450,7 @@ impl Writer {
             } else {
                 tx.sql.exec_batch("ROLLBACK TO write; RELEASE write")?;
                 tx.events.truncate(published);
+                tx.head = head;
             }
         }
         *io_error = tx.io_error.take();
@@ -465,13 +474,18 @@ fn begin<'c>(
     opened_ms: i64,
     artifacts: &Arc<ArtifactCache>,
 ) -> Result<Tx<'c>, StoreError> {
+    let sql = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read under the write lock: no other writer moves it until we commit.
+    let head = events::head(&*sql)?;
     Ok(Tx {
-        sql: conn.transaction_with_behavior(TransactionBehavior::Immediate)?,
+        sql,
         now: procurator_core::now_ms(),
         opened_ms,
         events: Vec::new(),
         artifacts: artifacts.clone(),
         io_error: None,
+        head,
+        head_at_begin: head,
     })
 }
 
@@ -481,8 +495,13 @@ fn commit(events: &broadcast::Sender<Event>, tx: Tx<'_>) -> Result<(), StoreErro
     let Tx {
         sql,
         events: appended,
+        head,
+        head_at_begin,
         ..
     } = tx;
+    if head != head_at_begin {
+        events::set_head(&*sql, head)?;
+    }
     sql.commit()?;
     for event in appended {
         // No subscriber is not an error: the event is in the log.

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const VERSION: i64 = 5;
+const VERSION: i64 = 6;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -132,7 +132,10 @@ CREATE TABLE IF NOT EXISTS log_bounds (
     -- Every event up to this revision is gone (pruned by age, oldest first).
     compacted INTEGER NOT NULL DEFAULT 0,
     -- The highest revision pruned for any reason, also with a deployment.
-    pruned    INTEGER NOT NULL DEFAULT 0
+    pruned    INTEGER NOT NULL DEFAULT 0,
+    -- The revision of the last event appended: the writer numbers events
+    -- from it. (Version 6.)
+    head      INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO log_bounds (id) VALUES (1);
 ";
@@ -169,6 +172,15 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
         "deployments",
         "intent_keys",
         "TEXT NOT NULL DEFAULT ''",
+    )?;
+    // Version 5 -> 6: revisions come from log_bounds.head, which starts
+    // where the row ids left off.
+    add_column(conn, "log_bounds", "head", "INTEGER NOT NULL DEFAULT 0")?;
+    conn.execute_batch(
+        "UPDATE log_bounds SET head = max(head,
+             coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),
+             coalesce((SELECT max(revision) FROM events), 0))
+         WHERE id = 1",
     )?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())

@@ -25,11 +25,10 @@ impl Store {
                 |r| r.get(0),
             )?;
             // The last revision given out, even when pruning left no event.
-            let event_log_revision = conn.fetch_one(
-                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)",
-                &[],
-                |r| r.get(0),
-            )?;
+            let event_log_revision =
+                conn.fetch_one("SELECT head FROM log_bounds WHERE id = 1", &[], |r| {
+                    r.get(0)
+                })?;
             let deployments = grouped(conn, "deployments")?
                 .into_iter()
                 .map(|(s, n)| {

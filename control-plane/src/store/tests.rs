@@ -414,3 +414,32 @@ async fn a_restart_keeps_history_and_disconnects_agents() {
             .created
     );
 }
+
+#[tokio::test]
+async fn a_failed_write_leaves_no_gap_in_the_revisions() {
+    let (_dir, store) = open();
+    let agent = || {
+        event::Kind::Agent(procurator_proto::v1::AgentConnection {
+            machine: "web-1".into(),
+            ..Default::default()
+        })
+    };
+    // Queued together, so usually one batch: the failing one's event is
+    // dropped with its savepoint, and its number is not used up.
+    let failing = store.write(move |tx| {
+        tx.emit("", agent())?;
+        Err::<u64, _>(super::StoreError::Corrupt("deliberately".into()))
+    });
+    let passing = store.write(move |tx| tx.emit("", agent()));
+    let (failed, passed) = tokio::join!(failing, passing);
+    assert!(failed.is_err());
+    assert_eq!(passed.unwrap(), 1);
+    let next = store.write(move |tx| tx.emit("", agent())).await.unwrap();
+    assert_eq!(next, 2);
+    let revisions: Vec<u64> = all_events(&store)
+        .await
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(revisions, [1, 2]);
+}

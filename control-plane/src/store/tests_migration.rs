@@ -106,14 +106,15 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     assert_is_current(&conn);
 }
 
-/// The database is at version 5: the columns of version 4 are there and
-/// empty for what was stored before, and nothing was pruned yet.
+/// The database is at version 6: the columns of version 4 are there and
+/// empty for what was stored before, nothing was pruned yet, and the log's
+/// head is where its rows left off.
 fn assert_is_current(conn: &rusqlite::Connection) {
     use rusqlite::OptionalExtension as _;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let (forced_by, intent_keys): (String, String) = conn
         .query_row(
             "SELECT forced_by, intent_keys FROM deployments LIMIT 1",
@@ -130,4 +131,42 @@ fn assert_is_current(conn: &rusqlite::Connection) {
         })
         .unwrap();
     assert_eq!(bounds, (0, 0));
+    let (head, last): (i64, i64) = conn
+        .query_row(
+            "SELECT head, (SELECT coalesce(max(revision), 0) FROM events) FROM log_bounds",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(head, last);
+}
+
+#[tokio::test]
+async fn a_version_5_database_numbers_new_events_after_its_last_even_when_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.emit_test_events(3).await.unwrap();
+    }
+    // As version 5 left it: revisions were row ids, and the last event is
+    // gone (pruned), so only SQLite's sequence remembers 3.
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE log_bounds DROP COLUMN head;
+             DELETE FROM events WHERE revision = 3;
+             PRAGMA user_version = 5;",
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    store.emit_test_events(1).await.unwrap();
+    let revisions: Vec<u64> = store
+        .events_after(0, None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(revisions, [1, 2, 4], "a revision was reused");
 }
