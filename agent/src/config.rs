@@ -3,10 +3,12 @@
 //! with a clear message instead of retrying forever.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use procurator_core::Role;
+use procurator_core::control_planes::ControlPlanes;
 use procurator_core::intent::PublicKey;
 use procurator_core::telemetry::LogFormat;
 use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
@@ -20,9 +22,16 @@ use crate::desired::check_substituter;
 #[derive(Debug, Parser)]
 #[command(name = "procurator-agent", version)]
 pub struct Cli {
-    /// The control plane, `https://HOST:PORT`.
-    #[arg(long, env = "PROCURATOR_CONTROL_PLANE", value_name = "URL")]
-    pub control_plane: String,
+    /// The control plane, `https://HOST:PORT`: once per replica (or one
+    /// load balancer's), tried in turn. In the environment, space separated.
+    #[arg(
+        long,
+        env = "PROCURATOR_CONTROL_PLANE",
+        value_name = "URL",
+        value_delimiter = ' ',
+        required = true
+    )]
+    pub control_plane: Vec<String>,
     /// The fleet CA certificate.
     #[arg(long, env = "PROCURATOR_TLS_CA", value_name = "FILE")]
     pub tls_ca: PathBuf,
@@ -142,6 +151,8 @@ impl VmmKind {
 pub enum ConfigError {
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    ControlPlane(String),
     #[error(
         "{path} holds the identity {identity}, but an agent needs role agent: procurator-ctl pki issue --role agent --name MACHINE"
     )]
@@ -173,7 +184,7 @@ const HOST_RESERVED_BYTES: u64 = 1 << 30;
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub control_plane: String,
+    pub control_planes: Arc<ControlPlanes>,
     pub tls: TlsFiles,
     pub material: TlsMaterial,
     pub state_dir: PathBuf,
@@ -239,8 +250,12 @@ impl Config {
                 identity: material.identity.to_string(),
             });
         }
-        // Checks the URL now rather than at every reconnection.
-        material.endpoint(&cli.control_plane, keepalive)?;
+        // Checks the URLs now rather than at every reconnection.
+        let control_planes =
+            ControlPlanes::new(cli.control_plane).map_err(ConfigError::ControlPlane)?;
+        for url in control_planes.all() {
+            material.endpoint(url, keepalive)?;
+        }
         check_state_dir(&cli.state_dir)?;
         let vmm = cli.vmm.unwrap_or_default();
         let vm_host = if cli.vm_host {
@@ -252,7 +267,7 @@ impl Config {
             None
         };
         Ok(Self {
-            control_plane: cli.control_plane,
+            control_planes: Arc::new(control_planes),
             tls,
             material,
             state_dir: cli.state_dir,

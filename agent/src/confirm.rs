@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use procurator_core::control_planes::ControlPlanes;
 use procurator_core::tls::{EndpointCache, TlsFiles};
 use procurator_proto::v1::ConfirmRequest;
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
@@ -40,7 +41,9 @@ enum Attempt {
 }
 
 pub struct GrpcConfirmer {
-    pub url: String,
+    /// Tried in turn, the one the stream last reached first: any replica
+    /// can confirm.
+    pub control_planes: Arc<ControlPlanes>,
     pub tls: TlsFiles,
     pub keepalive: Duration,
     /// Shared with the stream's dialer, so a confirmation resumes its TLS session.
@@ -54,17 +57,24 @@ impl GrpcConfirmer {
             Ok(material) => material,
             Err(e) => return Attempt::Retry(e.to_string()),
         };
-        let endpoint = match self
-            .endpoints
-            .endpoint(&material, &self.url, self.keepalive)
-        {
-            Ok(endpoint) => endpoint,
-            Err(e) => return Attempt::Retry(e.to_string()),
-        };
         // `connect`: a new TCP and TLS connection is the proof.
-        let channel = match endpoint.connect().await {
-            Ok(channel) => channel,
-            Err(e) => return Attempt::Retry(format!("cannot connect to {}: {e}", self.url)),
+        let mut unreachable = Vec::new();
+        let mut reached = None;
+        for url in self.control_planes.in_turn() {
+            let endpoint = match self.endpoints.endpoint(&material, url, self.keepalive) {
+                Ok(endpoint) => endpoint,
+                Err(e) => return Attempt::Retry(e.to_string()),
+            };
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    reached = Some(channel);
+                    break;
+                }
+                Err(e) => unreachable.push(format!("cannot connect to {url}: {e}")),
+            }
+        }
+        let Some(channel) = reached else {
+            return Attempt::Retry(unreachable.join("; "));
         };
         let request = ConfirmRequest {
             deployment_id: deployment_id.to_owned(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use procurator_core::PROTOCOL_VERSION;
+use procurator_core::control_planes::ControlPlanes;
 use procurator_core::nix::Nix;
 use procurator_core::tls::{EndpointCache, TlsError, TlsFiles, TlsMaterial};
 use procurator_proto::v1::agent_service_client::AgentServiceClient;
@@ -72,7 +73,8 @@ fn chain(error: &dyn std::error::Error) -> String {
 }
 
 pub struct Dialer {
-    pub url: String,
+    /// Tried in turn; the one that answered last first.
+    pub control_planes: Arc<ControlPlanes>,
     pub tls: TlsFiles,
     /// The TLS material that loaded last; kept if a reload fails.
     pub material: TlsMaterial,
@@ -140,15 +142,24 @@ impl Dialer {
     /// One connection, from dialling to its end (always an error: the agent
     /// never hangs up by itself except on shutdown, which cancels this).
     async fn session(&self, welcomed_at: &mut Option<Instant>) -> SessionError {
+        let url = self.control_planes.current().to_owned();
         let (tx, inbound, welcome) =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake()).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&url)).await {
                 Ok(Ok(connected)) => connected,
-                Ok(Err(e)) => return e,
-                Err(_) => return SessionError::NoWelcome,
+                Ok(Err(e)) => {
+                    // The next attempt goes to the next replica.
+                    self.control_planes.failed(&url);
+                    return e;
+                }
+                Err(_) => {
+                    self.control_planes.failed(&url);
+                    return SessionError::NoWelcome;
+                }
             };
+        self.control_planes.answered(&url);
         *welcomed_at = Some(Instant::now());
         tracing::info!(
-            url = %self.url,
+            url = %url,
             machine = %welcome.machine,
             control_plane_version = %welcome.control_plane_version,
             protocol_version = welcome.protocol_version,
@@ -159,6 +170,7 @@ impl Dialer {
 
     async fn handshake(
         &self,
+        url: &str,
     ) -> Result<
         (
             mpsc::Sender<AgentMessage>,
@@ -169,7 +181,7 @@ impl Dialer {
     > {
         let channel = self
             .endpoints
-            .endpoint(&self.material, &self.url, self.keepalive)?
+            .endpoint(&self.material, url, self.keepalive)?
             .connect()
             .await?;
         let mut client = AgentServiceClient::new(channel);

@@ -137,7 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ..Settings::default()
         },
         confirmer: Some(Arc::new(GrpcConfirmer {
-            url: config.control_plane.clone(),
+            control_planes: config.control_planes.clone(),
             tls: config.tls.clone(),
             keepalive: config.keepalive,
             endpoints: endpoints.clone(),
@@ -145,7 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     tracing::info!(
         identity = %config.material.identity,
-        control_plane = %config.control_plane,
+        control_plane = %config.control_planes,
         current_system = %paths.current_system().unwrap_or_default(),
         "starting"
     );
@@ -191,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .unzip();
     let working = activity.clone();
     let dialer = Dialer {
-        url: config.control_plane.clone(),
+        control_planes: config.control_planes.clone(),
         tls: config.tls.clone(),
         material: config.material.clone(),
         keepalive: config.keepalive,

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::*;
+use procurator_core::control_planes::ControlPlanes;
 
 /// Confirms `d-yes`, refuses `d-no`, knows nothing else.
 struct Fake;
@@ -77,8 +78,18 @@ async fn the_control_plane_confirms_refuses_or_does_not_know() {
         .add_service(AgentServiceServer::new(Fake))
         .serve_with_incoming(TcpListenerStream::new(listener));
     tokio::spawn(server);
+    // The first replica given is gone: the confirmation goes to the next.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_address = gone.local_addr().unwrap();
+    drop(gone);
     let confirmer = GrpcConfirmer {
-        url: format!("https://{address}"),
+        control_planes: Arc::new(
+            ControlPlanes::new([
+                format!("https://{gone_address}"),
+                format!("https://{address}"),
+            ])
+            .unwrap(),
+        ),
         tls: files(&pki_dir, "agent-worker-1"),
         keepalive: Duration::from_secs(20),
         endpoints: Arc::default(),
@@ -107,7 +118,7 @@ async fn a_control_plane_out_of_reach_is_no_answer_by_the_deadline() {
     let address = listener.local_addr().unwrap();
     drop(listener);
     let confirmer = GrpcConfirmer {
-        url: format!("https://{address}"),
+        control_planes: Arc::new(ControlPlanes::new([format!("https://{address}")]).unwrap()),
         tls: files(&pki_dir, "agent-worker-1"),
         keepalive: Duration::from_secs(20),
         endpoints: Arc::default(),

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::*;
 use crate::outcome::Outcome;
+use procurator_core::control_planes::ControlPlanes;
 
 #[test]
 fn errors_are_sorted_into_retryable_and_terminal() {
@@ -155,8 +156,18 @@ async fn start(refusals: Vec<Status>) -> Harness {
     let tls = files("agent-worker-1");
     let (vm_tx, vm_sets) = watch::channel(None);
     let (vm_results, vm_results_rx) = mpsc::channel(4);
+    // The first replica given is gone: the agent dials the next in turn.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_address = gone.local_addr().unwrap();
+    drop(gone);
     let dialer = Dialer {
-        url: format!("https://{address}"),
+        control_planes: Arc::new(
+            ControlPlanes::new([
+                format!("https://{gone_address}"),
+                format!("https://{address}"),
+            ])
+            .unwrap(),
+        ),
         material: tls.load().unwrap(),
         tls,
         keepalive: Duration::from_secs(20),
