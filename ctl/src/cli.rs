@@ -93,10 +93,7 @@ mod tests {
     #[test]
     fn connection_flags_work_before_and_after_the_subcommand() {
         let before = parse(&["--control-plane", "https://cp:7700", "status"]).unwrap();
-        assert_eq!(
-            before.connection.control_plane.as_deref(),
-            Some("https://cp:7700")
-        );
+        assert_eq!(before.connection.control_plane, ["https://cp:7700"]);
         let after = parse(&[
             "status",
             "--tls-ca",
@@ -105,9 +102,19 @@ mod tests {
             "https://x:1",
         ])
         .unwrap();
+        assert_eq!(after.connection.control_plane, ["https://x:1"]);
+        // Once per replica, or space separated.
+        let several = parse(&[
+            "status",
+            "--control-plane",
+            "https://a:1 https://b:1",
+            "--control-plane",
+            "https://c:1",
+        ])
+        .unwrap();
         assert_eq!(
-            after.connection.control_plane.as_deref(),
-            Some("https://x:1")
+            several.connection.control_plane,
+            ["https://a:1", "https://b:1", "https://c:1"]
         );
         assert_eq!(
             after.connection.tls_ca.as_deref(),

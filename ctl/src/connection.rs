@@ -2,8 +2,10 @@
 //! into messages that say what to do.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use procurator_core::control_planes::ControlPlanes;
 use procurator_core::tls::TlsFiles;
 use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
 use tonic::transport::Channel;
@@ -13,14 +15,16 @@ use tonic::{Code, Status};
 /// "Connection settings"). Global, so they may follow the subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectionArgs {
-    /// The control plane's address, e.g. https://cp.example:7700.
+    /// The control plane's address, e.g. https://cp.example:7700: once per
+    /// replica (in the environment, space separated), tried in turn.
     #[arg(
         long,
         env = "PROCURATOR_CONTROL_PLANE",
         global = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_delimiter = ' '
     )]
-    pub control_plane: Option<String>,
+    pub control_plane: Vec<String>,
 
     /// The fleet CA certificate (ca.crt from `pki init`).
     #[arg(long, env = "PROCURATOR_TLS_CA", global = true, value_name = "FILE")]
@@ -42,14 +46,13 @@ pub struct Connection {
 }
 
 impl ConnectionArgs {
-    /// Load the TLS files and prepare a channel. Nothing is dialled yet: the
-    /// first RPC connects, and its failure is reported by [`Connection::error`].
-    pub fn connect(&self) -> anyhow::Result<Connection> {
-        let url = self.control_plane.clone().ok_or_else(|| {
-            anyhow!(
-                "no control plane given: pass --control-plane https://HOST:PORT or set PROCURATOR_CONTROL_PLANE"
-            )
-        })?;
+    /// Load the TLS files and prepare a channel. With one control plane
+    /// nothing is dialled yet: the first RPC connects, and its failure is
+    /// reported by [`Connection::error`]. With several, each is dialled in
+    /// turn until one answers.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        let planes =
+            ControlPlanes::new(self.control_plane.iter().cloned()).map_err(|e| anyhow!(e))?;
         let files = TlsFiles {
             ca: required(
                 &self.tls_ca,
@@ -74,14 +77,60 @@ impl ConnectionArgs {
             .load()
             .context("cannot load the TLS files; check --tls-ca, --tls-cert and --tls-key")?;
         // The error names the URL and the expected shape; say which setting it came from.
-        let channel = material
-            .channel(&url)
-            .map_err(|e| anyhow!("{e}; check --control-plane (PROCURATOR_CONTROL_PLANE)"))?;
-        Ok(Connection {
-            url,
-            client: DeploymentServiceClient::new(channel),
-        })
+        let endpoints = planes
+            .all()
+            .iter()
+            .map(|url| {
+                material
+                    .endpoint(url, KEEPALIVE)
+                    .map(|endpoint| (url.clone(), endpoint))
+                    .map_err(|e| anyhow!("{e}; check --control-plane (PROCURATOR_CONTROL_PLANE)"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if let [(url, endpoint)] = endpoints.as_slice() {
+            return Ok(Connection {
+                url: url.clone(),
+                client: DeploymentServiceClient::new(endpoint.connect_lazy()),
+            });
+        }
+        let mut unanswered = Vec::new();
+        for (url, endpoint) in endpoints {
+            match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
+                Ok(Ok(channel)) => {
+                    return Ok(Connection {
+                        url,
+                        client: DeploymentServiceClient::new(channel),
+                    });
+                }
+                Ok(Err(e)) => unanswered.push(format!("{url}: {}", error_chain(&e))),
+                Err(_) => unanswered.push(format!(
+                    "{url}: no answer within {} s",
+                    DIAL_TIMEOUT.as_secs()
+                )),
+            }
+        }
+        bail!(
+            "none of the control planes answered ({}); check --control-plane (PROCURATOR_CONTROL_PLANE) and that one of them is running",
+            unanswered.join("; ")
+        )
     }
+}
+
+/// HTTP/2 keepalive of the connection, as the agent's.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+/// How long one of several control planes may take to answer a dial.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An error and its sources, `a: b: c`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// A TLS file that must be given and must exist; the error names the flag.
@@ -267,16 +316,17 @@ mod tests {
         assert!(!msg.contains("TLS handshake"), "{msg}");
     }
 
-    #[test]
-    fn missing_settings_name_the_flag_and_variable() {
+    #[tokio::test]
+    async fn missing_settings_name_the_flag_and_variable() {
         let args = ConnectionArgs {
-            control_plane: None,
+            control_plane: Vec::new(),
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
         };
         let err = args
             .connect()
+            .await
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -286,13 +336,14 @@ mod tests {
         );
 
         let args = ConnectionArgs {
-            control_plane: Some("https://localhost:7700".into()),
+            control_plane: vec!["https://localhost:7700".into()],
             tls_ca: Some("/nonexistent/ca.crt".into()),
             tls_cert: None,
             tls_key: None,
         };
         let err = args
             .connect()
+            .await
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

@@ -97,6 +97,15 @@ impl Ctl {
         }
     }
 
+    /// The same client given other control-plane URLs (space separated,
+    /// as `PROCURATOR_CONTROL_PLANE` takes several).
+    pub fn with_url(&self, url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            ..self.clone()
+        }
+    }
+
     /// The same client trusting another CA.
     pub fn with_ca(&self, ca: &Path) -> Self {
         Self {

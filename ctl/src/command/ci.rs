@@ -140,7 +140,7 @@ fn say(args: &Args, text: &str) -> anyhow::Result<()> {
 async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyhow::Result<Outcome> {
     // Everything that can be wrong with the settings is found before a
     // build that may take an hour.
-    let mut conn = conn.connect()?;
+    let mut conn = conn.connect().await?;
     let destination = Destination::parse(&args.publish_to)?;
     let previous = args.previous.as_deref().map(load_previous).transpose()?;
     let flake = Flake::open(&args.flake.flake)?;

@@ -19,7 +19,7 @@ pub struct Args {
 }
 
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
-    let mut conn = conn.connect()?;
+    let mut conn = conn.connect().await?;
     let deployments = conn
         .client
         .list_deployments(ListDeploymentsRequest { limit: args.limit })

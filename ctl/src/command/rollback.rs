@@ -58,7 +58,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
             "warning: --intent-public-key checks what --intent-key signs; without --intent-key the old statements go out as they were, and agents with intent keys refuse them"
         );
     }
-    let mut conn = conn.connect()?;
+    let mut conn = conn.connect().await?;
     let mut intents = HashMap::new();
     if let Some(key) = &key {
         // Sign what the target deployed, for exactly that target.

@@ -14,7 +14,7 @@ pub struct Args {
 }
 
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
-    let mut conn = conn.connect()?;
+    let mut conn = conn.connect().await?;
     let mut agents = conn
         .client
         .list_agents(ListAgentsRequest {})

@@ -42,7 +42,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     // Invalid input never leaves this machine.
     let (_, artifact_json) = super::validate::load(&args.file)
         .map_err(|e| anyhow!("{e:#}\nnothing was sent to the control plane"))?;
-    let mut conn = conn.connect()?;
+    let mut conn = conn.connect().await?;
     let response = conn
         .client
         .submit(SubmitRequest {

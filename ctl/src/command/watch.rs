@@ -23,7 +23,7 @@ pub struct Args {
 }
 
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
-    let mut conn = conn.connect()?;
+    let mut conn = conn.connect().await?;
     let id = match args.deployment {
         Some(id) => parse_id(&id)?,
         None => newest(&mut conn).await?,
