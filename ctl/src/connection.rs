@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow, bail};
 use procurator_core::control_planes::ControlPlanes;
 use procurator_core::tls::TlsFiles;
 use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Where the control plane is and who we are to it (docs/interfaces.md,
@@ -43,6 +43,8 @@ pub struct ConnectionArgs {
 pub struct Connection {
     pub url: String,
     pub client: DeploymentServiceClient<Channel>,
+    /// Every control plane given, with its endpoint, for [`Connection::move_on`].
+    planes: Vec<(String, Endpoint)>,
 }
 
 impl ConnectionArgs {
@@ -91,29 +93,39 @@ impl ConnectionArgs {
             return Ok(Connection {
                 url: url.clone(),
                 client: DeploymentServiceClient::new(endpoint.connect_lazy()),
+                planes: endpoints,
             });
         }
-        let mut unanswered = Vec::new();
-        for (url, endpoint) in endpoints {
-            match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
-                Ok(Ok(channel)) => {
-                    return Ok(Connection {
-                        url,
-                        client: DeploymentServiceClient::new(channel),
-                    });
-                }
-                Ok(Err(e)) => unanswered.push(format!("{url}: {}", error_chain(&e))),
-                Err(_) => unanswered.push(format!(
-                    "{url}: no answer within {} s",
-                    DIAL_TIMEOUT.as_secs()
-                )),
-            }
-        }
-        bail!(
-            "none of the control planes answered ({}); check --control-plane (PROCURATOR_CONTROL_PLANE) and that one of them is running",
-            unanswered.join("; ")
-        )
+        let (url, channel) = dial_in_turn(&endpoints, 0).await?;
+        Ok(Connection {
+            url,
+            client: DeploymentServiceClient::new(channel),
+            planes: endpoints,
+        })
     }
+}
+
+/// The first of `planes` to answer a dial, starting at `start`.
+async fn dial_in_turn(
+    planes: &[(String, Endpoint)],
+    start: usize,
+) -> anyhow::Result<(String, Channel)> {
+    let mut unanswered = Vec::new();
+    for i in 0..planes.len() {
+        let (url, endpoint) = &planes[(start + i) % planes.len()];
+        match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
+            Ok(Ok(channel)) => return Ok((url.clone(), channel)),
+            Ok(Err(e)) => unanswered.push(format!("{url}: {}", error_chain(&e))),
+            Err(_) => unanswered.push(format!(
+                "{url}: no answer within {} s",
+                DIAL_TIMEOUT.as_secs()
+            )),
+        }
+    }
+    bail!(
+        "none of the control planes answered ({}); check --control-plane (PROCURATOR_CONTROL_PLANE) and that one of them is running",
+        unanswered.join("; ")
+    )
 }
 
 /// HTTP/2 keepalive of the connection, as the agent's.
@@ -148,6 +160,24 @@ fn required(value: &Option<PathBuf>, flag: &str, env: &str, what: &str) -> anyho
 }
 
 impl Connection {
+    /// After the control plane in use stopped answering: go to the next
+    /// that answers, the one in use last. With a single control plane there
+    /// is nowhere else to go; its channel dials again by itself.
+    pub async fn move_on(&mut self) -> anyhow::Result<()> {
+        if self.planes.len() < 2 {
+            return Ok(());
+        }
+        let now = self
+            .planes
+            .iter()
+            .position(|(u, _)| *u == self.url)
+            .unwrap_or(0);
+        let (url, channel) = dial_in_turn(&self.planes, now + 1).await?;
+        self.url = url;
+        self.client = DeploymentServiceClient::new(channel);
+        Ok(())
+    }
+
     /// Turn a failed RPC into a message that says what went wrong and what to do.
     /// `doing` says what we were trying, e.g. "submitting the deployment".
     pub fn error(&self, status: &Status, doing: &str) -> anyhow::Error {

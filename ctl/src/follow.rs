@@ -111,6 +111,16 @@ pub async fn follow_view(
         ));
         tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+        // Given several, the next that answers; the event log is the same
+        // on every replica, so the resume from `last_revision` holds.
+        let was = conn.url.clone();
+        match conn.move_on().await {
+            Ok(()) if conn.url != was => {
+                renderer.notice(&format!("following on the control plane at {}", conn.url));
+            }
+            Ok(()) => {}
+            Err(e) => renderer.notice(&format!("{e}")),
+        }
     }
     renderer.finish(&view)?;
     Ok(view)

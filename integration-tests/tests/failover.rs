@@ -42,3 +42,71 @@ fn ctl_goes_to_the_control_plane_that_answers() {
     );
     assert!(out.stderr.contains(&dead), "{out}");
 }
+
+#[test]
+fn ctl_watch_moves_to_the_next_control_plane_when_its_own_goes() {
+    use procurator_integration_tests::control_plane::ControlPlane;
+    use std::io::Read as _;
+    use std::time::{Duration, Instant};
+
+    let mut fleet = Fleet::start_with(FleetOptions {
+        agents: Vec::new(),
+        ..FleetOptions::default()
+    })
+    .expect("fleet");
+    // A second control plane of the same fleet, with a store of its own:
+    // until replicas share one, it does not know the first one's
+    // deployments, which is how the test sees whom ctl asked.
+    let second = ControlPlane::start(&fleet.nix, &fleet.dir().join("second"), &fleet.pki)
+        .expect("second control plane");
+    let second_url = second.url().expect("url");
+    let ctl = fleet.ctl().expect("ctl");
+    let (artifact, commit) = fleet.write_deployment(&fleet.initial).expect("artifact");
+    ctl.run(&["submit", artifact.to_str().expect("utf-8")])
+        .expect("submit")
+        .expect_code(0)
+        .expect("submitted");
+    let id = fleet.deployment_by_commit(&commit).expect("deployment")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+
+    let first_url = fleet.control_plane.url().expect("url");
+    let mut watch = ctl
+        .with_url(&format!("{first_url} {second_url}"))
+        .command()
+        .args(["watch", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    // It follows the first (nothing happens: no agents), until that one goes.
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.control_plane.kill().expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = watch.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = watch.kill();
+            panic!("ctl watch did not end after its control plane went");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    watch
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("following on the control plane at {second_url}")),
+        "{stderr}"
+    );
+    // And asked it, which (with a store of its own) does not know the deployment.
+    assert!(stderr.contains(&second_url), "{stderr}");
+    assert!(stderr.contains(&id), "{stderr}");
+}
