@@ -9,7 +9,7 @@ use procurator_proto::v1::{
     DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineState, MachineUpdate, event,
 };
 
-use super::engine::{Sql as _, SqlExt as _};
+use super::engine::SqlExt as _;
 use super::rows::{StoredWave, from_sql, machine_state, parse_id, set_state, to_sql};
 use super::{Store, StoreError, Tx};
 use crate::rollout;

@@ -1,12 +1,15 @@
-//! What the store's logic asks of a database, and nothing more: run a
-//! statement, read rows. The logic (deployments, schedule, placements, …)
-//! is written once against [`Sql`]; each engine implements it (SQLite in
+//! What the store asks of a database, and nothing more: run a statement,
+//! read rows ([`Sql`]); begin and commit a write transaction on the one
+//! writer connection ([`WriterConn`], [`WriteTx`]); read a consistent
+//! snapshot on a reader connection ([`ReaderConn`]). The logic (deployments,
+//! schedule, placements, …) and the writer thread's group commit are
+//! written once against these; each engine implements them (SQLite in
 //! `engine/sqlite.rs`). Statements use SQLite's `?N` parameters, which an
 //! engine that numbers them otherwise rewrites.
 
 use super::StoreError;
 
-mod sqlite;
+pub(super) mod sqlite;
 
 /// A value bound to a statement's parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -228,3 +231,33 @@ pub trait SqlExt: Sql {
 }
 
 impl<S: Sql + ?Sized> SqlExt for S {}
+
+/// A write transaction of the writer connection.
+pub trait WriteTx: Sql {
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// The one connection that writes, owned by the writer thread.
+pub trait WriterConn: Send {
+    /// Begin a transaction that holds the engine's write lock until it
+    /// commits (or is dropped, which rolls it back).
+    fn begin(&mut self) -> Result<Box<dyn WriteTx + '_>, StoreError>;
+    /// Rows changed through this connection so far: whether a batch
+    /// changed anything.
+    fn total_changes(&self) -> u64;
+}
+
+/// A connection that only reads, owned by a reader thread.
+pub trait ReaderConn: Sql + Send {
+    /// Run `f` on one snapshot: every statement in it sees the same commits.
+    fn snapshot(
+        &self,
+        f: &mut dyn FnMut(&dyn Sql) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+}
+
+/// An engine's connections, as the store's threads take them.
+pub struct Opened {
+    pub writer: Box<dyn WriterConn>,
+    pub readers: Vec<Box<dyn ReaderConn>>,
+}

@@ -100,32 +100,46 @@ impl Store {
         limit: usize,
     ) -> Result<Result<Vec<Event>, Compacted>, StoreError> {
         self.read(move |conn| {
-            // One read transaction: the bounds and the page agree.
-            let read = conn.unchecked_transaction()?;
-            let bounds = super::retention::log_bounds(&*read)?;
-            let resume_from = match &deployment {
-                Some(id) => {
-                    let submitted: Option<i64> = read.fetch_opt(
-                        "SELECT revision FROM deployments WHERE id = ?1",
-                        &[&id.as_str()],
-                        |r| r.get(0),
-                    )?;
-                    let lost_some = submitted
-                        .is_some_and(|revision| revision_to_sql(bounds.compacted) >= revision);
-                    (lost_some && after < bounds.compacted).then_some(bounds.compacted)
-                }
-                None => (after > 0 && after < bounds.pruned).then_some(bounds.pruned),
-            };
-            if let Some(resume_from) = resume_from {
-                return Ok(Err(Compacted {
-                    asked: after,
-                    resume_from,
-                }));
-            }
-            page(&*read, after, deployment.as_ref(), limit).map(Ok)
+            // One snapshot: the bounds and the page agree.
+            let mut answer = None;
+            conn.snapshot(&mut |read| {
+                answer = Some(watch_page_in(read, after, deployment.as_ref(), limit)?);
+                Ok(())
+            })?;
+            answer.ok_or_else(|| StoreError::Corrupt("the snapshot read nothing".into()))
         })
         .await
     }
+}
+
+/// A watcher's page from one snapshot (see [`Store::watch_page`]).
+fn watch_page_in(
+    read: &dyn Sql,
+    after: u64,
+    deployment: Option<&DeploymentId>,
+    limit: usize,
+) -> Result<Result<Vec<Event>, Compacted>, StoreError> {
+    let bounds = super::retention::log_bounds(read)?;
+    let resume_from = match deployment {
+        Some(id) => {
+            let submitted: Option<i64> = read.fetch_opt(
+                "SELECT revision FROM deployments WHERE id = ?1",
+                &[&id.as_str()],
+                |r| r.get(0),
+            )?;
+            let lost_some =
+                submitted.is_some_and(|revision| revision_to_sql(bounds.compacted) >= revision);
+            (lost_some && after < bounds.compacted).then_some(bounds.compacted)
+        }
+        None => (after > 0 && after < bounds.pruned).then_some(bounds.pruned),
+    };
+    if let Some(resume_from) = resume_from {
+        return Ok(Err(Compacted {
+            asked: after,
+            resume_from,
+        }));
+    }
+    page(read, after, deployment, limit).map(Ok)
 }
 
 fn page(

@@ -27,18 +27,16 @@ mod reports;
 mod retention;
 mod rows;
 mod schedule;
-mod schema;
 mod stats;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
 use procurator_proto::v1::{Event, event};
-use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use self::artifacts::ArtifactCache;
-use self::engine::Sql as _;
+use self::engine::{ReaderConn, WriteTx, WriterConn};
 
 pub use control::{Cancelled, Confirmation, RolledBack};
 pub use deployments::{SubmitError, Submitted};
@@ -155,7 +153,7 @@ struct Inner {
 /// 10,000 desired states to send is 10,000 reads.
 const READERS: usize = 2;
 
-type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+type ReadJob = Box<dyn FnOnce(&dyn ReaderConn) + Send>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -173,7 +171,7 @@ impl Drop for Inner {
 
 /// The writer thread's side: the one connection that writes.
 struct Writer {
-    conn: Connection,
+    conn: Box<dyn WriterConn>,
     events: broadcast::Sender<Event>,
     /// When this process opened the store (Unix ms).
     opened_ms: i64,
@@ -184,7 +182,7 @@ struct Writer {
 
 /// One write transaction and the events it appends.
 pub(crate) struct Tx<'c> {
-    sql: rusqlite::Transaction<'c>,
+    sql: Box<dyn WriteTx + 'c>,
     now: i64,
     opened_ms: i64,
     events: Vec<Event>,
@@ -231,22 +229,10 @@ impl Store {
             path: data_dir.to_owned(),
             source,
         })?;
-        let path = data_dir.join(DB_FILE);
-        let open = || {
-            Connection::open(&path).map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })
-        };
-        let conn = open()?;
-        schema::prepare(&conn)?;
-        let mut readers = Vec::new();
-        for _ in 0..READERS {
-            let reader = open()?;
-            reader.pragma_update(None, "query_only", "ON")?;
-            reader.set_prepared_statement_cache_capacity(64);
-            readers.push(reader);
-        }
+        let engine::Opened {
+            writer: conn,
+            readers,
+        } = engine::sqlite::open(&data_dir.join(DB_FILE), READERS)?;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let artifacts = Arc::<ArtifactCache>::default();
         let (writable_tx, writable) = watch::channel(None);
@@ -287,7 +273,7 @@ impl Store {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("store-reader-{i}"))
-                    .spawn(move || run_reads(&conn, &queue))
+                    .spawn(move || run_reads(conn.as_ref(), &queue))
                     .map_err(thread_error)?,
             );
         }
@@ -352,7 +338,7 @@ impl Store {
     /// Run a read on a reader thread: it sees what was committed.
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&dyn ReaderConn) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (result_tx, result_rx) = oneshot::channel();
         let job: ReadJob = Box::new(move |conn| {
@@ -371,7 +357,7 @@ impl Store {
 }
 
 /// A reader thread: reads until the store is dropped.
-fn run_reads(conn: &Connection, queue: &Mutex<mpsc::Receiver<ReadJob>>) {
+fn run_reads(conn: &dyn ReaderConn, queue: &Mutex<mpsc::Receiver<ReadJob>>) {
     loop {
         let job = {
             // Only `recv` runs under this lock; nothing can poison it half-done.
@@ -438,7 +424,7 @@ impl Writer {
         delivers: &mut Vec<Deliver>,
         io_error: &mut Option<String>,
     ) -> Result<(), StoreError> {
-        let mut tx = begin(&mut self.conn, self.opened_ms, &self.artifacts)?;
+        let mut tx = begin(self.conn.as_mut(), self.opened_ms, &self.artifacts)?;
         for job in batch {
             tx.now = procurator_core::now_ms();
             let (published, head) = (tx.events.len(), tx.head);
@@ -462,7 +448,7 @@ impl Writer {
         &mut self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut tx = begin(&mut self.conn, self.opened_ms, &self.artifacts)?;
+        let mut tx = begin(self.conn.as_mut(), self.opened_ms, &self.artifacts)?;
         let value = f(&mut tx)?;
         commit(&self.events, tx)?;
         Ok(value)
@@ -470,11 +456,11 @@ impl Writer {
 }
 
 fn begin<'c>(
-    conn: &'c mut Connection,
+    conn: &'c mut dyn WriterConn,
     opened_ms: i64,
     artifacts: &Arc<ArtifactCache>,
 ) -> Result<Tx<'c>, StoreError> {
-    let sql = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let sql = conn.begin()?;
     // Read under the write lock: no other writer moves it until we commit.
     let head = events::head(&*sql)?;
     Ok(Tx {

@@ -11,7 +11,7 @@ use procurator_proto::v1::{
     MachineState, VmAssignment, VmHostCapacity, VmPlacement, VmUnplaced, VmsPlaced, event,
 };
 
-use super::engine::{Sql as _, SqlExt as _};
+use super::engine::SqlExt as _;
 use super::rows::to_sql;
 use super::{Store, StoreError, Tx};
 use crate::placement::{self, Host};

@@ -7,7 +7,6 @@ use procurator_proto::v1::{
 };
 
 use super::deployments::finish_if_done;
-use super::engine::Sql as _;
 use super::rows::{row, set_state, to_sql};
 use super::{Store, StoreError, agents};
 

@@ -4,7 +4,7 @@
 use procurator_core::{DeploymentId, MachineName};
 use procurator_proto::v1::MachineState;
 
-use super::engine::{Sql as _, SqlExt as _};
+use super::engine::SqlExt as _;
 use super::{StoreError, Tx};
 
 /// A wave as stored with its deployment.
