@@ -33,7 +33,7 @@ const NIX_VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum SessionError {
     #[error("{0}")]
     Tls(#[from] TlsError),
-    #[error("cannot connect: {}", chain(.0))]
+    #[error("cannot connect: {}", procurator_core::error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("the control plane answered {:?}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
@@ -58,18 +58,6 @@ impl SessionError {
             | SessionError::Closed => false,
         }
     }
-}
-
-/// An error and its sources, `a: b: c`.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 pub struct Dialer {

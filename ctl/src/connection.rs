@@ -115,7 +115,7 @@ async fn dial_in_turn(
         let (url, endpoint) = &planes[(start + i) % planes.len()];
         match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
             Ok(Ok(channel)) => return Ok((url.clone(), channel)),
-            Ok(Err(e)) => unanswered.push(format!("{url}: {}", error_chain(&e))),
+            Ok(Err(e)) => unanswered.push(format!("{url}: {}", procurator_core::error_chain(&e))),
             Err(_) => unanswered.push(format!(
                 "{url}: no answer within {} s",
                 DIAL_TIMEOUT.as_secs()
@@ -132,18 +132,6 @@ async fn dial_in_turn(
 const KEEPALIVE: Duration = Duration::from_secs(20);
 /// How long one of several control planes may take to answer a dial.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// An error and its sources, `a: b: c`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
 
 /// A TLS file that must be given and must exist; the error names the flag.
 fn required(value: &Option<PathBuf>, flag: &str, env: &str, what: &str) -> anyhow::Result<PathBuf> {

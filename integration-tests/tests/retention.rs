@@ -256,17 +256,21 @@ fn an_agent_reconnecting_in_a_loop_does_not_grow_the_store() {
     let worker = fleet.pki.agent("worker-1");
     let hello = |current_system: &str| json!({ "hello": { "protocolVersion": 1, "agentVersion": "grpcurl", "currentSystem": current_system } });
     let system = format!("/nix/store/{}-nixos-system-worker-1", "a".repeat(32));
+    // Connects with a good Hello and hangs up once welcomed.
+    let welcomed = || {
+        let out = grpcurl
+            .agent_stream(
+                Some(&worker),
+                &[hello(&system)],
+                true,
+                Duration::from_secs(10),
+                |s| s.contains("welcome"),
+            )
+            .expect("grpcurl");
+        assert!(out.stdout.contains("welcome"), "{out}");
+    };
     // The first contact is recorded.
-    let out = grpcurl
-        .agent_stream(
-            Some(&worker),
-            &[hello(&system)],
-            true,
-            Duration::from_secs(10),
-            |s| s.contains("welcome"),
-        )
-        .expect("grpcurl");
-    assert!(out.stdout.contains("welcome"), "{out}");
+    welcomed();
     assert_eq!(agent_events(&fleet, "worker-1"), 1);
     let before = store_bytes(&fleet);
 
@@ -286,16 +290,7 @@ fn an_agent_reconnecting_in_a_loop_does_not_grow_the_store() {
     }
     // 50 reconnects that report what it reported before.
     for _ in 0..50 {
-        let out = grpcurl
-            .agent_stream(
-                Some(&worker),
-                &[hello(&system)],
-                true,
-                Duration::from_secs(10),
-                |s| s.contains("welcome"),
-            )
-            .expect("grpcurl");
-        assert!(out.stdout.contains("welcome"), "{out}");
+        welcomed();
     }
     let grown = store_bytes(&fleet) - before;
     eprintln!(

@@ -24,6 +24,15 @@ async fn prune(store: &Store, retention: Retention) -> super::Pruned {
         .unwrap()
 }
 
+/// What a watcher from `after` would get first.
+async fn page(
+    store: &Store,
+    after: u64,
+    deployment: Option<DeploymentId>,
+) -> Result<Vec<procurator_proto::v1::Event>, Compacted> {
+    store.watch_page(after, deployment, 1000).await.unwrap()
+}
+
 /// `n` deployments of web-1, each superseding the one before.
 async fn deployments(store: &Store, n: usize) -> Vec<DeploymentId> {
     let mut ids = Vec::new();
@@ -75,27 +84,17 @@ async fn only_the_newest_deployments_are_kept_with_their_events() {
     assert!(bounds.pruned > 1);
     assert_eq!(bounds.compacted, 0, "nothing went by age");
     assert_eq!(
-        store.watch_page(1, None, 100).await.unwrap(),
+        page(&store, 1, None).await,
         Err(Compacted {
             asked: 1,
             resume_from: bounds.pruned
         })
     );
     // …but from 0 (what is kept) or from the resume point it can.
-    assert_eq!(store.watch_page(0, None, 1000).await.unwrap(), Ok(after));
-    assert!(
-        store
-            .watch_page(bounds.pruned, None, 100)
-            .await
-            .unwrap()
-            .is_ok()
-    );
+    assert_eq!(page(&store, 0, None).await, Ok(after));
+    assert!(page(&store, bounds.pruned, None).await.is_ok());
     // A kept deployment lost nothing: it replays from any revision.
-    let newest = store
-        .watch_page(1, Some(ids[12].clone()), 100)
-        .await
-        .unwrap()
-        .unwrap();
+    let newest = page(&store, 1, Some(ids[12].clone())).await.unwrap();
     assert!(matches!(
         newest.first().and_then(|e| e.kind.as_ref()),
         Some(event::Kind::Submitted(_))
@@ -170,26 +169,14 @@ async fn events_past_the_window_are_pruned_oldest_first() {
         asked: 0,
         resume_from: bounds.compacted,
     };
-    assert_eq!(
-        store
-            .watch_page(0, Some(ids[0].clone()), 100)
-            .await
-            .unwrap(),
-        Err(lost)
-    );
+    assert_eq!(page(&store, 0, Some(ids[0].clone())).await, Err(lost));
     assert!(
-        store
-            .watch_page(bounds.compacted, Some(ids[0].clone()), 100)
+        page(&store, bounds.compacted, Some(ids[0].clone()))
             .await
-            .unwrap()
             .is_ok()
     );
     // The second lost nothing.
-    let second = store
-        .watch_page(0, Some(ids[1].clone()), 100)
-        .await
-        .unwrap()
-        .unwrap();
+    let second = page(&store, 0, Some(ids[1].clone())).await.unwrap();
     assert_eq!(second.first().unwrap().revision, second_submitted);
 }
 
