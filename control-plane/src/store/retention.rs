@@ -150,7 +150,7 @@ fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> 
         // the same deployment again and carries on.
         let (last, n): (Option<i64>, i64) = tx.sql.fetch_one(
             "SELECT max(revision), count(*) FROM (SELECT revision FROM events
-             WHERE deployment_id = ?1 ORDER BY revision LIMIT ?2)",
+             WHERE deployment_id = ?1 ORDER BY revision LIMIT ?2) AS batch",
             &[&id, &BATCH],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -159,7 +159,7 @@ fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> 
                 "DELETE FROM events WHERE deployment_id = ?1 AND revision <= ?2",
                 &[&id, &last],
             )?;
-            raise_bounds(tx, None, last)?;
+            raise_bounds(tx, 0, last)?;
             return Ok(Step::Events(u64::try_from(n).unwrap_or(0)));
         }
         tx.sql
@@ -188,14 +188,17 @@ fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> 
     let n = tx
         .sql
         .exec("DELETE FROM events WHERE revision <= ?1", &[&last])?;
-    raise_bounds(tx, Some(last), last)?;
+    raise_bounds(tx, last, last)?;
     Ok(Step::Events(u64::try_from(n).unwrap_or(0)))
 }
 
-fn raise_bounds(tx: &Tx<'_>, compacted: Option<i64>, pruned: i64) -> Result<(), StoreError> {
+/// Raise the bounds to at least `compacted` and `pruned`.
+fn raise_bounds(tx: &Tx<'_>, compacted: i64, pruned: i64) -> Result<(), StoreError> {
     tx.sql.exec(
-        "UPDATE log_bounds SET compacted = max(compacted, coalesce(?1, 0)),
-                               pruned = max(pruned, ?2)
+        // CASE, not a two-argument max: the same SQL in every engine.
+        "UPDATE log_bounds
+         SET compacted = CASE WHEN ?1 > compacted THEN ?1 ELSE compacted END,
+             pruned = CASE WHEN ?2 > pruned THEN ?2 ELSE pruned END
          WHERE id = 1",
         &[&compacted, &pruned],
     )?;

@@ -236,10 +236,13 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
     let rows: Vec<rollout::Row> = {
         tx.sql.fetch_all(
             // A VM instance is reachable through its own agent or, without
-            // one, through the VM host it is placed on.
+            // one, through the VM host it is placed on. (CASE, not OR and a
+            // two-argument MAX: the same SQL in every engine.)
             "SELECT m.machine, m.wave, m.state,
-                    COALESCE(a.connected, 0) OR COALESCE(h.connected, 0),
-                    MAX(COALESCE(a.last_seen_ms, 0), COALESCE(h.last_seen_ms, 0)),
+                    CASE WHEN COALESCE(a.connected, 0) != 0 OR COALESCE(h.connected, 0) != 0
+                         THEN 1 ELSE 0 END,
+                    CASE WHEN COALESCE(a.last_seen_ms, 0) > COALESCE(h.last_seen_ms, 0)
+                         THEN COALESCE(a.last_seen_ms, 0) ELSE COALESCE(h.last_seen_ms, 0) END,
                     p.host
              FROM machines m
              LEFT JOIN agents a ON a.machine = m.machine
