@@ -9,6 +9,7 @@
 
 use super::StoreError;
 
+pub(super) mod postgres;
 pub(super) mod sqlite;
 
 /// A value bound to a statement's parameter.

@@ -74,6 +74,10 @@ pub enum StoreError {
     },
     #[error("the state database failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("the state database failed: {}", procurator_core::error_chain(.0))]
+    Postgres(#[from] postgres::Error),
+    #[error("cannot start a state store thread: {0}")]
+    Thread(std::io::Error),
     #[error("the state database holds data this version cannot use: {0}")]
     Corrupt(String),
     #[error("a state store task did not finish: {0}")]
@@ -99,6 +103,16 @@ impl StoreError {
                     | ErrorCode::CannotOpen
                     | ErrorCode::DatabaseCorrupt
             ),
+            // No SQLSTATE: the connection, not the statement, failed.
+            // Class 53: the server is out of disk, memory or connections;
+            // 58: a system error (I/O) on the server.
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_none_or(|code| {
+                        let code = code.code();
+                        code.starts_with("53") || code.starts_with("58")
+                    })
+            }
             _ => false,
         }
     }
@@ -117,6 +131,8 @@ impl From<StoreError> for tonic::Status {
             StoreError::CreateDir { .. }
             | StoreError::Open { .. }
             | StoreError::Sqlite(_)
+            | StoreError::Postgres(_)
+            | StoreError::Thread(_)
             | StoreError::Commit(_) => {
                 tonic::Status::unavailable("the control plane's state store failed; retry later")
             }
@@ -229,10 +245,22 @@ impl Store {
             path: data_dir.to_owned(),
             source,
         })?;
+        Self::start(engine::sqlite::open(&data_dir.join(DB_FILE), READERS)?)
+    }
+
+    /// Open the store in the PostgreSQL database at `url` (a libpq URL or
+    /// key=value string), making its schema current. Blocking, as
+    /// [`Store::open`].
+    pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        Self::start(engine::postgres::open(url, READERS)?)
+    }
+
+    /// The writer and reader threads over an engine's connections.
+    fn start(opened: engine::Opened) -> Result<Self, StoreError> {
         let engine::Opened {
             writer: conn,
             readers,
-        } = engine::sqlite::open(&data_dir.join(DB_FILE), READERS)?;
+        } = opened;
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let artifacts = Arc::<ArtifactCache>::default();
         let (writable_tx, writable) = watch::channel(None);
@@ -243,11 +271,14 @@ impl Store {
             artifacts: artifacts.clone(),
             writable: writable_tx,
         };
-        writer.write(agents::disconnect_all)?;
-        let thread_error = |source| StoreError::CreateDir {
-            path: data_dir.to_owned(),
-            source,
-        };
+        // On a plain thread: an engine's synchronous client may not block
+        // inside the caller's async runtime.
+        std::thread::scope(|s| {
+            s.spawn(|| writer.write(agents::disconnect_all))
+                .join()
+                .unwrap_or_else(|_| Err(StoreError::Corrupt("the first write panicked".into())))
+        })?;
+        let thread_error = StoreError::Thread;
         let (writes, queue) = mpsc::channel();
         let mut threads = vec![
             std::thread::Builder::new()
@@ -514,6 +545,9 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod test_db;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests;

@@ -16,10 +16,9 @@ use crate::test_support::artifact;
 pub(super) const COMMIT_A: &str = "aaaaaaa0000000000000000000000000000000aa";
 pub(super) const COMMIT_B: &str = "bbbbbbb0000000000000000000000000000000bb";
 
-pub(super) fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    (dir, store)
+/// A store on a new database of the engine under test (see `test_db.rs`).
+pub(super) fn open() -> (super::test_db::TestDb, Store) {
+    super::test_db::TestDb::open()
 }
 
 pub(super) fn m(name: &str) -> MachineName {

@@ -106,17 +106,15 @@ async fn only_the_newest_deployments_are_kept_with_their_events() {
 
 #[tokio::test]
 async fn unfinished_deployments_are_kept_however_old() {
-    let (dir, store) = open();
+    let (db, store) = open();
     let ids = deployments(&store, 5).await;
     // A newer deployment supersedes every older one's unfinished rows, so
     // an old one still running is a store's corner; it is kept all the same.
-    let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
-    conn.execute(
-        "UPDATE deployments SET state = ?1 WHERE id = ?2",
-        rusqlite::params![DeploymentState::Running as i32, ids[0].as_str()],
-    )
-    .unwrap();
-    drop(conn);
+    db.exec(&format!(
+        "UPDATE deployments SET state = {} WHERE id = '{}'",
+        DeploymentState::Running as i32,
+        ids[0]
+    ));
     assert_eq!(prune(&store, keep(1)).await.deployments, 3);
     let listed: Vec<String> = store
         .list_deployments(100)
@@ -130,7 +128,7 @@ async fn unfinished_deployments_are_kept_however_old() {
 
 #[tokio::test]
 async fn events_past_the_window_are_pruned_oldest_first() {
-    let (dir, store) = open();
+    let (db, store) = open();
     let ids = deployments(&store, 2).await;
     let events = all_events(&store).await;
     let second_submitted = events
@@ -142,13 +140,9 @@ async fn events_past_the_window_are_pruned_oldest_first() {
         .revision;
     // The first deployment's events happened 40 days ago.
     let forty_days_ago = procurator_core::now_ms() - 40 * 24 * 3600 * 1000;
-    let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
-    conn.execute(
-        "UPDATE events SET at_ms = ?1 WHERE revision < ?2",
-        rusqlite::params![forty_days_ago, second_submitted],
-    )
-    .unwrap();
-    drop(conn);
+    db.exec(&format!(
+        "UPDATE events SET at_ms = {forty_days_ago} WHERE revision < {second_submitted}"
+    ));
 
     let window = Retention {
         deployments: 100,

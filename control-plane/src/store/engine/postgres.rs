@@ -1,0 +1,310 @@
+//! PostgreSQL, for control planes that share one database: the `postgres`
+//! crate, synchronous, on the store's writer and reader threads. Writes are
+//! serialized cluster-wide by an advisory lock each batch takes, which is
+//! what makes the log's head, and so every revision, gapless and in commit
+//! order whichever replica writes (docs: SCALE-OUT §4). Statements are the
+//! store's own with `?N` rewritten to `$N`.
+
+use std::cell::{Cell as Counter, RefCell};
+use std::collections::HashMap;
+
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, IsolationLevel, NoTls, Statement};
+
+use super::{Cell, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx, WriterConn};
+
+mod schema;
+
+/// `pg_advisory_xact_lock` keys: the store's writes, and its migrations.
+const WRITE_LOCK: i64 = 0x7072_6f63_7772_6974; // "procwrit"
+const MIGRATE_LOCK: i64 = 0x7072_6f63_6d69_6772; // "procmigr"
+
+/// The writer connection (the schema made current) and `readers` more, to
+/// the database at `url` (a libpq URL or key=value string).
+pub fn open(url: &str, readers: usize) -> Result<Opened, StoreError> {
+    // The synchronous client runs a runtime of its own, which must not be
+    // made inside another's context (the caller may be a tokio task): make
+    // the connections on a thread of their own. The store's threads, which
+    // use them, are plain threads too.
+    std::thread::scope(|s| {
+        s.spawn(|| connect_all(url, readers))
+            .join()
+            .unwrap_or_else(|_| {
+                Err(StoreError::Corrupt(
+                    "connecting to PostgreSQL panicked".into(),
+                ))
+            })
+    })
+}
+
+fn connect_all(url: &str, readers: usize) -> Result<Opened, StoreError> {
+    let connect = || Client::connect(url, NoTls).map_err(StoreError::from);
+    let mut writer = connect()?;
+    schema::prepare(&mut writer)?;
+    let mut all: Vec<Box<dyn ReaderConn>> = Vec::with_capacity(readers);
+    for _ in 0..readers {
+        all.push(Box::new(Pg::new(connect()?)));
+    }
+    Ok(Opened {
+        writer: Box::new(PgWriter {
+            pg: Pg::new(writer),
+            changes: Counter::new(0),
+        }),
+        readers: all,
+    })
+}
+
+/// A connection and the statements prepared on it.
+struct Pg {
+    client: RefCell<Client>,
+    prepared: RefCell<HashMap<String, Statement>>,
+}
+
+impl Pg {
+    fn new(client: Client) -> Self {
+        Self {
+            client: RefCell::new(client),
+            prepared: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+/// The statement for `sql`, prepared once per connection.
+fn statement(
+    prepared: &RefCell<HashMap<String, Statement>>,
+    sql: &str,
+    prepare: impl FnOnce(&str) -> Result<Statement, postgres::Error>,
+) -> Result<Statement, StoreError> {
+    if let Some(found) = prepared.borrow().get(sql) {
+        return Ok(found.clone());
+    }
+    let made = prepare(&dollar_params(sql))?;
+    prepared.borrow_mut().insert(sql.to_owned(), made.clone());
+    Ok(made)
+}
+
+/// `?N` → `$N`, outside quoted strings and identifiers.
+fn dollar_params(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quote = None;
+    for c in sql.chars() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '?') => {
+                out.push('$');
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn bind<'a>(params: &'a Params<'_>) -> Vec<Param<'a>> {
+    params.iter().map(|p| p.to_param()).collect()
+}
+
+fn refs<'a>(bound: &'a [Param<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
+}
+
+impl ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *self {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(n) => match *ty {
+                Type::INT8 => n.to_sql(ty, out),
+                Type::INT4 => i32::try_from(n)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(n)?.to_sql(ty, out),
+                Type::BOOL => (n != 0).to_sql(ty, out),
+                _ => Err(format!("an integer given for a parameter of type {ty}").into()),
+            },
+            Param::Text(text) => text.to_sql(ty, out),
+            Param::Bytes(bytes) => bytes.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        // Which Rust value fits is decided per parameter, in `to_sql`.
+        true
+    }
+
+    to_sql_checked!();
+}
+
+impl Row for postgres::Row {
+    fn cell(&self, index: usize) -> Result<Cell<'_>, StoreError> {
+        let Some(column) = self.columns().get(index) else {
+            return Err(StoreError::Corrupt(format!("no column {index} in the row")));
+        };
+        let cell = match *column.type_() {
+            Type::INT8 => self.try_get::<_, Option<i64>>(index)?.map(Cell::Int),
+            Type::INT4 => self
+                .try_get::<_, Option<i32>>(index)?
+                .map(|n| Cell::Int(i64::from(n))),
+            Type::INT2 => self
+                .try_get::<_, Option<i16>>(index)?
+                .map(|n| Cell::Int(i64::from(n))),
+            // `EXISTS (…)` and comparisons: as SQLite's 0 and 1.
+            Type::BOOL => self
+                .try_get::<_, Option<bool>>(index)?
+                .map(|b| Cell::Int(i64::from(b))),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                self.try_get::<_, Option<&str>>(index)?.map(Cell::Text)
+            }
+            Type::BYTEA => self.try_get::<_, Option<&[u8]>>(index)?.map(Cell::Bytes),
+            ref other => {
+                return Err(StoreError::Corrupt(format!(
+                    "column {index} is of type {other}, which the store never reads"
+                )));
+            }
+        };
+        Ok(cell.unwrap_or(Cell::Null))
+    }
+}
+
+impl Sql for Pg {
+    fn exec(&self, sql: &str, params: &Params<'_>) -> Result<usize, StoreError> {
+        let mut client = self.client.borrow_mut();
+        let stmt = statement(&self.prepared, sql, |s| client.prepare(s))?;
+        let bound = bind(params);
+        let n = client.execute(&stmt, &refs(&bound))?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn exec_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.client.borrow_mut().batch_execute(sql)?)
+    }
+
+    fn for_each_row(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client.borrow_mut();
+        let stmt = statement(&self.prepared, sql, |s| client.prepare(s))?;
+        let bound = bind(params);
+        let rows = client.query(&stmt, &refs(&bound))?;
+        drop(client);
+        for row in &rows {
+            if !each(row)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A transaction of a [`Pg`] connection: the writer's, or a reader's snapshot.
+struct PgTx<'c> {
+    tx: RefCell<postgres::Transaction<'c>>,
+    prepared: &'c RefCell<HashMap<String, Statement>>,
+    /// Rows changed, for the writer's [`WriterConn::total_changes`].
+    changes: Option<&'c Counter<u64>>,
+}
+
+impl Sql for PgTx<'_> {
+    fn exec(&self, sql: &str, params: &Params<'_>) -> Result<usize, StoreError> {
+        let mut tx = self.tx.borrow_mut();
+        let stmt = statement(self.prepared, sql, |s| tx.prepare(s))?;
+        let bound = bind(params);
+        let n = tx.execute(&stmt, &refs(&bound))?;
+        if let Some(changes) = self.changes {
+            changes.set(changes.get().saturating_add(n));
+        }
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn exec_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.tx.borrow_mut().batch_execute(sql)?)
+    }
+
+    fn for_each_row(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.tx.borrow_mut();
+        let stmt = statement(self.prepared, sql, |s| tx.prepare(s))?;
+        let bound = bind(params);
+        let rows = tx.query(&stmt, &refs(&bound))?;
+        drop(tx);
+        for row in &rows {
+            if !each(row)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WriteTx for PgTx<'_> {
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(self.tx.into_inner().commit()?)
+    }
+}
+
+struct PgWriter {
+    pg: Pg,
+    changes: Counter<u64>,
+}
+
+impl WriterConn for PgWriter {
+    fn begin(&mut self) -> Result<Box<dyn WriteTx + '_>, StoreError> {
+        let client = self.pg.client.get_mut();
+        let mut tx = client.transaction()?;
+        // One writer at a time in the whole cluster, until this commits.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])?;
+        Ok(Box::new(PgTx {
+            tx: RefCell::new(tx),
+            prepared: &self.pg.prepared,
+            changes: Some(&self.changes),
+        }))
+    }
+
+    fn total_changes(&self) -> u64 {
+        self.changes.get()
+    }
+}
+
+impl ReaderConn for Pg {
+    fn snapshot(
+        &self,
+        f: &mut dyn FnMut(&dyn Sql) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client.borrow_mut();
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let snapshot = PgTx {
+            tx: RefCell::new(tx),
+            prepared: &self.prepared,
+            changes: None,
+        };
+        f(&snapshot)?;
+        Ok(snapshot.tx.into_inner().commit()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_numbered_as_postgresql_numbers_them() {
+        assert_eq!(
+            dollar_params("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND \"d?\" = ?2"),
+            "SELECT a FROM t WHERE b = $1 AND c = '?2' AND \"d?\" = $2"
+        );
+    }
+}
