@@ -18,13 +18,26 @@ struct Args {
     /// Address to listen on; port 0 picks a free port (see --ready-file).
     #[arg(long, env = "PROCURATOR_LISTEN", default_value = "0.0.0.0:7700")]
     listen: String,
-    /// Directory of the state database (procurator.db).
+    /// Directory of the state database (procurator.db) when --database is sqlite.
     #[arg(
         long,
         env = "PROCURATOR_DATA_DIR",
         default_value = "/var/lib/procurator"
     )]
     data_dir: PathBuf,
+    /// Where the state store lives: `sqlite` (in --data-dir), or a PostgreSQL
+    /// URL, e.g. postgres://procurator@db1,db2/procurator?target_session_attrs=read-write.
+    #[arg(
+        long,
+        env = "PROCURATOR_DATABASE",
+        default_value = "sqlite",
+        value_name = "URL"
+    )]
+    database: String,
+    /// A file holding the PostgreSQL password (e.g. a systemd credential),
+    /// so it stays out of the URL and the process list.
+    #[arg(long, env = "PROCURATOR_DATABASE_PASSWORD_FILE", value_name = "FILE")]
+    database_password_file: Option<PathBuf>,
     /// The fleet CA certificate: clients must present a certificate it signed.
     #[arg(long, env = "PROCURATOR_TLS_CA")]
     tls_ca: PathBuf,
@@ -70,9 +83,14 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(args.log_format, "info");
     open_files::raise_limit();
 
+    let database = database(
+        &args.database,
+        args.data_dir,
+        args.database_password_file.as_deref(),
+    )?;
     let config = server::Config {
         listen: args.listen,
-        data_dir: args.data_dir,
+        database,
         tls: TlsFiles {
             ca: args.tls_ca,
             cert: args.tls_cert,
@@ -94,6 +112,32 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("the control plane stopped")?;
     Ok(())
+}
+
+/// `--database` as the store takes it.
+fn database(
+    database: &str,
+    data_dir: PathBuf,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<store::Database> {
+    if database == "sqlite" {
+        if password_file.is_some() {
+            anyhow::bail!("--database-password-file is for a PostgreSQL --database, not sqlite");
+        }
+        return Ok(store::Database::Sqlite { data_dir });
+    }
+    let mut config: postgres::Config = database.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "--database {database:?} is neither sqlite nor a PostgreSQL URL \
+             (postgres://USER@HOST[:PORT][,HOST…]/DATABASE?…): {e}"
+        )
+    })?;
+    if let Some(path) = password_file {
+        let password = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --database-password-file {}", path.display()))?;
+        config.password(password.trim_end_matches(['\n', '\r']));
+    }
+    Ok(store::Database::Postgres(Box::new(config)))
 }
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.

@@ -24,7 +24,7 @@ use crate::deployment_service::DeploymentSvc;
 use crate::dispatcher::Dispatcher;
 use crate::metrics::Metrics;
 use crate::metrics::layer::RpcMetricsLayer;
-use crate::store::{Retention, Store, StoreError};
+use crate::store::{Database, Retention, Store, StoreError};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -35,7 +35,8 @@ const MAX_SUBMIT_BYTES: usize = MAX_ARTIFACT_BYTES + 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
-    pub data_dir: PathBuf,
+    /// Where the state store lives.
+    pub database: Database,
     pub tls: TlsFiles,
     pub ready_file: Option<PathBuf>,
     pub hello_timeout: Duration,
@@ -110,11 +111,11 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     if tls.identity.role != Role::ControlPlane {
         tracing::warn!(identity = %tls.identity, "the server certificate is not a control-plane certificate");
     }
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
+    let database = config.database.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_database(&database))
         .await
         .map_err(StoreError::from)??;
-    tracing::info!(path = %config.data_dir.join(crate::store::DB_FILE).display(), "state store open");
+    tracing::info!(database = %config.database, "state store open");
 
     // Only now, with the store open, does anything report SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();

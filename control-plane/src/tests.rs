@@ -54,7 +54,9 @@ impl TestServer {
         let ready = dir.path().join("ready");
         let mut config = server::Config {
             listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().join("data"),
+            database: crate::store::Database::Sqlite {
+                data_dir: dir.path().join("data"),
+            },
             tls: TlsFiles {
                 ca: init.ca_cert,
                 cert: init.control_plane.cert,

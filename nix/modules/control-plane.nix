@@ -98,6 +98,29 @@ in
       '';
     };
 
+    database = {
+      url = lib.mkOption {
+        type = lib.types.str;
+        default = "sqlite";
+        example = "postgres://procurator@db1.example.org,db2.example.org/procurator?target_session_attrs=read-write";
+        description = ''
+          Where the state store lives (`--database`): `sqlite`, the embedded
+          store in {option}`stateDirectory`, or a PostgreSQL URL (several
+          hosts with `target_session_attrs=read-write` follow a failover).
+          Put the password in {option}`database.passwordFile`, not here.
+        '';
+      };
+      passwordFile = lib.mkOption {
+        type = lib.types.nullOr secretPath;
+        default = null;
+        example = "/run/secrets/procurator-db-password";
+        description = ''
+          A file holding the PostgreSQL password (`--database-password-file`);
+          systemd hands the service a copy (`LoadCredential=`).
+        '';
+      };
+    };
+
     retention = {
       deployments = lib.mkOption {
         type = lib.types.ints.positive;
@@ -170,11 +193,14 @@ in
               (toString cfg.retention.deployments)
               "--retain-events-days"
               (toString cfg.retention.eventsDays)
+              "--database"
+              cfg.database.url
             ])
             # %d is the credentials directory LoadCredential= fills; it is
             # left unescaped so systemd expands it.
             "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
           ]
+          ++ lib.optional (cfg.database.passwordFile != null) "--database-password-file %d/db-password"
           ++ lib.optional (cfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs cfg.extraArgs)
         );
         # Copies readable by the dynamic user only, whatever the modes of the
@@ -183,7 +209,8 @@ in
           "ca.crt:${cfg.tls.caFile}"
           "tls.crt:${cfg.tls.certFile}"
           "tls.key:${cfg.tls.keyFile}"
-        ];
+        ]
+        ++ lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}";
 
         # SIGTERM drains in-flight RPCs for at most 10 s, then exits 0.
         KillSignal = "SIGTERM";

@@ -285,7 +285,7 @@ optionChecks "agent.nix" (agent agentSettings).options
 ++ expect "control plane ExecStart" (builtins.concatStringsSep " " [
   ''"/nix/store/00000000000000000000000000000000-procurator-control-plane/bin/procurator-control-plane"''
   ''"--listen" "0.0.0.0:7700" "--data-dir" "/var/lib/procurator" "--log-format" "text"''
-  ''"--retain-deployments" "500" "--retain-events-days" "30"''
+  ''"--retain-deployments" "500" "--retain-events-days" "30" "--database" "sqlite"''
   "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
 ]) cpUnit.serviceConfig.ExecStart
 ++ expect "control plane retention" true (
@@ -296,6 +296,21 @@ optionChecks "agent.nix" (agent agentSettings).options
         eventsDays = 7;
       };
     })).config.systemd.services.procurator-control-plane.serviceConfig.ExecStart
+)
+++ expect "control plane on PostgreSQL" [ true true ] (
+  let
+    unit =
+      (controlPlane (withControlPlane {
+        database = {
+          url = "postgres://procurator@db1,db2/procurator?target_session_attrs=read-write&sslmode=require";
+          passwordFile = "/run/secrets/db-password";
+        };
+      })).config.systemd.services.procurator-control-plane.serviceConfig;
+  in
+  [
+    (stub.lib.hasInfix "--database-password-file %d/db-password" unit.ExecStart)
+    (builtins.elem "db-password:/run/secrets/db-password" unit.LoadCredential)
+  ]
 )
 ++ expect "control plane LoadCredential" [
   "ca.crt:/etc/procurator/tls/ca.crt"

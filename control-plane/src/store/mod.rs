@@ -146,6 +146,43 @@ impl From<StoreError> for tonic::Status {
     }
 }
 
+/// Where the store lives (`--database`).
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// `DATA_DIR/procurator.db`, the embedded default.
+    Sqlite { data_dir: PathBuf },
+    /// A PostgreSQL database, for control planes that share one.
+    Postgres(Box<postgres::Config>),
+}
+
+impl std::fmt::Display for Database {
+    /// For logs: where, never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite { data_dir } => {
+                write!(f, "sqlite {}", data_dir.join(DB_FILE).display())
+            }
+            Database::Postgres(config) => {
+                let hosts: Vec<String> = config
+                    .get_hosts()
+                    .iter()
+                    .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+                    .map(|(host, port)| match host {
+                        postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                        postgres::config::Host::Unix(path) => format!("{}:{port}", path.display()),
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "postgresql {} database {}",
+                    hosts.join(","),
+                    config.get_dbname().unwrap_or("(the user's)")
+                )
+            }
+        }
+    }
+}
+
 /// The state store. Cheap to clone; all clones share its writer and readers.
 #[derive(Clone)]
 pub struct Store {
@@ -248,11 +285,18 @@ impl Store {
         Self::start(engine::sqlite::open(&data_dir.join(DB_FILE), READERS)?)
     }
 
-    /// Open the store in the PostgreSQL database at `url` (a libpq URL or
-    /// key=value string), making its schema current. Blocking, as
-    /// [`Store::open`].
-    pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
-        Self::start(engine::postgres::open(url, READERS)?)
+    /// Open the store in the PostgreSQL database `config` names, making its
+    /// schema current. Blocking, as [`Store::open`].
+    pub fn open_postgres(config: &postgres::Config) -> Result<Self, StoreError> {
+        Self::start(engine::postgres::open(config, READERS)?)
+    }
+
+    /// Open the store where `database` says.
+    pub fn open_database(database: &Database) -> Result<Self, StoreError> {
+        match database {
+            Database::Sqlite { data_dir } => Self::open(data_dir),
+            Database::Postgres(config) => Self::open_postgres(config),
+        }
     }
 
     /// The writer and reader threads over an engine's connections.

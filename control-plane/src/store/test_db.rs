@@ -27,7 +27,8 @@ impl TestDb {
                     N.fetch_add(1, Ordering::Relaxed)
                 );
                 run(&server, "postgres", &format!("CREATE DATABASE {name}"));
-                let store = Store::open_postgres(&format!("{server}/{name}")).unwrap();
+                let config: postgres::Config = format!("{server}/{name}").parse().unwrap();
+                let store = Store::open_postgres(&config).unwrap();
                 (Self::Postgres { server, name }, store)
             }
             Err(_) => {

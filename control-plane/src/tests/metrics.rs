@@ -38,7 +38,10 @@ async fn start_with_metrics() -> (TestServer, String) {
     let mut metrics_ready = None;
     let server = TestServer::start_with(Duration::from_secs(10), |config| {
         config.metrics_listen = Some("127.0.0.1:0".into());
-        let path = config.data_dir.with_file_name("metrics-ready");
+        let crate::store::Database::Sqlite { data_dir } = &config.database else {
+            panic!("the test servers run on SQLite");
+        };
+        let path = data_dir.with_file_name("metrics-ready");
         config.metrics_ready_file = Some(path.clone());
         metrics_ready = Some(path);
     })

@@ -20,14 +20,14 @@ const WRITE_LOCK: i64 = 0x7072_6f63_7772_6974; // "procwrit"
 const MIGRATE_LOCK: i64 = 0x7072_6f63_6d69_6772; // "procmigr"
 
 /// The writer connection (the schema made current) and `readers` more, to
-/// the database at `url` (a libpq URL or key=value string).
-pub fn open(url: &str, readers: usize) -> Result<Opened, StoreError> {
+/// the database `config` names.
+pub fn open(config: &postgres::Config, readers: usize) -> Result<Opened, StoreError> {
     // The synchronous client runs a runtime of its own, which must not be
     // made inside another's context (the caller may be a tokio task): make
     // the connections on a thread of their own. The store's threads, which
     // use them, are plain threads too.
     std::thread::scope(|s| {
-        s.spawn(|| connect_all(url, readers))
+        s.spawn(|| connect_all(config, readers))
             .join()
             .unwrap_or_else(|_| {
                 Err(StoreError::Corrupt(
@@ -37,8 +37,8 @@ pub fn open(url: &str, readers: usize) -> Result<Opened, StoreError> {
     })
 }
 
-fn connect_all(url: &str, readers: usize) -> Result<Opened, StoreError> {
-    let connect = || Client::connect(url, NoTls).map_err(StoreError::from);
+fn connect_all(config: &postgres::Config, readers: usize) -> Result<Opened, StoreError> {
+    let connect = || config.connect(NoTls).map_err(StoreError::from);
     let mut writer = connect()?;
     schema::prepare(&mut writer)?;
     let mut all: Vec<Box<dyn ReaderConn>> = Vec::with_capacity(readers);
