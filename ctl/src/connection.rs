@@ -1,6 +1,7 @@
 //! Connecting to the control plane over mutual TLS, and turning gRPC statuses
 //! into messages that say what to do.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,8 +44,10 @@ pub struct ConnectionArgs {
 pub struct Connection {
     pub url: String,
     pub client: DeploymentServiceClient<Channel>,
-    /// Every control plane given, with its endpoint, for [`Connection::move_on`].
-    planes: Vec<(String, Endpoint)>,
+    /// Every control plane given, tried in turn (see [`Connection::move_on`]).
+    planes: ControlPlanes,
+    /// Each one's endpoint, by URL.
+    endpoints: HashMap<String, Endpoint>,
 }
 
 impl ConnectionArgs {
@@ -88,33 +91,38 @@ impl ConnectionArgs {
                     .map(|endpoint| (url.clone(), endpoint))
                     .map_err(|e| anyhow!("{e}; check --control-plane (PROCURATOR_CONTROL_PLANE)"))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        if let [(url, endpoint)] = endpoints.as_slice() {
+            .collect::<anyhow::Result<HashMap<_, _>>>()?;
+        if let [url] = planes.all() {
+            let client = DeploymentServiceClient::new(endpoints[url].connect_lazy());
             return Ok(Connection {
                 url: url.clone(),
-                client: DeploymentServiceClient::new(endpoint.connect_lazy()),
-                planes: endpoints,
+                client,
+                planes,
+                endpoints,
             });
         }
-        let (url, channel) = dial_in_turn(&endpoints, 0).await?;
+        let (url, channel) = dial_in_turn(&planes, &endpoints).await?;
         Ok(Connection {
             url,
             client: DeploymentServiceClient::new(channel),
-            planes: endpoints,
+            planes,
+            endpoints,
         })
     }
 }
 
-/// The first of `planes` to answer a dial, starting at `start`.
+/// The first of `planes` to answer a dial, in their turn.
 async fn dial_in_turn(
-    planes: &[(String, Endpoint)],
-    start: usize,
+    planes: &ControlPlanes,
+    endpoints: &HashMap<String, Endpoint>,
 ) -> anyhow::Result<(String, Channel)> {
     let mut unanswered = Vec::new();
-    for i in 0..planes.len() {
-        let (url, endpoint) = &planes[(start + i) % planes.len()];
-        match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect()).await {
-            Ok(Ok(channel)) => return Ok((url.clone(), channel)),
+    for url in planes.in_turn() {
+        match tokio::time::timeout(DIAL_TIMEOUT, endpoints[url].connect()).await {
+            Ok(Ok(channel)) => {
+                planes.answered(url);
+                return Ok((url.to_owned(), channel));
+            }
             Ok(Err(e)) => unanswered.push(format!("{url}: {}", procurator_core::error_chain(&e))),
             Err(_) => unanswered.push(format!(
                 "{url}: no answer within {} s",
@@ -152,15 +160,11 @@ impl Connection {
     /// that answers, the one in use last. With a single control plane there
     /// is nowhere else to go; its channel dials again by itself.
     pub async fn move_on(&mut self) -> anyhow::Result<()> {
-        if self.planes.len() < 2 {
+        if self.planes.all().len() < 2 {
             return Ok(());
         }
-        let now = self
-            .planes
-            .iter()
-            .position(|(u, _)| *u == self.url)
-            .unwrap_or(0);
-        let (url, channel) = dial_in_turn(&self.planes, now + 1).await?;
+        self.planes.failed(&self.url);
+        let (url, channel) = dial_in_turn(&self.planes, &self.endpoints).await?;
         self.url = url;
         self.client = DeploymentServiceClient::new(channel);
         Ok(())

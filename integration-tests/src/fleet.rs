@@ -325,6 +325,15 @@ impl Fleet {
             .with_context(|| format!("no deployment of commit {commit} in {reply}"))
     }
 
+    /// The id of the deployment of `commit`.
+    pub fn deployment_id(&self, commit: &str) -> Result<String> {
+        let deployment = self.deployment_by_commit(commit)?;
+        deployment["id"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("a deployment without an id: {deployment}"))
+    }
+
     /// Machine name -> its status object in a `Deployment`.
     pub fn machine_states(deployment: &Value) -> BTreeMap<String, Value> {
         deployment

@@ -1,10 +1,10 @@
 //! A PostgreSQL cluster of the test's own: `initdb` into a temporary
 //! folder, the postmaster in the foreground as the `postgres` user (initdb
-//! and postgres refuse root), on a unix socket in that folder and a loopback
-//! port, stopped and removed when dropped, also when the test fails.
+//! and postgres refuse root), on a unix socket in that folder only (no TCP
+//! port to pick, so none to collide on), stopped and removed when dropped,
+//! also when the test fails.
 //! Debian's `postgresql` package provides the binaries (`scripts/setup.sh`).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -15,6 +15,8 @@ use crate::process::Process;
 
 /// The database role `initdb` creates, trusted on the socket and loopback.
 pub const USER: &str = "procurator";
+/// Names the socket (`.s.PGSQL.5432`) in the cluster's own folder.
+const PORT: u16 = 5432;
 /// How long the postmaster may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -23,7 +25,6 @@ pub struct Postgres {
     /// Removed when dropped, after the postmaster has stopped (field order).
     process: Option<Process>,
     dir: tempfile::TempDir,
-    port: u16,
     starts: u32,
 }
 
@@ -55,7 +56,6 @@ impl Postgres {
             bin,
             process: None,
             dir,
-            port: free_port()?,
             starts: 0,
         };
         pg.spawn()?;
@@ -67,17 +67,10 @@ impl Postgres {
         cmd.arg("-D")
             .arg(self.data_dir())
             .arg("-p")
-            .arg(self.port.to_string())
+            .arg(PORT.to_string())
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            // Dead sessions release their locks within seconds.
-            .args([
-                "-c",
-                "tcp_keepalives_idle=5",
-                "-c",
-                "tcp_keepalives_interval=2",
-            ])
+            .args(["-c", "listen_addresses="])
             // A test cluster: losing the last commits on a host crash is fine.
             .args(["-c", "fsync=off"]);
         self.starts += 1;
@@ -104,7 +97,7 @@ impl Postgres {
                 .arg("-h")
                 .arg(self.dir.path())
                 .arg("-p")
-                .arg(self.port.to_string())
+                .arg(PORT.to_string())
                 .status()
                 .context("running pg_isready")?;
             Ok(ready.success().then_some(()))
@@ -120,13 +113,15 @@ impl Postgres {
         self.dir.path()
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
+    /// The cluster as libpq's key=value connection string, without a
+    /// database: append ` dbname=NAME`.
+    pub fn server(&self) -> String {
+        format!("host={} port={PORT} user={USER}", self.dir.path().display())
     }
 
-    /// A libpq URL of database `database` over loopback TCP.
+    /// The connection string of database `database`.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://{USER}@127.0.0.1:{}/{database}", self.port)
+        format!("{} dbname={database}", self.server())
     }
 
     /// Runs `sql` with psql on the unix socket; returns what it printed
@@ -136,7 +131,7 @@ impl Postgres {
             .arg("-h")
             .arg(self.dir.path())
             .arg("-p")
-            .arg(self.port.to_string())
+            .arg(PORT.to_string())
             .args([
                 "-U",
                 USER,
@@ -169,7 +164,7 @@ impl Postgres {
         Ok(())
     }
 
-    /// Starts it again on the same port and data (crash recovery runs).
+    /// Starts it again on the same socket and data (crash recovery runs).
     pub fn start_again(&mut self) -> Result<()> {
         anyhow::ensure!(self.process.is_none(), "postgres is running");
         self.spawn()
@@ -218,9 +213,4 @@ fn chown_to_postgres(dir: &Path) -> Result<()> {
     nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
         .with_context(|| format!("chown postgres {}", dir.display()))?;
     Ok(())
-}
-
-/// A loopback port nothing listens on now.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

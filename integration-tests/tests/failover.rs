@@ -4,7 +4,7 @@
 //! none answers. (The agent's dialer and confirmer are shown the same way
 //! in their unit tests.)
 
-use procurator_integration_tests::{Fleet, FleetOptions};
+use procurator_integration_tests::{Fleet, FleetOptions, scenario};
 
 /// A loopback address nothing listens on.
 fn dead_url() -> String {
@@ -61,15 +61,8 @@ fn ctl_watch_moves_to_the_next_control_plane_when_its_own_goes() {
         .expect("second control plane");
     let second_url = second.url().expect("url");
     let ctl = fleet.ctl().expect("ctl");
-    let (artifact, commit) = fleet.write_deployment(&fleet.initial).expect("artifact");
-    ctl.run(&["submit", artifact.to_str().expect("utf-8")])
-        .expect("submit")
-        .expect_code(0)
-        .expect("submitted");
-    let id = fleet.deployment_by_commit(&commit).expect("deployment")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let (artifact, _) = fleet.write_deployment(&fleet.initial).expect("artifact");
+    let (id, _) = scenario::submit(&ctl, &artifact, &[]).expect("submitted");
 
     let first_url = fleet.control_plane.url().expect("url");
     let mut watch = ctl
@@ -80,8 +73,22 @@ fn ctl_watch_moves_to_the_next_control_plane_when_its_own_goes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("watch");
-    // It follows the first (nothing happens: no agents), until that one goes.
-    std::thread::sleep(Duration::from_secs(1));
+    // It follows the first (its first event, the deployment's submission,
+    // is its first line), until that one goes.
+    let stdout = watch.stdout.take().expect("stdout");
+    let (first_line, got) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut reader, &mut line);
+        let _ = first_line.send(line);
+        // Drained to the end: a closed pipe would end ctl early.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = got
+        .recv_timeout(Duration::from_secs(60))
+        .expect("ctl watch printed nothing within 60 s");
+    assert!(!line.is_empty(), "ctl watch ended before following");
     fleet.control_plane.kill().expect("kill");
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {

@@ -17,10 +17,7 @@ fn a_restarted_control_plane_keeps_its_history() {
         .expect("submit 1")
         .expect_code(0)
         .expect("first deployment succeeds");
-    let first_id = fleet.deployment_by_commit(&first_commit).expect("first")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let first_id = fleet.deployment_id(&first_commit).expect("first");
 
     let status = fleet.control_plane.stop().expect("stop");
     assert_eq!(
@@ -41,10 +38,7 @@ fn a_restarted_control_plane_keeps_its_history() {
         .expect("submit 2")
         .expect_code(0)
         .expect("second deployment succeeds");
-    let second_id = fleet.deployment_by_commit(&second_commit).expect("second")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let second_id = fleet.deployment_id(&second_commit).expect("second");
     assert_ne!(first_id, second_id);
 
     let listed = ctl.run(&["deployments"]).expect("deployments");

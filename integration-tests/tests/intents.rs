@@ -123,10 +123,7 @@ fn agents_run_only_what_ci_signed_and_never_an_older_statement() {
         .expect("submit");
     out.expect_code(0).expect("gen1 deploys");
     assert!(out.stdout.contains("signed by key ci-intent-1"), "{out}");
-    let d1 = fleet.deployment_by_commit(&c1).expect("d1")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let d1 = fleet.deployment_id(&c1).expect("d1");
     let (gen2, a2, _) = fleet.prepare(&json!({ "generation": 2 })).expect("gen2");
     fleet.sign(&a2, None).expect("sign");
     operator

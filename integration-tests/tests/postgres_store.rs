@@ -19,7 +19,8 @@ fn a_fleet_deploys_through_a_control_plane_on_postgresql() {
         .restart_with(&fleet.nix, &["--database", &url])
         .expect("restart on postgres");
     let log = fleet.control_plane.log();
-    assert!(log.contains("postgresql 127.0.0.1:"), "{log}");
+    let socket = format!("postgresql {}:5432", pg.socket_dir().display());
+    assert!(log.contains(&socket), "{log}");
     assert!(!log.contains("procurator.db"), "{log}");
 
     // The agents come back to it.

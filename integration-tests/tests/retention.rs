@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use procurator_integration_tests::ctl::{CmdOutput, Grpcurl, grpc_code};
-use procurator_integration_tests::{Fleet, FleetOptions, wait_for};
+use procurator_integration_tests::{Fleet, FleetOptions, scenario, wait_for};
 use serde_json::{Value, json};
 
 const WATCH: &str = "procurator.v1.DeploymentService/Watch";
@@ -91,10 +91,7 @@ fn only_the_newest_deployments_are_kept_and_a_watch_of_pruned_history_is_told_wh
     let mut commits = Vec::new();
     for _ in 0..KEEP + 10 {
         let (artifact, commit) = fleet.write_deployment(&fleet.initial).expect("artifact");
-        ctl.run(&["submit", artifact.to_str().expect("utf-8")])
-            .expect("submit")
-            .expect_code(0)
-            .expect("submitted");
+        scenario::submit(&ctl, &artifact, &[]).expect("submitted");
         commits.push(commit);
     }
     let kept = wait_for("pruning", Duration::from_secs(30), || {
@@ -176,16 +173,10 @@ fn ctl_watch_says_when_a_deployments_events_were_pruned_by_age() {
     let mut commits = Vec::new();
     for _ in 0..2 {
         let (artifact, commit) = fleet.write_deployment(&fleet.initial).expect("artifact");
-        ctl.run(&["submit", artifact.to_str().expect("utf-8")])
-            .expect("submit")
-            .expect_code(0)
-            .expect("submitted");
+        scenario::submit(&ctl, &artifact, &[]).expect("submitted");
         commits.push(commit);
     }
-    let first = fleet.deployment_by_commit(&commits[0]).expect("first")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let first = fleet.deployment_id(&commits[0]).expect("first");
 
     // Forty days pass for every event so far: the next start prunes them.
     fleet.control_plane.stop().expect("stop");
@@ -306,19 +297,9 @@ fn an_agent_reconnecting_in_a_loop_does_not_grow_the_store() {
         1,
         "no event per reconnect"
     );
-    let agents = fleet
-        .grpcurl()
-        .expect("grpcurl")
-        .call_json(
-            &fleet.pki.operator(),
-            "procurator.v1.DeploymentService/ListAgents",
-            "{}",
-        )
-        .expect("agents");
-    let worker1 = agents["agents"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let agents = fleet.agents().expect("agents");
+    let worker1 = agents
+        .iter()
         .find(|a| a["machine"] == "worker-1")
         .expect("worker-1 is known");
     assert_eq!(worker1["currentSystem"], system.as_str());

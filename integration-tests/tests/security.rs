@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use procurator_integration_tests::{Fleet, FleetOptions, NixEnv, Pki, ctl::grpc_code};
+use procurator_integration_tests::{Fleet, FleetOptions, NixEnv, Pki, ctl::grpc_code, scenario};
 use serde_json::{Value, json};
 
 fn no_agents() -> FleetOptions {
@@ -316,10 +316,7 @@ fn an_agent_only_ever_receives_its_own_machines_state() {
 
     // The real agent takes over and converges on worker-1's own closure.
     fleet.start_agent("worker-1").expect("start worker-1");
-    let id = fleet.deployment_by_commit(&commit).expect("deployment")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let id = fleet.deployment_id(&commit).expect("deployment");
     ctl.run(&["watch", &id])
         .expect("watch")
         .expect_code(0)
@@ -343,16 +340,9 @@ fn agent_strings_reach_an_operators_terminal_escaped() {
         ..FleetOptions::default()
     };
     let fleet = Fleet::start_with(opts).expect("fleet");
-    let (_, artifact, commit) = fleet.prepare(&json!({ "generation": 1 })).expect("prepare");
+    let (_, artifact, _) = fleet.prepare(&json!({ "generation": 1 })).expect("prepare");
     let ctl = fleet.ctl().expect("ctl");
-    ctl.run(&["submit", artifact.to_str().expect("utf-8")])
-        .expect("submit")
-        .expect_code(0)
-        .expect("submitted");
-    let id = fleet.deployment_by_commit(&commit).expect("deployment")["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let (id, _) = scenario::submit(&ctl, &artifact, &[]).expect("submitted");
 
     let grpcurl = fleet.grpcurl().expect("grpcurl");
     let forged = "ok\u{1b}[1A\u{1b}[2Kworker-1 succeeded";

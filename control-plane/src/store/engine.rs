@@ -171,6 +171,11 @@ impl<T: FromCell> FromCell for Option<T> {
 
 pub type Params<'a> = [&'a dyn ToParam];
 
+/// The values of `params`, as an engine binds them.
+fn bind<'a>(params: &'a Params<'_>) -> Vec<Param<'a>> {
+    params.iter().map(|p| p.to_param()).collect()
+}
+
 /// A connection or a transaction of some engine.
 pub trait Sql {
     /// Run one statement; returns how many rows it changed.

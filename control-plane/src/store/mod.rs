@@ -124,7 +124,7 @@ impl From<StoreError> for tonic::Status {
         tracing::error!(error = %e, "state store error");
         if e.is_io() {
             return tonic::Status::unavailable(format!(
-                "the control plane cannot write its store: {e}; it serves again by itself once that is fixed (free space in its --data-dir?)"
+                "the control plane cannot write its store: {e}; it serves again by itself once that is fixed (free space and a reachable database: its --data-dir, or its PostgreSQL server)"
             ));
         }
         match e {
@@ -247,8 +247,6 @@ pub(crate) struct Tx<'c> {
     /// included: events are numbered here, in commit order, not by the
     /// engine (whose sequences, in PostgreSQL, commit out of order).
     head: u64,
-    /// `head` when the transaction began.
-    head_at_begin: u64,
 }
 
 /// A queued write: runs inside the batch's transaction, says whether it
@@ -546,7 +544,6 @@ fn begin<'c>(
         artifacts: artifacts.clone(),
         io_error: None,
         head,
-        head_at_begin: head,
     })
 }
 
@@ -557,10 +554,10 @@ fn commit(events: &broadcast::Sender<Event>, tx: Tx<'_>) -> Result<(), StoreErro
         sql,
         events: appended,
         head,
-        head_at_begin,
         ..
     } = tx;
-    if head != head_at_begin {
+    // Events kept are the ones numbered from the head: it moved iff any were.
+    if !appended.is_empty() {
         events::set_head(&*sql, head)?;
     }
     sql.commit()?;

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::Store;
 
-/// Set for the PostgreSQL run: the cluster's URL without a database.
+/// Set for the PostgreSQL run: the cluster's connection string without a
+/// database (libpq's key=value form).
 const POSTGRES_ENV: &str = "PROCURATOR_TEST_POSTGRES";
 
 pub(super) enum TestDb {
@@ -27,7 +28,7 @@ impl TestDb {
                     N.fetch_add(1, Ordering::Relaxed)
                 );
                 run(&server, "postgres", &format!("CREATE DATABASE {name}"));
-                let config: postgres::Config = format!("{server}/{name}").parse().unwrap();
+                let config: postgres::Config = format!("{server} dbname={name}").parse().unwrap();
                 let store = Store::open_postgres(&config).unwrap();
                 (Self::Postgres { server, name }, store)
             }
@@ -68,7 +69,7 @@ impl Drop for TestDb {
 /// Run `sql` on database `database` of `server`, from a thread of its own:
 /// the synchronous client cannot run inside the test's runtime.
 fn run(server: &str, database: &str, sql: &str) {
-    let url = format!("{server}/{database}");
+    let url = format!("{server} dbname={database}");
     std::thread::scope(|s| {
         s.spawn(|| {
             postgres::Client::connect(&url, postgres::NoTls)
@@ -88,11 +89,7 @@ fn the_store_tests_pass_on_postgresql() {
         return; // the run inside: not again
     }
     let pg = procurator_integration_tests::postgres::Postgres::start().unwrap();
-    let server = format!(
-        "postgres://{}@127.0.0.1:{}",
-        procurator_integration_tests::postgres::USER,
-        pg.port()
-    );
+    let server = pg.server();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["store::tests", "--test-threads=2"])
         .env(POSTGRES_ENV, &server)

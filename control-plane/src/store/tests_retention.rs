@@ -24,6 +24,12 @@ async fn prune(store: &Store, retention: Retention) -> super::Pruned {
         .unwrap()
 }
 
+/// The ids of the deployments the store holds, newest first.
+async fn listed(store: &Store) -> Vec<String> {
+    let all = store.list_deployments(100).await.unwrap();
+    all.into_iter().map(|d| d.id).collect()
+}
+
 /// What a watcher from `after` would get first.
 async fn page(
     store: &Store,
@@ -57,13 +63,7 @@ async fn only_the_newest_deployments_are_kept_with_their_events() {
     let pruned = prune(&store, keep(3)).await;
     assert_eq!(pruned.deployments, 10);
 
-    let listed: Vec<String> = store
-        .list_deployments(100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
+    let listed = listed(&store).await;
     let kept: Vec<String> = ids[10..].iter().rev().map(ToString::to_string).collect();
     assert_eq!(listed, kept);
     for id in &ids[..10] {
@@ -116,13 +116,7 @@ async fn unfinished_deployments_are_kept_however_old() {
         ids[0]
     ));
     assert_eq!(prune(&store, keep(1)).await.deployments, 3);
-    let listed: Vec<String> = store
-        .list_deployments(100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
+    let listed = listed(&store).await;
     assert_eq!(listed, [ids[4].to_string(), ids[0].to_string()]);
 }
 

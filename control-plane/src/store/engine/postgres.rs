@@ -9,9 +9,11 @@ use std::cell::{Cell as Counter, RefCell};
 use std::collections::HashMap;
 
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use postgres::{Client, IsolationLevel, NoTls, Statement};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 
-use super::{Cell, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx, WriterConn};
+use super::{
+    Cell, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx, WriterConn, bind,
+};
 
 mod schema;
 
@@ -102,10 +104,6 @@ fn dollar_params(sql: &str) -> String {
     out
 }
 
-fn bind<'a>(params: &'a Params<'_>) -> Vec<Param<'a>> {
-    params.iter().map(|p| p.to_param()).collect()
-}
-
 fn refs<'a>(bound: &'a [Param<'_>]) -> Vec<&'a (dyn ToSql + Sync)> {
     bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect()
 }
@@ -169,12 +167,44 @@ impl Row for postgres::Row {
     }
 }
 
+/// [`Sql::exec`] on a client or a transaction: rows changed.
+fn exec(
+    client: &mut impl GenericClient,
+    prepared: &RefCell<HashMap<String, Statement>>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<u64, StoreError> {
+    let stmt = statement(prepared, sql, |s| client.prepare(s))?;
+    let bound = bind(params);
+    Ok(client.execute(&stmt, &refs(&bound))?)
+}
+
+/// [`Sql::for_each_row`] on a client or a transaction. The rows are read
+/// whole before `each` sees them, so `each` may query again.
+fn for_each_row(
+    client: &RefCell<impl GenericClient>,
+    prepared: &RefCell<HashMap<String, Statement>>,
+    sql: &str,
+    params: &Params<'_>,
+    each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let rows = {
+        let mut client = client.borrow_mut();
+        let stmt = statement(prepared, sql, |s| client.prepare(s))?;
+        let bound = bind(params);
+        client.query(&stmt, &refs(&bound))?
+    };
+    for row in &rows {
+        if !each(row)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
 impl Sql for Pg {
     fn exec(&self, sql: &str, params: &Params<'_>) -> Result<usize, StoreError> {
-        let mut client = self.client.borrow_mut();
-        let stmt = statement(&self.prepared, sql, |s| client.prepare(s))?;
-        let bound = bind(params);
-        let n = client.execute(&stmt, &refs(&bound))?;
+        let n = exec(&mut *self.client.borrow_mut(), &self.prepared, sql, params)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
@@ -188,17 +218,7 @@ impl Sql for Pg {
         params: &Params<'_>,
         each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
-        let mut client = self.client.borrow_mut();
-        let stmt = statement(&self.prepared, sql, |s| client.prepare(s))?;
-        let bound = bind(params);
-        let rows = client.query(&stmt, &refs(&bound))?;
-        drop(client);
-        for row in &rows {
-            if !each(row)? {
-                break;
-            }
-        }
-        Ok(())
+        for_each_row(&self.client, &self.prepared, sql, params, each)
     }
 }
 
@@ -212,10 +232,7 @@ struct PgTx<'c> {
 
 impl Sql for PgTx<'_> {
     fn exec(&self, sql: &str, params: &Params<'_>) -> Result<usize, StoreError> {
-        let mut tx = self.tx.borrow_mut();
-        let stmt = statement(self.prepared, sql, |s| tx.prepare(s))?;
-        let bound = bind(params);
-        let n = tx.execute(&stmt, &refs(&bound))?;
+        let n = exec(&mut *self.tx.borrow_mut(), self.prepared, sql, params)?;
         if let Some(changes) = self.changes {
             changes.set(changes.get().saturating_add(n));
         }
@@ -232,17 +249,7 @@ impl Sql for PgTx<'_> {
         params: &Params<'_>,
         each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.tx.borrow_mut();
-        let stmt = statement(self.prepared, sql, |s| tx.prepare(s))?;
-        let bound = bind(params);
-        let rows = tx.query(&stmt, &refs(&bound))?;
-        drop(tx);
-        for row in &rows {
-            if !each(row)? {
-                break;
-            }
-        }
-        Ok(())
+        for_each_row(&self.tx, self.prepared, sql, params, each)
     }
 }
 

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 
-use super::{Cell, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx, WriterConn};
+use super::{
+    Cell, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx, WriterConn, bind,
+};
 
 mod schema;
 
@@ -43,10 +45,6 @@ pub fn open(path: &Path, readers: usize) -> Result<Opened, StoreError> {
         writer: Box::new(writer),
         readers: all,
     })
-}
-
-fn bind<'a>(params: &'a Params<'_>) -> Vec<Param<'a>> {
-    params.iter().map(|p| p.to_param()).collect()
 }
 
 impl Row for rusqlite::Row<'_> {

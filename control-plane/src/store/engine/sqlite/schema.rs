@@ -114,8 +114,9 @@ CREATE TABLE IF NOT EXISTS placements (
     updated_ms   INTEGER NOT NULL
 );
 
--- Append-only. AUTOINCREMENT: a revision is never reused, even after the
--- highest row is gone.
+-- Append-only. The writer numbers events from log_bounds.head (version
+-- 6), so a revision is never reused; AUTOINCREMENT is what version 5
+-- numbered them by, and where the head started from.
 CREATE TABLE IF NOT EXISTS events (
     revision       INTEGER PRIMARY KEY AUTOINCREMENT,
     deployment_id  TEXT    NOT NULL,
