@@ -130,16 +130,12 @@ impl AgentService for AgentSvc {
             return Err(ConnectError::NotAVmHost(machine).into());
         }
 
-        let generation = self.connections.next_generation();
         // Committed before the agent hears Welcome.
-        let newest = self
+        let generation = self
             .store
-            .agent_connected(machine.clone(), generation, hello.clone())
+            .agent_connected(machine.clone(), hello.clone())
             .await
             .map_err(ConnectError::from)?;
-        if !newest {
-            return Err(ConnectError::Replaced.into());
-        }
         self.metrics.agent_connected();
         tracing::info!(
             machine = %machine,
@@ -164,7 +160,7 @@ impl AgentService for AgentSvc {
                 "could not queue Welcome on a fresh stream",
             ));
         }
-        let conn = Conn::new(generation, tx, &self.shutdown);
+        let conn = Conn::new(generation, tx, hello.vm_host.is_some(), &self.shutdown);
         self.connections.register(machine.clone(), conn.clone());
 
         let stream = AgentStream {

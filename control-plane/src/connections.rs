@@ -2,7 +2,6 @@
 //! its desired state over its stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use procurator_core::MachineName;
@@ -18,9 +17,12 @@ pub type Outbound = mpsc::Sender<Result<ControlMessage, tonic::Status>>;
 /// One agent stream.
 #[derive(Clone)]
 pub struct Conn {
-    /// Distinguishes this stream from earlier and later ones of the same machine.
+    /// Distinguishes this stream from earlier and later ones of the same
+    /// machine, on any replica: the store hands it out.
     pub generation: u64,
     pub tx: Outbound,
+    /// Whether its Hello offered VM-host capacity.
+    pub vm_host: bool,
     /// Held from reading the desired state until it is queued on the stream,
     /// so an older desired state can never overtake a newer one; holds the
     /// order of the newest message sent.
@@ -32,35 +34,31 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(generation: u64, tx: Outbound, shutdown: &CancellationToken) -> Self {
+    pub fn new(generation: u64, tx: Outbound, vm_host: bool, shutdown: &CancellationToken) -> Self {
         Self {
             generation,
             tx,
+            vm_host,
             send_lock: Arc::default(),
             closing: shutdown.child_token(),
         }
     }
 }
 
+impl Conn {
+    /// Whether this stream has carried a message of `order` or a newer one;
+    /// false while unsure (a send is under way).
+    pub fn has_sent(&self, order: SendOrder) -> bool {
+        self.send_lock.try_lock().is_ok_and(|last| *last >= order)
+    }
+}
+
 #[derive(Default)]
 pub struct Connections {
     streams: Mutex<HashMap<MachineName, Conn>>,
-    last_generation: AtomicU64,
 }
 
 impl Connections {
-    /// Generations continue from `last`, the highest one the store holds.
-    pub fn starting_after(last: u64) -> Self {
-        Self {
-            streams: Mutex::default(),
-            last_generation: AtomicU64::new(last),
-        }
-    }
-
-    pub fn next_generation(&self) -> u64 {
-        self.last_generation.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
     /// Make `conn` the machine's stream; the stream it replaces is told to
     /// end. Two streams racing through the handshake: the newer generation
     /// wins, whichever registers last.
@@ -78,6 +76,44 @@ impl Connections {
 
     pub fn get(&self, machine: &MachineName) -> Option<Conn> {
         self.lock().get(machine).cloned()
+    }
+
+    /// Every stream held here, by machine name.
+    pub fn all(&self) -> Vec<(MachineName, Conn)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(machine, conn)| (machine.clone(), conn.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Whether any stream held here is a VM host's.
+    pub fn holds_vm_hosts(&self) -> bool {
+        self.lock().values().any(|conn| conn.vm_host)
+    }
+
+    /// End the machine's stream if it is older than `generation`: a newer
+    /// one, on another replica, has replaced it. True if one was ended.
+    pub fn close_if_older(&self, machine: &MachineName, generation: u64) -> bool {
+        let streams = self.lock();
+        match streams.get(machine) {
+            Some(conn) if conn.generation < generation => {
+                conn.closing.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// End every stream held here; returns how many there were.
+    pub fn close_all(&self) -> usize {
+        let streams = self.lock();
+        for conn in streams.values() {
+            conn.closing.cancel();
+        }
+        streams.len()
     }
 
     /// Forget the machine's stream if it is still `generation`. False when a
@@ -159,6 +195,32 @@ pub async fn dispatch_vms(
     Ok(())
 }
 
+/// Send the machine's current desired state (or the cancel of it) over
+/// `conn` unless the stream has carried it, or a newer one, already: for
+/// word from the log of what another replica, or this one, decided.
+pub async fn dispatch_unless_sent(
+    store: &Store,
+    conn: &Conn,
+    machine: &MachineName,
+) -> Result<(), StoreError> {
+    let mut last = tokio::select! {
+        () = conn.closing.cancelled() => return Ok(()),
+        last = conn.send_lock.lock() => last,
+    };
+    if conn.tx.is_closed() || conn.closing.is_cancelled() {
+        return Ok(());
+    }
+    let Some((outbound, order)) = store.desired(machine.clone()).await? else {
+        return Ok(());
+    };
+    if order <= *last {
+        return Ok(());
+    }
+    send(conn, machine, outbound).await;
+    *last = order;
+    Ok(())
+}
+
 /// Send a message read earlier (the scheduler's batch) unless the stream
 /// has since carried a newer one.
 pub async fn send_unless_overtaken(
@@ -216,21 +278,18 @@ async fn send(conn: &Conn, machine: &MachineName, outbound: ToSend) {
 mod tests {
     use super::*;
 
-    fn conn(
-        connections: &Connections,
-    ) -> (Conn, mpsc::Receiver<Result<ControlMessage, tonic::Status>>) {
+    fn conn(generation: u64) -> (Conn, mpsc::Receiver<Result<ControlMessage, tonic::Status>>) {
         let (tx, rx) = mpsc::channel(1);
         (
-            Conn::new(connections.next_generation(), tx, &CancellationToken::new()),
+            Conn::new(generation, tx, false, &CancellationToken::new()),
             rx,
         )
     }
 
     #[tokio::test]
     async fn a_message_read_early_never_overtakes_a_newer_one() {
-        let connections = Connections::default();
         let machine = MachineName::parse("worker-1").unwrap();
-        let (conn, mut rx) = conn(&connections);
+        let (conn, mut rx) = conn(1);
         let cancel = |id: &str| ToSend::Cancel {
             deployment_id: id.into(),
             reason: String::new(),
@@ -265,8 +324,8 @@ mod tests {
     fn a_newer_stream_replaces_the_older_one() {
         let connections = Connections::default();
         let machine = MachineName::parse("worker-1").unwrap();
-        let (first, _rx1) = conn(&connections);
-        let (second, _rx2) = conn(&connections);
+        let (first, _rx1) = conn(1);
+        let (second, _rx2) = conn(2);
         assert!(second.generation > first.generation);
 
         connections.register(machine.clone(), first.clone());
@@ -284,13 +343,9 @@ mod tests {
         assert!(connections.get(&machine).is_none());
 
         // An older generation registering late is turned away at once.
-        let (newer, _rx3) = conn(&connections);
+        let (newer, _rx3) = conn(4);
         connections.register(machine.clone(), newer.clone());
-        let late = Conn::new(
-            newer.generation - 1,
-            first.tx.clone(),
-            &CancellationToken::new(),
-        );
+        let (late, _rx4) = conn(3);
         connections.register(machine.clone(), late.clone());
         assert!(late.closing.is_cancelled());
         assert!(!newer.closing.is_cancelled());

@@ -101,8 +101,11 @@ impl Dispatcher {
             host,
         } in scheduled
         {
-            if let Some(host) = host.filter(|h| self.connections.get(h).is_some()) {
-                hosts.insert(host);
+            if let Some(host) = host {
+                // A host held by another replica hears of it from the log.
+                if self.connections.get(&host).is_some() {
+                    hosts.insert(host);
+                }
                 continue;
             }
             let Some(conn) = self.connections.get(&machine) else {
@@ -118,7 +121,7 @@ impl Dispatcher {
     }
 
     /// Send `host` its VM assignments in a task of its own, if it is connected.
-    fn spawn_dispatch_vms(&self, host: MachineName) {
+    pub fn spawn_dispatch_vms(&self, host: MachineName) {
         let Some(conn) = self.connections.get(&host) else {
             return;
         };

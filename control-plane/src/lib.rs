@@ -9,6 +9,8 @@ mod api_error;
 mod connections;
 mod deployment_service;
 mod dispatcher;
+mod fanout;
+mod liveness;
 mod metrics;
 pub mod open_files;
 mod placement;

@@ -135,11 +135,19 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     // Streams end on `stop`, which fires only after health went NOT_SERVING.
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let connections = Arc::new(Connections::starting_after(store.last_generation().await?));
+    let connections = Arc::new(Connections::default());
     let dispatcher = Dispatcher::new(store.clone(), connections.clone(), tasks.clone());
     // Offline machines become unreachable on time, and a restarted control
     // plane carries on with the rollouts its store holds.
     tasks.spawn(dispatcher.clone().tick(stop.clone()));
+    if store.is_shared() {
+        tracing::info!(
+            replica = store.replica(),
+            "one replica of several on a shared store"
+        );
+        tasks.spawn(crate::fanout::run(dispatcher.clone(), stop.clone()));
+        tasks.spawn(crate::liveness::run(dispatcher.clone(), stop.clone()));
+    }
     tasks.spawn(store.clone().keep_pruned(config.retention, stop.clone()));
     tasks.spawn(report_writable(
         store.writable(),

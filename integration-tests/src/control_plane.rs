@@ -34,6 +34,14 @@ impl ControlPlane {
         Self::start_in(nix, dir, pki, None, "127.0.0.1:0")
     }
 
+    /// [`Self::start`] with more arguments, e.g. `--database URL` for
+    /// another replica on a shared store.
+    pub fn start_with(nix: &NixEnv, dir: &Path, pki: &Pki, args: &[&str]) -> Result<Self> {
+        let mut cp = Self::new(dir, pki, None, args)?;
+        cp.spawn(nix, "127.0.0.1:0")?;
+        Ok(cp)
+    }
+
     /// Starts it inside the network namespace `netns` (if any), listening
     /// on `listen` (an address of that namespace, port 0).
     pub fn start_in(
@@ -43,18 +51,22 @@ impl ControlPlane {
         netns: Option<&str>,
         listen: &str,
     ) -> Result<Self> {
+        let mut cp = Self::new(dir, pki, netns, &[])?;
+        cp.spawn(nix, listen)?;
+        Ok(cp)
+    }
+
+    fn new(dir: &Path, pki: &Pki, netns: Option<&str>, args: &[&str]) -> Result<Self> {
         crate::mkdir(dir)?;
-        let mut cp = Self {
+        Ok(Self {
             dir: dir.to_owned(),
             pki: pki.clone(),
             process: None,
             addr: None,
             starts: 0,
             netns: netns.map(str::to_owned),
-            args: Vec::new(),
-        };
-        cp.spawn(nix, listen)?;
-        Ok(cp)
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        })
     }
 
     pub fn netns(&self) -> Option<&str> {

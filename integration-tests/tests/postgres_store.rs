@@ -2,6 +2,7 @@
 //! converge on a deployment exactly as on the embedded SQLite store, and what
 //! was stored is there after a restart. The cluster is the test's own.
 
+use procurator_integration_tests::control_plane::ControlPlane;
 use procurator_integration_tests::postgres::Postgres;
 use procurator_integration_tests::{Fleet, MACHINES, wait_for};
 use serde_json::json;
@@ -62,4 +63,165 @@ fn a_fleet_deploys_through_a_control_plane_on_postgresql() {
         deployment["state"], "DEPLOYMENT_STATE_SUCCEEDED",
         "{deployment}"
     );
+}
+
+/// A fleet with no agents and a database of its own, for starting control
+/// planes against it.
+fn fleet_and_database() -> (Fleet, Postgres) {
+    let pg = Postgres::start().expect("postgres");
+    pg.psql("postgres", "CREATE DATABASE procurator")
+        .expect("create database");
+    let fleet = Fleet::start_with(procurator_integration_tests::FleetOptions {
+        agents: Vec::new(),
+        ..Default::default()
+    })
+    .expect("fleet");
+    (fleet, pg)
+}
+
+#[test]
+fn a_replica_refuses_a_schema_newer_than_it_knows() {
+    let (fleet, pg) = fleet_and_database();
+    pg.psql(
+        "procurator",
+        "CREATE TABLE schema_version (id BIGINT PRIMARY KEY, version INTEGER NOT NULL);
+         INSERT INTO schema_version VALUES (1, 99)",
+    )
+    .expect("a newer schema");
+    let url = pg.url("procurator");
+    let refused = ControlPlane::start_with(
+        &fleet.nix,
+        &fleet.dir().join("refused"),
+        &fleet.pki,
+        &["--database", &url],
+    );
+    assert!(refused.is_err(), "it refuses to start");
+    let error =
+        std::fs::read_to_string(fleet.dir().join("refused/control-plane-1.log")).expect("its log");
+    assert!(
+        error.contains("schema version 99, newer than this control plane's")
+            && error.contains("run a newer procurator-control-plane"),
+        "{error}"
+    );
+    let version = pg
+        .psql("procurator", "SELECT version FROM schema_version")
+        .expect("psql");
+    assert_eq!(version.trim(), "99", "left as it was");
+}
+
+#[test]
+fn replicas_started_together_make_the_schema_once() {
+    let (fleet, pg) = fleet_and_database();
+    let url = pg.url("procurator");
+    let replicas: Vec<ControlPlane> = std::thread::scope(|s| {
+        let starts: Vec<_> = (0..2)
+            .map(|i| {
+                let (fleet, url) = (&fleet, &url);
+                s.spawn(move || {
+                    ControlPlane::start_with(
+                        &fleet.nix,
+                        &fleet.dir().join(format!("replica-{i}")),
+                        &fleet.pki,
+                        &["--database", url],
+                    )
+                })
+            })
+            .collect();
+        starts
+            .into_iter()
+            .map(|s| s.join().expect("thread").expect("replica starts"))
+            .collect()
+    });
+    let made = replicas
+        .iter()
+        .filter(|r| r.log().contains("creating the PostgreSQL schema"))
+        .count();
+    assert_eq!(made, 1, "one replica made the schema, the other found it");
+    let versions = pg
+        .psql(
+            "procurator",
+            "SELECT count(*), max(version) FROM schema_version",
+        )
+        .expect("psql");
+    assert_eq!(versions.trim(), "1|7", "{versions}");
+    let rows = pg
+        .psql("procurator", "SELECT count(*) FROM replicas")
+        .expect("psql");
+    assert_eq!(rows.trim(), "2", "both replicas registered");
+}
+
+#[test]
+fn a_rollout_survives_postgresql_killed_and_restarted() {
+    let (mut fleet, mut pg) = fleet_and_database();
+    let url = pg.url("procurator");
+    fleet
+        .control_plane
+        .restart_with(&fleet.nix, &["--database", &url])
+        .expect("on postgres");
+    for m in MACHINES {
+        fleet.start_agent(m).expect("agent");
+    }
+    let all: Vec<String> = MACHINES.iter().map(|m| m.to_string()).collect();
+    fleet.wait_connected(&all).expect("connected");
+    let settings = json!({ "generation": 2, "activationDelay": 3 });
+    let rollout = json!({ "rollout": { "maxInFlight": 1 } });
+    let (closures, artifact, _) =
+        procurator_integration_tests::scenario::prepare(&fleet, &settings, &rollout)
+            .expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+    let (id, _) =
+        procurator_integration_tests::scenario::submit(&ctl, &artifact, &[]).expect("submit");
+    // The first machine is activating when the database dies.
+    wait_for("an activation to start", Duration::from_secs(60), || {
+        Ok(MACHINES
+            .iter()
+            .any(|m| {
+                procurator_integration_tests::scenario::activation_count(
+                    fleet.host(m),
+                    &closures[*m],
+                ) > 0
+            })
+            .then_some(()))
+    })
+    .expect("activating");
+    let committed = |pg: &Postgres| -> Vec<String> {
+        pg.psql(
+            "procurator",
+            &format!("SELECT revision FROM events WHERE deployment_id = '{id}' ORDER BY revision"),
+        )
+        .expect("psql")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    };
+    let before = committed(&pg);
+    pg.kill().expect("kill -9 the postmaster");
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start_again().expect("postgres again");
+
+    let deployment =
+        procurator_integration_tests::scenario::wait_final(&fleet, &id, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.logs()));
+    assert_eq!(
+        deployment["state"],
+        "DEPLOYMENT_STATE_SUCCEEDED",
+        "{deployment}\n{}",
+        fleet.logs()
+    );
+    for m in MACHINES {
+        let host = fleet.host(m);
+        host.assert_on(&closures[m], "system-2-link");
+        assert_eq!(
+            procurator_integration_tests::scenario::activation_count(host, &closures[m]),
+            1,
+            "{m} activated once"
+        );
+    }
+    let after = committed(&pg);
+    assert!(
+        after.starts_with(&before),
+        "every event committed before the crash is kept: {before:?} then {after:?}"
+    );
+    let log = fleet.control_plane.log();
+    assert!(log.contains("reconnected to PostgreSQL"), "{log}");
 }

@@ -9,9 +9,10 @@ use super::engine::{Sql, SqlExt as _};
 use super::{Store, StoreError, Tx};
 
 impl Store {
-    /// A stream for `machine` completed its handshake. `generation` names this
-    /// connection; only the same generation can mark it disconnected. False
-    /// (nothing changed) when a newer generation got here first.
+    /// A stream for `machine` completed its handshake on this replica.
+    /// Returns the connection's generation: higher than any before it, in
+    /// the whole cluster, so that the newest stream wins wherever it landed
+    /// and only it can mark the machine disconnected.
     ///
     /// An event is appended only when the agent is new or reports something
     /// other than it last did: an agent that reconnects in a loop rewrites
@@ -19,9 +20,9 @@ impl Store {
     pub async fn agent_connected(
         &self,
         machine: MachineName,
-        generation: u64,
         hello: Hello,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<u64, StoreError> {
+        let replica = self.replica();
         self.write(move |tx| {
             let vm_host = hello.vm_host.as_ref().map(prost::Message::encode_to_vec);
             let before: Option<Reported> = tx.sql.fetch_opt(
@@ -38,28 +39,33 @@ impl Store {
                     })
                 },
             )?;
-            let changed = tx.sql.exec(
+            // Under the store's write lock: no other replica hands out the
+            // same number.
+            let generation: i64 = tx.sql.fetch_one(
+                "SELECT COALESCE(MAX(generation), 0) + 1 FROM agents",
+                &[],
+                |r| r.get(0),
+            )?;
+            tx.sql.exec(
                 "INSERT INTO agents (machine, connected, generation, current_system, booted_system,
-                                     agent_version, nix_version, last_seen_ms, vm_host)
-                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                                     agent_version, nix_version, last_seen_ms, vm_host, replica)
+                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (machine) DO UPDATE SET
                      connected = 1, generation = ?2, current_system = ?3, booted_system = ?4,
-                     agent_version = ?5, nix_version = ?6, last_seen_ms = ?7, vm_host = ?8
-                 WHERE excluded.generation > agents.generation",
+                     agent_version = ?5, nix_version = ?6, last_seen_ms = ?7, vm_host = ?8,
+                     replica = ?9",
                 &[
                     &machine.as_str(),
-                    &generation_to_sql(generation),
+                    &generation,
                     &hello.current_system,
                     &hello.booted_system,
                     &hello.agent_version,
                     &hello.nix_version,
                     &tx.now,
                     &vm_host,
+                    &replica,
                 ],
             )?;
-            if changed == 0 {
-                return Ok(false);
-            }
             let now = Reported {
                 current_system: hello.current_system,
                 booted_system: hello.booted_system,
@@ -70,7 +76,7 @@ impl Store {
             if before.as_ref() != Some(&now) {
                 emit_connection(tx, &machine, now.current_system)?;
             }
-            Ok(true)
+            Ok(u64::try_from(generation).unwrap_or(0))
         })
         .await
     }
@@ -113,9 +119,7 @@ impl Store {
         .await
     }
 
-    /// The highest connection generation ever recorded. A restarted control
-    /// plane numbers its connections after it: otherwise its first
-    /// connections look older than the rows they replace and are refused.
+    /// The highest connection generation handed out so far.
     pub async fn last_generation(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
             let last: i64 = conn.fetch_one(
@@ -124,6 +128,32 @@ impl Store {
                 |r| r.get(0),
             )?;
             Ok(u64::try_from(last).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Streams of this replica's machines that a newer connection, on
+    /// another replica, has replaced since generation `after`: each with
+    /// that newer generation.
+    pub async fn connected_elsewhere(
+        &self,
+        after: u64,
+    ) -> Result<Vec<(MachineName, u64)>, StoreError> {
+        let replica = self.replica();
+        self.read(move |conn| {
+            let rows: Vec<(String, i64)> = conn.fetch_all(
+                "SELECT machine, generation FROM agents
+                 WHERE generation > ?1 AND replica != ?2 ORDER BY generation",
+                &[&generation_to_sql(after), &replica],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.into_iter()
+                .map(|(machine, generation)| {
+                    let machine = MachineName::parse(&machine)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    Ok((machine, u64::try_from(generation).unwrap_or(0)))
+                })
+                .collect()
         })
         .await
     }
@@ -208,13 +238,6 @@ fn with_placements(conn: &dyn Sql, mut agents: Vec<Agent>) -> Result<Vec<Agent>,
         agent.vm_free = Some(free);
     }
     Ok(agents)
-}
-
-/// On startup: no stream survived the restart.
-pub(super) fn disconnect_all(tx: &mut Tx<'_>) -> Result<(), StoreError> {
-    tx.sql
-        .exec("UPDATE agents SET connected = 0 WHERE connected = 1", &[])?;
-    Ok(())
 }
 
 /// What an agent says about itself in its Hello, as stored.

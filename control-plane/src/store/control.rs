@@ -169,6 +169,11 @@ impl Store {
                     tx.emit(id.as_str(), event::Kind::Machine(update))?;
                 }
             }
+            let cancelled = procurator_proto::v1::DeploymentCancelled {
+                reason: reason.clone(),
+                in_flight: in_flight.iter().map(ToString::to_string).collect(),
+            };
+            tx.emit(id.as_str(), event::Kind::Cancelled(cancelled))?;
             finish_if_done(tx, id.as_str())?;
             Ok(Cancelled::Done { in_flight })
         })

@@ -240,6 +240,11 @@ impl<S: Sql + ?Sized> SqlExt for S {}
 
 /// A write transaction of the writer connection.
 pub trait WriteTx: Sql {
+    /// Tell the other processes on the database, once this commits, that
+    /// the log grew. Nothing to do for an engine only one process opens.
+    fn log_grew(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
@@ -255,6 +260,12 @@ pub trait WriterConn: Send {
 
 /// A connection that only reads, owned by a reader thread.
 pub trait ReaderConn: Sql + Send {
+    /// If the connection broke, make it again and say true: what failed on
+    /// it may be tried once more. An engine whose connections cannot break
+    /// (a file) says false.
+    fn reopen_if_broken(&self) -> bool {
+        false
+    }
     /// Run `f` on one snapshot: every statement in it sees the same commits.
     fn snapshot(
         &self,
@@ -262,8 +273,23 @@ pub trait ReaderConn: Sql + Send {
     ) -> Result<(), StoreError>;
 }
 
+/// A shared engine's connection for following the log that every
+/// process on the database appends to.
+pub trait LogFollower: Send {
+    /// Wait at most `timeout` for word that the log grew. True when it did,
+    /// or may have: word is lost while the connection is down, so one that
+    /// was made again says true.
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<bool, StoreError>;
+    /// Where to read the log.
+    fn sql(&self) -> &dyn Sql;
+}
+
 /// An engine's connections, as the store's threads take them.
 pub struct Opened {
     pub writer: Box<dyn WriterConn>,
     pub readers: Vec<Box<dyn ReaderConn>>,
+    /// `Some` for an engine several control planes share: events are then
+    /// published as read back from the log, not as this process commits
+    /// them, so every replica publishes every replica's.
+    pub follower: Option<Box<dyn LogFollower>>,
 }

@@ -142,7 +142,7 @@ fn watch_page_in(
     page(read, after, deployment, limit).map(Ok)
 }
 
-fn page(
+pub(super) fn page(
     conn: &dyn Sql,
     after: u64,
     deployment: Option<&DeploymentId>,

@@ -23,13 +23,16 @@ mod engine;
 mod events;
 mod placements;
 mod queries;
+mod replicas;
 mod reports;
 mod retention;
 mod rows;
 mod schedule;
 mod stats;
+mod tailer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use procurator_proto::v1::{Event, event};
@@ -41,6 +44,8 @@ use self::engine::{ReaderConn, WriteTx, WriterConn};
 pub use control::{Cancelled, Confirmation, RolledBack};
 pub use deployments::{SubmitError, Submitted};
 pub use events::Compacted;
+pub(crate) use replicas::log_reaped;
+pub use replicas::{Heartbeat, REPLICA_HEARTBEAT, REPLICA_TIMEOUT};
 pub use reports::ResultOutcome;
 #[cfg(test)]
 pub use retention::Pruned;
@@ -200,6 +205,12 @@ struct Inner {
     /// `None` while the last write that changed anything committed; the
     /// error of the last write that could not be made otherwise.
     writable: watch::Receiver<Option<String>>,
+    /// This process's row among the replicas.
+    replica: AtomicI64,
+    /// Whether other control planes share the database.
+    shared: bool,
+    /// Tells the log's follower, if any, to stop.
+    closed: Arc<AtomicBool>,
 }
 
 /// Reads run on this many threads, each with its own connection: a burst of
@@ -214,6 +225,7 @@ impl Drop for Inner {
         // queued; wait for them, so the database is closed when the store is.
         self.writes = None;
         self.reads = None;
+        self.closed.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
             if thread.thread().id() != std::thread::current().id() {
                 let _ = thread.join();
@@ -225,7 +237,9 @@ impl Drop for Inner {
 /// The writer thread's side: the one connection that writes.
 struct Writer {
     conn: Box<dyn WriterConn>,
-    events: broadcast::Sender<Event>,
+    /// Where committed events are published; `None` when the log's
+    /// follower publishes them (a shared engine).
+    events: Option<broadcast::Sender<Event>>,
     /// When this process opened the store (Unix ms).
     opened_ms: i64,
     artifacts: Arc<ArtifactCache>,
@@ -284,7 +298,9 @@ impl Store {
     }
 
     /// Open the store in the PostgreSQL database `config` names, making its
-    /// schema current. Blocking, as [`Store::open`].
+    /// schema current, as one replica among those sharing it. Blocking, as
+    /// [`Store::open`]. Agents held by replicas that stopped heartbeating
+    /// are marked disconnected; those of live replicas are theirs.
     pub fn open_postgres(config: &postgres::Config) -> Result<Self, StoreError> {
         Self::start(engine::postgres::open(config, READERS)?)
     }
@@ -302,24 +318,36 @@ impl Store {
         let engine::Opened {
             writer: conn,
             readers,
+            follower,
         } = opened;
+        let shared = follower.is_some();
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let artifacts = Arc::<ArtifactCache>::default();
         let (writable_tx, writable) = watch::channel(None);
         let mut writer = Writer {
             conn,
-            events: events.clone(),
+            events: (!shared).then(|| events.clone()),
             opened_ms: procurator_core::now_ms(),
             artifacts: artifacts.clone(),
             writable: writable_tx,
         };
+        let join = |tx: &mut Tx<'_>| {
+            let replica = replicas::register(tx)?;
+            if shared {
+                replicas::reap_stale(tx, replica)?;
+            } else {
+                replicas::reap_all_but(tx, replica)?;
+            }
+            Ok((replica, tx.head))
+        };
         // On a plain thread: an engine's synchronous client may not block
         // inside the caller's async runtime.
-        std::thread::scope(|s| {
-            s.spawn(|| writer.write(agents::disconnect_all))
+        let (replica, head) = std::thread::scope(|s| {
+            s.spawn(|| writer.write(join))
                 .join()
                 .unwrap_or_else(|_| Err(StoreError::Corrupt("the first write panicked".into())))
         })?;
+        let closed = Arc::new(AtomicBool::new(false));
         let thread_error = StoreError::Thread;
         let (writes, queue) = mpsc::channel();
         let mut threads = vec![
@@ -339,6 +367,15 @@ impl Store {
                 })
                 .map_err(thread_error)?,
         ];
+        if let Some(follower) = follower {
+            let (publish, closed) = (events.clone(), closed.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("store-tailer".into())
+                    .spawn(move || tailer::follow(follower, publish, head, closed))
+                    .map_err(thread_error)?,
+            );
+        }
         let (reads, read_queue) = mpsc::channel::<ReadJob>();
         let read_queue = Arc::new(Mutex::new(read_queue));
         for (i, conn) in readers.into_iter().enumerate() {
@@ -350,6 +387,7 @@ impl Store {
                     .map_err(thread_error)?,
             );
         }
+        tracing::debug!(replica, shared, "state store threads started");
         Ok(Self {
             inner: Arc::new(Inner {
                 writes: Some(writes),
@@ -358,8 +396,18 @@ impl Store {
                 events,
                 artifacts,
                 writable,
+                replica: AtomicI64::new(replica),
+                shared,
+                closed,
             }),
         })
+    }
+
+    /// Whether other control planes share this store: then another
+    /// replica's decisions reach this one's agents through the log
+    /// ([`Store::subscribe`]), which is published only as read back.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared
     }
 
     /// Whether the store can be written: `None`, or why not. Changes as
@@ -409,13 +457,24 @@ impl Store {
     }
 
     /// Run a read on a reader thread: it sees what was committed.
+    ///
+    /// A read that fails because its connection broke (the database
+    /// restarted) runs once more on a connection made again: reads change
+    /// nothing, so the caller sees no error for an outage that is over.
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn ReaderConn) -> Result<T, StoreError> + Send + 'static,
+        f: impl Fn(&dyn ReaderConn) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (result_tx, result_rx) = oneshot::channel();
         let job: ReadJob = Box::new(move |conn| {
-            let _ = result_tx.send(f(conn));
+            let result = match f(conn) {
+                Err(e) if conn.reopen_if_broken() => {
+                    tracing::debug!(error = %e, "a read failed on a broken connection; reading again");
+                    f(conn)
+                }
+                result => result,
+            };
+            let _ = result_tx.send(result);
         });
         let queued = self.inner.reads.as_ref().map(|r| r.send(job));
         if !matches!(queued, Some(Ok(()))) {
@@ -513,7 +572,7 @@ impl Writer {
             }
         }
         *io_error = tx.io_error.take();
-        commit(&self.events, tx)
+        commit(self.events.as_ref(), tx)
     }
 
     /// One write in a transaction of its own (opening the store).
@@ -523,7 +582,7 @@ impl Writer {
     ) -> Result<T, StoreError> {
         let mut tx = begin(self.conn.as_mut(), self.opened_ms, &self.artifacts)?;
         let value = f(&mut tx)?;
-        commit(&self.events, tx)?;
+        commit(self.events.as_ref(), tx)?;
         Ok(value)
     }
 }
@@ -547,9 +606,10 @@ fn begin<'c>(
     })
 }
 
-/// Commit, then publish the events; only the writer thread commits, so
-/// subscribers see revisions in order.
-fn commit(events: &broadcast::Sender<Event>, tx: Tx<'_>) -> Result<(), StoreError> {
+/// Commit, then publish the events (to `events`, unless the log's follower
+/// publishes them); only the writer thread commits, so subscribers see
+/// revisions in order.
+fn commit(events: Option<&broadcast::Sender<Event>>, tx: Tx<'_>) -> Result<(), StoreError> {
     let Tx {
         sql,
         events: appended,
@@ -559,8 +619,12 @@ fn commit(events: &broadcast::Sender<Event>, tx: Tx<'_>) -> Result<(), StoreErro
     // Events kept are the ones numbered from the head: it moved iff any were.
     if !appended.is_empty() {
         events::set_head(&*sql, head)?;
+        sql.log_grew()?;
     }
     sql.commit()?;
+    let Some(events) = events else {
+        return Ok(());
+    };
     for event in appended {
         // No subscriber is not an error: the event is in the log.
         let _ = events.send(event);

@@ -219,6 +219,31 @@ impl Store {
         .await
     }
 
+    /// Of `instances`, those placed on a connected VM host, each with it.
+    pub async fn connected_hosts_of(
+        &self,
+        instances: Vec<MachineName>,
+    ) -> Result<Vec<(MachineName, MachineName)>, StoreError> {
+        self.read(move |conn| {
+            let mut placed = Vec::new();
+            for instance in &instances {
+                let host: Option<String> = conn.fetch_opt(
+                    "SELECT p.host FROM placements p JOIN agents h ON h.machine = p.host
+                     WHERE p.instance = ?1 AND h.connected = 1",
+                    &[&instance.as_str()],
+                    |r| r.get(0),
+                )?;
+                if let Some(host) = host {
+                    let host = MachineName::parse(&host)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    placed.push((instance.clone(), host));
+                }
+            }
+            Ok(placed)
+        })
+        .await
+    }
+
     /// A VM host decided `instance` needs no restart for `deployment_id`:
     /// its row says so (it stays SENT; the guest's agent reports from here).
     pub async fn note_in_place(
@@ -242,6 +267,7 @@ impl Store {
                 message: format!(
                     "in place: the same kernel, initrd and command line, so {host} keeps the VM running and its own agent switches it"
                 ),
+                in_place: true,
                 ..Default::default()
             };
             tx.emit(deployment_id.as_str(), event::Kind::Machine(update))?;

@@ -126,6 +126,7 @@ impl Store {
                 output_tail: result.output_tail,
                 copy: None,
                 reboot_required: result.reboot_required,
+                in_place: false,
             };
             tx.emit(id, event::Kind::Machine(update))?;
             let finished = finish_if_done(tx, id)?;

@@ -76,8 +76,9 @@ pub struct Scheduled {
     pub machine: MachineName,
     pub outbound: Outbound,
     pub order: SendOrder,
-    /// The VM host the row is placed on, if it is a VM instance: the host
-    /// decides how it changes (restart, or in place by its own agent).
+    /// The connected VM host the row is placed on, if it is a VM instance:
+    /// the host decides how it changes (restart, or in place by its own
+    /// agent).
     pub host: Option<MachineName>,
 }
 
@@ -106,6 +107,23 @@ impl Store {
     #[cfg(test)]
     pub async fn take_desired(&self, machine: MachineName) -> Result<Option<Outbound>, StoreError> {
         Ok(self.desired(machine).await?.map(|(outbound, _)| outbound))
+    }
+
+    /// The order of what deployment `id` sends its machines (a cancel:
+    /// `cancel`); `None` if there is no such deployment.
+    pub async fn send_order(
+        &self,
+        id: String,
+        cancel: bool,
+    ) -> Result<Option<SendOrder>, StoreError> {
+        self.read(move |conn| {
+            let seq: Option<i64> =
+                conn.fetch_opt("SELECT seq FROM deployments WHERE id = ?1", &[&id], |r| {
+                    r.get(0)
+                })?;
+            Ok(seq.map(|seq| SendOrder::of(seq, cancel)))
+        })
+        .await
     }
 
     /// [`Store::take_desired`] with the message's [`SendOrder`].
@@ -243,7 +261,7 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
                          THEN 1 ELSE 0 END,
                     CASE WHEN COALESCE(a.last_seen_ms, 0) > COALESCE(h.last_seen_ms, 0)
                          THEN COALESCE(a.last_seen_ms, 0) ELSE COALESCE(h.last_seen_ms, 0) END,
-                    p.host
+                    p.host, COALESCE(h.connected, 0)
              FROM machines m
              LEFT JOIN agents a ON a.machine = m.machine
              LEFT JOIN placements p ON p.instance = m.machine
@@ -254,7 +272,11 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
                 let connected: Option<bool> = r.get(3)?;
                 let last_seen: Option<i64> = r.get(4)?;
                 let machine: String = r.get(0)?;
-                if let Some(host) = r.get::<Option<String>>(5)? {
+                // Only a connected host can take the change; without one
+                // the instance's own agent does.
+                if let Some(host) = r.get::<Option<String>>(5)?
+                    && r.get::<bool>(6)?
+                {
                     host_of.insert(machine.clone(), host);
                 }
                 Ok(rollout::Row {

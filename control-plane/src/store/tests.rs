@@ -5,8 +5,6 @@ use procurator_proto::v1::{
     ActivationResult, CopyProgress, DeploymentState, Event, Hello, MachineState, Progress, event,
 };
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use procurator_proto::v1::DesiredState;
 
 use super::deployments::Submitted;
@@ -36,10 +34,8 @@ pub(super) async fn submit(store: &Store, commit: &str, machines: &[(&str, &str)
 /// Connect `machine`'s agent (a new generation each time) and run the
 /// scheduler; returns who is to be sent a desired state.
 pub(super) async fn connect_and_schedule(store: &Store, machine: &str) -> Vec<MachineName> {
-    static GENERATION: AtomicU64 = AtomicU64::new(1);
-    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
     store
-        .agent_connected(m(machine), generation, Hello::default())
+        .agent_connected(m(machine), Hello::default())
         .await
         .unwrap();
     schedule(store).await
@@ -367,15 +363,20 @@ async fn a_replaced_connection_cannot_mark_its_successor_disconnected() {
         agent_version: "1".into(),
         ..Default::default()
     };
-    let connect = |generation| store.agent_connected(m("web-1"), generation, hello.clone());
-    assert!(connect(1).await.unwrap());
-    assert!(connect(3).await.unwrap());
-    // A handshake that lost the race to a newer one changes nothing.
-    assert!(!connect(2).await.unwrap());
-    assert!(!store.agent_disconnected(m("web-1"), 1).await.unwrap());
+    let first = store
+        .agent_connected(m("web-1"), hello.clone())
+        .await
+        .unwrap();
+    let second = store
+        .agent_connected(m("web-1"), hello.clone())
+        .await
+        .unwrap();
+    // Each connection of any machine gets a higher generation than any before.
+    let other = store.agent_connected(m("web-2"), hello).await.unwrap();
+    assert!(first < second && second < other, "{first} {second} {other}");
+    assert!(!store.agent_disconnected(m("web-1"), first).await.unwrap());
     assert!(store.list_agents().await.unwrap()[0].connected);
-    assert!(!store.agent_disconnected(m("web-1"), 2).await.unwrap());
-    assert!(store.agent_disconnected(m("web-1"), 3).await.unwrap());
+    assert!(store.agent_disconnected(m("web-1"), second).await.unwrap());
     let agents = store.list_agents().await.unwrap();
     assert!(!agents[0].connected);
     assert_eq!(agents[0].current_system, "/nix/store/x");
@@ -387,7 +388,7 @@ async fn a_restart_keeps_history_and_disconnects_agents() {
     let (id, before) = {
         let store = Store::open(dir.path()).unwrap();
         store
-            .agent_connected(m("web-1"), 1, Hello::default())
+            .agent_connected(m("web-1"), Hello::default())
             .await
             .unwrap();
         let s = submit(&store, COMMIT_A, &[("web-1", "sys-a")]).await;

@@ -100,21 +100,33 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     let agents = store.list_agents().await.unwrap();
     assert_eq!(agents[0].machine, "web-1");
     assert_eq!(agents[0].vm_host, None);
-    assert_eq!(store.last_generation().await.unwrap(), 7);
+    // Connections number on from the highest generation the file held.
+    let generation = store
+        .agent_connected(
+            procurator_core::MachineName::parse(&agents[0].machine).unwrap(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(generation, 8);
     drop(store);
     let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
     assert_is_current(&conn);
 }
 
-/// The database is at version 6: the columns of version 4 are there and
-/// empty for what was stored before, nothing was pruned yet, and the log's
-/// head is where its rows left off.
+/// The database is at version 7: the columns of version 4 are there and
+/// empty for what was stored before, nothing was pruned yet, the log's
+/// head is where its rows left off, and this process is the one replica.
 fn assert_is_current(conn: &rusqlite::Connection) {
     use rusqlite::OptionalExtension as _;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
+    let replicas: i64 = conn
+        .query_row("SELECT count(*) FROM replicas", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(replicas, 1);
     let (forced_by, intent_keys): (String, String) = conn
         .query_row(
             "SELECT forced_by, intent_keys FROM deployments LIMIT 1",

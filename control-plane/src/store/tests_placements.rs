@@ -8,7 +8,7 @@ use crate::test_support::artifact_with;
 
 const GIB: u64 = 1 << 30;
 
-async fn connect_host(store: &Store, name: &str, generation: u64, cpus: u64, gib: u64) {
+async fn connect_host(store: &Store, name: &str, cpus: u64, gib: u64) {
     let hello = Hello {
         vm_host: Some(VmHostCapacity {
             milli_cpus: cpus * 1000,
@@ -18,12 +18,7 @@ async fn connect_host(store: &Store, name: &str, generation: u64, cpus: u64, gib
         }),
         ..Default::default()
     };
-    assert!(
-        store
-            .agent_connected(m(name), generation, hello)
-            .await
-            .unwrap()
-    );
+    store.agent_connected(m(name), hello).await.unwrap();
 }
 
 /// `web` with `replicas`, 1 CPU and 1 GB each (the test artifact's size).
@@ -78,8 +73,8 @@ async fn without_a_vm_host_nothing_is_placed() {
 #[tokio::test]
 async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
     let (_dir, store) = open();
-    connect_host(&store, "host-a", 1, 4, 8).await;
-    connect_host(&store, "host-b", 2, 4, 8).await;
+    connect_host(&store, "host-a", 4, 8).await;
+    connect_host(&store, "host-b", 4, 8).await;
     submit(&store, COMMIT_A, &[("web", 2), ("db", 1)]).await;
     let first = placed(&all_events(&store).await).remove(0);
     assert!(first.unplaced.is_empty(), "{first:?}");
@@ -147,7 +142,7 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
 async fn what_the_hosts_cannot_hold_is_reported_unplaced() {
     let (_dir, store) = open();
     // Room for two 1 GB instances, not three.
-    connect_host(&store, "host-a", 8, 2, 2).await;
+    connect_host(&store, "host-a", 2, 2).await;
     submit(&store, COMMIT_A, &[("web", 3)]).await;
     let p = placed(&all_events(&store).await).remove(0);
     assert_eq!(p.placements.len(), 2, "{p:?}");
@@ -175,7 +170,7 @@ async fn what_the_hosts_cannot_hold_is_reported_unplaced() {
 async fn a_host_that_comes_later_gets_the_vms_that_had_no_room() {
     let (_dir, store) = open();
     // Room for one of the two 1 GB replicas.
-    connect_host(&store, "host-a", 1, 2, 1).await;
+    connect_host(&store, "host-a", 2, 1).await;
     submit(&store, COMMIT_A, &[("web", 2)]).await;
     let first = placed(&all_events(&store).await).remove(0);
     assert_eq!(
@@ -187,7 +182,7 @@ async fn a_host_that_comes_later_gets_the_vms_that_had_no_room() {
     assert!(!store.replace_vms().await.unwrap());
     assert_eq!(placed(&all_events(&store).await).len(), 1);
 
-    connect_host(&store, "host-b", 2, 2, 1).await;
+    connect_host(&store, "host-b", 2, 1).await;
     assert!(store.replace_vms().await.unwrap());
     let second = placed(&all_events(&store).await).remove(1);
     assert!(second.unplaced.is_empty(), "{second:?}");
@@ -204,7 +199,7 @@ async fn a_host_that_comes_later_gets_the_vms_that_had_no_room() {
 #[tokio::test]
 async fn a_host_is_told_each_vms_auto_rollback() {
     let (_dir, store) = open();
-    connect_host(&store, "host-a", 1, 4, 8).await;
+    connect_host(&store, "host-a", 4, 8).await;
     let (mut parsed, _) = artifact_with(COMMIT_A, &[("web", "sys"), ("db", "sys")], "");
     parsed
         .blueprint

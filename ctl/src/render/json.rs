@@ -36,6 +36,7 @@ pub fn event_json(ev: &Event) -> Value {
                 "outputTail": u.output_tail,
                 "copy": u.copy.as_ref().map(copy_json),
                 "rebootRequired": u.reboot_required,
+                "inPlace": u.in_place,
             }),
         ),
         Some(event::Kind::Finished(f)) => {
@@ -81,6 +82,10 @@ pub fn event_json(ev: &Event) -> Value {
                     "instance": v.instance, "machine": v.machine, "reason": v.reason,
                 })).collect::<Vec<_>>(),
             }),
+        ),
+        Some(event::Kind::Cancelled(c)) => (
+            "cancelled",
+            json!({ "reason": c.reason, "inFlight": c.in_flight }),
         ),
         None => ("unknown", json!({})),
     };
@@ -164,6 +169,7 @@ mod tests {
                 paths_expected: 4,
             }),
             reboot_required: false,
+            in_place: false,
         })));
         assert_eq!(
             v,
@@ -180,6 +186,7 @@ mod tests {
                 "outputTail": "boom\n",
                 "copy": { "bytesDone": 1, "bytesExpected": 2, "pathsDone": 3, "pathsExpected": 4 },
                 "rebootRequired": false,
+                "inPlace": false,
             })
         );
     }

@@ -69,6 +69,7 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
         }
         Some(event::Kind::WaveStarted(w)) => out.push_str(&wave_text(w)),
         Some(event::Kind::VmsPlaced(p)) => out.push_str(&placed_text(p)),
+        Some(event::Kind::Cancelled(c)) => out.push_str(&cancelled_text(c)),
         Some(event::Kind::Halted(h)) => {
             out.push_str(&halted_text(h));
             let left = view.left_alone();
@@ -89,6 +90,15 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
         out.push_str(&indented_tail(&u.output_tail));
     }
     out
+}
+
+fn cancelled_text(c: &procurator_proto::v1::DeploymentCancelled) -> String {
+    let mut text = format!("cancelled: {}", format::safe(&c.reason));
+    if !c.in_flight.is_empty() {
+        let names: Vec<_> = c.in_flight.iter().map(|m| format::safe(m)).collect();
+        let _ = write!(text, "; told to stop: {}", names.join(", "));
+    }
+    text
 }
 
 /// `VMs placed: web-0 on host-a, web-1 on host-b; not placed: big (needs …)`.

@@ -188,9 +188,9 @@ impl Renderer for ProgressRenderer {
                     }
                 }
             }
-            Some(event::Kind::Halted(_) | event::Kind::VmsPlaced(_)) => {
-                self.println(&event_text(ev, view))
-            }
+            Some(
+                event::Kind::Halted(_) | event::Kind::VmsPlaced(_) | event::Kind::Cancelled(_),
+            ) => self.println(&event_text(ev, view)),
             Some(event::Kind::Finished(_)) | None => {}
         }
         Ok(())

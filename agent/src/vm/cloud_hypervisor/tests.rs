@@ -149,9 +149,8 @@ fn processes_under(dir: &Path) -> Vec<Pid> {
             let name = entry.file_name().into_string().ok()?;
             let pid = name.parse::<i32>().ok().filter(|_| name != ours)?;
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline)
-                .contains(&dir)
-                .then(|| Pid::from_raw(pid))
+            let pid = Pid::from_raw(pid);
+            (String::from_utf8_lossy(&cmdline).contains(&dir) && alive(pid)).then_some(pid)
         })
         .collect()
 }
@@ -202,6 +201,11 @@ const STARTED: [&str; 4] = [
 /// Nothing of the VM runs and its state folder holds no socket, pid or
 /// lock file.
 fn assert_gone(dir: &TempDir, spec: &VmSpec) {
+    // A process killed a moment ago may still be on its way out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !processes_under(dir.path()).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(processes_under(dir.path()), []);
     let left: Vec<String> = std::fs::read_dir(&spec.state_dir)
         .map(|entries| {

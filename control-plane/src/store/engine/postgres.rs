@@ -12,10 +12,17 @@ use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 
 use super::{
-    Cell, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx, WriterConn, bind,
+    Cell, LogFollower, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx,
+    WriterConn, bind,
 };
 
 mod schema;
+
+/// How long the writer waits for the server to answer before a batch.
+const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The channel a commit that grew the log notifies.
+const LOG_CHANNEL: &str = "procurator_log";
 
 /// `pg_advisory_xact_lock` keys: the store's writes, and its migrations.
 const WRITE_LOCK: i64 = 0x7072_6f63_7772_6974; // "procwrit"
@@ -40,34 +47,56 @@ pub fn open(config: &postgres::Config, readers: usize) -> Result<Opened, StoreEr
 }
 
 fn connect_all(config: &postgres::Config, readers: usize) -> Result<Opened, StoreError> {
-    let connect = || config.connect(NoTls).map_err(StoreError::from);
-    let mut writer = connect()?;
-    schema::prepare(&mut writer)?;
+    let writer = Pg::connect(config)?;
+    schema::prepare(&mut writer.client.borrow_mut())?;
     let mut all: Vec<Box<dyn ReaderConn>> = Vec::with_capacity(readers);
     for _ in 0..readers {
-        all.push(Box::new(Pg::new(connect()?)));
+        all.push(Box::new(Pg::connect(config)?));
     }
+    let follower = Follower {
+        pg: Pg::connect(config)?,
+        listening: false,
+    };
     Ok(Opened {
         writer: Box::new(PgWriter {
-            pg: Pg::new(writer),
+            pg: writer,
             changes: Counter::new(0),
         }),
         readers: all,
+        follower: Some(Box::new(follower)),
     })
 }
 
-/// A connection and the statements prepared on it.
+/// A connection and the statements prepared on it, made again when it
+/// breaks.
 struct Pg {
+    config: postgres::Config,
     client: RefCell<Client>,
     prepared: RefCell<HashMap<String, Statement>>,
 }
 
 impl Pg {
-    fn new(client: Client) -> Self {
-        Self {
-            client: RefCell::new(client),
+    fn connect(config: &postgres::Config) -> Result<Self, StoreError> {
+        Ok(Self {
+            config: config.clone(),
+            client: RefCell::new(config.connect(NoTls)?),
             prepared: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// A connection the server closed (it restarted, or failed over to a
+    /// standby, which `target_session_attrs` then finds) is made again
+    /// before its next use; the statements prepared on it went with it.
+    /// The use that found it broken has failed already, and was reported.
+    fn reopen_if_closed(&self) -> Result<(), StoreError> {
+        if !self.client.borrow().is_closed() {
+            return Ok(());
         }
+        let fresh = self.config.connect(NoTls)?;
+        tracing::info!("reconnected to PostgreSQL");
+        *self.client.borrow_mut() = fresh;
+        self.prepared.borrow_mut().clear();
+        Ok(())
     }
 }
 
@@ -204,11 +233,13 @@ fn for_each_row(
 
 impl Sql for Pg {
     fn exec(&self, sql: &str, params: &Params<'_>) -> Result<usize, StoreError> {
+        self.reopen_if_closed()?;
         let n = exec(&mut *self.client.borrow_mut(), &self.prepared, sql, params)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     fn exec_batch(&self, sql: &str) -> Result<(), StoreError> {
+        self.reopen_if_closed()?;
         Ok(self.client.borrow_mut().batch_execute(sql)?)
     }
 
@@ -218,6 +249,7 @@ impl Sql for Pg {
         params: &Params<'_>,
         each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
+        self.reopen_if_closed()?;
         for_each_row(&self.client, &self.prepared, sql, params, each)
     }
 }
@@ -254,6 +286,15 @@ impl Sql for PgTx<'_> {
 }
 
 impl WriteTx for PgTx<'_> {
+    fn log_grew(&self) -> Result<(), StoreError> {
+        // Delivered at commit, once per transaction however many events
+        // it carries: NOTIFY takes a cluster-wide lock then.
+        Ok(self
+            .tx
+            .borrow_mut()
+            .batch_execute(&format!("NOTIFY {LOG_CHANNEL}"))?)
+    }
+
     fn commit(self: Box<Self>) -> Result<(), StoreError> {
         Ok(self.tx.into_inner().commit()?)
     }
@@ -266,6 +307,11 @@ struct PgWriter {
 
 impl WriterConn for PgWriter {
     fn begin(&mut self) -> Result<Box<dyn WriteTx + '_>, StoreError> {
+        // A batch costs a sync to disk; one round trip more finds a
+        // connection the server dropped before a batch's writes fail on it.
+        if self.pg.client.get_mut().is_valid(LIVENESS_TIMEOUT).is_err() {
+            self.pg.reopen_if_closed()?;
+        }
         let client = self.pg.client.get_mut();
         let mut tx = client.transaction()?;
         // One writer at a time in the whole cluster, until this commits.
@@ -283,10 +329,15 @@ impl WriterConn for PgWriter {
 }
 
 impl ReaderConn for Pg {
+    fn reopen_if_broken(&self) -> bool {
+        self.client.borrow().is_closed() && self.reopen_if_closed().is_ok()
+    }
+
     fn snapshot(
         &self,
         f: &mut dyn FnMut(&dyn Sql) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        self.reopen_if_closed()?;
         let mut client = self.client.borrow_mut();
         let tx = client
             .build_transaction()
@@ -300,6 +351,42 @@ impl ReaderConn for Pg {
         };
         f(&snapshot)?;
         Ok(snapshot.tx.into_inner().commit()?)
+    }
+}
+
+/// The connection that LISTENs for commits that grew the log.
+struct Follower {
+    pg: Pg,
+    /// Whether `pg`'s current connection has run LISTEN.
+    listening: bool,
+}
+
+impl LogFollower for Follower {
+    fn wait(&mut self, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        if self.pg.client.borrow().is_closed() {
+            self.listening = false;
+        }
+        if !self.listening {
+            self.pg.reopen_if_closed()?;
+            self.pg
+                .client
+                .borrow_mut()
+                .batch_execute(&format!("LISTEN {LOG_CHANNEL}"))?;
+            self.listening = true;
+            // Whatever was committed while nobody listened.
+            return Ok(true);
+        }
+        let mut client = self.pg.client.borrow_mut();
+        let mut notifications = client.notifications();
+        use postgres::fallible_iterator::FallibleIterator as _;
+        let woke = notifications.timeout_iter(timeout).next()?.is_some();
+        // Many commits, one read: drop the word already queued.
+        while notifications.iter().next()?.is_some() {}
+        Ok(woke)
+    }
+
+    fn sql(&self) -> &dyn Sql {
+        &self.pg
     }
 }
 

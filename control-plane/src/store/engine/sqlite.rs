@@ -44,6 +44,7 @@ pub fn open(path: &Path, readers: usize) -> Result<Opened, StoreError> {
     Ok(Opened {
         writer: Box::new(writer),
         readers: all,
+        follower: None,
     })
 }
 

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use crate::store::StoreError;
 
-const VERSION: i64 = 6;
+const VERSION: i64 = 7;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -139,6 +139,19 @@ CREATE TABLE IF NOT EXISTS log_bounds (
     head      INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO log_bounds (id) VALUES (1);
+
+-- The control-plane processes on this database, each alive while its
+-- heartbeat is fresh; an agent's row names the one holding its stream.
+-- (Version 7.)
+CREATE TABLE IF NOT EXISTS replicas (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    address      TEXT    NOT NULL DEFAULT '',
+    version      TEXT    NOT NULL DEFAULT '',
+    started_ms   INTEGER NOT NULL,
+    heartbeat_ms INTEGER NOT NULL
+);
+-- Generations are handed out as the highest plus one. (Version 7.)
+CREATE INDEX IF NOT EXISTS agents_by_generation ON agents (generation);
 ";
 
 /// Set connection options and create the tables if they are missing.
@@ -183,6 +196,8 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
              coalesce((SELECT max(revision) FROM events), 0))
          WHERE id = 1",
     )?;
+    // Version 6 -> 7: an agent's row names the replica holding its stream.
+    add_column(conn, "agents", "replica", "INTEGER NOT NULL DEFAULT 0")?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }
