@@ -111,6 +111,51 @@
         timeout = 60;
         interval = 5;
       };
+
+      # For a control plane that survives the loss of one machine: run it on
+      # two or more machines as replicas of one, sharing a PostgreSQL
+      # database (on a machine of its own, db-1, configured by
+      # `databaseHost`), and give the agents and CI every replica's URL.
+      # Import `self.nixosModules.replicaOnPostgres` next to the
+      # control-plane module in each replica's configuration.
+      replicaOnPostgres = {
+        services.procurator-control-plane.database = {
+          url = "postgres://procurator@db-1.fleet.example.org/procurator?target_session_attrs=read-write";
+          passwordFile = "/run/secrets/procurator-db-password";
+          # TLS to the database, its certificate and name checked.
+          caFile = "/etc/procurator/db-ca.crt";
+        };
+      };
+      databaseHost =
+        { pkgs, ... }:
+        {
+          services.postgresql = {
+            enable = true;
+            package = pkgs.postgresql_16;
+            enableTCPIP = true;
+            ensureDatabases = [ "procurator" ];
+            ensureUsers = [
+              {
+                name = "procurator";
+                ensureDBOwnership = true;
+              }
+            ];
+            settings = {
+              ssl = true;
+              ssl_cert_file = "/etc/postgresql/server.crt";
+              ssl_key_file = "/etc/postgresql/server.key";
+              # Dead replicas' sessions (and their locks) go within seconds.
+              tcp_keepalives_idle = 5;
+              tcp_keepalives_interval = 2;
+              tcp_keepalives_count = 3;
+            };
+            # TLS and a password (set with ALTER ROLE … PASSWORD) only.
+            authentication = ''
+              hostssl procurator procurator 192.168.1.0/24 scram-sha-256
+            '';
+          };
+          networking.firewall.allowedTCPPorts = [ 5432 ];
+        };
     in
     procurator.lib.mkCluster {
       nixosSystem = nixpkgs.lib.nixosSystem;
@@ -207,5 +252,8 @@
           configuration = worker addrs.worker-2;
         };
       };
+    }
+    // {
+      nixosModules = { inherit replicaOnPostgres databaseHost; };
     };
 }

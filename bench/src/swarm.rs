@@ -7,12 +7,19 @@
 //!   connectivity confirmation over a new connection,
 //! - M concurrent `watch` streams during that rollout: events/s and lag,
 //! - the connect storm after a control-plane restart (the agents' real
-//!   backoff and jitter), and how many agents gave up (must be none).
+//!   backoff and jitter), and how many agents gave up (must be none);
+//! - with `--replicas N --database postgres`: the same over N replicas on
+//!   one PostgreSQL database the bench starts (memory and CPU summed, the
+//!   database's CPU included), and instead of the restart, one replica
+//!   SIGKILLed mid-rollout: its agents reconnected elsewhere, none refused,
+//!   every machine activated exactly once, the rollout finished, and the
+//!   watchers' revisions contiguous.
 
 pub mod agents;
 mod fleet;
 mod operator;
 mod plane;
+mod planes;
 mod report;
 
 use std::path::PathBuf;
@@ -25,7 +32,7 @@ use tokio::time::Instant;
 
 use self::agents::Behaviour;
 use self::fleet::{AgentProcesses, Layout};
-use self::plane::ControlPlane;
+use self::planes::Planes;
 use crate::stats;
 
 /// Agents wait at most this long for everything to happen at 10,000 agents.
@@ -52,6 +59,14 @@ pub struct SwarmArgs {
     /// The control plane binary (default: procurator-control-plane beside this one).
     #[arg(long)]
     pub control_plane: Option<PathBuf>,
+    /// Control-plane replicas, sharing one PostgreSQL database (needs
+    /// --database postgres); each swarm process dials its own first.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// The store: `sqlite` (the embedded default) or `postgres` (a cluster
+    /// the bench starts, fsync on).
+    #[arg(long, value_enum, default_value = "sqlite")]
+    pub database: Engine,
     /// Write every run's figures and the summaries here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -60,6 +75,13 @@ pub struct SwarmArgs {
     pub keep: bool,
     #[command(flatten)]
     pub behaviour: Behaviour,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Sqlite,
+    Postgres,
 }
 
 /// One run's figures.
@@ -108,6 +130,19 @@ pub struct RunFigures {
     pub storm_dial_failures: u64,
     /// Agents refused for good (the real agent would back off for long): must be 0.
     pub storm_refused: u64,
+    pub replicas: usize,
+    /// One replica SIGKILLed mid-rollout (replicas only): → every agent
+    /// connected to the others, → the rollout finished (from submit).
+    pub kill_reconnect_s: f64,
+    pub kill_finished_s: f64,
+    pub kill_succeeded: usize,
+    /// Deployments the agents started in that rollout (must be one each),
+    /// and desired states they had been sent before (answered, not rerun).
+    pub kill_activations: u64,
+    pub kill_repeats: u64,
+    pub kill_refused: u64,
+    /// Revisions a watcher missed or saw twice, over all watchers (must be 0).
+    pub watch_gaps: u64,
 }
 
 pub fn run(args: SwarmArgs) -> Result<()> {
@@ -122,6 +157,12 @@ pub fn run(args: SwarmArgs) -> Result<()> {
     }
     if args.behaviour.keepalive == 0 {
         bail!("--keepalive must be at least 1 second");
+    }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    if args.replicas > 1 && args.database == Engine::Sqlite {
+        bail!("replicas share a PostgreSQL database: add --database postgres");
     }
     let control_plane = match &args.control_plane {
         Some(path) => path.clone(),
@@ -178,11 +219,17 @@ async fn one_run(
     let pki = dir.path().join("pki");
     procurator_core::pki::init(&pki, &[], "bench")?;
     let plane_dir = dir.path().join("control-plane");
-    std::fs::create_dir_all(&plane_dir)?;
-    let mut plane =
-        ControlPlane::start(control_plane, &plane_dir, &pki, args.behaviour.keepalive).await?;
-    let result = measure(args, &mut plane, &pki, n).await;
-    let stopped = plane.stop().await;
+    let mut planes = Planes::start(
+        control_plane,
+        &plane_dir,
+        &pki,
+        args.behaviour.keepalive,
+        args.replicas,
+        args.database == Engine::Postgres,
+    )
+    .await?;
+    let result = measure(args, &mut planes, &pki, n).await;
+    let stopped = planes.stop().await;
     if result.is_err() || args.keep {
         eprintln!(
             "swarm: the control plane's logs are in {}",
@@ -198,17 +245,17 @@ async fn one_run(
 
 async fn measure(
     args: &SwarmArgs,
-    plane: &mut ControlPlane,
+    planes: &mut Planes,
     pki: &std::path::Path,
     n: usize,
 ) -> Result<RunFigures> {
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_idle_kib = plane.rss_kib()?;
+    let rss_idle_kib = planes.rss_kib()?;
 
-    let url = plane.url();
+    let urls = planes.urls();
     let mut swarm = AgentProcesses::start(&Layout {
         ca_dir: pki,
-        url: &url,
+        urls: &urls,
         prefix: PREFIX,
         agents: n,
         per_process: args.agents_per_process,
@@ -216,34 +263,53 @@ async fn measure(
     })?;
     let measured = async {
         swarm.wait_ready(PHASE_TIMEOUT).await?;
-        let connect = all_connected(plane, &mut swarm, n).await?;
+        let connect = all_connected(planes, &mut swarm, n).await?;
         // Let the handshakes' transient buffers go before reading memory.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let rss_connected_kib = plane.rss_kib()?;
+        let rss_connected_kib = planes.rss_kib()?;
 
-        let cpu_before = plane.cpu_seconds()?;
+        let cpu_before = planes.cpu_seconds()?;
         let idle_from = Instant::now();
         tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
         let idle_cpu_percent =
-            (plane.cpu_seconds()? - cpu_before) / idle_from.elapsed().as_secs_f64() * 100.0;
+            (planes.cpu_seconds()? - cpu_before) / idle_from.elapsed().as_secs_f64() * 100.0;
 
-        let operator = operator_client(pki, &url).await?;
-        let with_confirm =
-            rollout(plane, &mut swarm, &operator, pki, n, 1, 30, args.watchers).await?;
-        let without_confirm = rollout(plane, &mut swarm, &operator, pki, n, 2, 0, 0).await?;
-        let rss_peak_kib = plane.rss_peak_kib()?;
+        let operator = operator_client(pki, &urls[0]).await?;
+        let all = 0..planes.replicas.len();
+        let with_confirm = rollout(
+            planes,
+            &mut swarm,
+            &operator,
+            pki,
+            n,
+            1,
+            30,
+            args.watchers,
+            all.clone(),
+        )
+        .await?;
+        let without_confirm = rollout(planes, &mut swarm, &operator, pki, n, 2, 0, 0, all).await?;
+        let rss_peak_kib = planes.rss_peak_kib()?;
 
-        let before = swarm.counters().await?;
-        let (spawned, down) = plane.restart().await?;
-        all_connected(plane, &mut swarm, n).await?;
-        let storm_s = spawned.elapsed().as_secs_f64();
-        let after = swarm.counters().await?;
+        let (storm, killed) = if planes.replicas.len() > 1 {
+            let killed =
+                kill_mid_rollout(planes, &mut swarm, &operator, pki, n, args.watchers).await?;
+            (None, Some(killed))
+        } else {
+            let before = swarm.counters().await?;
+            let (spawned, down) = planes.replicas[0].restart().await?;
+            all_connected(planes, &mut swarm, n).await?;
+            let storm_s = spawned.elapsed().as_secs_f64();
+            let after = swarm.counters().await?;
+            (Some((storm_s, down, before, after)), None)
+        };
 
         let sorted = stats::sorted(&with_confirm.desired_ms);
         let pct = |p| stats::percentile(&sorted, p).unwrap_or(f64::NAN);
         let sorted_nc = stats::sorted(&without_confirm.desired_ms);
         let pct_nc = |p| stats::percentile(&sorted_nc, p).unwrap_or(f64::NAN);
         let watched = &with_confirm.watched;
+        let nan = f64::NAN;
         Ok::<_, anyhow::Error>(RunFigures {
             agents: n,
             connect_s: connect.as_secs_f64(),
@@ -275,10 +341,26 @@ async fn measure(
                 .map(operator::Watched::events_per_second)
                 .sum(),
             watch_max_lag_ms: watched.iter().map(|w| w.max_lag_ms).max().unwrap_or(0) as f64,
-            storm_s,
-            storm_down_s: down.as_secs_f64(),
-            storm_dial_failures: after.dial_failures - before.dial_failures,
-            storm_refused: after.refused - before.refused,
+            storm_s: storm.as_ref().map_or(nan, |s| s.0),
+            storm_down_s: storm.as_ref().map_or(nan, |s| s.1.as_secs_f64()),
+            storm_dial_failures: storm
+                .as_ref()
+                .map_or(0, |(_, _, b, a)| a.dial_failures - b.dial_failures),
+            storm_refused: storm
+                .as_ref()
+                .map_or(0, |(_, _, b, a)| a.refused - b.refused),
+            replicas: planes.replicas.len(),
+            kill_reconnect_s: killed.as_ref().map_or(nan, |k| k.reconnect_s),
+            kill_finished_s: killed.as_ref().map_or(nan, |k| k.rollout.finished_s),
+            kill_succeeded: killed.as_ref().map_or(0, |k| k.rollout.succeeded),
+            kill_activations: killed.as_ref().map_or(0, |k| k.activations),
+            kill_repeats: killed.as_ref().map_or(0, |k| k.repeats),
+            kill_refused: killed.as_ref().map_or(0, |k| k.refused),
+            watch_gaps: watched
+                .iter()
+                .chain(killed.iter().flat_map(|k| &k.rollout.watched))
+                .map(|w| w.gaps)
+                .sum(),
         })
     }
     .await;
@@ -289,11 +371,11 @@ async fn measure(
 /// Waits for all `n` agents to be connected; on failure says what the
 /// agents themselves counted.
 async fn all_connected(
-    plane: &ControlPlane,
+    planes: &mut Planes,
     swarm: &mut AgentProcesses,
     n: usize,
 ) -> Result<Duration> {
-    match plane.wait_connected(n, PHASE_TIMEOUT).await {
+    match planes.wait_connected(n, PHASE_TIMEOUT).await {
         Ok(took) => Ok(took),
         Err(e) => match swarm.counters().await {
             Ok(c) => Err(e.context(format!("the agents counted {c:?}"))),
@@ -313,11 +395,50 @@ struct Rollout {
     watched: Vec<operator::Watched>,
 }
 
+/// A rollout with confirmation during which replica 1 is SIGKILLed, once
+/// every agent holds its desired state: what it cost and what it lost.
+struct Killed {
+    rollout: Rollout,
+    reconnect_s: f64,
+    activations: u64,
+    repeats: u64,
+    refused: u64,
+}
+
+async fn kill_mid_rollout(
+    planes: &mut Planes,
+    swarm: &mut AgentProcesses,
+    operator: &operator::Client,
+    pki: &std::path::Path,
+    n: usize,
+    watchers: usize,
+) -> Result<Killed> {
+    let before = swarm.counters().await?;
+    // Watchers follow on the replicas that live; the killed one's move.
+    let survivors: Vec<usize> = (0..planes.replicas.len()).filter(|&i| i != 1).collect();
+    let mut started = start_rollout(planes, operator, pki, n, 3, 30, watchers, &survivors).await?;
+    let received = swarm.desired(&started.id, n, PHASE_TIMEOUT).await?;
+    planes.replicas[1].kill().await?;
+    let killed = Instant::now();
+    all_connected(planes, swarm, n).await?;
+    let reconnect_s = killed.elapsed().as_secs_f64();
+    let rollout = finish_rollout(planes, operator, &mut started, received).await?;
+    let after = swarm.counters().await?;
+    Ok(Killed {
+        rollout,
+        reconnect_s,
+        activations: after.activations - before.activations,
+        repeats: after.repeats - before.repeats,
+        refused: after.refused - before.refused,
+    })
+}
+
 /// Submits generation `generation` to all `n` machines with `watchers`
-/// extra `watch` streams following it, and waits for the end.
+/// extra `watch` streams following it (on the replicas `on`, in turn), and
+/// waits for the end.
 #[allow(clippy::too_many_arguments)]
 async fn rollout(
-    plane: &ControlPlane,
+    planes: &mut Planes,
     swarm: &mut AgentProcesses,
     operator: &operator::Client,
     pki: &std::path::Path,
@@ -325,21 +446,57 @@ async fn rollout(
     generation: u32,
     confirm_timeout: u32,
     watchers: usize,
+    on: std::ops::Range<usize>,
 ) -> Result<Rollout> {
-    let revision = plane.metric("procurator_event_log_revision").await? as u64;
-    let handshakes = async |kind: &str| {
-        plane
-            .counter(&format!(
-                r#"procurator_tls_handshakes_total{{kind="{kind}"}}"#
-            ))
-            .await
-    };
-    let (full_before, resumed_before) = (handshakes("full").await?, handshakes("resumed").await?);
+    let on: Vec<usize> = on.collect();
+    let mut started = start_rollout(
+        planes,
+        operator,
+        pki,
+        n,
+        generation,
+        confirm_timeout,
+        watchers,
+        &on,
+    )
+    .await?;
+    let received = swarm.desired(&started.id, n, PHASE_TIMEOUT).await?;
+    finish_rollout(planes, operator, &mut started, received).await
+}
+
+/// A submitted rollout, its watchers following.
+struct Started {
+    id: String,
+    submitted_us: u64,
+    answered_us: u64,
+    full_before: f64,
+    resumed_before: f64,
+    followers: Vec<tokio::task::JoinHandle<Result<operator::Watched>>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_rollout(
+    planes: &mut Planes,
+    operator: &operator::Client,
+    pki: &std::path::Path,
+    n: usize,
+    generation: u32,
+    confirm_timeout: u32,
+    watchers: usize,
+    on: &[usize],
+) -> Result<Started> {
+    let revision = planes
+        .first()
+        .metric("procurator_event_log_revision")
+        .await? as u64;
+    let full_before = planes.counter(HANDSHAKES_FULL).await?;
+    let resumed_before = planes.counter(HANDSHAKES_RESUMED).await?;
     let (id_tx, id_rx) = tokio::sync::watch::channel(None);
     // The first stream only says when it ended; the others are measured.
     let mut streams = Vec::new();
-    for _ in 0..=watchers {
-        let client = operator_client(pki, &plane.url()).await?;
+    for i in 0..=watchers {
+        let url = planes.replicas[on[i % on.len()]].url();
+        let client = operator_client(pki, &url).await?;
         streams.push(operator::open_watch(client, revision).await?);
     }
     let mut followers = Vec::new();
@@ -350,23 +507,39 @@ async fn rollout(
             PHASE_TIMEOUT,
         )));
     }
-
     let artifact = operator::artifact(PREFIX, n, generation, confirm_timeout);
     let (id, submitted_us, answered_us) =
         operator::submit(&mut operator.clone(), &artifact).await?;
     let _ = id_tx.send(Some(id.clone()));
-    let received = swarm.desired(&id, n, PHASE_TIMEOUT).await?;
+    Ok(Started {
+        id,
+        submitted_us,
+        answered_us,
+        full_before,
+        resumed_before,
+        followers,
+    })
+}
+
+const HANDSHAKES_FULL: &str = r#"procurator_tls_handshakes_total{kind="full"}"#;
+const HANDSHAKES_RESUMED: &str = r#"procurator_tls_handshakes_total{kind="resumed"}"#;
+
+async fn finish_rollout(
+    planes: &mut Planes,
+    operator: &operator::Client,
+    started: &mut Started,
+    received: Vec<u64>,
+) -> Result<Rollout> {
     let desired_ms = received
         .iter()
-        .map(|&at| at.saturating_sub(submitted_us) as f64 / 1000.0)
+        .map(|&at| at.saturating_sub(started.submitted_us) as f64 / 1000.0)
         .collect();
-
     let mut watched = Vec::new();
-    for follower in followers {
+    for follower in started.followers.drain(..) {
         watched.push(follower.await.context("a watcher failed")??);
     }
     watched.remove(0);
-    let deployment = operator::get(&mut operator.clone(), &id).await?;
+    let deployment = operator::get(&mut operator.clone(), &started.id).await?;
     let finished_us = u64::try_from(deployment.finished_at_ms).unwrap_or(0) * 1000;
     let succeeded = deployment
         .machines
@@ -374,11 +547,11 @@ async fn rollout(
         .filter(|m| m.state() == procurator_proto::v1::MachineState::Succeeded)
         .count();
     Ok(Rollout {
-        full_handshakes: handshakes("full").await? - full_before,
-        resumed_handshakes: handshakes("resumed").await? - resumed_before,
-        submit_ms: answered_us.saturating_sub(submitted_us) as f64 / 1000.0,
+        full_handshakes: planes.counter(HANDSHAKES_FULL).await? - started.full_before,
+        resumed_handshakes: planes.counter(HANDSHAKES_RESUMED).await? - started.resumed_before,
+        submit_ms: started.answered_us.saturating_sub(started.submitted_us) as f64 / 1000.0,
         desired_ms,
-        finished_s: finished_us.saturating_sub(submitted_us) as f64 / 1e6,
+        finished_s: finished_us.saturating_sub(started.submitted_us) as f64 / 1e6,
         succeeded,
         watched,
     })

@@ -162,6 +162,7 @@ impl AgentService for AgentSvc {
         }
         let conn = Conn::new(generation, tx, hello.vm_host.is_some(), &self.shutdown);
         self.connections.register(machine.clone(), conn.clone());
+        self.metrics.set_agent_streams(self.connections.len());
 
         let stream = AgentStream {
             store: self.store.clone(),
@@ -269,6 +270,7 @@ impl AgentStream {
         }
         self.connections
             .remove_if_current(&self.machine, self.conn.generation);
+        self.metrics.set_agent_streams(self.connections.len());
         match self
             .store
             .agent_disconnected(self.machine.clone(), self.conn.generation)

@@ -78,6 +78,11 @@ impl Connections {
         self.lock().get(machine).cloned()
     }
 
+    /// How many streams are held here.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Every stream held here, by machine name.
     pub fn all(&self) -> Vec<(MachineName, Conn)> {
         let mut all: Vec<_> = self

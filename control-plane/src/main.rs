@@ -26,7 +26,7 @@ struct Args {
     )]
     data_dir: PathBuf,
     /// Where the state store lives: `sqlite` (in --data-dir), or a PostgreSQL
-    /// URL, e.g. postgres://procurator@db1,db2/procurator?target_session_attrs=read-write.
+    /// URL, e.g. postgres://procurator@db1,db2/procurator?target_session_attrs=read-write&sslmode=verify-full&sslrootcert=/etc/procurator/db-ca.pem.
     #[arg(
         long,
         env = "PROCURATOR_DATABASE",
@@ -38,6 +38,12 @@ struct Args {
     /// so it stays out of the URL and the process list.
     #[arg(long, env = "PROCURATOR_DATABASE_PASSWORD_FILE", value_name = "FILE")]
     database_password_file: Option<PathBuf>,
+    /// The CA that signed the PostgreSQL server's certificate: the
+    /// connection is TLS, the certificate and the host's name checked
+    /// (libpq's sslmode=verify-full with sslrootcert=FILE, which --database
+    /// may say instead).
+    #[arg(long, env = "PROCURATOR_DATABASE_CA_FILE", value_name = "FILE")]
+    database_ca_file: Option<PathBuf>,
     /// The fleet CA certificate: clients must present a certificate it signed.
     #[arg(long, env = "PROCURATOR_TLS_CA")]
     tls_ca: PathBuf,
@@ -83,10 +89,11 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(args.log_format, "info");
     open_files::raise_limit();
 
-    let database = database(
+    let database = store::Database::parse(
         &args.database,
         args.data_dir,
         args.database_password_file.as_deref(),
+        args.database_ca_file.as_deref(),
     )?;
     let config = server::Config {
         listen: args.listen,
@@ -112,32 +119,6 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("the control plane stopped")?;
     Ok(())
-}
-
-/// `--database` as the store takes it.
-fn database(
-    database: &str,
-    data_dir: PathBuf,
-    password_file: Option<&std::path::Path>,
-) -> anyhow::Result<store::Database> {
-    if database == "sqlite" {
-        if password_file.is_some() {
-            anyhow::bail!("--database-password-file is for a PostgreSQL --database, not sqlite");
-        }
-        return Ok(store::Database::Sqlite { data_dir });
-    }
-    let mut config: postgres::Config = database.parse().map_err(|e| {
-        anyhow::anyhow!(
-            "--database {database:?} is neither sqlite nor a PostgreSQL URL \
-             (postgres://USER@HOST[:PORT][,HOST…]/DATABASE?…): {e}"
-        )
-    })?;
-    if let Some(path) = password_file {
-        let password = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --database-password-file {}", path.display()))?;
-        config.password(password.trim_end_matches(['\n', '\r']));
-    }
-    Ok(store::Database::Postgres(Box::new(config)))
 }
 
 /// The first SIGTERM/SIGINT starts a graceful shutdown; a second exits at once.

@@ -56,6 +56,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     connected_agents: Gauge,
+    agent_streams: Gauge,
     deployments: Family<StateLabel, Gauge>,
     machines: Family<StateLabel, Gauge>,
     event_log_revision: Gauge,
@@ -81,6 +82,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut m = Self {
             connected_agents: Gauge::default(),
+            agent_streams: Gauge::default(),
             deployments: Family::default(),
             machines: Family::default(),
             event_log_revision: Gauge::default(),
@@ -100,6 +102,11 @@ impl Metrics {
             "connected_agents",
             "Agents with an open stream",
             m.connected_agents.clone(),
+        );
+        r.register(
+            "agent_streams",
+            "Agent streams this control plane holds (connected_agents counts them over every replica)",
+            m.agent_streams.clone(),
         );
         r.register("deployments", "Deployments by state", m.deployments.clone());
         r.register(
@@ -220,6 +227,12 @@ impl Metrics {
 
     pub fn agent_disconnected(&self) {
         self.agent_disconnects.inc();
+    }
+
+    /// How many agent streams this process holds now.
+    pub fn set_agent_streams(&self, streams: usize) {
+        self.agent_streams
+            .set(i64::try_from(streams).unwrap_or(i64::MAX));
     }
 
     /// Follow the event log until `stop`: time each machine's phases from

@@ -2,7 +2,8 @@
 //! folder, the postmaster in the foreground as the `postgres` user (initdb
 //! and postgres refuse root), on a unix socket in that folder only (no TCP
 //! port to pick, so none to collide on), stopped and removed when dropped,
-//! also when the test fails.
+//! also when the test fails. [`Postgres::start_with_tls`] also listens on
+//! a loopback port, for TLS only.
 //! Debian's `postgresql` package provides the binaries (`scripts/setup.sh`).
 
 use std::path::{Path, PathBuf};
@@ -15,8 +16,9 @@ use crate::process::Process;
 
 /// The database role `initdb` creates, trusted on the socket and loopback.
 pub const USER: &str = "procurator";
-/// Names the socket (`.s.PGSQL.5432`) in the cluster's own folder.
-const PORT: u16 = 5432;
+/// Names the socket (`.s.PGSQL.5432`) in the cluster's own folder, when
+/// there is no TCP port.
+const SOCKET_PORT: u16 = 5432;
 /// How long the postmaster may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -26,11 +28,72 @@ pub struct Postgres {
     process: Option<Process>,
     dir: tempfile::TempDir,
     starts: u32,
+    /// The socket's number, and the loopback TCP port's when `tls`.
+    port: u16,
+    /// Server certificate and key in the data folder: TLS on loopback.
+    tls: bool,
+    /// Commits are synced to disk (`fsync=on`), as on a real server.
+    durable: bool,
 }
 
 impl Postgres {
     /// Creates a cluster and starts it; returns once it accepts connections.
     pub fn start() -> Result<Self> {
+        let mut pg = Self::create(SOCKET_PORT)?;
+        pg.spawn()?;
+        Ok(pg)
+    }
+
+    /// [`Self::start`], also listening on `127.0.0.1` at [`Self::port`]
+    /// with the certificate `cert` and key `key` (PEM), and refusing any
+    /// connection over TCP that is not TLS (`hostssl` only).
+    pub fn start_with_tls(cert: &Path, key: &Path) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut pg = Self::create(port)?;
+        let data = pg.data_dir();
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(to);
+            std::fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+            std::os::unix::fs::chown(&to, Some(postgres_user()?.uid.as_raw()), None)?;
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )?;
+        pg.tls = true;
+        pg.spawn()?;
+        Ok(pg)
+    }
+
+    /// [`Self::start`] with every commit synced to disk (`fsync=on`, as a
+    /// real server runs): for benchmarks, whose figures must not be a
+    /// test cluster's.
+    pub fn start_durable() -> Result<Self> {
+        let mut pg = Self::create(SOCKET_PORT)?;
+        pg.durable = true;
+        pg.spawn()?;
+        Ok(pg)
+    }
+
+    /// The postmaster's process id, from its `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Result<u32> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .context("reading postmaster.pid")?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .context("postmaster.pid holds no pid")
+    }
+
+    /// The port of its socket, and of its loopback listener with TLS.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn create(port: u16) -> Result<Self> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("procurator-pg-")
@@ -52,14 +115,15 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let mut pg = Self {
+        Ok(Self {
             bin,
             process: None,
             dir,
             starts: 0,
-        };
-        pg.spawn()?;
-        Ok(pg)
+            port,
+            tls: false,
+            durable: false,
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -67,12 +131,24 @@ impl Postgres {
         cmd.arg("-D")
             .arg(self.data_dir())
             .arg("-p")
-            .arg(PORT.to_string())
+            .arg(self.port.to_string())
             .arg("-k")
-            .arg(self.dir.path())
-            .args(["-c", "listen_addresses="])
+            .arg(self.dir.path());
+        if self.tls {
+            cmd.args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"]);
+        } else {
+            cmd.args(["-c", "listen_addresses="]);
+        }
+        cmd
             // A test cluster: losing the last commits on a host crash is fine.
-            .args(["-c", "fsync=off"]);
+            .args([
+                "-c",
+                if self.durable {
+                    "fsync=on"
+                } else {
+                    "fsync=off"
+                },
+            ]);
         self.starts += 1;
         let log = self
             .dir
@@ -97,7 +173,7 @@ impl Postgres {
                 .arg("-h")
                 .arg(self.dir.path())
                 .arg("-p")
-                .arg(PORT.to_string())
+                .arg(self.port.to_string())
                 .status()
                 .context("running pg_isready")?;
             Ok(ready.success().then_some(()))
@@ -116,7 +192,11 @@ impl Postgres {
     /// The cluster as libpq's key=value connection string, without a
     /// database: append ` dbname=NAME`.
     pub fn server(&self) -> String {
-        format!("host={} port={PORT} user={USER}", self.dir.path().display())
+        format!(
+            "host={} port={} user={USER}",
+            self.dir.path().display(),
+            self.port
+        )
     }
 
     /// The connection string of database `database`.
@@ -131,7 +211,7 @@ impl Postgres {
             .arg("-h")
             .arg(self.dir.path())
             .arg("-p")
-            .arg(PORT.to_string())
+            .arg(self.port.to_string())
             .args([
                 "-U",
                 USER,
@@ -207,9 +287,13 @@ fn as_postgres(program: &Path) -> Command {
     cmd
 }
 
+fn postgres_user() -> Result<nix::unistd::User> {
+    nix::unistd::User::from_name("postgres")?
+        .context("there is no postgres user: run scripts/setup.sh, which installs PostgreSQL")
+}
+
 fn chown_to_postgres(dir: &Path) -> Result<()> {
-    let user = nix::unistd::User::from_name("postgres")?
-        .context("there is no postgres user: run scripts/setup.sh, which installs PostgreSQL")?;
+    let user = postgres_user()?;
     nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
         .with_context(|| format!("chown postgres {}", dir.display()))?;
     Ok(())

@@ -225,3 +225,69 @@ fn a_rollout_survives_postgresql_killed_and_restarted() {
     let log = fleet.control_plane.log();
     assert!(log.contains("reconnected to PostgreSQL"), "{log}");
 }
+
+#[test]
+fn the_store_is_reached_over_tls_with_the_server_certificate_checked() {
+    let fleet = Fleet::start_with(procurator_integration_tests::FleetOptions {
+        agents: Vec::new(),
+        ..Default::default()
+    })
+    .expect("fleet");
+    // The fleet CA's server certificate (it names 127.0.0.1) serves as the
+    // database server's too.
+    let server = fleet.pki.control_plane();
+    let pg = Postgres::start_with_tls(&server.cert, &server.key).expect("postgres with TLS");
+    pg.psql("postgres", "CREATE DATABASE procurator")
+        .expect("create database");
+    let over_tcp = |options: &str| {
+        format!(
+            "postgres://{}@127.0.0.1:{}/procurator?{options}",
+            procurator_integration_tests::postgres::USER,
+            pg.port()
+        )
+    };
+    let start = |name: &str, url: &str| {
+        let dir = fleet.dir().join(name);
+        let started = ControlPlane::start_with(&fleet.nix, &dir, &fleet.pki, &["--database", url]);
+        let log = std::fs::read_to_string(dir.join("control-plane-1.log")).unwrap_or_default();
+        (started, log)
+    };
+
+    let ca = fleet.pki.ca();
+    let (verified, log) = start(
+        "verified",
+        &over_tcp(&format!("sslmode=verify-full&sslrootcert={}", ca.display())),
+    );
+    let _verified = verified.unwrap_or_else(|e| panic!("{e:#}\n{log}"));
+    assert!(log.contains("over TLS"), "{log}");
+    let encrypted: u32 = pg
+        .psql(
+            "procurator",
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE s.ssl AND a.datname = 'procurator'",
+        )
+        .expect("psql")
+        .parse()
+        .expect("a count");
+    // The writer, two readers and the log's follower.
+    assert!(encrypted >= 4, "{encrypted} connections over TLS");
+
+    // A server certificate another CA signed is refused.
+    let other =
+        procurator_integration_tests::pki::Pki::init(&fleet.nix, &fleet.dir().join("other-ca"))
+            .expect("another CA");
+    let (refused, log) = start(
+        "other-ca",
+        &over_tcp(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            other.ca().display()
+        )),
+    );
+    assert!(refused.is_err(), "started against an unknown CA:\n{log}");
+    assert!(log.contains("certificate"), "{log}");
+
+    // And the server refuses a connection without TLS.
+    let (plain, log) = start("plain", &over_tcp("sslmode=disable"));
+    assert!(plain.is_err(), "started without TLS:\n{log}");
+    assert!(log.contains("no encryption"), "{log}");
+}

@@ -119,6 +119,16 @@ in
           systemd hands the service a copy (`LoadCredential=`).
         '';
       };
+      caFile = lib.mkOption {
+        type = lib.types.nullOr secretPath;
+        default = null;
+        example = "/etc/procurator/db-ca.crt";
+        description = ''
+          The CA that signed the PostgreSQL server's certificate
+          (`--database-ca-file`): the connection is then TLS, with the
+          certificate and the host's name checked.
+        '';
+      };
     };
 
     retention = {
@@ -201,6 +211,7 @@ in
             "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
           ]
           ++ lib.optional (cfg.database.passwordFile != null) "--database-password-file %d/db-password"
+          ++ lib.optional (cfg.database.caFile != null) "--database-ca-file %d/db-ca.crt"
           ++ lib.optional (cfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs cfg.extraArgs)
         );
         # Copies readable by the dynamic user only, whatever the modes of the
@@ -210,7 +221,8 @@ in
           "tls.crt:${cfg.tls.certFile}"
           "tls.key:${cfg.tls.keyFile}"
         ]
-        ++ lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}";
+        ++ lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
+        ++ lib.optional (cfg.database.caFile != null) "db-ca.crt:${cfg.database.caFile}";
 
         # SIGTERM drains in-flight RPCs for at most 10 s, then exits 0.
         KillSignal = "SIGTERM";

@@ -297,19 +297,22 @@ optionChecks "agent.nix" (agent agentSettings).options
       };
     })).config.systemd.services.procurator-control-plane.serviceConfig.ExecStart
 )
-++ expect "control plane on PostgreSQL" [ true true ] (
+++ expect "control plane on PostgreSQL" [ true true true true ] (
   let
     unit =
       (controlPlane (withControlPlane {
         database = {
-          url = "postgres://procurator@db1,db2/procurator?target_session_attrs=read-write&sslmode=require";
+          url = "postgres://procurator@db1,db2/procurator?target_session_attrs=read-write";
           passwordFile = "/run/secrets/db-password";
+          caFile = "/etc/procurator/db-ca.crt";
         };
       })).config.systemd.services.procurator-control-plane.serviceConfig;
   in
   [
     (stub.lib.hasInfix "--database-password-file %d/db-password" unit.ExecStart)
     (builtins.elem "db-password:/run/secrets/db-password" unit.LoadCredential)
+    (stub.lib.hasInfix "--database-ca-file %d/db-ca.crt" unit.ExecStart)
+    (builtins.elem "db-ca.crt:/etc/procurator/db-ca.crt" unit.LoadCredential)
   ]
 )
 ++ expect "control plane LoadCredential" [

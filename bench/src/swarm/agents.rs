@@ -41,9 +41,10 @@ pub struct AgentsArgs {
     /// The directory holding the fleet CA (ca.crt, ca.key).
     #[arg(long)]
     pub ca_dir: PathBuf,
-    /// The control plane, https://HOST:PORT.
-    #[arg(long)]
-    pub url: String,
+    /// The control plane, https://HOST:PORT: once per replica, tried in
+    /// turn as the real agent does; agent `i` starts with the `i`-th.
+    #[arg(long, required = true)]
+    pub url: Vec<String>,
     /// Machine names are `<prefix>-<index>`.
     #[arg(long, default_value = "m")]
     pub prefix: String,
@@ -110,6 +111,11 @@ pub struct Counters {
     pub results: u64,
     /// Agents holding a stream past `Welcome` right now.
     pub sessions: u64,
+    /// Deployments started (the real agent's activations).
+    pub activations: u64,
+    /// Desired states for a deployment already started or done: dropped,
+    /// or answered with the stored result, as the real agent does.
+    pub repeats: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +127,8 @@ struct Tally {
     confirm_failures: AtomicU64,
     results: AtomicU64,
     sessions: AtomicU64,
+    activations: AtomicU64,
+    repeats: AtomicU64,
 }
 
 impl Tally {
@@ -134,6 +142,8 @@ impl Tally {
             confirm_failures: get(&self.confirm_failures),
             results: get(&self.results),
             sessions: get(&self.sessions),
+            activations: get(&self.activations),
+            repeats: get(&self.repeats),
         }
     }
 }
@@ -178,16 +188,31 @@ async fn serve(args: AgentsArgs) -> Result<()> {
             key_pem: leaf.key_pem.into_bytes(),
             identity: leaf.identity,
         };
-        let endpoint = material
-            .endpoint(&args.url, Duration::from_secs(behaviour.keepalive))
-            .context("the control plane URL")?
-            .local_address(Some(source_address(index)));
+        let endpoints = args
+            .url
+            .iter()
+            .map(|url| {
+                Ok(material
+                    .endpoint(url, Duration::from_secs(behaviour.keepalive))
+                    .context("the control plane URL")?
+                    .local_address(Some(source_address(index))))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
         agents.push(SimulatedAgent {
             name: name.to_string(),
-            endpoint,
+            endpoints,
             behaviour: behaviour.clone(),
             reports: report_tx.clone(),
             tally: tally.clone(),
+            state: Arc::new(AgentState {
+                outbox,
+                outbox_rx: tokio::sync::Mutex::new(outbox_rx),
+                current: std::sync::Mutex::new(String::new()),
+                seen: std::sync::Mutex::new(Vec::new()),
+                // Agents spread over the replicas, as behind a balancer.
+                dialled: std::sync::atomic::AtomicUsize::new(index % args.url.len()),
+            }),
         });
     }
     let _ = report_tx.send(Report::Ready {
@@ -230,10 +255,41 @@ async fn write_reports(mut reports: mpsc::UnboundedReceiver<Report>) {
 
 struct SimulatedAgent {
     name: String,
-    endpoint: Endpoint,
+    /// One per control-plane URL, tried in turn.
+    endpoints: Vec<Endpoint>,
     behaviour: Arc<Behaviour>,
     reports: mpsc::UnboundedSender<Report>,
     tally: Arc<Tally>,
+    state: Arc<AgentState>,
+}
+
+/// What outlives a session, as in the real agent: its deployments go on
+/// while it reconnects, and what they report goes out over the next stream.
+struct AgentState {
+    outbox: mpsc::UnboundedSender<AgentMessage>,
+    outbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<AgentMessage>>,
+    /// What it "runs": the last closure it committed.
+    current: std::sync::Mutex<String>,
+    /// The last few deployments started, each with its result once done.
+    seen: std::sync::Mutex<Vec<(String, Option<AgentMessage>)>>,
+    /// The index of the endpoint that answered last.
+    dialled: std::sync::atomic::AtomicUsize,
+}
+
+/// Deployments an agent remembers: enough to know the one it is on.
+const SEEN_KEPT: usize = 4;
+
+impl AgentState {
+    fn current(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Vec<(String, Option<AgentMessage>)>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What one session ended with.
@@ -249,13 +305,16 @@ enum Ended {
 impl SimulatedAgent {
     async fn run(self) {
         let mut backoff = Backoff::new(BASE, DEFAULT_CAP);
-        // What this agent "runs": the last closure it committed.
-        let mut current = String::new();
         loop {
             bump(&self.tally.dials);
-            let delay = match self.session(&mut current).await {
+            let at = self.state.dialled.load(Ordering::Relaxed) % self.endpoints.len();
+            let delay = match self.session(&self.endpoints[at]).await {
                 Ended::Dial => {
                     bump(&self.tally.dial_failures);
+                    // The next control plane in the list.
+                    self.state
+                        .dialled
+                        .store((at + 1) % self.endpoints.len(), Ordering::Relaxed);
                     backoff.next_delay(&mut rand::rng())
                 }
                 Ended::Refused => {
@@ -273,23 +332,26 @@ impl SimulatedAgent {
         }
     }
 
-    async fn session(&self, current: &mut String) -> Ended {
+    async fn session(&self, endpoint: &Endpoint) -> Ended {
         // As the real agent: dialling, TLS and the handshake up to Welcome
         // share one deadline.
+        let current = self.state.current();
         let (tx, mut inbound) =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(current)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(endpoint, &current)).await
+            {
                 Ok(Ok(connected)) => connected,
                 Ok(Err(ended)) => return ended,
                 Err(_) => return Ended::Dial,
             };
         self.tally.sessions.fetch_add(1, Ordering::Relaxed);
-        let ended = self.serve(current, tx, &mut inbound).await;
+        let ended = self.serve(tx, &mut inbound).await;
         self.tally.sessions.fetch_sub(1, Ordering::Relaxed);
         ended
     }
 
     async fn handshake(
         &self,
+        endpoint: &Endpoint,
         current: &str,
     ) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<ControlMessage>), Ended> {
         let refused = |status: &tonic::Status| {
@@ -299,7 +361,7 @@ impl SimulatedAgent {
                 Ended::Dial
             }
         };
-        let channel = self.endpoint.connect().await.map_err(|_| Ended::Dial)?;
+        let channel = endpoint.connect().await.map_err(|_| Ended::Dial)?;
         let (tx, rx) = mpsc::channel(16);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -328,33 +390,33 @@ impl SimulatedAgent {
     /// After `Welcome`: until the stream breaks.
     async fn serve(
         &self,
-        current: &mut String,
         tx: mpsc::Sender<AgentMessage>,
         inbound: &mut tonic::Streaming<ControlMessage>,
     ) -> Ended {
         let welcomed = Instant::now();
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
-        // A deployment in flight reports here and hands back the closure it committed.
-        let (done_tx, mut done_rx) = mpsc::channel::<String>(4);
+        // One session at a time forwards what the deployments report.
+        let mut outbox = self.state.outbox_rx.lock().await;
         loop {
             tokio::select! {
                 received = inbound.message() => match received {
                     Ok(Some(m)) => {
                         if let Some(control_message::Kind::DesiredState(desired)) = m.kind {
-                            let _ = self.reports.send(Report::Desired {
-                                machine: self.name.clone(),
-                                deployment: desired.deployment_id.clone(),
-                                at_us: unix_micros(),
-                            });
-                            tokio::spawn(self.deploy(desired, tx.clone(), done_tx.clone()));
+                            self.desired(desired);
                         }
                     }
                     _ => return Ended::Session(welcomed),
                 },
-                Some(closure) = done_rx.recv() => *current = closure,
+                Some(report) = outbox.recv() => {
+                    if let Err(unsent) = tx.send(report).await {
+                        // Goes out over the next stream.
+                        let _ = self.state.outbox.send(unsent.0);
+                        return Ended::Session(welcomed);
+                    }
+                }
                 _ = heartbeat.tick() => {
-                    let beat = Heartbeat { current_system: current.clone() };
+                    let beat = Heartbeat { current_system: self.state.current() };
                     if tx.send(message(agent_message::Kind::Heartbeat(beat))).await.is_err() {
                         return Ended::Session(welcomed);
                     }
@@ -363,17 +425,49 @@ impl SimulatedAgent {
         }
     }
 
+    /// A desired state: started once per deployment; one seen before is
+    /// answered with its result if it is done, as the real agent does.
+    fn desired(&self, desired: DesiredState) {
+        let repeat = {
+            let mut seen = self.state.seen();
+            match seen.iter().find(|(id, _)| *id == desired.deployment_id) {
+                Some((_, result)) => Some(result.clone()),
+                None => {
+                    if seen.len() >= SEEN_KEPT {
+                        seen.remove(0);
+                    }
+                    seen.push((desired.deployment_id.clone(), None));
+                    None
+                }
+            }
+        };
+        match repeat {
+            Some(result) => {
+                bump(&self.tally.repeats);
+                if let Some(result) = result {
+                    let _ = self.state.outbox.send(result);
+                }
+            }
+            None => {
+                bump(&self.tally.activations);
+                let _ = self.reports.send(Report::Desired {
+                    machine: self.name.clone(),
+                    deployment: desired.deployment_id.clone(),
+                    at_us: unix_micros(),
+                });
+                tokio::spawn(self.deploy(desired));
+            }
+        }
+    }
+
     /// The phases of one deployment, as the real agent reports them.
-    fn deploy(
-        &self,
-        desired: DesiredState,
-        tx: mpsc::Sender<AgentMessage>,
-        done: mpsc::Sender<String>,
-    ) -> impl Future<Output = ()> + Send + 'static {
+    fn deploy(&self, desired: DesiredState) -> impl Future<Output = ()> + Send + 'static {
         let behaviour = self.behaviour.clone();
-        let endpoint = self.endpoint.clone();
+        let endpoints = self.endpoints.clone();
         let tally = self.tally.clone();
+        let state = self.state.clone();
         async move {
+            let tx = &state.outbox;
             let id = desired.deployment_id.clone();
             let progress = |state: MachineState, copy: Option<CopyProgress>, text: &str| {
                 message(agent_message::Kind::Progress(Progress {
@@ -389,16 +483,10 @@ impl SimulatedAgent {
                 paths_done: 1,
                 paths_expected: 1,
             };
-            let _ = tx
-                .send(progress(MachineState::Copying, None, "copying"))
-                .await;
+            let _ = tx.send(progress(MachineState::Copying, None, "copying"));
             sleep_ms(behaviour.copy_delay_ms).await;
-            let _ = tx
-                .send(progress(MachineState::Copying, Some(copied), "copied"))
-                .await;
-            let _ = tx
-                .send(progress(MachineState::Activating, None, "switch test"))
-                .await;
+            let _ = tx.send(progress(MachineState::Copying, Some(copied), "copied"));
+            let _ = tx.send(progress(MachineState::Activating, None, "switch test"));
             sleep_ms(behaviour.activation_delay_ms).await;
 
             let mut failure = None;
@@ -406,27 +494,23 @@ impl SimulatedAgent {
                 failure = Some((MachineState::Activating, "simulated activation failure"));
             }
             if failure.is_none() && !desired.health_checks.is_empty() {
-                let _ = tx
-                    .send(progress(MachineState::Checking, None, "health checks"))
-                    .await;
+                let _ = tx.send(progress(MachineState::Checking, None, "health checks"));
             }
             if failure.is_none() && desired.confirm_timeout_secs > 0 {
-                let _ = tx
-                    .send(progress(MachineState::Confirming, None, "confirming"))
-                    .await;
+                let _ = tx.send(progress(MachineState::Confirming, None, "confirming"));
                 let timeout = Duration::from_secs(desired.confirm_timeout_secs.into());
                 bump(&tally.confirms);
-                if !confirm(&endpoint, &desired, timeout).await {
+                let first = state.dialled.load(Ordering::Relaxed);
+                if !confirm(&endpoints, first, &desired, timeout).await {
                     bump(&tally.confirm_failures);
                     failure = Some((MachineState::Confirming, "no confirmation"));
                 }
             }
             let result = match failure {
                 None => {
-                    let _ = tx
-                        .send(progress(MachineState::Committing, None, "committing"))
-                        .await;
-                    let _ = done.send(desired.closure.clone()).await;
+                    let _ = tx.send(progress(MachineState::Committing, None, "committing"));
+                    *state.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                        desired.closure.clone();
                     ActivationResult {
                         deployment_id: id.clone(),
                         state: MachineState::Succeeded.into(),
@@ -435,9 +519,7 @@ impl SimulatedAgent {
                     }
                 }
                 Some((phase, reason)) => {
-                    let _ = tx
-                        .send(progress(MachineState::RollingBack, None, "rolling back"))
-                        .await;
+                    let _ = tx.send(progress(MachineState::RollingBack, None, "rolling back"));
                     ActivationResult {
                         deployment_id: id.clone(),
                         state: MachineState::RolledBack.into(),
@@ -447,31 +529,48 @@ impl SimulatedAgent {
                     }
                 }
             };
-            if tx
-                .send(message(agent_message::Kind::Result(result)))
-                .await
-                .is_ok()
-            {
+            let result = message(agent_message::Kind::Result(result));
+            if let Some(entry) = state.seen().iter_mut().find(|(d, _)| *d == id) {
+                entry.1 = Some(result.clone());
+            }
+            if tx.send(result).is_ok() {
                 bump(&tally.results);
             }
         }
     }
 }
 
-/// Magic rollback's connectivity proof: a NEW connection, one call.
-async fn confirm(endpoint: &Endpoint, desired: &DesiredState, timeout: Duration) -> bool {
-    let attempt = async {
-        let channel = endpoint.connect().await.ok()?;
-        let reply = AgentServiceClient::new(channel)
-            .confirm(ConfirmRequest {
-                deployment_id: desired.deployment_id.clone(),
-                closure: desired.closure.clone(),
-            })
-            .await
-            .ok()?;
-        Some(reply.into_inner().confirmed)
+/// Magic rollback's connectivity proof: a NEW connection, one call, to
+/// each control plane in turn from `first` until one answers or `timeout`.
+async fn confirm(
+    endpoints: &[Endpoint],
+    first: usize,
+    desired: &DesiredState,
+    timeout: Duration,
+) -> bool {
+    let attempts = async {
+        for i in (0..).map(|k| (first + k) % endpoints.len()) {
+            let attempt = async {
+                let channel = endpoints[i].connect().await.ok()?;
+                let reply = AgentServiceClient::new(channel)
+                    .confirm(ConfirmRequest {
+                        deployment_id: desired.deployment_id.clone(),
+                        closure: desired.closure.clone(),
+                    })
+                    .await
+                    .ok()?;
+                Some(reply.into_inner().confirmed)
+            };
+            if let Some(confirmed) = attempt.await {
+                return confirmed;
+            }
+            tokio::time::sleep(BASE).await;
+        }
+        false
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    tokio::time::timeout(timeout, attempts)
+        .await
+        .unwrap_or(false)
 }
 
 fn message(kind: agent_message::Kind) -> AgentMessage {

@@ -22,7 +22,9 @@ pub struct AgentProcesses {
 
 pub struct Layout<'a> {
     pub ca_dir: &'a Path,
-    pub url: &'a str,
+    /// Every control plane (replica); agent `i` dials the `i`-th first
+    /// (modulo their number), then the others in turn.
+    pub urls: &'a [String],
     pub prefix: &'a str,
     pub agents: usize,
     pub per_process: usize,
@@ -39,11 +41,23 @@ impl AgentProcesses {
         while first < layout.agents {
             let count = layout.per_process.min(layout.agents - first);
             let b = layout.behaviour;
-            let mut child = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            command
                 .arg("swarm-agents")
                 .arg("--ca-dir")
-                .arg(layout.ca_dir)
-                .args(["--url", layout.url, "--prefix", layout.prefix])
+                .arg(layout.ca_dir);
+            let n = layout.urls.len();
+            for url in layout
+                .urls
+                .iter()
+                .cycle()
+                .skip(children.len() % n.max(1))
+                .take(n)
+            {
+                command.args(["--url", url]);
+            }
+            let mut child = command
+                .args(["--prefix", layout.prefix])
                 .args(["--first", &first.to_string(), "--count", &count.to_string()])
                 .args(["--keepalive", &b.keepalive.to_string()])
                 .args(["--copy-delay-ms", &b.copy_delay_ms.to_string()])
@@ -149,6 +163,8 @@ impl AgentProcesses {
                 total.confirm_failures += c.confirm_failures;
                 total.results += c.results;
                 total.sessions += c.sessions;
+                total.activations += c.activations;
+                total.repeats += c.repeats;
                 answered += 1;
             }
         }

@@ -106,6 +106,9 @@ pub struct Watched {
     /// The largest receipt time minus the event's own time, milliseconds.
     pub max_lag_ms: i64,
     pub finished: Option<DeploymentState>,
+    /// Times a revision did not follow the one before (one missed, or one
+    /// seen again): the log is gapless, so this must stay 0.
+    pub gaps: u64,
 }
 
 impl Watched {
@@ -142,9 +145,14 @@ pub async fn follow(
     timeout: Duration,
 ) -> Result<Watched> {
     let mut seen = Watched::default();
+    let mut last_revision = None;
     let following = async {
         while let Some(event) = stream.message().await.context("the watch stream")? {
             let now = unix_micros();
+            if last_revision.is_some_and(|last: u64| event.revision != last + 1) {
+                seen.gaps += 1;
+            }
+            last_revision = Some(event.revision);
             let other = id
                 .borrow()
                 .as_deref()

@@ -1,6 +1,6 @@
 //! The real control plane binary under measurement: started on a fresh
-//! SQLite store, restarted on the same ports, read through /proc and its
-//! Prometheus endpoint.
+//! store (SQLite, or a replica on PostgreSQL), restarted on the same ports
+//! or killed, read through /proc and its Prometheus endpoint.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,8 @@ pub struct ControlPlane {
     dir: PathBuf,
     pki: PathBuf,
     keepalive: u64,
+    /// More arguments (`--database URL`).
+    extra: Vec<String>,
     /// `127.0.0.1:0` until the first start picked the ports; then kept, so
     /// agents find a restarted control plane where they left it.
     listen: SocketAddr,
@@ -29,14 +31,21 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub async fn start(bin: &Path, dir: &Path, pki: &Path, keepalive: u64) -> Result<Self> {
+    pub async fn start(
+        bin: &Path,
+        dir: &Path,
+        pki: &Path,
+        keepalive: u64,
+        extra: &[String],
+    ) -> Result<Self> {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let child = spawn(bin, dir, pki, keepalive, any, any, 0)?;
+        let child = spawn(bin, dir, pki, keepalive, extra, any, any, 0)?;
         let mut plane = Self {
             bin: bin.to_owned(),
             dir: dir.to_owned(),
             pki: pki.to_owned(),
             keepalive,
+            extra: extra.to_vec(),
             listen: any,
             metrics: any,
             child,
@@ -70,6 +79,7 @@ impl ControlPlane {
             &self.dir,
             &self.pki,
             self.keepalive,
+            &self.extra,
             self.listen,
             self.metrics,
             self.starts,
@@ -77,6 +87,16 @@ impl ControlPlane {
         let spawned = Instant::now();
         self.wait_ready().await?;
         Ok((spawned, signalled.elapsed()))
+    }
+
+    /// SIGKILL, as a crash would; waits until it is gone.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.child.kill().await.context("killing the control plane")
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub async fn stop(&mut self) -> Result<()> {
@@ -149,22 +169,7 @@ impl ControlPlane {
 
     /// CPU time used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?))?;
-        // Fields after the command name, which may hold spaces, in parentheses.
-        let after = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<f64> {
-            Ok(fields
-                .get(i)
-                .context("short /proc/PID/stat")?
-                .parse::<f64>()?)
-        };
-        // utime and stime are fields 14 and 15 of the whole line.
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
-        Ok((ticks(11)? + ticks(12)?) / hz)
+        cpu_seconds_of(self.pid()?)
     }
 
     /// One sample (no labels) from `/metrics`.
@@ -211,30 +216,15 @@ impl ControlPlane {
         }
         Ok(body.to_owned())
     }
-
-    /// Polls `procurator_connected_agents` until it reaches `n`; the time it
-    /// took. Fails after `timeout`. Every 100 ms: a scrape counts rows, and
-    /// polling faster would slow down what it measures.
-    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> Result<Duration> {
-        let start = Instant::now();
-        loop {
-            let connected = self.metric("procurator_connected_agents").await?;
-            if connected >= n as f64 {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() >= timeout {
-                bail!("only {connected} of {n} agents connected within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     bin: &Path,
     dir: &Path,
     pki: &Path,
     keepalive: u64,
+    extra: &[String],
     listen: SocketAddr,
     metrics: SocketAddr,
     start: u32,
@@ -265,10 +255,58 @@ fn spawn(
         .arg(dir.join("metrics-ready"))
         .arg("--keepalive")
         .arg(keepalive.to_string())
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))
+}
+
+/// CPU time process `pid` used so far (user + system), in seconds.
+pub fn cpu_seconds_of(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may hold spaces, in parentheses.
+    let after = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15 of the whole line.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok((field(11)? + field(12)?) / hz)
+}
+
+/// CPU time of PostgreSQL: the postmaster `pid` and every process it
+/// started (backends, writer, checkpointer, WAL writer), in seconds.
+pub fn cpu_seconds_of_tree(pid: u32) -> Result<f64> {
+    let mut total = cpu_seconds_of(pid)?;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // The parent is the second field after the command name.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(pid) {
+            total += cpu_seconds_of(child).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
 }

@@ -15,8 +15,21 @@ struct Figure {
     label: &'static str,
     unit: &'static str,
     value: fn(&RunFigures) -> f64,
-    /// The most the median may be at [`TARGET_SIZE`] agents.
+    /// The most the median may be at [`TARGET_SIZE`] agents, on one
+    /// control plane.
     target: Option<f64>,
+    /// The same over replicas on PostgreSQL (the targets there).
+    replicas_target: Option<f64>,
+}
+
+/// A figure of one node's restart storm: NaN (not shown) over replicas.
+fn single(r: &RunFigures, value: f64) -> f64 {
+    if r.replicas > 1 { f64::NAN } else { value }
+}
+
+/// A figure of the replicas' kill scenario: NaN (not shown) on one node.
+fn replicated(r: &RunFigures, value: f64) -> f64 {
+    if r.replicas > 1 { value } else { f64::NAN }
 }
 
 const FIGURES: &[Figure] = &[
@@ -26,6 +39,7 @@ const FIGURES: &[Figure] = &[
         unit: "KiB",
         value: |r| r.rss_per_agent_kib,
         target: Some(48.0),
+        replicas_target: Some(48.0),
     },
     Figure {
         key: "idle_cpu_percent",
@@ -33,6 +47,7 @@ const FIGURES: &[Figure] = &[
         unit: "% core",
         value: |r| r.idle_cpu_percent,
         target: Some(8.0),
+        replicas_target: Some(8.0),
     },
     Figure {
         key: "desired_p50_ms",
@@ -40,6 +55,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.desired_p50_ms,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "desired_p99_ms",
@@ -47,6 +63,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.desired_p99_ms,
         target: Some(500.0),
+        replicas_target: Some(1500.0),
     },
     Figure {
         key: "desired_max_ms",
@@ -54,6 +71,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.desired_max_ms,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "submit_ms",
@@ -61,6 +79,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.submit_ms,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "desired_no_confirm_p50_ms",
@@ -68,6 +87,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.desired_no_confirm_p50_ms,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "desired_no_confirm_p99_ms",
@@ -75,6 +95,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.desired_no_confirm_p99_ms,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "desired_no_confirm_max_ms",
@@ -82,6 +103,7 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.desired_no_confirm_max_ms,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "finished_s",
@@ -89,6 +111,7 @@ const FIGURES: &[Figure] = &[
         unit: "s",
         value: |r| r.finished_s,
         target: Some(5.0),
+        replicas_target: Some(10.0),
     },
     Figure {
         key: "confirm_resumed_handshakes",
@@ -96,6 +119,7 @@ const FIGURES: &[Figure] = &[
         unit: "",
         value: |r| r.confirm_resumed_handshakes,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "confirm_full_handshakes",
@@ -103,6 +127,7 @@ const FIGURES: &[Figure] = &[
         unit: "",
         value: |r| r.confirm_full_handshakes,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "finished_no_confirm_s",
@@ -110,6 +135,7 @@ const FIGURES: &[Figure] = &[
         unit: "s",
         value: |r| r.finished_no_confirm_s,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "storm_s",
@@ -117,6 +143,7 @@ const FIGURES: &[Figure] = &[
         unit: "s",
         value: |r| r.storm_s,
         target: Some(12.0),
+        replicas_target: None,
     },
     Figure {
         key: "storm_down_s",
@@ -124,20 +151,23 @@ const FIGURES: &[Figure] = &[
         unit: "s",
         value: |r| r.storm_down_s,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "storm_refused",
         label: "agents refused during the storm",
         unit: "",
-        value: |r| r.storm_refused as f64,
+        value: |r| single(r, r.storm_refused as f64),
         target: Some(0.0),
+        replicas_target: None,
     },
     Figure {
         key: "storm_dial_failures",
         label: "failed dials during the storm",
         unit: "",
-        value: |r| r.storm_dial_failures as f64,
+        value: |r| single(r, r.storm_dial_failures as f64),
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "connect_s",
@@ -145,6 +175,7 @@ const FIGURES: &[Figure] = &[
         unit: "s",
         value: |r| r.connect_s,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "rss_peak_mib",
@@ -152,6 +183,7 @@ const FIGURES: &[Figure] = &[
         unit: "MiB",
         value: |r| r.rss_peak_kib as f64 / 1024.0,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "watch_events",
@@ -159,6 +191,7 @@ const FIGURES: &[Figure] = &[
         unit: "",
         value: |r| r.watch_events as f64,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "watch_slowest_events_per_s",
@@ -166,6 +199,7 @@ const FIGURES: &[Figure] = &[
         unit: "events/s",
         value: |r| r.watch_slowest_events_per_s,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "watch_total_events_per_s",
@@ -173,6 +207,7 @@ const FIGURES: &[Figure] = &[
         unit: "events/s",
         value: |r| r.watch_total_events_per_s,
         target: None,
+        replicas_target: None,
     },
     Figure {
         key: "watch_max_lag_ms",
@@ -180,6 +215,63 @@ const FIGURES: &[Figure] = &[
         unit: "ms",
         value: |r| r.watch_max_lag_ms,
         target: None,
+        replicas_target: None,
+    },
+    Figure {
+        key: "watch_gaps",
+        label: "watch: revisions missed or seen twice, all watchers",
+        unit: "",
+        value: |r| r.watch_gaps as f64,
+        target: Some(0.0),
+        replicas_target: Some(0.0),
+    },
+    Figure {
+        key: "kill_reconnect_s",
+        label: "a replica SIGKILLed mid-rollout: all reconnected",
+        unit: "s",
+        value: |r| replicated(r, r.kill_reconnect_s),
+        target: None,
+        replicas_target: Some(10.0),
+    },
+    Figure {
+        key: "kill_refused",
+        label: "  agents refused meanwhile",
+        unit: "",
+        value: |r| replicated(r, r.kill_refused as f64),
+        target: None,
+        replicas_target: Some(0.0),
+    },
+    Figure {
+        key: "kill_extra_activations",
+        label: "  activations beyond one per machine",
+        unit: "",
+        value: |r| replicated(r, r.kill_activations as f64 - r.agents as f64),
+        target: None,
+        replicas_target: Some(0.0),
+    },
+    Figure {
+        key: "kill_not_succeeded",
+        label: "  machines that did not succeed",
+        unit: "",
+        value: |r| replicated(r, r.agents as f64 - r.kill_succeeded as f64),
+        target: None,
+        replicas_target: Some(0.0),
+    },
+    Figure {
+        key: "kill_finished_s",
+        label: "  submit -> finished (confirm on)",
+        unit: "s",
+        value: |r| replicated(r, r.kill_finished_s),
+        target: None,
+        replicas_target: None,
+    },
+    Figure {
+        key: "kill_repeats",
+        label: "  desired states sent again (answered, not rerun)",
+        unit: "",
+        value: |r| replicated(r, r.kill_repeats as f64),
+        target: None,
+        replicas_target: None,
     },
 ];
 
@@ -204,12 +296,18 @@ pub struct SummaryFigure {
 
 pub fn summarise(runs: &[RunFigures]) -> Summary {
     let agents = runs.first().map_or(0, |r| r.agents);
+    let replicated = runs.first().is_some_and(|r| r.replicas > 1);
     let figures = FIGURES
         .iter()
         .map(|f| {
             let samples: Vec<f64> = runs.iter().map(f.value).collect();
             let spread = Spread::of(&samples);
-            let target = f.target.filter(|_| agents == TARGET_SIZE);
+            let target = if replicated {
+                f.replicas_target
+            } else {
+                f.target
+            };
+            let target = target.filter(|_| agents == TARGET_SIZE);
             SummaryFigure {
                 key: f.key,
                 unit: f.unit,
@@ -234,6 +332,16 @@ pub fn table(args: &SwarmArgs, summaries: &[Summary]) -> String {
         out,
         "procurator-bench swarm: {} watchers, keepalive {} s, copy {} ms, activation {} ms, failure rate {}",
         args.watchers, b.keepalive, b.copy_delay_ms, b.activation_delay_ms, b.failure_rate
+    );
+    let _ = writeln!(
+        out,
+        "{} control plane(s) on {}",
+        args.replicas,
+        match args.database {
+            super::Engine::Sqlite => "SQLite",
+            super::Engine::Postgres =>
+                "PostgreSQL (started by the bench, fsync on; its CPU counted)",
+        }
     );
     let _ = writeln!(out, "{}", machine());
     for summary in summaries {

@@ -18,6 +18,7 @@
 mod agents;
 mod artifacts;
 mod control;
+mod database;
 mod deployments;
 mod engine;
 mod events;
@@ -42,6 +43,7 @@ use self::artifacts::ArtifactCache;
 use self::engine::{ReaderConn, WriteTx, WriterConn};
 
 pub use control::{Cancelled, Confirmation, RolledBack};
+pub use database::{Database, DatabaseError, PostgresTarget};
 pub use deployments::{SubmitError, Submitted};
 pub use events::Compacted;
 pub(crate) use replicas::log_reaped;
@@ -146,43 +148,6 @@ impl From<StoreError> for tonic::Status {
             ),
             StoreError::Task(_) => {
                 tonic::Status::unavailable("the control plane is shutting down; retry")
-            }
-        }
-    }
-}
-
-/// Where the store lives (`--database`).
-#[derive(Debug, Clone)]
-pub enum Database {
-    /// `DATA_DIR/procurator.db`, the embedded default.
-    Sqlite { data_dir: PathBuf },
-    /// A PostgreSQL database, for control planes that share one.
-    Postgres(Box<postgres::Config>),
-}
-
-impl std::fmt::Display for Database {
-    /// For logs: where, never the password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Database::Sqlite { data_dir } => {
-                write!(f, "sqlite {}", data_dir.join(DB_FILE).display())
-            }
-            Database::Postgres(config) => {
-                let hosts: Vec<String> = config
-                    .get_hosts()
-                    .iter()
-                    .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
-                    .map(|(host, port)| match host {
-                        postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
-                        postgres::config::Host::Unix(path) => format!("{}:{port}", path.display()),
-                    })
-                    .collect();
-                write!(
-                    f,
-                    "postgresql {} database {}",
-                    hosts.join(","),
-                    config.get_dbname().unwrap_or("(the user's)")
-                )
             }
         }
     }
@@ -301,15 +266,20 @@ impl Store {
     /// schema current, as one replica among those sharing it. Blocking, as
     /// [`Store::open`]. Agents held by replicas that stopped heartbeating
     /// are marked disconnected; those of live replicas are theirs.
-    pub fn open_postgres(config: &postgres::Config) -> Result<Self, StoreError> {
-        Self::start(engine::postgres::open(config, READERS)?)
+    pub fn open_postgres(target: &PostgresTarget) -> Result<Self, StoreError> {
+        if target.unencrypted_tcp() {
+            tracing::warn!(
+                "the connection to PostgreSQL is not encrypted; give --database sslmode=verify-full and sslrootcert=FILE"
+            );
+        }
+        Self::start(engine::postgres::open(target, READERS)?)
     }
 
     /// Open the store where `database` says.
     pub fn open_database(database: &Database) -> Result<Self, StoreError> {
         match database {
             Database::Sqlite { data_dir } => Self::open(data_dir),
-            Database::Postgres(config) => Self::open_postgres(config),
+            Database::Postgres(target) => Self::open_postgres(target),
         }
     }
 

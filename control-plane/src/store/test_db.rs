@@ -29,7 +29,7 @@ impl TestDb {
                 );
                 run(&server, "postgres", &format!("CREATE DATABASE {name}"));
                 let config: postgres::Config = format!("{server} dbname={name}").parse().unwrap();
-                let store = Store::open_postgres(&config).unwrap();
+                let store = Store::open_postgres(&config.into()).unwrap();
                 (Self::Postgres { server, name }, store)
             }
             Err(_) => {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, GenericClient, IsolationLevel, NoTls, Statement};
 
+use super::super::PostgresTarget;
 use super::{
     Cell, LogFollower, Opened, Param, Params, ReaderConn, Row, Sql, StoreError, WriteTx,
     WriterConn, bind,
@@ -30,13 +31,13 @@ const MIGRATE_LOCK: i64 = 0x7072_6f63_6d69_6772; // "procmigr"
 
 /// The writer connection (the schema made current) and `readers` more, to
 /// the database `config` names.
-pub fn open(config: &postgres::Config, readers: usize) -> Result<Opened, StoreError> {
+pub fn open(target: &PostgresTarget, readers: usize) -> Result<Opened, StoreError> {
     // The synchronous client runs a runtime of its own, which must not be
     // made inside another's context (the caller may be a tokio task): make
     // the connections on a thread of their own. The store's threads, which
     // use them, are plain threads too.
     std::thread::scope(|s| {
-        s.spawn(|| connect_all(config, readers))
+        s.spawn(|| connect_all(target, readers))
             .join()
             .unwrap_or_else(|_| {
                 Err(StoreError::Corrupt(
@@ -46,7 +47,7 @@ pub fn open(config: &postgres::Config, readers: usize) -> Result<Opened, StoreEr
     })
 }
 
-fn connect_all(config: &postgres::Config, readers: usize) -> Result<Opened, StoreError> {
+fn connect_all(config: &PostgresTarget, readers: usize) -> Result<Opened, StoreError> {
     let writer = Pg::connect(config)?;
     schema::prepare(&mut writer.client.borrow_mut())?;
     let mut all: Vec<Box<dyn ReaderConn>> = Vec::with_capacity(readers);
@@ -67,19 +68,32 @@ fn connect_all(config: &postgres::Config, readers: usize) -> Result<Opened, Stor
     })
 }
 
+/// A connection to `target`, over TLS if it says so.
+fn connect(target: &PostgresTarget) -> Result<Client, StoreError> {
+    let client = match &target.tls {
+        None => target.config.connect(NoTls),
+        Some(tls) => target
+            .config
+            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                (**tls).clone(),
+            )),
+    };
+    Ok(client?)
+}
+
 /// A connection and the statements prepared on it, made again when it
 /// breaks.
 struct Pg {
-    config: postgres::Config,
+    config: PostgresTarget,
     client: RefCell<Client>,
     prepared: RefCell<HashMap<String, Statement>>,
 }
 
 impl Pg {
-    fn connect(config: &postgres::Config) -> Result<Self, StoreError> {
+    fn connect(config: &PostgresTarget) -> Result<Self, StoreError> {
         Ok(Self {
             config: config.clone(),
-            client: RefCell::new(config.connect(NoTls)?),
+            client: RefCell::new(connect(config)?),
             prepared: RefCell::new(HashMap::new()),
         })
     }
@@ -92,7 +106,7 @@ impl Pg {
         if !self.client.borrow().is_closed() {
             return Ok(());
         }
-        let fresh = self.config.connect(NoTls)?;
+        let fresh = connect(&self.config)?;
         tracing::info!("reconnected to PostgreSQL");
         *self.client.borrow_mut() = fresh;
         self.prepared.borrow_mut().clear();
