@@ -432,7 +432,7 @@ impl AgentStream {
             }
             Some(agent_message::Kind::Heartbeat(beat)) => {
                 let current_system = crate::received::heartbeat_system(beat.current_system);
-                self.store.agent_heartbeat(machine, current_system).await?;
+                self.store.agent_heartbeat(&machine, current_system);
             }
             Some(agent_message::Kind::Hello(_)) => {
                 tracing::warn!("a second Hello on the same stream; ignored");

@@ -161,6 +161,33 @@ pub async fn dispatch_to(
     conn: &Conn,
     machine: &MachineName,
 ) -> Result<(), StoreError> {
+    dispatch_current(store, conn, machine, Again::Yes).await
+}
+
+/// [`dispatch_to`] unless the stream has carried that message, or a newer
+/// one, already: for word from the log of what another replica, or this
+/// one, decided.
+pub async fn dispatch_unless_sent(
+    store: &Store,
+    conn: &Conn,
+    machine: &MachineName,
+) -> Result<(), StoreError> {
+    dispatch_current(store, conn, machine, Again::No).await
+}
+
+/// Whether a message the stream carried already goes out again.
+#[derive(PartialEq, Eq)]
+enum Again {
+    Yes,
+    No,
+}
+
+async fn dispatch_current(
+    store: &Store,
+    conn: &Conn,
+    machine: &MachineName,
+    again: Again,
+) -> Result<(), StoreError> {
     let mut last = tokio::select! {
         () = conn.closing.cancelled() => return Ok(()),
         last = conn.send_lock.lock() => last,
@@ -172,6 +199,9 @@ pub async fn dispatch_to(
     let Some((outbound, order)) = store.desired(machine.clone()).await? else {
         return Ok(());
     };
+    if again == Again::No && order <= *last {
+        return Ok(());
+    }
     send(conn, machine, outbound).await;
     *last = (*last).max(order);
     Ok(())
@@ -197,32 +227,6 @@ pub async fn dispatch_vms(
         () = conn.closing.cancelled() => {}
         _ = conn.tx.send(Ok(message)) => {}
     }
-    Ok(())
-}
-
-/// Send the machine's current desired state (or the cancel of it) over
-/// `conn` unless the stream has carried it, or a newer one, already: for
-/// word from the log of what another replica, or this one, decided.
-pub async fn dispatch_unless_sent(
-    store: &Store,
-    conn: &Conn,
-    machine: &MachineName,
-) -> Result<(), StoreError> {
-    let mut last = tokio::select! {
-        () = conn.closing.cancelled() => return Ok(()),
-        last = conn.send_lock.lock() => last,
-    };
-    if conn.tx.is_closed() || conn.closing.is_cancelled() {
-        return Ok(());
-    }
-    let Some((outbound, order)) = store.desired(machine.clone()).await? else {
-        return Ok(());
-    };
-    if order <= *last {
-        return Ok(());
-    }
-    send(conn, machine, outbound).await;
-    *last = order;
     Ok(())
 }
 

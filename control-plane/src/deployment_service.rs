@@ -41,7 +41,9 @@ impl DeploymentService for DeploymentSvc {
             artifact_json: json,
             force,
         } = request.into_inner();
+        let received = std::time::Instant::now();
         let artifact = DeploymentArtifact::from_json(json.as_bytes()).map_err(ApiError::from)?;
+        let parsed_ms = received.elapsed().as_millis();
         let git_commit = artifact.git_commit.to_string();
         let submitted = self
             .store
@@ -55,9 +57,16 @@ impl DeploymentService for DeploymentSvc {
                 submitted_by = %caller,
                 machines = submitted.machines.len(),
                 force,
+                parsed_ms,
+                stored_ms = received.elapsed().as_millis(),
                 "deployment submitted"
             );
             self.started(&submitted).await;
+            tracing::info!(
+                deployment = %submitted.id,
+                answered_ms = received.elapsed().as_millis(),
+                "deployment scheduled"
+            );
         } else {
             tracing::info!(deployment = %submitted.id, submitted_by = %caller, "artifact submitted again");
         }

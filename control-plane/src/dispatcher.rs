@@ -23,6 +23,10 @@ pub struct Dispatcher {
     pub connections: Arc<Connections>,
     pub tasks: TaskTracker,
     kicks: Arc<Kicks>,
+    /// Whether this process runs the periodic tick: always alone, the
+    /// oldest live one of replicas (their liveness says which). Kicks after
+    /// submits, results and connects run wherever they happen.
+    ticking: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Coalesces kicks: a scheduler run reads every row of every running
@@ -44,7 +48,13 @@ impl Dispatcher {
             connections,
             tasks,
             kicks: Arc::default(),
+            ticking: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// Say whether this replica runs the periodic tick; true if that changed.
+    pub fn set_ticking(&self, ticking: bool) -> bool {
+        self.ticking.swap(ticking, Ordering::Relaxed) != ticking
     }
 
     /// Run the scheduler over every running deployment (its decisions are
@@ -141,6 +151,11 @@ impl Dispatcher {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = interval.tick() => {}
+            }
+            // Two replicas ticking at once (while the tick moves) only run
+            // the scheduler twice, one after the other.
+            if !self.ticking.load(Ordering::Relaxed) {
+                continue;
             }
             if let Err(e) = self.kick().await {
                 tracing::warn!(error = %e, "the scheduler failed; retrying on the next tick");

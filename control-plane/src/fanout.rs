@@ -14,9 +14,9 @@ use procurator_proto::v1::{Event, MachineState, event};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::{dispatch_unless_sent, dispatch_vms};
+use crate::connections::{dispatch_unless_sent, dispatch_vms, send_unless_overtaken};
 use crate::dispatcher::Dispatcher;
-use crate::store::SendOrder;
+use crate::store::{Outbound, SendOrder};
 
 /// Events taken from the log in one go, so that a wave's worth of them
 /// costs a few reads rather than one per machine.
@@ -77,13 +77,13 @@ enum Via {
 #[derive(Default)]
 struct Work {
     seen: usize,
-    /// Machines moved to SENT, with their deployment: sent directly, or
-    /// through the VM host they are placed on.
-    sent: Vec<(MachineName, String)>,
+    /// Machines moved to SENT, with their deployment and closure: sent
+    /// directly, or through the VM host they are placed on.
+    sent: Vec<(MachineName, String, String)>,
     /// VM instances their hosts keep running: sent to the guest directly.
-    in_place: Vec<(MachineName, String)>,
-    /// Machines told to drop a cancelled deployment.
-    cancelled: Vec<(MachineName, String)>,
+    in_place: Vec<(MachineName, String, String)>,
+    /// Machines told to drop a cancelled deployment, with why.
+    cancelled: Vec<(MachineName, String, String)>,
     /// VM placements changed: every VM host held here learns its set.
     placed: bool,
     /// Events were missed: every stream held here is brought up to date.
@@ -104,11 +104,12 @@ impl Work {
                 } else {
                     &mut self.sent
                 };
-                list.push((machine, ev.deployment_id.clone()));
+                list.push((machine, ev.deployment_id.clone(), u.closure.clone()));
             }
             Some(event::Kind::Cancelled(c)) => {
                 for machine in c.in_flight.iter().filter_map(|m| name(m)) {
-                    self.cancelled.push((machine, ev.deployment_id.clone()));
+                    let id = ev.deployment_id.clone();
+                    self.cancelled.push((machine, id, c.reason.clone()));
                 }
             }
             Some(event::Kind::VmsPlaced(_)) => self.placed = true,
@@ -123,31 +124,34 @@ impl Work {
     ) -> Result<(), crate::store::StoreError> {
         let (store, connections) = (&dispatcher.store, &dispatcher.connections);
         let mut hosts = BTreeSet::new();
+        // Read back from the store: after missed events.
+        let mut resync = Vec::new();
+        // Built from the events, each with its order.
         let mut direct = Vec::new();
         if self.everything {
             for (machine, conn) in connections.all() {
                 if conn.vm_host {
                     hosts.insert(machine.clone());
                 }
-                direct.push(machine);
+                resync.push(machine);
             }
         } else {
             // Held here, or possibly a VM instance on a host held here.
-            let candidates: Vec<(MachineName, String)> = self
+            let candidates: Vec<(MachineName, String, String)> = self
                 .sent
                 .into_iter()
-                .filter(|(m, _)| connections.get(m).is_some() || connections.holds_vm_hosts())
+                .filter(|(m, ..)| connections.get(m).is_some() || connections.holds_vm_hosts())
                 .collect();
             let on_hosts: HashMap<MachineName, MachineName> = if candidates.is_empty() {
                 HashMap::new()
             } else {
-                let names = candidates.iter().map(|(m, _)| m.clone()).collect();
+                let names = candidates.iter().map(|(m, ..)| m.clone()).collect();
                 store.connected_hosts_of(names).await?.into_iter().collect()
             };
             let sends = candidates.into_iter().map(|c| (c, Via::HostIfPlaced));
             let in_place = self.in_place.into_iter().map(|c| (c, Via::Guest));
             let cancels = self.cancelled.into_iter().map(|c| (c, Via::Cancel));
-            for ((machine, deployment), via) in sends.chain(in_place).chain(cancels) {
+            for ((machine, deployment, detail), via) in sends.chain(in_place).chain(cancels) {
                 if via == Via::HostIfPlaced
                     && let Some(host) = on_hosts.get(&machine)
                 {
@@ -167,15 +171,27 @@ impl Work {
                     Some(order) => *order,
                     None => {
                         let order = store.send_order(key.0.clone(), cancel).await?;
-                        orders.insert(key, order);
+                        orders.insert(key.clone(), order);
                         order
                     }
                 };
-                // Decided here and sent already: no read, no second send.
-                if order.is_some_and(|order| conn.has_sent(order)) {
+                let Some(order) = order else { continue };
+                // Decided here and sent already: nothing to build or send.
+                if conn.has_sent(order) {
                     continue;
                 }
-                direct.push(machine);
+                let outbound = if cancel {
+                    Outbound::Cancel {
+                        deployment_id: key.0,
+                        reason: detail,
+                    }
+                } else {
+                    let desired = store
+                        .desired_for_event(key.0, machine.clone(), detail)
+                        .await?;
+                    Outbound::Desired(desired)
+                };
+                direct.push((machine, conn, outbound, order));
             }
             if self.placed {
                 for (machine, conn) in connections.all() {
@@ -185,7 +201,12 @@ impl Work {
                 }
             }
         }
-        for machine in direct {
+        for (machine, conn, outbound, order) in direct {
+            dispatcher.tasks.spawn(async move {
+                send_unless_overtaken(&conn, &machine, outbound, order).await;
+            });
+        }
+        for machine in resync {
             let Some(conn) = connections.get(&machine) else {
                 continue;
             };

@@ -29,9 +29,12 @@ pub async fn run(dispatcher: Dispatcher, stop: CancellationToken) {
         }
         let reap = last_beat.elapsed() < OWN_BEAT_FRESH;
         match store.replica_heartbeat(reap).await {
-            Ok(Heartbeat::Alive { reaped }) => {
+            Ok(Heartbeat::Alive { reaped, ticks }) => {
                 last_beat = Instant::now();
                 let_go = false;
+                if dispatcher.set_ticking(ticks) {
+                    tracing::info!(ticks, "the periodic scheduler tick moved");
+                }
                 crate::store::log_reaped(&reaped);
                 if !reaped.is_empty() {
                     // Their agents' rows may now be unreachable, or sendable here.

@@ -149,6 +149,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         tasks.spawn(crate::liveness::run(dispatcher.clone(), stop.clone()));
     }
     tasks.spawn(store.clone().keep_pruned(config.retention, stop.clone()));
+    tasks.spawn(store.clone().keep_heartbeats_flushed(stop.clone()));
     tasks.spawn(report_writable(
         store.writable(),
         health.clone(),

@@ -90,6 +90,29 @@ impl Replicas {
         .collect()
     }
 
+    /// Deployment `id` succeeded, and every machine runs its closure of
+    /// `closures`, activated exactly once.
+    fn assert_succeeded_once_each(&self, id: &str, closures: &BTreeMap<String, String>) {
+        let deployment = wait_final(&self.fleet, id, ROLLOUT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.logs()));
+        assert_eq!(
+            state(&deployment),
+            "DEPLOYMENT_STATE_SUCCEEDED",
+            "{deployment}\n{}",
+            self.logs()
+        );
+        for m in MACHINES {
+            let host = self.fleet.host(m);
+            host.assert_on(&closures[m], "system-2-link");
+            assert_eq!(
+                activation_count(host, &closures[m]),
+                1,
+                "{m} activated exactly once: {:?}",
+                scenario::activations(host)
+            );
+        }
+    }
+
     fn logs(&self) -> String {
         let mut all = self.fleet.logs();
         for (i, cp) in self.others.iter().enumerate() {
@@ -153,23 +176,7 @@ fn replicas_on_one_database_act_as_one_control_plane() {
                 .expect("watch")
         }
     });
-    let deployment = wait_final(&r.fleet, &id, ROLLOUT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", r.logs()));
-    assert_eq!(
-        state(&deployment),
-        "DEPLOYMENT_STATE_SUCCEEDED",
-        "{deployment}\n{}",
-        r.logs()
-    );
-    for m in MACHINES {
-        let host = r.fleet.host(m);
-        host.assert_on(&closures[m], "system-2-link");
-        assert_eq!(
-            activation_count(host, &closures[m]),
-            1,
-            "{m} activated once"
-        );
-    }
+    r.assert_succeeded_once_each(&id, &closures);
     let watched = watched.join().expect("watch thread");
     watched.expect_code(0).expect("watch ends with success");
     assert_eq!(
@@ -316,24 +323,7 @@ fn a_replica_killed_mid_rollout_loses_nothing() {
     .unwrap_or_else(|e| panic!("{e:#}\n{}", r.logs()));
     r.others[0].kill().expect("SIGKILL replica 1");
 
-    let deployment = wait_final(&r.fleet, &id, ROLLOUT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", r.logs()));
-    assert_eq!(
-        state(&deployment),
-        "DEPLOYMENT_STATE_SUCCEEDED",
-        "{deployment}\n{}",
-        r.logs()
-    );
-    for m in MACHINES {
-        let host = r.fleet.host(m);
-        host.assert_on(&closures[m], "system-2-link");
-        assert_eq!(
-            activation_count(host, &closures[m]),
-            1,
-            "{m} activated exactly once: {:?}",
-            scenario::activations(host)
-        );
-    }
+    r.assert_succeeded_once_each(&id, &closures);
     // Nothing of the dead replica holds an agent.
     let on_dead = r.sql(
         "SELECT count(*) FROM agents WHERE connected = 1 AND replica NOT IN (SELECT id FROM replicas)",
@@ -361,4 +351,78 @@ fn a_replica_killed_mid_rollout_loses_nothing() {
         r.revisions_of(&id),
         "the watcher that moved replicas saw every revision once: {watched}"
     );
+}
+
+#[test]
+fn a_replica_cut_off_from_the_database_lets_its_agents_go_to_one_that_is_not() {
+    let pg = Postgres::start().expect("postgres");
+    pg.psql("postgres", "CREATE DATABASE procurator")
+        .expect("create database");
+    let mut fleet = Fleet::start_with(FleetOptions {
+        agents: Vec::new(),
+        ..FleetOptions::default()
+    })
+    .expect("fleet");
+    fleet
+        .control_plane
+        .restart_with(&fleet.nix, &["--database", &pg.url("procurator")])
+        .expect("replica 0 on postgres");
+    // Replica 1 logs in as a role of its own, which can be cut off alone.
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE cut_off LOGIN IN ROLE {}",
+            procurator_integration_tests::postgres::USER
+        ),
+    )
+    .expect("a role for replica 1");
+    let cut_url = pg.url("procurator").replace(
+        &format!("user={}", procurator_integration_tests::postgres::USER),
+        "user=cut_off",
+    );
+    let replica = ControlPlane::start_with(
+        &fleet.nix,
+        &fleet.dir().join("replica-1"),
+        &fleet.pki,
+        &["--database", &cut_url],
+    )
+    .expect("replica 1");
+    let mut r = Replicas {
+        fleet,
+        others: vec![replica],
+        pg,
+    };
+    r.start_agents(&[("worker-1", &[1, 0])]);
+    let held_by = |r: &Replicas| {
+        r.sql("SELECT replica FROM agents WHERE machine = 'worker-1' AND connected = 1")
+    };
+    let first = held_by(&r);
+
+    r.sql(
+        "ALTER ROLE cut_off NOLOGIN;
+         SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'cut_off'",
+    );
+    // Within its 10 s of grace, then the agent's backoff: it moves.
+    wait_for(
+        "worker-1 to move to replica 0",
+        Duration::from_secs(60),
+        || {
+            let now = held_by(&r);
+            Ok((!now.is_empty() && now != first).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", r.logs()));
+    let log = r.others[0].log();
+    assert!(
+        log.contains("cannot write the store for 10s: ending every stream held here"),
+        "{log}"
+    );
+    // And it is served there: a deployment reaches it.
+    let (closures, artifact) = rollout_prepared(&r, &json!({ "generation": 2 }), &json!({}));
+    let ctl = r.fleet.ctl().expect("ctl");
+    let (id, _) = submit(&ctl.with_url(&r.url(0)), &artifact, &[]).expect("submit");
+    wait_for("worker-1 to run the new closure", ROLLOUT_TIMEOUT, || {
+        Ok((activation_count(r.fleet.host("worker-1"), &closures["worker-1"]) > 0).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{id}: {e:#}\n{}", r.logs()));
 }

@@ -94,9 +94,16 @@ impl Planes {
     pub async fn wait_connected(&mut self, n: usize, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();
         loop {
+            // Alone, the store's count is its own (and older control
+            // planes, measured for comparison, have only that one).
+            let metric = if self.replicas.len() == 1 {
+                "procurator_connected_agents"
+            } else {
+                "procurator_agent_streams"
+            };
             let mut connected = 0.0;
             for plane in self.running_mut() {
-                connected += plane.metric("procurator_agent_streams").await?;
+                connected += plane.metric(metric).await?;
             }
             if connected >= n as f64 {
                 return Ok(start.elapsed());

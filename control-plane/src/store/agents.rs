@@ -8,6 +8,10 @@ use procurator_proto::v1::{
 use super::engine::{Sql, SqlExt as _};
 use super::{Store, StoreError, Tx};
 
+/// How often heartbeats are written: how stale an agent's `last_seen` may
+/// be while it is connected (a disconnect is written at once).
+pub const HEARTBEAT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Store {
     /// A stream for `machine` completed its handshake on this replica.
     /// Returns the connection's generation: higher than any before it, in
@@ -82,21 +86,63 @@ impl Store {
     }
 
     /// The agent is alive and runs `current_system` (empty: unchanged).
-    pub async fn agent_heartbeat(
-        &self,
-        machine: MachineName,
-        current_system: String,
-    ) -> Result<(), StoreError> {
+    /// Kept in memory and written with every other agent's by
+    /// [`Store::flush_heartbeats`]: at 10,000 agents a write per heartbeat
+    /// would be hundreds of transactions a second for timestamps.
+    pub fn agent_heartbeat(&self, machine: &MachineName, current_system: String) {
+        let mut pending = self.heartbeats();
+        let beat = pending.entry(machine.to_string()).or_default();
+        beat.0 = procurator_core::now_ms();
+        if !current_system.is_empty() {
+            beat.1 = current_system;
+        }
+    }
+
+    /// Write the heartbeats received since the last flush, in one write.
+    pub async fn flush_heartbeats(&self) -> Result<usize, StoreError> {
+        let pending = std::mem::take(&mut *self.heartbeats());
+        if pending.is_empty() {
+            return Ok(0);
+        }
         self.write(move |tx| {
-            tx.sql.exec(
-                "UPDATE agents SET last_seen_ms = ?2,
-                     current_system = CASE WHEN ?3 = '' THEN current_system ELSE ?3 END
-                 WHERE machine = ?1",
-                &[&machine.as_str(), &tx.now, &current_system],
-            )?;
-            Ok(())
+            for (machine, (at, current_system)) in &pending {
+                tx.sql.exec(
+                    "UPDATE agents SET last_seen_ms = ?2,
+                         current_system = CASE WHEN ?3 = '' THEN current_system ELSE ?3 END
+                     WHERE machine = ?1",
+                    &[&machine.as_str(), at, &current_system.as_str()],
+                )?;
+            }
+            Ok(pending.len())
         })
         .await
+    }
+
+    /// Flush heartbeats every [`HEARTBEAT_FLUSH`] until `stop`, then once more.
+    pub async fn keep_heartbeats_flushed(self, stop: tokio_util::sync::CancellationToken) {
+        let mut interval = tokio::time::interval(HEARTBEAT_FLUSH);
+        loop {
+            let stopping = tokio::select! {
+                () = stop.cancelled() => true,
+                _ = interval.tick() => false,
+            };
+            if let Err(e) = self.flush_heartbeats().await {
+                tracing::debug!(error = %e, "could not write heartbeats; they are written with the next");
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    fn heartbeats(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (i64, String)>> {
+        // A map of timestamps: a panicking holder leaves nothing half-done.
+        self.inner
+            .heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Connection `generation` of `machine` ended. Returns false (and changes

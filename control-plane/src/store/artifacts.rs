@@ -18,10 +18,18 @@ pub(crate) struct ArtifactCache {
 }
 
 impl ArtifactCache {
+    /// Deployment `id`'s artifact if it was read already.
+    pub fn cached(&self, id: &str) -> Option<Arc<DeploymentArtifact>> {
+        self.lock()
+            .iter()
+            .find(|(k, _)| k == id)
+            .map(|found| found.1.clone())
+    }
+
     /// Deployment `id`'s artifact, read and parsed on first use.
     pub fn get(&self, conn: &dyn Sql, id: &str) -> Result<Arc<DeploymentArtifact>, StoreError> {
-        if let Some(found) = self.lock().iter().find(|(k, _)| k == id) {
-            return Ok(found.1.clone());
+        if let Some(found) = self.cached(id) {
+            return Ok(found);
         }
         let json: String = conn.fetch_one(
             "SELECT artifact FROM deployments WHERE id = ?1",

@@ -9,7 +9,7 @@ use procurator_proto::v1::{
     DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineState, MachineUpdate, event,
 };
 
-use super::engine::SqlExt as _;
+use super::engine::{SqlExt as _, ToParam, insert_rows};
 use super::rows::{StoredWave, from_sql, machine_state, parse_id, set_state, to_sql};
 use super::{Store, StoreError, Tx};
 use crate::rollout;
@@ -193,22 +193,36 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
         .enumerate()
         .flat_map(|(i, w)| w.machines.iter().map(move |m| (m, i)))
         .collect();
-    for target in &targets {
-        // Every row is in a wave.
-        let wave = wave_of.get(&target.name).copied().unwrap_or(waves.len());
-        tx.sql.exec(
-            "INSERT INTO machines (deployment_id, machine, closure, state, updated_ms, wave)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            &[
-                &id.as_str(),
-                &target.name.as_str(),
-                &target.closure.as_str(),
-                &(MachineState::Pending as i32),
-                &tx.now,
-                &i64::try_from(wave).unwrap_or(i64::MAX),
-            ],
-        )?;
+    // Every row is in a wave.
+    let rows: Vec<(&str, &str, i64)> = targets
+        .iter()
+        .map(|target| {
+            let wave = wave_of.get(&target.name).copied().unwrap_or(waves.len());
+            (
+                target.name.as_str(),
+                target.closure.as_str(),
+                i64::try_from(wave).unwrap_or(i64::MAX),
+            )
+        })
+        .collect();
+    let (pending, deployment) = (MachineState::Pending as i32, id.as_str());
+    let mut values: Vec<&dyn ToParam> = Vec::with_capacity(rows.len() * 6);
+    for (machine, closure, wave) in &rows {
+        values.extend([
+            &deployment as &dyn ToParam,
+            machine,
+            closure,
+            &pending,
+            &tx.now,
+            wave,
+        ]);
     }
+    insert_rows(
+        &*tx.sql,
+        "machines (deployment_id, machine, closure, state, updated_ms, wave)",
+        6,
+        &values,
+    )?;
     let submitted = DeploymentSubmitted {
         git_commit: artifact.git_commit.to_string(),
         machines: machines.iter().map(ToString::to_string).collect(),

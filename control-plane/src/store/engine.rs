@@ -238,6 +238,73 @@ pub trait SqlExt: Sql {
 
 impl<S: Sql + ?Sized> SqlExt for S {}
 
+/// Rows per statement of [`insert_rows`] and [`update_where_in`]: thousands
+/// of rows in a few statements (a round trip each to a database server),
+/// and only these few statement texts ever prepared.
+const ROWS_PER_STATEMENT: [usize; 3] = [256, 16, 1];
+
+/// Splits `n` items into chunks of the sizes above, largest first.
+fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let size = ROWS_PER_STATEMENT.into_iter().find(|&s| s <= n)?;
+        n -= size;
+        Some(size)
+    })
+}
+
+/// `INSERT INTO {into} VALUES (…), (…), …`: `values` holds the rows one
+/// after another, `width` values each.
+pub fn insert_rows(
+    conn: &dyn Sql,
+    into: &str,
+    width: usize,
+    values: &[&dyn ToParam],
+) -> Result<(), StoreError> {
+    let mut rest = values;
+    for rows in chunk_sizes(values.len() / width.max(1)) {
+        let (chunk, after) = rest.split_at(rows * width);
+        let tuples: Vec<String> = (0..rows)
+            .map(|row| {
+                let numbers: Vec<String> = (1..=width)
+                    .map(|col| format!("?{}", row * width + col))
+                    .collect();
+                format!("({})", numbers.join(", "))
+            })
+            .collect();
+        conn.exec(
+            &format!("INSERT INTO {into} VALUES {}", tuples.join(", ")),
+            chunk,
+        )?;
+        rest = after;
+    }
+    Ok(())
+}
+
+/// `{update} AND {column} IN (…)` for every one of `keys`: `update` is an
+/// `UPDATE … WHERE …` whose own parameters, `fixed`, come first.
+pub fn update_where_in(
+    conn: &dyn Sql,
+    update: &str,
+    fixed: &[&dyn ToParam],
+    column: &str,
+    keys: &[&dyn ToParam],
+) -> Result<(), StoreError> {
+    let mut rest = keys;
+    for rows in chunk_sizes(keys.len()) {
+        let (chunk, after) = rest.split_at(rows);
+        let numbers: Vec<String> = (1..=rows)
+            .map(|i| format!("?{}", fixed.len() + i))
+            .collect();
+        let params: Vec<&dyn ToParam> = fixed.iter().chain(chunk).copied().collect();
+        conn.exec(
+            &format!("{update} AND {column} IN ({})", numbers.join(", ")),
+            &params,
+        )?;
+        rest = after;
+    }
+    Ok(())
+}
+
 /// A write transaction of the writer connection.
 pub trait WriteTx: Sql {
     /// Tell the other processes on the database, once this commits, that

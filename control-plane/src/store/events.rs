@@ -1,34 +1,42 @@
 //! The append-only event log.
 
 use procurator_core::DeploymentId;
-use procurator_proto::v1::{Event, event};
+use procurator_proto::v1::Event;
 use prost::Message as _;
 
-use super::engine::{Row, Sql, SqlExt as _};
+use super::engine::{Row, Sql, SqlExt as _, ToParam, insert_rows};
 use super::{Store, StoreError};
 
-/// Append one event as `revision`.
-pub(super) fn append(
-    conn: &dyn Sql,
-    revision: u64,
-    deployment_id: &str,
-    at_ms: i64,
-    kind: &event::Kind,
-) -> Result<(), StoreError> {
+/// Append `events` (numbered already, in order) to the log.
+pub(super) fn append_all(conn: &dyn Sql, events: &[Event]) -> Result<(), StoreError> {
     // The body's revision is left out: it is the row's, filled in when the
     // event is read back.
-    let body = Event {
-        revision: 0,
-        at_ms,
-        deployment_id: deployment_id.to_owned(),
-        kind: Some(kind.clone()),
+    let rows: Vec<(i64, &str, i64, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            let body = Event {
+                revision: 0,
+                ..e.clone()
+            }
+            .encode_to_vec();
+            (
+                revision_to_sql(e.revision),
+                e.deployment_id.as_str(),
+                e.at_ms,
+                body,
+            )
+        })
+        .collect();
+    let mut values: Vec<&dyn ToParam> = Vec::with_capacity(rows.len() * 4);
+    for (revision, deployment_id, at_ms, body) in &rows {
+        values.extend([revision as &dyn ToParam, deployment_id, at_ms, body]);
     }
-    .encode_to_vec();
-    conn.exec(
-        "INSERT INTO events (revision, deployment_id, at_ms, body) VALUES (?1, ?2, ?3, ?4)",
-        &[&revision_to_sql(revision), &deployment_id, &at_ms, &body],
-    )?;
-    Ok(())
+    insert_rows(
+        conn,
+        "events (revision, deployment_id, at_ms, body)",
+        4,
+        &values,
+    )
 }
 
 /// The revision of the last event ever appended (0: none yet), kept even

@@ -57,6 +57,10 @@ pub use schedule::{Outbound, Scheduled, SendOrder};
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.
 const BROADCAST_CAPACITY: usize = 1024;
+/// The same on a shared store, whose follower publishes a wave's events
+/// (10,000 and more) at once, and whose fan-out must resend every stream
+/// it holds when it falls behind.
+const SHARED_BROADCAST_CAPACITY: usize = 16 * 1024;
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
 #[cfg(test)]
@@ -176,6 +180,8 @@ struct Inner {
     shared: bool,
     /// Tells the log's follower, if any, to stop.
     closed: Arc<AtomicBool>,
+    /// Heartbeats not written yet: machine → (when, what it runs).
+    heartbeats: Mutex<std::collections::HashMap<String, (i64, String)>>,
 }
 
 /// Reads run on this many threads, each with its own connection: a burst of
@@ -235,10 +241,10 @@ type Job = Box<dyn FnOnce(&mut Tx<'_>) -> (bool, Deliver) + Send>;
 type Deliver = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 impl Tx<'_> {
-    /// Append an event to the log; it is published once the transaction commits.
+    /// Append an event to the log: written with the transaction's others
+    /// when it commits, and published then.
     fn emit(&mut self, deployment_id: &str, kind: event::Kind) -> Result<u64, StoreError> {
         let revision = self.head + 1;
-        events::append(&*self.sql, revision, deployment_id, self.now, &kind)?;
         self.head = revision;
         self.events.push(Event {
             revision,
@@ -291,7 +297,11 @@ impl Store {
             follower,
         } = opened;
         let shared = follower.is_some();
-        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let (events, _) = broadcast::channel(if shared {
+            SHARED_BROADCAST_CAPACITY
+        } else {
+            BROADCAST_CAPACITY
+        });
         let artifacts = Arc::<ArtifactCache>::default();
         let (writable_tx, writable) = watch::channel(None);
         let mut writer = Writer {
@@ -369,6 +379,7 @@ impl Store {
                 replica: AtomicI64::new(replica),
                 shared,
                 closed,
+                heartbeats: Mutex::default(),
             }),
         })
     }
@@ -527,20 +538,24 @@ impl Writer {
         io_error: &mut Option<String>,
     ) -> Result<(), StoreError> {
         let mut tx = begin(self.conn.as_mut(), self.opened_ms, &self.artifacts)?;
+        // Each job in a savepoint of its own; ending one and opening the
+        // next is one round trip to a database server.
+        tx.sql.exec_batch("SAVEPOINT write")?;
         for job in batch {
             tx.now = procurator_core::now_ms();
             let (published, head) = (tx.events.len(), tx.head);
-            tx.sql.exec("SAVEPOINT write", &[])?;
             let (succeeded, deliver) = job(&mut tx);
             delivers.push(deliver);
             if succeeded {
-                tx.sql.exec("RELEASE write", &[])?;
+                tx.sql.exec_batch("RELEASE write; SAVEPOINT write")?;
             } else {
-                tx.sql.exec_batch("ROLLBACK TO write; RELEASE write")?;
+                tx.sql
+                    .exec_batch("ROLLBACK TO write; RELEASE write; SAVEPOINT write")?;
                 tx.events.truncate(published);
                 tx.head = head;
             }
         }
+        tx.sql.exec_batch("RELEASE write")?;
         *io_error = tx.io_error.take();
         commit(self.events.as_ref(), tx)
     }
@@ -588,6 +603,7 @@ fn commit(events: Option<&broadcast::Sender<Event>>, tx: Tx<'_>) -> Result<(), S
     } = tx;
     // Events kept are the ones numbered from the head: it moved iff any were.
     if !appended.is_empty() {
+        events::append_all(&*sql, &appended)?;
         events::set_head(&*sql, head)?;
         sql.log_grew()?;
     }

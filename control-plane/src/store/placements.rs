@@ -220,26 +220,30 @@ impl Store {
     }
 
     /// Of `instances`, those placed on a connected VM host, each with it.
+    /// One query for all: VM instances are few, machines may be 10,000.
     pub async fn connected_hosts_of(
         &self,
         instances: Vec<MachineName>,
     ) -> Result<Vec<(MachineName, MachineName)>, StoreError> {
         self.read(move |conn| {
-            let mut placed = Vec::new();
+            let placed: std::collections::HashMap<String, String> = conn
+                .fetch_all(
+                    "SELECT p.instance, p.host FROM placements p
+                     JOIN agents h ON h.machine = p.host WHERE h.connected = 1",
+                    &[],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
+                .into_iter()
+                .collect();
+            let mut found = Vec::new();
             for instance in &instances {
-                let host: Option<String> = conn.fetch_opt(
-                    "SELECT p.host FROM placements p JOIN agents h ON h.machine = p.host
-                     WHERE p.instance = ?1 AND h.connected = 1",
-                    &[&instance.as_str()],
-                    |r| r.get(0),
-                )?;
-                if let Some(host) = host {
-                    let host = MachineName::parse(&host)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    placed.push((instance.clone(), host));
+                if let Some(host) = placed.get(instance.as_str()) {
+                    let host =
+                        MachineName::parse(host).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    found.push((instance.clone(), host));
                 }
             }
-            Ok(placed)
+            Ok(found)
         })
         .await
     }

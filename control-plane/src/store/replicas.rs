@@ -19,8 +19,12 @@ pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Heartbeat {
     /// Recorded; `reaped` dead replicas were cleared, each with the number
-    /// of its agents marked disconnected.
-    Alive { reaped: Vec<(i64, usize)> },
+    /// of its agents marked disconnected. `ticks`: this replica is the
+    /// oldest live one, which runs the periodic scheduler tick.
+    Alive {
+        reaped: Vec<(i64, usize)>,
+        ticks: bool,
+    },
     /// This replica's row was gone: the others judged it dead while it
     /// could not write, and marked its agents disconnected. It has a new
     /// row now; its streams must end so that their agents connect again.
@@ -52,14 +56,23 @@ impl Store {
                     let replica = register(tx)?;
                     return Ok(Heartbeat::Revived { replica });
                 }
+                let timeout = i64::try_from(REPLICA_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+                let before = tx.now.saturating_sub(timeout);
                 let reaped = if reap {
-                    let timeout = i64::try_from(REPLICA_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
-                    let before = tx.now.saturating_sub(timeout);
                     reap_where(tx, "heartbeat_ms < ?1 AND id != ?2", before, replica)?
                 } else {
                     Vec::new()
                 };
-                Ok(Heartbeat::Alive { reaped })
+                // The oldest live replica runs the periodic scheduler tick.
+                let oldest: Option<i64> = tx.sql.fetch_one(
+                    "SELECT MIN(id) FROM replicas WHERE heartbeat_ms >= ?1",
+                    &[&before],
+                    |r| r.get(0),
+                )?;
+                Ok(Heartbeat::Alive {
+                    reaped,
+                    ticks: oldest == Some(replica),
+                })
             })
             .await?;
         if let Heartbeat::Revived { replica } = beat {

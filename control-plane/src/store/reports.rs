@@ -7,7 +7,8 @@ use procurator_proto::v1::{
 };
 
 use super::deployments::finish_if_done;
-use super::rows::{row, set_state, to_sql};
+use super::engine::{SqlExt as _, ToParam};
+use super::rows::{row, to_sql};
 use super::{Store, StoreError, agents};
 
 /// What became of an `ActivationResult`.
@@ -20,6 +21,35 @@ pub enum ResultOutcome {
     Stale,
 }
 
+/// A progress report's row update (see [`Store::record_progress`]): copy
+/// counts only when the report has them (`?5`‥`?8` NULL otherwise), never
+/// on a final row.
+static PROGRESS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use procurator_proto::v1::MachineState as S;
+    let finals: Vec<String> = [
+        S::Succeeded,
+        S::Skipped,
+        S::Failed,
+        S::RolledBack,
+        S::RollbackFailed,
+        S::Superseded,
+        S::Cancelled,
+        S::Unreachable,
+    ]
+    .iter()
+    .inspect(|s| debug_assert!(s.is_final()))
+    .map(|s| (*s as i32).to_string())
+    .collect();
+    format!(
+        "UPDATE machines SET state = ?3, updated_ms = ?4,
+             bytes_done = COALESCE(?5, bytes_done), bytes_expected = COALESCE(?6, bytes_expected),
+             paths_done = COALESCE(?7, paths_done), paths_expected = COALESCE(?8, paths_expected)
+         WHERE deployment_id = ?1 AND machine = ?2 AND state NOT IN ({})
+         RETURNING closure",
+        finals.join(", ")
+    )
+});
+
 impl Store {
     /// Apply a progress report. False (nothing changed) when the row does not
     /// exist or is already final.
@@ -31,28 +61,30 @@ impl Store {
         progress: Progress,
     ) -> Result<bool, StoreError> {
         self.write(move |tx| {
-            let Some((closure, current)) = row(tx, &deployment_id, &machine)? else {
+            let copy = progress.copy;
+            let counts = |f: fn(&procurator_proto::v1::CopyProgress) -> u64| {
+                copy.as_ref().map(|c| to_sql(f(c)))
+            };
+            // One statement: the row moves unless it is final already, and
+            // says its closure for the event.
+            let state_code = state as i32;
+            let closure: Option<String> = tx.sql.fetch_opt(
+                &PROGRESS_UPDATE,
+                &[
+                    &deployment_id.as_str() as &dyn ToParam,
+                    &machine.as_str(),
+                    &state_code,
+                    &tx.now,
+                    &counts(|c| c.bytes_done),
+                    &counts(|c| c.bytes_expected),
+                    &counts(|c| c.paths_done),
+                    &counts(|c| c.paths_expected),
+                ],
+                |r| r.get(0),
+            )?;
+            let Some(closure) = closure else {
                 return Ok(false);
             };
-            if current.is_final() {
-                return Ok(false);
-            }
-            let copy = progress.copy;
-            if let Some(c) = copy {
-                tx.sql.exec(
-                    "UPDATE machines SET bytes_done = ?3, bytes_expected = ?4, paths_done = ?5,
-                         paths_expected = ?6 WHERE deployment_id = ?1 AND machine = ?2",
-                    &[
-                        &deployment_id.as_str(),
-                        &machine.as_str(),
-                        &to_sql(c.bytes_done),
-                        &to_sql(c.bytes_expected),
-                        &to_sql(c.paths_done),
-                        &to_sql(c.paths_expected),
-                    ],
-                )?;
-            }
-            set_state(tx, &deployment_id, &machine, state)?;
             let update = MachineUpdate {
                 machine: machine.to_string(),
                 state: state as i32,

@@ -21,6 +21,8 @@ mod schema;
 
 /// How long the writer waits for the server to answer before a batch.
 const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A writer idle longer than this checks its connection first.
+const IDLE_BEFORE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The channel a commit that grew the log notifies.
 const LOG_CHANNEL: &str = "procurator_log";
@@ -62,6 +64,7 @@ fn connect_all(config: &PostgresTarget, readers: usize) -> Result<Opened, StoreE
         writer: Box::new(PgWriter {
             pg: writer,
             changes: Counter::new(0),
+            last_batch: std::time::Instant::now(),
         }),
         readers: all,
         follower: Some(Box::new(follower)),
@@ -317,15 +320,20 @@ impl WriteTx for PgTx<'_> {
 struct PgWriter {
     pg: Pg,
     changes: Counter<u64>,
+    last_batch: std::time::Instant,
 }
 
 impl WriterConn for PgWriter {
     fn begin(&mut self) -> Result<Box<dyn WriteTx + '_>, StoreError> {
-        // A batch costs a sync to disk; one round trip more finds a
-        // connection the server dropped before a batch's writes fail on it.
-        if self.pg.client.get_mut().is_valid(LIVENESS_TIMEOUT).is_err() {
+        // A connection idle for a while may have been dropped by the server
+        // (a restart, a failover): one round trip finds out before a
+        // batch's writes fail on it. A busy one is known to be fine.
+        if self.last_batch.elapsed() > IDLE_BEFORE_CHECK
+            && self.pg.client.get_mut().is_valid(LIVENESS_TIMEOUT).is_err()
+        {
             self.pg.reopen_if_closed()?;
         }
+        self.last_batch = std::time::Instant::now();
         let client = self.pg.client.get_mut();
         let mut tx = client.transaction()?;
         // One writer at a time in the whole cluster, until this commits.
