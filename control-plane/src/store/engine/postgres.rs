@@ -325,9 +325,11 @@ struct PgWriter {
 
 impl WriterConn for PgWriter {
     fn begin(&mut self) -> Result<Box<dyn WriteTx + '_>, StoreError> {
-        // A connection idle for a while may have been dropped by the server
-        // (a restart, a failover): one round trip finds out before a
-        // batch's writes fail on it. A busy one is known to be fine.
+        // A connection a failed batch found broken is made again. One idle
+        // for a while may have been dropped by the server (a restart, a
+        // failover) without a word: one round trip finds out before a
+        // batch's writes fail on it.
+        self.pg.reopen_if_closed()?;
         if self.last_batch.elapsed() > IDLE_BEFORE_CHECK
             && self.pg.client.get_mut().is_valid(LIVENESS_TIMEOUT).is_err()
         {
