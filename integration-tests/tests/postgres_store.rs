@@ -65,18 +65,21 @@ fn a_fleet_deploys_through_a_control_plane_on_postgresql() {
     );
 }
 
-/// A fleet with no agents and a database of its own, for starting control
-/// planes against it.
+/// A fleet whose agents are not started, for control planes of its own.
+fn fleet_without_agents() -> Fleet {
+    Fleet::start_with(procurator_integration_tests::FleetOptions {
+        agents: Vec::new(),
+        ..Default::default()
+    })
+    .expect("fleet")
+}
+
+/// [`fleet_without_agents`] and a database `procurator` of its own.
 fn fleet_and_database() -> (Fleet, Postgres) {
     let pg = Postgres::start().expect("postgres");
     pg.psql("postgres", "CREATE DATABASE procurator")
         .expect("create database");
-    let fleet = Fleet::start_with(procurator_integration_tests::FleetOptions {
-        agents: Vec::new(),
-        ..Default::default()
-    })
-    .expect("fleet");
-    (fleet, pg)
+    (fleet_without_agents(), pg)
 }
 
 #[test]
@@ -228,11 +231,7 @@ fn a_rollout_survives_postgresql_killed_and_restarted() {
 
 #[test]
 fn the_store_is_reached_over_tls_with_the_server_certificate_checked() {
-    let fleet = Fleet::start_with(procurator_integration_tests::FleetOptions {
-        agents: Vec::new(),
-        ..Default::default()
-    })
-    .expect("fleet");
+    let fleet = fleet_without_agents();
     // The fleet CA's server certificate (it names 127.0.0.1) serves as the
     // database server's too.
     let server = fleet.pki.control_plane();

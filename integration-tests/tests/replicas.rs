@@ -355,43 +355,24 @@ fn a_replica_killed_mid_rollout_loses_nothing() {
 
 #[test]
 fn a_replica_cut_off_from_the_database_lets_its_agents_go_to_one_that_is_not() {
-    let pg = Postgres::start().expect("postgres");
-    pg.psql("postgres", "CREATE DATABASE procurator")
-        .expect("create database");
-    let mut fleet = Fleet::start_with(FleetOptions {
-        agents: Vec::new(),
-        ..FleetOptions::default()
-    })
-    .expect("fleet");
-    fleet
-        .control_plane
-        .restart_with(&fleet.nix, &["--database", &pg.url("procurator")])
-        .expect("replica 0 on postgres");
+    let mut r = Replicas::start(1);
     // Replica 1 logs in as a role of its own, which can be cut off alone.
-    pg.psql(
-        "postgres",
-        &format!(
-            "CREATE ROLE cut_off LOGIN IN ROLE {}",
-            procurator_integration_tests::postgres::USER
-        ),
-    )
-    .expect("a role for replica 1");
-    let cut_url = pg.url("procurator").replace(
+    r.sql(&format!(
+        "CREATE ROLE cut_off LOGIN IN ROLE {}",
+        procurator_integration_tests::postgres::USER
+    ));
+    let cut_url = r.pg.url("procurator").replace(
         &format!("user={}", procurator_integration_tests::postgres::USER),
         "user=cut_off",
     );
     let replica = ControlPlane::start_with(
-        &fleet.nix,
-        &fleet.dir().join("replica-1"),
-        &fleet.pki,
+        &r.fleet.nix,
+        &r.fleet.dir().join("replica-1"),
+        &r.fleet.pki,
         &["--database", &cut_url],
     )
     .expect("replica 1");
-    let mut r = Replicas {
-        fleet,
-        others: vec![replica],
-        pg,
-    };
+    r.others.push(replica);
     r.start_agents(&[("worker-1", &[1, 0])]);
     let held_by = |r: &Replicas| {
         r.sql("SELECT replica FROM agents WHERE machine = 'worker-1' AND connected = 1")

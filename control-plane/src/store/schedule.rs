@@ -217,11 +217,12 @@ fn update(
     message: String,
 ) -> Result<(), StoreError> {
     let closure = row(tx, id, machine)?.map(|(c, _)| c).unwrap_or_default();
-    update_with(tx, id, machine, state, message, closure)
+    set_state(tx, id, machine, state)?;
+    emit_state(tx, id, machine, state, message, closure)
 }
 
-/// [`update`] when the row's closure is known.
-fn update_with(
+/// The event of a row's move to `state` (the row itself moved by the caller).
+fn emit_state(
     tx: &mut Tx<'_>,
     id: &DeploymentId,
     machine: &MachineName,
@@ -229,7 +230,6 @@ fn update_with(
     message: String,
     closure: String,
 ) -> Result<(), StoreError> {
-    set_state(tx, id, machine, state)?;
     let update = MachineUpdate {
         machine: machine.to_string(),
         state: state as i32,
@@ -406,14 +406,8 @@ fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, St
                 let desired = rollout::desired_state(&artifact, id.as_str(), &machine, &closure);
                 // The row moves with the others sent, after the loop.
                 sent_rows.push(raw.clone());
-                let update = MachineUpdate {
-                    machine: machine.to_string(),
-                    state: MachineState::Sent as i32,
-                    closure,
-                    message: "sent to the agent".to_owned(),
-                    ..Default::default()
-                };
-                tx.emit(id.as_str(), event::Kind::Machine(update))?;
+                let message = "sent to the agent".to_owned();
+                emit_state(tx, id, &machine, MachineState::Sent, message, closure)?;
                 let host = host_of.get(&raw).map(|h| name(h)).transpose()?;
                 send.push(Scheduled {
                     machine,
