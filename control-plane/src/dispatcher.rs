@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::connections::{Connections, dispatch, dispatch_vms, send_unless_overtaken};
-use crate::store::{Scheduled, Store, StoreError};
+use crate::store::{Scheduled, Scope, Store, StoreError};
 
 /// How often the scheduler runs without a trigger.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -30,14 +30,18 @@ pub struct Dispatcher {
 }
 
 /// Coalesces kicks: a scheduler run reads every row of every running
-/// deployment, so 10,000 results each running it would cost O(n²). One run
-/// at a time, and a run answers every kick made before it started.
+/// deployment it looks at, so 10,000 results each running it would cost
+/// O(n²). One run at a time, and a run answers every kick made before it
+/// started; a full run also answers the kicks that only asked for sends.
 #[derive(Default)]
 struct Kicks {
     /// Kicks asked for so far; each kick's number is its position.
     requested: AtomicU64,
     /// Every kick up to this number has been answered by a finished run.
     answered: AtomicU64,
+    /// The same for kicks that asked for a full run.
+    full_requested: AtomicU64,
+    full_answered: AtomicU64,
     running: tokio::sync::Mutex<()>,
 }
 
@@ -57,21 +61,51 @@ impl Dispatcher {
         self.ticking.swap(ticking, Ordering::Relaxed) != ticking
     }
 
-    /// Run the scheduler over every running deployment (its decisions are
-    /// committed), then send each machine it picked its desired state.
+    /// Run the scheduler over the running deployments that hold machines
+    /// not yet sent (its decisions are committed), then send each machine
+    /// it picked its desired state: what a submit, a result or a connect
+    /// may have made possible. Deployments with every machine sent are left
+    /// to the periodic tick, whose full run finds the unreachable ones, so
+    /// 10,000 results do not each re-read 10,000 rows.
     /// Returns once a run that started after this call has finished, so the
     /// caller's committed changes were scheduled; concurrent callers share runs.
     pub async fn kick(&self) -> Result<(), StoreError> {
-        let mine = self.kicks.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let _one_at_a_time = self.kicks.running.lock().await;
-        if self.kicks.answered.load(Ordering::SeqCst) >= mine {
+        self.run(Scope::Sendable).await
+    }
+
+    /// [`Self::kick`] over every running deployment: also what the clock
+    /// or a lost replica decides (machines unreachable).
+    pub async fn kick_full(&self) -> Result<(), StoreError> {
+        self.run(Scope::Full).await
+    }
+
+    async fn run(&self, scope: Scope) -> Result<(), StoreError> {
+        let kicks = &self.kicks;
+        let mine = kicks.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mine_full = match scope {
+            Scope::Full => kicks.full_requested.fetch_add(1, Ordering::SeqCst) + 1,
+            Scope::Sendable => 0,
+        };
+        let _one_at_a_time = kicks.running.lock().await;
+        if kicks.answered.load(Ordering::SeqCst) >= mine
+            && kicks.full_answered.load(Ordering::SeqCst) >= mine_full
+        {
             return Ok(());
         }
         // Every kick asked for by now committed its changes before asking.
-        let covers = self.kicks.requested.load(Ordering::SeqCst);
-        let machines = self.store.schedule().await?;
+        let covers = kicks.requested.load(Ordering::SeqCst);
+        let covers_full = kicks.full_requested.load(Ordering::SeqCst);
+        let scope = if kicks.full_answered.load(Ordering::SeqCst) < covers_full {
+            Scope::Full
+        } else {
+            Scope::Sendable
+        };
+        let machines = self.store.schedule(scope).await?;
         self.send_many(machines);
-        self.kicks.answered.fetch_max(covers, Ordering::SeqCst);
+        kicks.answered.fetch_max(covers, Ordering::SeqCst);
+        if scope == Scope::Full {
+            kicks.full_answered.fetch_max(covers_full, Ordering::SeqCst);
+        }
         Ok(())
     }
 
@@ -157,7 +191,7 @@ impl Dispatcher {
             if !self.ticking.load(Ordering::Relaxed) {
                 continue;
             }
-            if let Err(e) = self.kick().await {
+            if let Err(e) = self.kick_full().await {
                 tracing::warn!(error = %e, "the scheduler failed; retrying on the next tick");
             }
         }

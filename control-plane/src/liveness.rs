@@ -38,7 +38,7 @@ pub async fn run(dispatcher: Dispatcher, stop: CancellationToken) {
                 crate::store::log_reaped(&reaped);
                 if !reaped.is_empty() {
                     // Their agents' rows may now be unreachable, or sendable here.
-                    let _ = dispatcher.kick().await;
+                    let _ = dispatcher.kick_full().await;
                 }
             }
             Ok(Heartbeat::Revived { replica }) => {

@@ -93,28 +93,77 @@ impl Postgres {
         self.port
     }
 
+    /// A streaming standby of `primary` (a base backup of it, following
+    /// its WAL), on a socket of its own; read-only until [`Self::promote`].
+    /// Make it synchronous with [`Self::make_synchronous`] on the primary.
+    pub fn standby_of(primary: &Postgres) -> Result<Self> {
+        let mut standby = Self::empty(SOCKET_PORT)?;
+        run_as_postgres(
+            as_postgres(&standby.bin.join("pg_basebackup"))
+                .arg("-h")
+                .arg(primary.socket_dir())
+                .arg("-p")
+                .arg(primary.port.to_string())
+                .args(["-U", USER, "--write-recovery-conf", "--wal-method=stream"])
+                .arg("-D")
+                .arg(standby.data_dir()),
+            "pg_basebackup",
+        )?;
+        standby.durable = primary.durable;
+        standby.spawn()?;
+        Ok(standby)
+    }
+
+    /// Every commit on this primary waits until a standby has it
+    /// (`synchronous_standby_names = '*'`), so a failover loses nothing
+    /// acknowledged; returns once a standby is synchronous.
+    pub fn make_synchronous(&self) -> Result<()> {
+        self.psql(
+            "postgres",
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        )?;
+        self.psql("postgres", "SELECT pg_reload_conf()")?;
+        crate::wait_for("a synchronous standby", READY_TIMEOUT, || {
+            let sync = self.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )?;
+            Ok((sync != "0").then_some(()))
+        })
+    }
+
+    /// Promotes this standby to a primary; returns once it accepts writes.
+    pub fn promote(&self) -> Result<()> {
+        let promoted = self.psql("postgres", "SELECT pg_promote(true, 60)")?;
+        anyhow::ensure!(promoted == "t", "pg_promote answered {promoted:?}");
+        Ok(())
+    }
+
+    /// Whether it is a standby (`pg_is_in_recovery()`).
+    pub fn is_standby(&self) -> Result<bool> {
+        Ok(self.psql("postgres", "SELECT pg_is_in_recovery()")? == "t")
+    }
+
     fn create(port: u16) -> Result<Self> {
+        let pg = Self::empty(port)?;
+        run_as_postgres(
+            as_postgres(&pg.bin.join("initdb"))
+                .args(["--auth=trust", "--no-sync", "--encoding=UTF8", "--locale=C"])
+                .arg(format!("--username={USER}"))
+                .arg("-D")
+                .arg(pg.data_dir()),
+            "initdb",
+        )?;
+        Ok(pg)
+    }
+
+    /// A folder of its own for a cluster, with nothing in it yet.
+    fn empty(port: u16) -> Result<Self> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("procurator-pg-")
             .tempdir()?;
         chown_to_postgres(dir.path())?;
-        let data = dir.path().join("data");
-        let out = as_postgres(&bin.join("initdb"))
-            .args(["--auth=trust", "--no-sync", "--encoding=UTF8", "--locale=C"])
-            .arg(format!("--username={USER}"))
-            .arg("-D")
-            .arg(&data)
-            .output()
-            .context("running initdb")?;
-        if !out.status.success() {
-            bail!(
-                "initdb failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
         Ok(Self {
             bin,
             process: None,
@@ -285,6 +334,19 @@ fn as_postgres(program: &Path) -> Command {
         .args(["--pdeathsig", "KILL", "--"])
         .arg(program);
     cmd
+}
+
+fn run_as_postgres(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 fn postgres_user() -> Result<nix::unistd::User> {

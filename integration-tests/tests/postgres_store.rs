@@ -3,6 +3,7 @@
 //! was stored is there after a restart. The cluster is the test's own.
 
 use procurator_integration_tests::control_plane::ControlPlane;
+use procurator_integration_tests::fixture::Closures;
 use procurator_integration_tests::postgres::Postgres;
 use procurator_integration_tests::{Fleet, MACHINES, wait_for};
 use serde_json::json;
@@ -156,10 +157,57 @@ fn replicas_started_together_make_the_schema_once() {
 #[test]
 fn a_rollout_survives_postgresql_killed_and_restarted() {
     let (mut fleet, mut pg) = fleet_and_database();
-    let url = pg.url("procurator");
+    let (id, closures) = rollout_in_flight(&mut fleet, &pg.url("procurator"));
+    let before = committed_events(&pg, &id);
+    pg.kill().expect("kill -9 the postmaster");
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start_again().expect("postgres again");
+
+    assert_rollout_finished(&fleet, &id, &closures);
+    let after = committed_events(&pg, &id);
+    assert!(
+        after.starts_with(&before),
+        "every event committed before the crash is kept: {before:?} then {after:?}"
+    );
+}
+
+/// The primary dies and its synchronous standby is promoted: the control
+/// plane, given both hosts with `target_session_attrs=read-write`, finds
+/// the new primary by itself and the rollout finishes there.
+#[test]
+fn a_rollout_survives_failover_to_a_promoted_standby() {
+    let (mut fleet, mut primary) = fleet_and_database();
+    let standby = Postgres::standby_of(&primary).expect("standby");
+    primary.make_synchronous().expect("synchronous replication");
+    let url = format!(
+        "host={},{} port={},{} user={} dbname=procurator target_session_attrs=read-write",
+        primary.socket_dir().display(),
+        standby.socket_dir().display(),
+        primary.port(),
+        standby.port(),
+        procurator_integration_tests::postgres::USER,
+    );
+    let (id, closures) = rollout_in_flight(&mut fleet, &url);
+    let before = committed_events(&primary, &id);
+    primary.kill().expect("kill -9 the primary");
+    standby.promote().expect("promote the standby");
+    assert!(!standby.is_standby().expect("psql"), "promoted");
+
+    assert_rollout_finished(&fleet, &id, &closures);
+    let after = committed_events(&standby, &id);
+    assert!(
+        after.starts_with(&before),
+        "every event acknowledged by the old primary is on the new one: {before:?} then {after:?}"
+    );
+}
+
+/// The control plane on `url`, every agent connected, and a rollout of one
+/// machine at a time whose first machine is activating. Returns the
+/// deployment's id and each machine's new closure.
+fn rollout_in_flight(fleet: &mut Fleet, url: &str) -> (String, Closures) {
     fleet
         .control_plane
-        .restart_with(&fleet.nix, &["--database", &url])
+        .restart_with(&fleet.nix, &["--database", url])
         .expect("on postgres");
     for m in MACHINES {
         fleet.start_agent(m).expect("agent");
@@ -169,12 +217,11 @@ fn a_rollout_survives_postgresql_killed_and_restarted() {
     let settings = json!({ "generation": 2, "activationDelay": 3 });
     let rollout = json!({ "rollout": { "maxInFlight": 1 } });
     let (closures, artifact, _) =
-        procurator_integration_tests::scenario::prepare(&fleet, &settings, &rollout)
+        procurator_integration_tests::scenario::prepare(fleet, &settings, &rollout)
             .expect("prepare");
     let ctl = fleet.ctl().expect("ctl");
     let (id, _) =
         procurator_integration_tests::scenario::submit(&ctl, &artifact, &[]).expect("submit");
-    // The first machine is activating when the database dies.
     wait_for("an activation to start", Duration::from_secs(60), || {
         Ok(MACHINES
             .iter()
@@ -187,23 +234,14 @@ fn a_rollout_survives_postgresql_killed_and_restarted() {
             .then_some(()))
     })
     .expect("activating");
-    let committed = |pg: &Postgres| -> Vec<String> {
-        pg.psql(
-            "procurator",
-            &format!("SELECT revision FROM events WHERE deployment_id = '{id}' ORDER BY revision"),
-        )
-        .expect("psql")
-        .lines()
-        .map(str::to_owned)
-        .collect()
-    };
-    let before = committed(&pg);
-    pg.kill().expect("kill -9 the postmaster");
-    std::thread::sleep(Duration::from_secs(2));
-    pg.start_again().expect("postgres again");
+    (id, closures)
+}
 
+/// Deployment `id` succeeded with one activation per machine, after the
+/// control plane reconnected to PostgreSQL.
+fn assert_rollout_finished(fleet: &Fleet, id: &str, closures: &Closures) {
     let deployment =
-        procurator_integration_tests::scenario::wait_final(&fleet, &id, Duration::from_secs(120))
+        procurator_integration_tests::scenario::wait_final(fleet, id, Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.logs()));
     assert_eq!(
         deployment["state"],
@@ -220,13 +258,20 @@ fn a_rollout_survives_postgresql_killed_and_restarted() {
             "{m} activated once"
         );
     }
-    let after = committed(&pg);
-    assert!(
-        after.starts_with(&before),
-        "every event committed before the crash is kept: {before:?} then {after:?}"
-    );
     let log = fleet.control_plane.log();
     assert!(log.contains("reconnected to PostgreSQL"), "{log}");
+}
+
+/// The revisions of deployment `id`'s events stored in `pg`.
+fn committed_events(pg: &Postgres, id: &str) -> Vec<String> {
+    pg.psql(
+        "procurator",
+        &format!("SELECT revision FROM events WHERE deployment_id = '{id}' ORDER BY revision"),
+    )
+    .expect("psql")
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 #[test]

@@ -10,7 +10,9 @@ use procurator_proto::v1::{
 };
 
 use super::engine::{SqlExt as _, ToParam, insert_rows};
-use super::rows::{StoredWave, from_sql, machine_state, parse_id, set_state, to_sql};
+use super::rows::{
+    StoredWave, UNFINISHED_STATES, from_sql, machine_state, parse_id, set_state, to_sql,
+};
 use super::{Store, StoreError, Tx};
 use crate::rollout;
 
@@ -330,19 +332,14 @@ pub(super) fn finish_if_done(
     tx: &mut Tx<'_>,
     id: &str,
 ) -> Result<Option<DeploymentState>, StoreError> {
-    let state: i32 =
-        tx.sql
-            .fetch_one("SELECT state FROM deployments WHERE id = ?1", &[&id], |r| {
-                r.get(0)
-            })?;
-    if DeploymentState::try_from(state) != Ok(DeploymentState::Running) {
-        return Ok(None);
-    }
-    // Called after every result: one index probe per in-flight state
-    // answers "not yet" without reading every row, which made a large
-    // rollout quadratic.
-    let in_flight: bool = tx.sql.fetch_one(&IN_FLIGHT_QUERY, &[&id], |r| r.get(0))?;
-    if in_flight {
+    // Called after every result: one statement, an index probe per
+    // in-flight state, answers "not yet" without reading every row, which
+    // made a large rollout quadratic.
+    let (state, stop, in_flight): (i32, i64, bool) =
+        tx.sql.fetch_one(&FINISH_QUERY, &[&id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    if DeploymentState::try_from(state) != Ok(DeploymentState::Running) || in_flight {
         return Ok(None);
     }
     let states: Vec<MachineState> = {
@@ -356,11 +353,6 @@ pub(super) fn finish_if_done(
             .map(machine_state)
             .collect()
     };
-    let stop: i64 = tx.sql.fetch_one(
-        "SELECT stopped FROM deployments WHERE id = ?1",
-        &[&id],
-        |r| r.get(0),
-    )?;
     let Some(outcome) = rollout::outcome(&states, rollout::Stop::from_sql(stop)) else {
         return Ok(None);
     };
@@ -376,15 +368,13 @@ pub(super) fn finish_if_done(
     Ok(Some(outcome))
 }
 
-/// Whether a deployment has a machine row in a state that is not final.
-static IN_FLIGHT_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let unfinished: Vec<String> = (0..=i32::from(u8::MAX))
-        .filter_map(|n| MachineState::try_from(n).ok())
-        .filter(|s| !s.is_final())
-        .map(|s| (s as i32).to_string())
-        .collect();
+/// A deployment's state, how it stopped, and whether it has a machine
+/// row in a state that is not final.
+static FINISH_QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT EXISTS (SELECT 1 FROM machines WHERE deployment_id = ?1 AND state IN ({}))",
-        unfinished.join(", ")
+        "SELECT state, stopped, EXISTS (SELECT 1 FROM machines
+                 WHERE deployment_id = ?1 AND state IN ({}))
+             FROM deployments WHERE id = ?1",
+        *UNFINISHED_STATES
     )
 });

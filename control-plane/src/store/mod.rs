@@ -52,7 +52,7 @@ pub use reports::ResultOutcome;
 #[cfg(test)]
 pub use retention::Pruned;
 pub use retention::Retention;
-pub use schedule::{Outbound, Scheduled, SendOrder};
+pub use schedule::{Outbound, Scheduled, Scope, SendOrder};
 
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.

@@ -8,7 +8,7 @@ use procurator_proto::v1::{
 
 use super::deployments::finish_if_done;
 use super::engine::{SqlExt as _, ToParam};
-use super::rows::{row, to_sql};
+use super::rows::{FINAL_STATES, to_sql};
 use super::{Store, StoreError, agents};
 
 /// What became of an `ActivationResult`.
@@ -25,28 +25,25 @@ pub enum ResultOutcome {
 /// counts only when the report has them (`?5`‥`?8` NULL otherwise), never
 /// on a final row.
 static PROGRESS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    use procurator_proto::v1::MachineState as S;
-    let finals: Vec<String> = [
-        S::Succeeded,
-        S::Skipped,
-        S::Failed,
-        S::RolledBack,
-        S::RollbackFailed,
-        S::Superseded,
-        S::Cancelled,
-        S::Unreachable,
-    ]
-    .iter()
-    .inspect(|s| debug_assert!(s.is_final()))
-    .map(|s| (*s as i32).to_string())
-    .collect();
     format!(
         "UPDATE machines SET state = ?3, updated_ms = ?4,
              bytes_done = COALESCE(?5, bytes_done), bytes_expected = COALESCE(?6, bytes_expected),
              paths_done = COALESCE(?7, paths_done), paths_expected = COALESCE(?8, paths_expected)
          WHERE deployment_id = ?1 AND machine = ?2 AND state NOT IN ({})
          RETURNING closure",
-        finals.join(", ")
+        *FINAL_STATES
+    )
+});
+
+/// A result's row update (see [`Store::record_result`]), never on a final
+/// row: one statement that also says the row's closure for the event.
+static RESULT_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
+             updated_ms = ?7, reboot_required = ?8
+         WHERE deployment_id = ?1 AND machine = ?2 AND state NOT IN ({})
+         RETURNING closure",
+        *FINAL_STATES
     )
 });
 
@@ -118,20 +115,12 @@ impl Store {
                 &result.reason,
                 &result.current_system,
             )?;
-            let Some((closure, current)) = row(tx, &deployment_id, &machine)? else {
-                return Ok(ResultOutcome::Stale);
-            };
-            if current.is_final() {
-                return Ok(ResultOutcome::Stale);
-            }
             let failed_phase =
                 MachineState::try_from(result.failed_phase).unwrap_or(MachineState::Unspecified);
-            tx.sql.exec(
-                "UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
-                     updated_ms = ?7, reboot_required = ?8
-                 WHERE deployment_id = ?1 AND machine = ?2",
+            let closure: Option<String> = tx.sql.fetch_opt(
+                &RESULT_UPDATE,
                 &[
-                    &id,
+                    &id as &dyn ToParam,
                     &machine.as_str(),
                     &(state as i32),
                     &(failed_phase as i32),
@@ -140,7 +129,12 @@ impl Store {
                     &tx.now,
                     &result.reboot_required,
                 ],
+                |r| r.get(0),
             )?;
+            // No such row, or final already (superseded, say).
+            let Some(closure) = closure else {
+                return Ok(ResultOutcome::Stale);
+            };
             let message = match (result.reboot_required, result.reason.is_empty()) {
                 (true, true) => format!("reboot required: {}", result.reboot_reason),
                 (true, false) => format!(

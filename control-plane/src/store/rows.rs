@@ -40,6 +40,24 @@ pub(super) fn set_state(
     Ok(())
 }
 
+/// The codes of the machine states that are final (or, `false`, not), as
+/// an SQL list for `state IN (…)`.
+fn state_codes(final_: bool) -> String {
+    (0..=i32::from(u8::MAX))
+        .filter_map(|n| MachineState::try_from(n).ok())
+        .filter(|s| s.is_final() == final_)
+        .map(|s| (s as i32).to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `state IN (FINAL_STATES)`: the row is final.
+pub(super) static FINAL_STATES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| state_codes(true));
+/// `state IN (UNFINISHED_STATES)`: the row is pending or in flight.
+pub(super) static UNFINISHED_STATES: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| state_codes(false));
+
 pub(super) fn machine_state(value: i32) -> MachineState {
     MachineState::try_from(value).unwrap_or(MachineState::Unspecified)
 }

@@ -82,6 +82,17 @@ pub struct Scheduled {
     pub host: Option<MachineName>,
 }
 
+/// Which running deployments a scheduler run looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every one: also what time decides (machines unreachable).
+    Full,
+    /// Those holding a machine not yet sent (PENDING): only they can start
+    /// a wave, send or halt, so a result in a deployment whose machines are
+    /// all sent costs one index probe, not a read of every row.
+    Sendable,
+}
+
 /// What to send a machine over its stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outbound {
@@ -94,11 +105,11 @@ pub enum Outbound {
 }
 
 impl Store {
-    /// Run the scheduler over every running deployment. Returns the
-    /// machines that were just moved to SENT, with the desired states they
-    /// must be sent now.
-    pub async fn schedule(&self) -> Result<Vec<Scheduled>, StoreError> {
-        self.write(schedule_all).await
+    /// Run the scheduler over the running deployments in `scope`. Returns
+    /// the machines that were just moved to SENT, with the desired states
+    /// they must be sent now.
+    pub async fn schedule(&self, scope: Scope) -> Result<Vec<Scheduled>, StoreError> {
+        self.write(move |tx| schedule_all(tx, scope)).await
     }
 
     /// What `machine` should be sent on (re)connecting: its row in the newest
@@ -241,7 +252,7 @@ fn emit_state(
     Ok(())
 }
 
-pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<Scheduled>, StoreError> {
+fn schedule_all(tx: &mut Tx<'_>, scope: Scope) -> Result<Vec<Scheduled>, StoreError> {
     let running: Vec<String> = {
         tx.sql.fetch_all(
             "SELECT id FROM deployments WHERE state = ?1 ORDER BY seq",
@@ -251,9 +262,20 @@ pub(super) fn schedule_all(tx: &mut Tx<'_>) -> Result<Vec<Scheduled>, StoreError
     };
     let mut send = Vec::new();
     for id in running {
+        if scope == Scope::Sendable && !holds_pending(tx, &id)? {
+            continue;
+        }
         send.extend(schedule_one(tx, &parse_id(&id)?)?);
     }
     Ok(send)
+}
+
+fn holds_pending(tx: &mut Tx<'_>, id: &str) -> Result<bool, StoreError> {
+    tx.sql.fetch_one(
+        "SELECT EXISTS (SELECT 1 FROM machines WHERE deployment_id = ?1 AND state = ?2)",
+        &[&id, &(MachineState::Pending as i32)],
+        |r| r.get(0),
+    )
 }
 
 fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, StoreError> {

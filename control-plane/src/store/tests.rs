@@ -46,7 +46,7 @@ pub(super) async fn connect_and_schedule(store: &Store, machine: &str) -> Vec<Ma
 /// on reconnecting, the read path.
 pub(super) async fn schedule(store: &Store) -> Vec<MachineName> {
     let mut names = Vec::new();
-    for scheduled in store.schedule().await.unwrap() {
+    for scheduled in store.schedule(super::Scope::Full).await.unwrap() {
         let reread = store.desired(scheduled.machine.clone()).await.unwrap();
         assert_eq!(
             reread,
