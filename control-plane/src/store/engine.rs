@@ -18,6 +18,9 @@ pub enum Param<'a> {
     Int(i64),
     Text(&'a str),
     Bytes(&'a [u8]),
+    /// An array of text: only for an engine that has arrays, through
+    /// [`Sql::update_where_in`].
+    Texts(&'a [&'a str]),
     Null,
 }
 
@@ -65,6 +68,12 @@ impl ToParam for &str {
 impl ToParam for String {
     fn to_param(&self) -> Param<'_> {
         Param::Text(self)
+    }
+}
+
+impl ToParam for &[&str] {
+    fn to_param(&self) -> Param<'_> {
+        Param::Texts(self)
     }
 }
 
@@ -190,6 +199,37 @@ pub trait Sql {
         params: &Params<'_>,
         each: &mut dyn FnMut(&dyn Row) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError>;
+
+    /// `{update} AND {column} IN (…)` for every one of `keys`: `update` is
+    /// an `UPDATE … WHERE …` whose own parameters, `fixed`, come first.
+    /// Here: lists of up to 256 keys, a statement each. An engine with
+    /// arrays binds them all as one.
+    fn update_where_in(
+        &self,
+        update: &str,
+        fixed: &Params<'_>,
+        column: &str,
+        keys: &[&str],
+    ) -> Result<(), StoreError> {
+        let mut rest = keys;
+        for rows in chunk_sizes(keys.len()) {
+            let (chunk, after) = rest.split_at(rows);
+            let numbers: Vec<String> = (1..=rows)
+                .map(|i| format!("?{}", fixed.len() + i))
+                .collect();
+            let params: Vec<&dyn ToParam> = fixed
+                .iter()
+                .copied()
+                .chain(chunk.iter().map(|k| k as &dyn ToParam))
+                .collect();
+            self.exec(
+                &format!("{update} AND {column} IN ({})", numbers.join(", ")),
+                &params,
+            )?;
+            rest = after;
+        }
+        Ok(())
+    }
 }
 
 /// The ways the logic reads, over any [`Sql`].
@@ -238,7 +278,7 @@ pub trait SqlExt: Sql {
 
 impl<S: Sql + ?Sized> SqlExt for S {}
 
-/// Rows per statement of [`insert_rows`] and [`update_where_in`]: thousands
+/// Rows per statement of [`insert_rows`] and [`Sql::update_where_in`]: thousands
 /// of rows in a few statements (a round trip each to a database server),
 /// and only these few statement texts ever prepared.
 const ROWS_PER_STATEMENT: [usize; 3] = [256, 16, 1];
@@ -274,31 +314,6 @@ pub fn insert_rows(
         conn.exec(
             &format!("INSERT INTO {into} VALUES {}", tuples.join(", ")),
             chunk,
-        )?;
-        rest = after;
-    }
-    Ok(())
-}
-
-/// `{update} AND {column} IN (…)` for every one of `keys`: `update` is an
-/// `UPDATE … WHERE …` whose own parameters, `fixed`, come first.
-pub fn update_where_in(
-    conn: &dyn Sql,
-    update: &str,
-    fixed: &[&dyn ToParam],
-    column: &str,
-    keys: &[&dyn ToParam],
-) -> Result<(), StoreError> {
-    let mut rest = keys;
-    for rows in chunk_sizes(keys.len()) {
-        let (chunk, after) = rest.split_at(rows);
-        let numbers: Vec<String> = (1..=rows)
-            .map(|i| format!("?{}", fixed.len() + i))
-            .collect();
-        let params: Vec<&dyn ToParam> = fixed.iter().chain(chunk).copied().collect();
-        conn.exec(
-            &format!("{update} AND {column} IN ({})", numbers.join(", ")),
-            &params,
         )?;
         rest = after;
     }

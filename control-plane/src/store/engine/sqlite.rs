@@ -19,6 +19,11 @@ impl rusqlite::ToSql for Param<'_> {
             Param::Text(text) => ValueRef::Text(text.as_bytes()),
             Param::Bytes(bytes) => ValueRef::Blob(bytes),
             Param::Null => ValueRef::Null,
+            Param::Texts(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "SQLite has no arrays: a list of keys is bound one by one".into(),
+                ));
+            }
         }))
     }
 }
