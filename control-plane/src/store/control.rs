@@ -9,7 +9,7 @@ use procurator_proto::v1::{DeploymentState, MachineState, MachineUpdate, event};
 
 use super::deployments::{NewDeployment, Submitted, finish_if_done, insert};
 use super::engine::{Row, Sql, SqlExt as _};
-use super::rows::{machine_state, row, set_state};
+use super::rows::{machine_state, set_state};
 use super::{Store, StoreError};
 use crate::rollout::{self, Stop};
 
@@ -242,17 +242,22 @@ impl Store {
         closure: String,
     ) -> Result<Confirmation, StoreError> {
         self.write(move |tx| {
-            let Some((stored, state)) = row(tx, &id, &machine)? else {
+            // The row and its deployment in one read: a confirmation per
+            // machine, 10,000 in a rollout.
+            let found: Option<(String, i32, i64, String)> = tx.sql.fetch_opt(
+                "SELECT m.closure, m.state, d.stopped, d.halted_reason
+                     FROM machines m JOIN deployments d ON d.id = m.deployment_id
+                     WHERE m.deployment_id = ?1 AND m.machine = ?2",
+                &[&id.as_str(), &machine.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )?;
+            let Some((stored, state, stopped, reason)) = found else {
                 return Ok(Confirmation::NotFound);
             };
+            let state = machine_state(state);
             if stored != closure {
                 return Ok(Confirmation::NotFound);
             }
-            let (stopped, reason): (i64, String) = tx.sql.fetch_one(
-                "SELECT stopped, halted_reason FROM deployments WHERE id = ?1",
-                &[&id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
             if Stop::from_sql(stopped) == Some(Stop::Cancelled) {
                 return Ok(Confirmation::Refused(format!(
                     "deployment {id} was cancelled: {reason}"
