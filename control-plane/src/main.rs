@@ -44,14 +44,18 @@ struct Args {
     /// may say instead).
     #[arg(long, env = "PROCURATOR_DATABASE_CA_FILE", value_name = "FILE")]
     database_ca_file: Option<PathBuf>,
+    // Not the clients' PROCURATOR_TLS_*: an operator's shell exports those
+    // for ctl, and a control plane started from it would serve with the
+    // operator's certificate.
     /// The fleet CA certificate: clients must present a certificate it signed.
-    #[arg(long, env = "PROCURATOR_TLS_CA")]
+    #[arg(long, env = "PROCURATOR_SERVER_TLS_CA")]
     tls_ca: PathBuf,
-    /// The control plane's certificate.
-    #[arg(long, env = "PROCURATOR_TLS_CERT")]
+    /// The control plane's certificate: a control-plane certificate, valid
+    /// for server authentication (anything else is refused at start).
+    #[arg(long, env = "PROCURATOR_SERVER_TLS_CERT")]
     tls_cert: PathBuf,
     /// The control plane's private key.
-    #[arg(long, env = "PROCURATOR_TLS_KEY")]
+    #[arg(long, env = "PROCURATOR_SERVER_TLS_KEY")]
     tls_key: PathBuf,
     /// Once serving, write `HOST:PORT` of the bound socket here (atomically).
     #[arg(long)]

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use procurator_core::Role;
 use procurator_core::artifact::MAX_ARTIFACT_BYTES;
 use procurator_core::tls::{TlsError, TlsFiles};
 use procurator_proto::v1::agent_service_server::AgentServiceServer;
@@ -107,10 +106,7 @@ async fn report_writable(
 /// streams end with UNAVAILABLE, in-flight RPCs drain for at most
 /// [`DRAIN_DEADLINE`].
 pub async fn run(config: Config, signal: CancellationToken) -> Result<(), ServerError> {
-    let tls = config.tls.load()?;
-    if tls.identity.role != Role::ControlPlane {
-        tracing::warn!(identity = %tls.identity, "the server certificate is not a control-plane certificate");
-    }
+    let tls = config.tls.load_server()?;
     let database = config.database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open_database(&database))
         .await

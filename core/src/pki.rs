@@ -110,15 +110,11 @@ pub fn init(dir: &Path, sans: &[String], operator_name: &str) -> Result<InitFile
     )?;
 
     let issuer = Issuer::new(params, ca_key);
-    let server_name = MachineName::parse("control-plane")
-        .map_err(|e| PkiError::BadName("control-plane".into(), e.to_string()))?;
-    let mut server_sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    server_sans.extend(sans.iter().cloned());
     let control_plane = issue_with(
         dir,
         &issuer,
-        &Identity::new(Role::ControlPlane, server_name),
-        &server_sans,
+        &identity(Role::ControlPlane, CONTROL_PLANE_NAME, false)?,
+        &server_sans(sans),
         false,
     )?;
     let operator_name = parse_name(operator_name)?;
@@ -135,6 +131,22 @@ pub fn init(dir: &Path, sans: &[String], operator_name: &str) -> Result<InitFile
         control_plane,
         operator,
     })
+}
+
+/// The name in the control plane's certificate unless told otherwise.
+pub const CONTROL_PLANE_NAME: &str = "control-plane";
+
+/// The names a control plane's certificate is valid for: the loopback
+/// ones, then `sans`.
+pub fn server_sans(sans: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    all.extend(
+        sans.iter()
+            .filter(|s| !all.contains(s))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    all
 }
 
 /// Issue a certificate for `role`/`name`, signed by the CA in `dir`.
@@ -373,6 +385,66 @@ mod tests {
             identity(Role::Ci, "ci", true),
             Err(PkiError::VmHostNotAgent(Role::Ci))
         ));
+    }
+
+    /// `pki issue --role control-plane`: a new server certificate from the
+    /// same CA, with a name `init` was not given, replacing the old only
+    /// when told to; it serves, a client certificate does not.
+    #[test]
+    fn the_control_planes_certificate_is_renewed_with_more_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = init(dir.path(), &["cp.example".into()], "alice").unwrap();
+        let old_pem = fs::read(&first.control_plane.cert).unwrap();
+        let server = identity(Role::ControlPlane, CONTROL_PLANE_NAME, false).unwrap();
+        let sans = server_sans(&["cp.example".into(), "cp-2.example".into()]);
+        assert!(matches!(
+            issue_for(dir.path(), &server, &sans, false),
+            Err(PkiError::Exists(_))
+        ));
+        let renewed = issue_for(dir.path(), &server, &sans, true).unwrap();
+        assert_eq!(renewed.cert, first.control_plane.cert, "the same file");
+        let pem = fs::read_to_string(&renewed.cert).unwrap();
+        assert_ne!(pem.as_bytes(), old_pem, "a new certificate");
+        let der = pem_to_der(&pem);
+        let (_, cert) = <x509_parser::prelude::X509Certificate as x509_parser::prelude::FromDer<
+            _,
+        >>::from_der(&der)
+        .unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for want in [
+            "localhost",
+            "IPAddress(7f:00:00:01)",
+            "cp.example",
+            "cp-2.example",
+        ] {
+            assert!(
+                names.iter().any(|n| n.contains(want)),
+                "{want} in {names:?}"
+            );
+        }
+        let files = |cert: &Path, key: &Path| crate::tls::TlsFiles {
+            ca: ca_cert_path(dir.path()),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        };
+        files(&renewed.cert, &renewed.key).load_server().unwrap();
+        let err = files(&first.operator.cert, &first.operator.key)
+            .load_server()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("it is operator/alice's certificate, of role operator")
+                && err.contains("pki issue --dir DIR --role control-plane"),
+            "{err}"
+        );
     }
 
     fn issue_as(dir: &Path, role: Role, name: &str, force: bool) -> Result<IssuedFiles, PkiError> {

@@ -32,6 +32,10 @@ pub enum TlsError {
     },
     #[error("{0:?} is not a control-plane address: {1} (expected e.g. https://cp.example:7700)")]
     BadUrl(String, String),
+    #[error(
+        "the certificate {path} cannot serve the control plane: {why}. Give --tls-cert the control plane's own certificate (control-plane.crt, from `procurator-ctl pki init`), or issue a new one with `procurator-ctl pki issue --dir DIR --role control-plane --san NAME --force`"
+    )]
+    NotServer { path: PathBuf, why: String },
     #[error("TLS configuration failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("the TLS material cannot be used: {0}")]
@@ -77,6 +81,45 @@ impl TlsFiles {
             key_pem,
             identity,
         })
+    }
+
+    /// [`Self::load`] for the control plane's own side: the certificate
+    /// must be a control plane's and valid for server authentication, or
+    /// every client would refuse it at its handshake (an operator's client
+    /// certificate given by mistake, say).
+    pub fn load_server(&self) -> Result<TlsMaterial, TlsError> {
+        let material = self.load()?;
+        let refuse = |why: String| TlsError::NotServer {
+            path: self.cert.clone(),
+            why,
+        };
+        if material.identity.role != crate::identity::Role::ControlPlane {
+            return Err(refuse(format!(
+                "it is {}'s certificate, of role {}",
+                material.identity, material.identity.role
+            )));
+        }
+        let der = first_certificate_der(&material.cert_pem).unwrap_or_default();
+        if !allows_server_auth(&der) {
+            return Err(refuse(
+                "its extended key usage does not include server authentication".into(),
+            ));
+        }
+        Ok(material)
+    }
+}
+
+/// Whether a DER certificate may authenticate a TLS server: no extended
+/// key usage at all, or one that names serverAuth (or any purpose).
+fn allows_server_auth(der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return false;
+    };
+    match cert.extended_key_usage() {
+        Ok(None) => true,
+        Ok(Some(eku)) => eku.value.any || eku.value.server_auth,
+        Err(_) => false,
     }
 }
 

@@ -164,10 +164,19 @@ mod tests {
         };
         assert_eq!(args.role.role(), procurator_core::Role::Agent);
         assert!(!args.force);
-        for bad in ["control-plane", "admin", ""] {
+        for bad in ["root", "admin", ""] {
             let err = parse(&["pki", "issue", "--dir", "p", "--role", bad, "--name", "n"]);
             assert!(err.is_err(), "{bad}");
         }
+        // A client's certificate names its holder; the control plane's
+        // need not.
+        assert!(parse(&["pki", "issue", "--dir", "p", "--role", "ci"]).is_err());
+        let cli = parse(&["pki", "issue", "--dir", "p", "--role", "control-plane"]).unwrap();
+        let Command::Pki(command::pki::Command::Issue(args)) = cli.command else {
+            panic!("not pki issue")
+        };
+        assert_eq!(args.role.role(), procurator_core::Role::ControlPlane);
+        assert_eq!(args.name, None);
     }
 
     #[test]

@@ -95,8 +95,12 @@ impl Pki {
         self.dir.join("ca.crt")
     }
 
-    /// The files `pki issue` writes for ROLE and NAME: `<role>-<name>.crt`/`.key`.
+    /// The files `pki issue` writes for ROLE and NAME: `<role>-<name>.crt`/`.key`,
+    /// or `control-plane.crt`/`.key` for the control plane's, whatever its name.
     pub fn identity(&self, role: &str, name: &str) -> Identity {
+        if role == "control-plane" {
+            return self.control_plane();
+        }
         Identity {
             cert: self.dir.join(format!("{role}-{name}.crt")),
             key: self.dir.join(format!("{role}-{name}.key")),

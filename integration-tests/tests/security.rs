@@ -441,3 +441,74 @@ fn idle_connections_cannot_starve_the_control_plane() {
         .expect_code(0)
         .expect("the control plane serves");
 }
+
+/// The control plane reads its own TLS variables (`PROCURATOR_SERVER_TLS_*`,
+/// not the `PROCURATOR_TLS_*` an operator's shell exports for ctl) and
+/// refuses to serve with a certificate that is not a control plane's; `pki
+/// issue --role control-plane` renews its certificate with a name `pki
+/// init` was not given, which it serves after a restart.
+#[test]
+fn the_control_plane_serves_only_with_a_control_plane_certificate() {
+    let mut fleet = Fleet::start_with(no_agents()).expect("fleet");
+    let operator = fleet.pki.operator();
+    let ca = fleet.pki.ca();
+    let dir = fleet.dir().join("refusing");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bin = procurator_integration_tests::bin("procurator-control-plane").expect("binary");
+    let start = |name: &str, prefix: &str| {
+        let mut cmd = fleet.nix.command(&bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .env(format!("{prefix}_CA"), &ca)
+            .env(format!("{prefix}_CERT"), &operator.cert)
+            .env(format!("{prefix}_KEY"), &operator.key);
+        let log = dir.join(format!("{name}.log"));
+        let mut process =
+            procurator_integration_tests::Process::spawn(name, cmd, &log).expect("spawn");
+        // It must exit by itself; one still serving is killed when dropped.
+        let status = procurator_integration_tests::wait_for(
+            "the control plane to refuse",
+            Duration::from_secs(30),
+            || process.try_status(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", process.log()));
+        (status, process.log())
+    };
+
+    let (status, log) = start("client-variables", "PROCURATOR_TLS");
+    assert_eq!(status.code(), Some(2), "a usage error: {log}");
+    assert!(log.contains("--tls-ca"), "{log}");
+
+    let (status, log) = start("operator-certificate", "PROCURATOR_SERVER_TLS");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(
+            "cannot serve the control plane: it is operator/admin's certificate, of role operator"
+        ) && log.contains("pki issue --dir DIR --role control-plane"),
+        "{log}"
+    );
+
+    // A name the certificate from `pki init` does not carry.
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    let as_cp2 = |grpcurl: &procurator_integration_tests::Grpcurl| {
+        grpcurl
+            .run(Some(&operator), &["-servername", "cp-2.example"], &["list"])
+            .expect("grpcurl")
+    };
+    let out = as_cp2(&grpcurl);
+    assert_ne!(out.code, Some(0), "not valid for cp-2.example yet: {out}");
+    fleet
+        .pki
+        .issue_with(
+            &fleet.nix,
+            "control-plane",
+            "control-plane",
+            &["--san", "cp-2.example", "--force"],
+        )
+        .expect("renewed");
+    fleet.control_plane.restart(&fleet.nix).expect("restart");
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    as_cp2(&grpcurl)
+        .expect_code(0)
+        .expect("the renewed certificate names cp-2.example");
+}

@@ -14,7 +14,8 @@ pub enum Command {
     /// Create a fleet CA, the control plane's server certificate and an
     /// operator certificate.
     Init(InitArgs),
-    /// Issue a client certificate signed by the fleet CA.
+    /// Issue a certificate signed by the fleet CA: a client's, or the
+    /// control plane's own (renewed, or with another --san).
     Issue(IssueArgs),
 }
 
@@ -45,10 +46,12 @@ pub struct IssueArgs {
     pub role: IssueRole,
 
     /// Who it is; for an agent, the machine's name in the blueprint.
-    #[arg(long, value_name = "NAME")]
-    pub name: String,
+    /// Required but for the control plane (default: control-plane).
+    #[arg(long, value_name = "NAME", required_if_eq_any = [("role", "agent"), ("role", "ci"), ("role", "operator")])]
+    pub name: Option<String>,
 
-    /// A DNS name or IP address to add to the certificate (repeatable).
+    /// A DNS name or IP address to add to the certificate (repeatable);
+    /// the control plane's is also valid for localhost, 127.0.0.1 and ::1.
     #[arg(long, value_name = "S")]
     pub san: Vec<String>,
 
@@ -62,10 +65,13 @@ pub struct IssueArgs {
     pub vm_host: bool,
 }
 
-/// The roles a client certificate can carry; the control plane's own
-/// certificate comes from `pki init`.
+/// The roles a certificate can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum IssueRole {
+    /// The control plane's server certificate (`control-plane.crt`), as
+    /// `pki init` made it: to renew it or change its names (`--force`
+    /// replaces the old one; restart the control plane to serve it).
+    ControlPlane,
     /// A machine's agent.
     Agent,
     /// CI: submits deployments.
@@ -77,6 +83,7 @@ pub enum IssueRole {
 impl IssueRole {
     pub fn role(self) -> Role {
         match self {
+            IssueRole::ControlPlane => Role::ControlPlane,
             IssueRole::Agent => Role::Agent,
             IssueRole::Ci => Role::Ci,
             IssueRole::Operator => Role::Operator,
@@ -91,9 +98,15 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
             init_text(&args.dir, &args.san, &files)
         }
         Command::Issue(args) => {
-            let identity = pki::identity(args.role.role(), &args.name, args.vm_host)?;
-            let files = pki::issue_for(&args.dir, &identity, &args.san, args.force)?;
-            issue_text(&args.dir, &files)
+            let role = args.role.role();
+            let name = args.name.as_deref().unwrap_or(pki::CONTROL_PLANE_NAME);
+            let identity = pki::identity(role, name, args.vm_host)?;
+            let sans = match role {
+                Role::ControlPlane => pki::server_sans(&args.san),
+                _ => args.san,
+            };
+            let files = pki::issue_for(&args.dir, &identity, &sans, args.force)?;
+            issue_text(&args.dir, &files, &sans)
         }
     };
     output::print(&text)?;
@@ -175,7 +188,7 @@ fn init_text(dir: &Path, sans: &[String], files: &InitFiles) -> String {
     out
 }
 
-fn issue_text(dir: &Path, files: &IssuedFiles) -> String {
+fn issue_text(dir: &Path, files: &IssuedFiles, sans: &[String]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Issued {} ({}):", files.identity, files.identity.uri());
     if files.identity.vm_host {
@@ -193,7 +206,14 @@ fn issue_text(dir: &Path, files: &IssuedFiles) -> String {
         files.cert.display(),
         files.key.display()
     );
+    if !sans.is_empty() {
+        let _ = writeln!(out, "  valid for    {}", sans.join(", "));
+    }
     let _ = match files.identity.role {
+        Role::ControlPlane => writeln!(
+            out,
+            "Restart the control plane with it; agents and clients that trust the fleet CA accept it as they are:\n  procurator-control-plane {flags}"
+        ),
         Role::Agent => writeln!(
             out,
             "Copy the three files to {} and start its agent with:\n  procurator-agent --control-plane https://CONTROL-PLANE:7700 {flags}",
@@ -231,7 +251,7 @@ mod tests {
         assert!(text.contains("--role agent --name worker-1"), "{text}");
 
         let issued = pki::issue(&dir, Role::Agent, "worker-1", &[], false)?;
-        let text = issue_text(&dir, &issued);
+        let text = issue_text(&dir, &issued, &[]);
         assert!(
             text.contains("agent/worker-1 (spiffe://procurator/agent/worker-1)"),
             "{text}"
