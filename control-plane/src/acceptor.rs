@@ -1,8 +1,11 @@
 //! Accepting TLS connections: every handshake in a task of its own. tonic's
 //! built-in acceptor runs all pending handshakes in one task, so a fleet
 //! reconnecting at once was handshaken by one core. The rustls configuration
-//! ([`TlsMaterial::rustls_server_config`]) also hands out session tickets, so
-//! an agent's confirmation over a new connection resumes its session.
+//! ([`TlsMaterial::rustls_server_config`], the current one of
+//! [`ServerTls`]) also hands out session tickets, so an agent's
+//! confirmation over a new connection resumes its session.
+//!
+//! [`TlsMaterial::rustls_server_config`]: procurator_core::tls::TlsMaterial::rustls_server_config
 //!
 //! tonic reads the peer's certificates from the `TlsStream` it is given,
 //! exactly as from its own acceptor.
@@ -19,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::server_tls::ServerTls;
 
 /// Handshaken connections waiting for tonic to pick them up.
 const READY_QUEUE: usize = 1024;
@@ -62,12 +66,11 @@ pub async fn accept_next(
 /// counted in `metrics` by its kind (full or resumed) or as failed.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    tls: Arc<ServerTls>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> Incoming {
     let (ready_tx, ready_rx) = mpsc::channel(READY_QUEUE);
-    let acceptor = TlsAcceptor::from(config);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         while let Some(stream) = accept_next(&listener, &stop, "a connection").await {
@@ -81,8 +84,9 @@ pub fn incoming(
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot turn Nagle's algorithm off");
             }
-            let (acceptor, ready_tx, metrics) =
-                (acceptor.clone(), ready_tx.clone(), metrics.clone());
+            // The material current now: a reload changes the next handshake.
+            let acceptor = TlsAcceptor::from(tls.current());
+            let (ready_tx, metrics) = (ready_tx.clone(), metrics.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let peer = stream.peer_addr().ok();

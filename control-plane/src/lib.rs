@@ -17,6 +17,7 @@ mod placement;
 pub mod received;
 pub mod rollout;
 pub mod server;
+mod server_tls;
 pub mod store;
 mod watch;
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use procurator_core::artifact::MAX_ARTIFACT_BYTES;
 use procurator_core::tls::{TlsError, TlsFiles};
+
+use crate::server_tls::ServerTls;
 use procurator_proto::v1::agent_service_server::AgentServiceServer;
 use procurator_proto::v1::deployment_service_server::DeploymentServiceServer;
 use tokio::net::TcpListener;
@@ -106,7 +108,7 @@ async fn report_writable(
 /// streams end with UNAVAILABLE, in-flight RPCs drain for at most
 /// [`DRAIN_DEADLINE`].
 pub async fn run(config: Config, signal: CancellationToken) -> Result<(), ServerError> {
-    let tls = config.tls.load_server()?;
+    let tls = Arc::new(ServerTls::load(config.tls.clone())?);
     let database = config.database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open_database(&database))
         .await
@@ -146,6 +148,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     }
     tasks.spawn(store.clone().keep_pruned(config.retention, stop.clone()));
     tasks.spawn(store.clone().keep_heartbeats_flushed(stop.clone()));
+    tasks.spawn(tls.clone().keep_current(stop.clone()));
     tasks.spawn(report_writable(
         store.writable(),
         health.clone(),
@@ -209,7 +212,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         );
     let server_stop = stop.clone();
     let mut serving = tokio::spawn(router.serve_with_incoming_shutdown(
-        crate::acceptor::incoming(listener, tls.rustls_server_config()?, metrics, stop.clone()),
+        crate::acceptor::incoming(listener, tls, metrics, stop.clone()),
         async move { server_stop.cancelled().await },
     ));
 

@@ -109,6 +109,19 @@ impl TlsFiles {
     }
 }
 
+impl TlsMaterial {
+    /// The serial number (hex) and end of validity of its certificate.
+    pub fn certificate_summary(&self) -> Option<(String, String)> {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+        let der = first_certificate_der(&self.cert_pem)?;
+        let (_, cert) = X509Certificate::from_der(&der).ok()?;
+        Some((
+            cert.raw_serial_as_string(),
+            cert.validity().not_after.to_string(),
+        ))
+    }
+}
+
 /// Whether a DER certificate may authenticate a TLS server: no extended
 /// key usage at all, or one that names serverAuth (or any purpose).
 fn allows_server_auth(der: &[u8]) -> bool {

@@ -168,6 +168,15 @@ impl ControlPlane {
         self.spawn(nix, &listen)
     }
 
+    /// SIGHUP: it reloads its TLS material.
+    pub fn hangup(&self) -> Result<()> {
+        self.process
+            .as_ref()
+            .context("the control plane is not running")?
+            .signal(nix::sys::signal::Signal::SIGHUP);
+        Ok(())
+    }
+
     /// SIGTERM; returns how it exited (SIGKILL after a grace period).
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let mut process = self

@@ -132,6 +132,11 @@ impl Process {
         self.status.context("no exit status")
     }
 
+    /// Sends `signal` to its process group (SIGHUP, say).
+    pub fn signal(&self, signal: Signal) {
+        self.signal_group(signal);
+    }
+
     fn signal_group(&self, signal: Signal) {
         // ESRCH only means the group is already gone.
         let _ = killpg(self.pgid, signal);

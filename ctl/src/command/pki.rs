@@ -70,7 +70,7 @@ pub struct IssueArgs {
 pub enum IssueRole {
     /// The control plane's server certificate (`control-plane.crt`), as
     /// `pki init` made it: to renew it or change its names (`--force`
-    /// replaces the old one; restart the control plane to serve it).
+    /// replaces the old one; a running control plane reloads it).
     ControlPlane,
     /// A machine's agent.
     Agent,
@@ -212,7 +212,7 @@ fn issue_text(dir: &Path, files: &IssuedFiles, sans: &[String]) -> String {
     let _ = match files.identity.role {
         Role::ControlPlane => writeln!(
             out,
-            "Restart the control plane with it; agents and clients that trust the fleet CA accept it as they are:\n  procurator-control-plane {flags}"
+            "A control plane started with these files serves it within 5 s (or at once on SIGHUP), keeping its agents; clients that trust the fleet CA accept it as they are:\n  procurator-control-plane {flags}"
         ),
         Role::Agent => writeln!(
             out,

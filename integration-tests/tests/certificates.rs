@@ -1,0 +1,178 @@
+//! The fleet's certificates over their life: the control plane serves only
+//! with a control plane's certificate, read from its own variables; its
+//! certificate is renewed with `pki issue --role control-plane` and taken
+//! up without a restart (SIGHUP, or its files changing), while the agents'
+//! streams stay.
+
+use std::time::Duration;
+
+use procurator_integration_tests::{Fleet, FleetOptions, Grpcurl, Identity, MACHINES, wait_for};
+
+fn no_agents() -> FleetOptions {
+    FleetOptions {
+        agents: vec![],
+        ..FleetOptions::default()
+    }
+}
+
+/// `grpcurl list` with the TLS server name `name`: it succeeds only when
+/// the control plane's certificate names it.
+fn list_as(grpcurl: &Grpcurl, operator: &Identity, name: &str) -> Option<i32> {
+    grpcurl
+        .run(Some(operator), &["-servername", name], &["list"])
+        .expect("grpcurl")
+        .code
+}
+
+/// The control plane reads its own TLS variables (`PROCURATOR_SERVER_TLS_*`,
+/// not the `PROCURATOR_TLS_*` an operator's shell exports for ctl) and
+/// refuses to serve with a certificate that is not a control plane's; `pki
+/// issue --role control-plane` renews its certificate with a name `pki
+/// init` was not given, which it serves after a restart.
+#[test]
+fn the_control_plane_serves_only_with_a_control_plane_certificate() {
+    let mut fleet = Fleet::start_with(no_agents()).expect("fleet");
+    let operator = fleet.pki.operator();
+    let ca = fleet.pki.ca();
+    let dir = fleet.dir().join("refusing");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bin = procurator_integration_tests::bin("procurator-control-plane").expect("binary");
+    let start = |name: &str, prefix: &str| {
+        let mut cmd = fleet.nix.command(&bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .env(format!("{prefix}_CA"), &ca)
+            .env(format!("{prefix}_CERT"), &operator.cert)
+            .env(format!("{prefix}_KEY"), &operator.key);
+        let log = dir.join(format!("{name}.log"));
+        let mut process =
+            procurator_integration_tests::Process::spawn(name, cmd, &log).expect("spawn");
+        // It must exit by itself; one still serving is killed when dropped.
+        let status = procurator_integration_tests::wait_for(
+            "the control plane to refuse",
+            Duration::from_secs(30),
+            || process.try_status(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", process.log()));
+        (status, process.log())
+    };
+
+    let (status, log) = start("client-variables", "PROCURATOR_TLS");
+    assert_eq!(status.code(), Some(2), "a usage error: {log}");
+    assert!(log.contains("--tls-ca"), "{log}");
+
+    let (status, log) = start("operator-certificate", "PROCURATOR_SERVER_TLS");
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(
+            "cannot serve the control plane: it is operator/admin's certificate, of role operator"
+        ) && log.contains("pki issue --dir DIR --role control-plane"),
+        "{log}"
+    );
+
+    // A name the certificate from `pki init` does not carry.
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    assert_ne!(
+        list_as(&grpcurl, &operator, "cp-2.example"),
+        Some(0),
+        "not valid for cp-2.example yet"
+    );
+    fleet
+        .pki
+        .issue_with(
+            &fleet.nix,
+            "control-plane",
+            "control-plane",
+            &["--san", "cp-2.example", "--force"],
+        )
+        .expect("renewed");
+    fleet.control_plane.restart(&fleet.nix).expect("restart");
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    assert_eq!(
+        list_as(&grpcurl, &operator, "cp-2.example"),
+        Some(0),
+        "the renewed certificate names cp-2.example"
+    );
+}
+
+/// The control plane's certificate renewed twice with a new name each time,
+/// taken up once on SIGHUP and once because its files changed: new
+/// connections see each new certificate, the agents' streams are never
+/// dropped, and a certificate that cannot serve is refused with the
+/// current one kept.
+#[test]
+fn the_control_plane_takes_a_new_certificate_without_dropping_its_agents() {
+    let mut fleet = Fleet::start().expect("fleet");
+    let all: Vec<String> = MACHINES.iter().map(|m| m.to_string()).collect();
+    fleet.wait_connected(&all).expect("connected");
+    let connects = || fleet.control_plane.log().matches("agent connected").count();
+    let connected_before = connects();
+    let operator = fleet.pki.operator();
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    let renew = |name: &str| {
+        fleet
+            .pki
+            .issue_with(
+                &fleet.nix,
+                "control-plane",
+                "control-plane",
+                &["--san", name, "--force"],
+            )
+            .expect("renewed");
+    };
+    let served_within = |name: &str| {
+        wait_for(
+            &format!("a certificate naming {name}"),
+            Duration::from_secs(30),
+            || Ok((list_as(&grpcurl, &operator, name) == Some(0)).then_some(())),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.control_plane.log()));
+    };
+
+    assert_ne!(list_as(&grpcurl, &operator, "cp-2.example"), Some(0));
+    renew("cp-2.example");
+    fleet.control_plane.hangup().expect("SIGHUP");
+    served_within("cp-2.example");
+    wait_for("the reload's log line", Duration::from_secs(10), || {
+        Ok(fleet
+            .control_plane
+            .log()
+            .contains("reloaded on SIGHUP")
+            .then_some(()))
+    })
+    .expect("logged");
+
+    // No signal: the changed files are noticed.
+    renew("cp-3.example");
+    served_within("cp-3.example");
+    assert_ne!(
+        list_as(&grpcurl, &operator, "cp-2.example"),
+        Some(0),
+        "the newest certificate only"
+    );
+
+    // An operator's certificate in its place is refused; it keeps serving.
+    let server = fleet.pki.control_plane();
+    std::fs::copy(&operator.cert, &server.cert).expect("copy");
+    std::fs::copy(&operator.key, &server.key).expect("copy");
+    fleet.control_plane.hangup().expect("SIGHUP");
+    wait_for("the refusal", Duration::from_secs(10), || {
+        Ok(fleet
+            .control_plane
+            .log()
+            .contains("cannot reload the TLS material")
+            .then_some(()))
+    })
+    .expect("refused");
+    assert_eq!(list_as(&grpcurl, &operator, "cp-3.example"), Some(0));
+
+    assert_eq!(
+        connects(),
+        connected_before,
+        "no agent connected again: {}",
+        fleet.control_plane.log()
+    );
+    let agents = fleet.agents().expect("status");
+    let connected = agents.iter().filter(|a| a["connected"] == true).count();
+    assert_eq!(connected, MACHINES.len(), "{agents:?}");
+}
