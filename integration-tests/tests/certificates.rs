@@ -2,7 +2,7 @@
 //! with a control plane's certificate, read from its own variables; its
 //! certificate is renewed with `pki issue --role control-plane` and taken
 //! up without a restart (SIGHUP, or its files changing), while the agents'
-//! streams stay.
+//! streams stay; a bundle of two CAs admits the agents of both.
 
 use std::time::Duration;
 
@@ -175,4 +175,88 @@ fn the_control_plane_takes_a_new_certificate_without_dropping_its_agents() {
     let agents = fleet.agents().expect("status");
     let connected = agents.iter().filter(|a| a["connected"] == true).count();
     assert_eq!(connected, MACHINES.len(), "{agents:?}");
+}
+
+/// A CA rollover: the fleet CA's file becomes a bundle of the old CA and a
+/// new one, and the control plane reloads it (SIGHUP). Then an agent whose
+/// certificate the new CA signed connects beside agents of the old one;
+/// before the reload the same agent is refused.
+#[test]
+fn a_ca_bundle_of_the_old_and_the_new_ca_admits_agents_of_both() {
+    let mut fleet = Fleet::start().expect("fleet");
+    let all: Vec<String> = MACHINES.iter().map(|m| m.to_string()).collect();
+    fleet.wait_connected(&all).expect("connected");
+    let new_ca = procurator_integration_tests::Pki::init(&fleet.nix, &fleet.dir().join("pki-new"))
+        .expect("a new CA");
+    let moved = MACHINES[0];
+    let issued = new_ca.issue(&fleet.nix, "agent", moved).expect("issued");
+    let old = fleet.pki.agent(moved);
+    let restart_agent = |fleet: &mut Fleet| {
+        fleet
+            .hosts
+            .get_mut(moved)
+            .expect("host")
+            .stop_agent()
+            .expect("stop");
+        fleet.start_agent(moved).expect("start");
+    };
+    let connected = |fleet: &Fleet| -> bool {
+        fleet
+            .agents()
+            .expect("status")
+            .iter()
+            .any(|a| a["machine"] == moved && a["connected"] == true)
+    };
+
+    // The new CA's agent, before the control plane trusts that CA.
+    std::fs::copy(&issued.cert, &old.cert).expect("cert");
+    std::fs::copy(&issued.key, &old.key).expect("key");
+    restart_agent(&mut fleet);
+    wait_for(
+        "the new CA's agent to be refused",
+        Duration::from_secs(60),
+        || {
+            Ok(fleet
+                .host(moved)
+                .agent_log()
+                .contains("disconnected from the control plane")
+                .then_some(()))
+        },
+    )
+    .expect("refused");
+    assert!(!connected(&fleet), "{}", fleet.host(moved).agent_log());
+
+    // Every party's CA file becomes the bundle; the control plane reloads it.
+    let bundle = [fleet.pki.ca(), new_ca.ca()]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("CA"))
+        .collect::<String>();
+    std::fs::write(fleet.pki.ca(), bundle).expect("bundle");
+    fleet.control_plane.hangup().expect("SIGHUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        Ok(fleet
+            .control_plane
+            .log()
+            .contains("reloaded on SIGHUP")
+            .then_some(()))
+    })
+    .expect("reloaded");
+    restart_agent(&mut fleet);
+    fleet
+        .wait_connected(&all)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.logs()));
+    // The old CA's agents are there too, and a deployment reaches all.
+    let (closures, artifact, _) = fleet
+        .prepare(&serde_json::json!({ "generation": 1 }))
+        .expect("prepare");
+    fleet
+        .ctl()
+        .expect("ctl")
+        .run(&["submit", artifact.to_str().expect("utf-8"), "--wait"])
+        .expect("submit")
+        .expect_code(0)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.logs()));
+    for m in MACHINES {
+        fleet.host(m).assert_on(&closures[m], "system-2-link");
+    }
 }
