@@ -213,10 +213,12 @@ enum Readiness {
 /// expected closure counts wherever it stands; one naming another closure
 /// counts only when nothing else is on the line (a cut one could be a
 /// truncated path). Guests repeat the line, so a cut one is followed by a
-/// clean one.
+/// clean one. Only whole lines count: the log is read while the guest
+/// writes it, and its last line may be half there.
 fn readiness(log: &str, expected: &str) -> Readiness {
+    let whole = log.rfind('\n').map_or("", |end| &log[..=end]);
     let mut other = None;
-    for line in log.lines() {
+    for line in whole.lines() {
         if let Some(at) = line.find(UNHEALTHY_PREFIX)
             && let Some(why) = line[at + UNHEALTHY_PREFIX.len()..].strip_prefix(expected)
         {
@@ -509,6 +511,17 @@ mod tests {
             Readiness::Other(other.to_owned())
         );
         assert_eq!(readiness("booting\n", expected), Readiness::NotYet);
+        // The log is read while the guest writes it: a last line without
+        // its newline may be a path half written, and waits.
+        let half = format!("booting\n{READY_PREFIX}/nix/store/1123456789abcd");
+        assert_eq!(readiness(&half, expected), Readiness::NotYet);
+        assert_eq!(
+            readiness(
+                &format!("{half}fghijklmnpqrsvwxyz-nixos-system-a\n"),
+                expected
+            ),
+            Readiness::Other("/nix/store/1123456789abcdfghijklmnpqrsvwxyz-nixos-system-a".into())
+        );
         // A guest that came up with a failed unit says so, and why.
         let unhealthy = format!(
             "{UNHEALTHY_PREFIX}{expected} degraded: nginx.service failed\r\n{READY_PREFIX}{other}\n"
