@@ -14,7 +14,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 
 /// How often the files are looked at for a change.
-pub const FILE_CHECK: Duration = Duration::from_secs(5);
+const FILE_CHECK: Duration = Duration::from_secs(5);
 
 /// The server configuration new handshakes use.
 pub struct ServerTls {
@@ -49,15 +49,15 @@ impl ServerTls {
 
     /// Loads the files again; on success new handshakes use them. The
     /// session ticket keys are kept, so clients resume across a reload.
-    pub fn reload(&self, why: &str) -> Result<(), TlsError> {
-        let stamp = stamp_of(&self.files);
+    /// Files that fail are not tried again until they change once more.
+    fn reload(&self, why: &str) -> Result<(), TlsError> {
+        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp_of(&self.files);
         let material = self.files.load_server()?;
         let mut config = Arc::unwrap_or_clone(material.rustls_server_config()?);
         let old = self.current();
         config.ticketer = old.ticketer.clone();
         config.session_storage = old.session_storage.clone();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
-        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp;
         log_loaded(&material, why);
         Ok(())
     }
@@ -91,8 +91,6 @@ impl ServerTls {
                 }
             };
             if let Err(e) = self.reload(why) {
-                // Not again until the files change once more.
-                *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp_of(&self.files);
                 tracing::error!(error = %e, "cannot reload the TLS material; new connections keep the current one");
             }
         }

@@ -140,12 +140,11 @@ pub const CONTROL_PLANE_NAME: &str = "control-plane";
 /// ones, then `sans`.
 pub fn server_sans(sans: &[String]) -> Vec<String> {
     let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    all.extend(
-        sans.iter()
-            .filter(|s| !all.contains(s))
-            .cloned()
-            .collect::<Vec<_>>(),
-    );
+    for san in sans {
+        if !all.contains(san) {
+            all.push(san.clone());
+        }
+    }
     all
 }
 

@@ -15,6 +15,28 @@ fn no_agents() -> FleetOptions {
     }
 }
 
+/// `pki issue --role control-plane --san NAME --force`: the control
+/// plane's certificate, renewed to name `name`.
+fn renew_control_plane(fleet: &Fleet, name: &str) {
+    fleet
+        .pki
+        .issue_with(
+            &fleet.nix,
+            "control-plane",
+            "control-plane",
+            &["--san", name, "--force"],
+        )
+        .expect("renewed");
+}
+
+/// Waits until the control plane has logged `line`.
+fn wait_logged(fleet: &Fleet, line: &str) {
+    wait_for(&format!("{line:?} logged"), Duration::from_secs(10), || {
+        Ok(fleet.control_plane.log().contains(line).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.control_plane.log()));
+}
+
 /// `grpcurl list` with the TLS server name `name`: it succeeds only when
 /// the control plane's certificate names it.
 fn list_as(grpcurl: &Grpcurl, operator: &Identity, name: &str) -> Option<i32> {
@@ -77,15 +99,7 @@ fn the_control_plane_serves_only_with_a_control_plane_certificate() {
         Some(0),
         "not valid for cp-2.example yet"
     );
-    fleet
-        .pki
-        .issue_with(
-            &fleet.nix,
-            "control-plane",
-            "control-plane",
-            &["--san", "cp-2.example", "--force"],
-        )
-        .expect("renewed");
+    renew_control_plane(&fleet, "cp-2.example");
     fleet.control_plane.restart(&fleet.nix).expect("restart");
     let grpcurl = fleet.grpcurl().expect("grpcurl");
     assert_eq!(
@@ -109,17 +123,6 @@ fn the_control_plane_takes_a_new_certificate_without_dropping_its_agents() {
     let connected_before = connects();
     let operator = fleet.pki.operator();
     let grpcurl = fleet.grpcurl().expect("grpcurl");
-    let renew = |name: &str| {
-        fleet
-            .pki
-            .issue_with(
-                &fleet.nix,
-                "control-plane",
-                "control-plane",
-                &["--san", name, "--force"],
-            )
-            .expect("renewed");
-    };
     let served_within = |name: &str| {
         wait_for(
             &format!("a certificate naming {name}"),
@@ -130,20 +133,13 @@ fn the_control_plane_takes_a_new_certificate_without_dropping_its_agents() {
     };
 
     assert_ne!(list_as(&grpcurl, &operator, "cp-2.example"), Some(0));
-    renew("cp-2.example");
+    renew_control_plane(&fleet, "cp-2.example");
     fleet.control_plane.hangup().expect("SIGHUP");
     served_within("cp-2.example");
-    wait_for("the reload's log line", Duration::from_secs(10), || {
-        Ok(fleet
-            .control_plane
-            .log()
-            .contains("reloaded on SIGHUP")
-            .then_some(()))
-    })
-    .expect("logged");
+    wait_logged(&fleet, "reloaded on SIGHUP");
 
     // No signal: the changed files are noticed.
-    renew("cp-3.example");
+    renew_control_plane(&fleet, "cp-3.example");
     served_within("cp-3.example");
     assert_ne!(
         list_as(&grpcurl, &operator, "cp-2.example"),
@@ -156,14 +152,7 @@ fn the_control_plane_takes_a_new_certificate_without_dropping_its_agents() {
     std::fs::copy(&operator.cert, &server.cert).expect("copy");
     std::fs::copy(&operator.key, &server.key).expect("copy");
     fleet.control_plane.hangup().expect("SIGHUP");
-    wait_for("the refusal", Duration::from_secs(10), || {
-        Ok(fleet
-            .control_plane
-            .log()
-            .contains("cannot reload the TLS material")
-            .then_some(()))
-    })
-    .expect("refused");
+    wait_logged(&fleet, "cannot reload the TLS material");
     assert_eq!(list_as(&grpcurl, &operator, "cp-3.example"), Some(0));
 
     assert_eq!(
@@ -233,14 +222,7 @@ fn a_ca_bundle_of_the_old_and_the_new_ca_admits_agents_of_both() {
         .collect::<String>();
     std::fs::write(fleet.pki.ca(), bundle).expect("bundle");
     fleet.control_plane.hangup().expect("SIGHUP");
-    wait_for("the reload", Duration::from_secs(10), || {
-        Ok(fleet
-            .control_plane
-            .log()
-            .contains("reloaded on SIGHUP")
-            .then_some(()))
-    })
-    .expect("reloaded");
+    wait_logged(&fleet, "reloaded on SIGHUP");
     restart_agent(&mut fleet);
     fleet
         .wait_connected(&all)

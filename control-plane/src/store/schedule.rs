@@ -111,7 +111,12 @@ impl Store {
     pub async fn schedule(&self, scope: Scope) -> Result<Vec<Scheduled>, StoreError> {
         // Most results arrive with every machine sent: a read says so
         // without taking the write lock, which replicas share.
-        if scope == Scope::Sendable && !self.read(|conn| any_sendable(conn)).await? {
+        if scope == Scope::Sendable
+            && self
+                .read(move |conn| in_scope(conn, scope))
+                .await?
+                .is_empty()
+        {
             return Ok(Vec::new());
         }
         self.write(move |tx| schedule_all(tx, scope)).await
@@ -258,44 +263,32 @@ fn emit_state(
 }
 
 fn schedule_all(tx: &mut Tx<'_>, scope: Scope) -> Result<Vec<Scheduled>, StoreError> {
-    let running: Vec<String> = {
-        tx.sql.fetch_all(
-            "SELECT id FROM deployments WHERE state = ?1 ORDER BY seq",
-            &[&(DeploymentState::Running as i32)],
-            |r| r.get(0),
-        )?
-    };
     let mut send = Vec::new();
-    for id in running {
-        if scope == Scope::Sendable && !holds_pending(tx, &id)? {
-            continue;
-        }
+    for id in in_scope(&*tx.sql, scope)? {
         send.extend(schedule_one(tx, &parse_id(&id)?)?);
     }
     Ok(send)
 }
 
-/// Whether a running deployment holds a machine not yet sent.
-fn any_sendable(conn: &dyn Sql) -> Result<bool, StoreError> {
-    conn.fetch_one(
+/// The running deployments in `scope`, oldest first.
+fn in_scope(conn: &dyn Sql, scope: Scope) -> Result<Vec<String>, StoreError> {
+    let running = DeploymentState::Running as i32;
+    match scope {
+        Scope::Full => conn.fetch_all(
+            "SELECT id FROM deployments WHERE state = ?1 ORDER BY seq",
+            &[&running],
+            |r| r.get(0),
+        ),
         // A probe of (deployment_id, state) per running deployment, not a
         // join over every deployment's rows.
-        "SELECT EXISTS (SELECT 1 FROM deployments d WHERE d.state = ?1 AND EXISTS
-                 (SELECT 1 FROM machines m WHERE m.deployment_id = d.id AND m.state = ?2))",
-        &[
-            &(DeploymentState::Running as i32),
-            &(MachineState::Pending as i32),
-        ],
-        |r| r.get(0),
-    )
-}
-
-fn holds_pending(tx: &mut Tx<'_>, id: &str) -> Result<bool, StoreError> {
-    tx.sql.fetch_one(
-        "SELECT EXISTS (SELECT 1 FROM machines WHERE deployment_id = ?1 AND state = ?2)",
-        &[&id, &(MachineState::Pending as i32)],
-        |r| r.get(0),
-    )
+        Scope::Sendable => conn.fetch_all(
+            "SELECT d.id FROM deployments d WHERE d.state = ?1 AND EXISTS
+                 (SELECT 1 FROM machines m WHERE m.deployment_id = d.id AND m.state = ?2)
+             ORDER BY d.seq",
+            &[&running, &(MachineState::Pending as i32)],
+            |r| r.get(0),
+        ),
+    }
 }
 
 fn schedule_one(tx: &mut Tx<'_>, id: &DeploymentId) -> Result<Vec<Scheduled>, StoreError> {

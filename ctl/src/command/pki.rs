@@ -114,8 +114,7 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
 }
 
 fn init_text(dir: &Path, sans: &[String], files: &InitFiles) -> String {
-    let mut names = vec!["localhost", "127.0.0.1", "::1"];
-    names.extend(sans.iter().map(String::as_str));
+    let names = pki::server_sans(sans);
     let cp = &files.control_plane;
     let op = &files.operator;
     let mut out = String::new();
