@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/procurator/v1/agent.proto",
         "proto/procurator/v1/deployment.proto",
+        "proto/procurator/v1/trust.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
 

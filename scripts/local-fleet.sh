@@ -117,12 +117,10 @@ sandbox = true
 sandbox-paths = /bin/sh=/bin/busybox
 EOF
 
-say "fleet PKI (procurator-ctl pki init / issue)"
+say "fleet PKI (procurator-ctl pki init / intermediate): agents enroll for their own"
 pki="$work/pki"
 "$ctl_bin" pki init --dir "$pki"
-for m in "${machines[@]}"; do
-    "$ctl_bin" pki issue --dir "$pki" --role agent --name "$m"
-done
+"$ctl_bin" pki intermediate --dir "$pki"
 ls "$pki"
 
 say "binary-cache signing key (nix key generate-secret)"
@@ -182,6 +180,8 @@ setsid "$bin/procurator-control-plane" \
     --tls-ca "$pki/ca.crt" \
     --tls-cert "$pki/control-plane.crt" \
     --tls-key "$pki/control-plane.key" \
+    --issuing-ca-cert "$pki/issuing-ca.crt" \
+    --issuing-ca-key "$pki/issuing-ca.key" \
     --ready-file "$work/control-plane.addr" \
     >"$work/control-plane.log" 2>&1 &
 pids+=("$!")
@@ -213,7 +213,8 @@ shift 2
 exec "$@"'
 
 for m in "${machines[@]}"; do
-    say "test host $m: seeding its store with ${old[$m]}"
+    say "test host $m: a join token (procurator-ctl enroll-token), then its store seeded with ${old[$m]}"
+    "$ctl_bin" enroll-token --name "$m" >"$work/$m.token"
     host="$work/hosts/$m"
     mkdir -p "$host/root" "$host/run" "$host/state"
     nix copy --no-check-sigs --to "$host/root" "${old[$m]}"
@@ -222,13 +223,16 @@ for m in "${machines[@]}"; do
     ln -sfn system-1-link "$host/root/nix/var/nix/profiles/system"
     ln -sfn "${old[$m]}" "$host/root/nix/var/nix/procurator-test/boot-entry"
 
+    # The operator's PROCURATOR_TLS_CERT/KEY exported above are this
+    # shell's: the agent has no certificate but the one it enrolls for.
     setsid unshare --mount --propagation private --pid --mount-proc --kill-child -- \
         sh -c "$namespace_script" sh "$host" "${old[$m]}" \
+        env -u PROCURATOR_TLS_CERT -u PROCURATOR_TLS_KEY \
         "$bin/procurator-agent" \
         --control-plane "$PROCURATOR_CONTROL_PLANE" \
         --tls-ca "$pki/ca.crt" \
-        --tls-cert "$pki/agent-$m.crt" \
-        --tls-key "$pki/agent-$m.key" \
+        --join-token "$work/$m.token" \
+        --name "$m" \
         --state-dir "$host/state" \
         --substituter "file://$work/cache" \
         --trusted-public-key "$public_key" \

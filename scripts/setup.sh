@@ -29,6 +29,8 @@ declare -A wanted=(
     [cc]=gcc
     # VM hosts' QEMU backend, run under TCG in the tests.
     [qemu-system-x86_64]=qemu-system-x86
+    # The certificate tests read the serial a server presents (s_client).
+    [openssl]=openssl
 )
 missing=()
 for cmd in "${!wanted[@]}"; do
@@ -46,7 +48,7 @@ if ((${#missing[@]} > 0)); then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, gcc, qemu-system-x86, ca-certificates, python3-pip)"
+    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, gcc, qemu-system-x86, openssl, ca-certificates, python3-pip)"
 fi
 
 # A guest kernel for the VM tests: Debian's cloud kernel (virtio, 9p and

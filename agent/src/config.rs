@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use procurator_core::Role;
 use procurator_core::control_planes::ControlPlanes;
 use procurator_core::intent::PublicKey;
 use procurator_core::telemetry::LogFormat;
-use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
+use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial, enrollment_endpoint};
+use procurator_core::{MachineName, Role};
 use procurator_proto::v1::VmHostCapacity;
 
+use crate::credentials::{JoinToken, finish_interrupted_install};
 use crate::desired::check_substituter;
 
 /// Procurator's agent: dials out to the control plane, pulls the closure this
@@ -32,15 +33,25 @@ pub struct Cli {
         required = true
     )]
     pub control_plane: Vec<String>,
-    /// The fleet CA certificate.
+    /// The fleet CA certificate: how the agent knows its control plane.
     #[arg(long, env = "PROCURATOR_TLS_CA", value_name = "FILE")]
     pub tls_ca: PathBuf,
-    /// This agent's certificate (role `agent`, named after the machine).
+    /// This agent's certificate (role `agent`, named after the machine);
+    /// renewed in place [default: STATE_DIR/tls/agent.crt].
     #[arg(long, env = "PROCURATOR_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: PathBuf,
-    /// This agent's private key.
+    pub tls_cert: Option<PathBuf>,
+    /// This agent's private key [default: STATE_DIR/tls/agent.key].
     #[arg(long, env = "PROCURATOR_TLS_KEY", value_name = "FILE")]
-    pub tls_key: PathBuf,
+    pub tls_key: Option<PathBuf>,
+    /// A one-time join token (`procurator-ctl enroll-token`) to enroll
+    /// with when there is no certificate yet, or only an expired one: the
+    /// agent makes its key here and gets it signed for --name.
+    #[arg(long, env = "PROCURATOR_JOIN_TOKEN_FILE", value_name = "FILE")]
+    pub join_token: Option<PathBuf>,
+    /// The machine name to enroll as; a certificate already in place must
+    /// be for it [default: the host name].
+    #[arg(long, env = "PROCURATOR_MACHINE_NAME", value_name = "NAME")]
+    pub name: Option<String>,
     /// Where the crash journal and undelivered results live.
     #[arg(
         long,
@@ -157,6 +168,25 @@ pub enum ConfigError {
         "{path} holds the identity {identity}, but an agent needs role agent: procurator-ctl pki issue --role agent --name MACHINE"
     )]
     NotAnAgent { path: PathBuf, identity: String },
+    #[error(
+        "there is no certificate at {0}: give --join-token FILE with a token from `procurator-ctl enroll-token --name MACHINE` to enroll, or --tls-cert and --tls-key from `procurator-ctl pki issue --role agent`"
+    )]
+    NoCertificate(PathBuf),
+    #[error("{path} is the certificate of {identity}, but --name says {name}")]
+    OtherName {
+        path: PathBuf,
+        identity: String,
+        name: String,
+    },
+    #[error("--name: {0}")]
+    Name(String),
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialError),
+    #[error("cannot finish installing the certificate {path} a crash interrupted: {source}")]
+    Install {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the state directory {path} is not usable: {source}")]
     StateDir {
         path: PathBuf,
@@ -181,12 +211,22 @@ pub enum ConfigError {
 /// Memory a VM host keeps for itself when `--vm-memory-mib` is not given.
 const HOST_RESERVED_BYTES: u64 = 1 << 30;
 
+/// The agent's certificate as it starts: in place, or to be enrolled for.
+#[derive(Debug)]
+pub enum Credentials {
+    Ready(TlsMaterial),
+    Enroll {
+        machine: MachineName,
+        token: JoinToken,
+    },
+}
+
 /// The checked configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Config {
     pub control_planes: Arc<ControlPlanes>,
     pub tls: TlsFiles,
-    pub material: TlsMaterial,
+    pub credentials: Credentials,
     pub state_dir: PathBuf,
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
@@ -238,25 +278,25 @@ impl Config {
             return Err(ConfigError::TooShort("max-backoff"));
         }
         let keepalive = Duration::from_secs(cli.keepalive);
+        check_state_dir(&cli.state_dir)?;
+        let tls_dir = cli.state_dir.join("tls");
         let tls = TlsFiles {
             ca: cli.tls_ca,
-            cert: cli.tls_cert,
-            key: cli.tls_key,
+            cert: cli.tls_cert.unwrap_or_else(|| tls_dir.join("agent.crt")),
+            key: cli.tls_key.unwrap_or_else(|| tls_dir.join("agent.key")),
         };
-        let material = tls.load()?;
-        if material.identity.role != Role::Agent {
-            return Err(ConfigError::NotAnAgent {
-                path: tls.cert.clone(),
-                identity: material.identity.to_string(),
-            });
-        }
+        let ca_pem = std::fs::read(&tls.ca).map_err(|source| TlsError::Read {
+            what: "CA certificate",
+            path: tls.ca.clone(),
+            source,
+        })?;
+        let credentials = credentials(&tls, cli.name, cli.join_token)?;
         // Checks the URLs now rather than at every reconnection.
         let control_planes =
             ControlPlanes::new(cli.control_plane).map_err(ConfigError::ControlPlane)?;
         for url in control_planes.all() {
-            material.endpoint(url, keepalive)?;
+            enrollment_endpoint(&ca_pem, url)?;
         }
-        check_state_dir(&cli.state_dir)?;
         let vmm = cli.vmm.unwrap_or_default();
         let vm_host = if cli.vm_host {
             Some(VmHostCapacity {
@@ -269,7 +309,7 @@ impl Config {
         Ok(Self {
             control_planes: Arc::new(control_planes),
             tls,
-            material,
+            credentials,
             state_dir: cli.state_dir,
             substituters,
             trusted_public_keys,
@@ -283,6 +323,70 @@ impl Config {
             vm_ready_timeout: Duration::from_secs(cli.vm_ready_timeout.max(1)),
         })
     }
+}
+
+/// The certificate in place, after finishing an install a crash
+/// interrupted; or, with a join token and no certificate (or an expired
+/// one), the machine to enroll.
+fn credentials(
+    tls: &TlsFiles,
+    name: Option<String>,
+    join_token: Option<PathBuf>,
+) -> Result<Credentials, ConfigError> {
+    finish_interrupted_install(tls).map_err(|source| ConfigError::Install {
+        path: tls.cert.clone(),
+        source,
+    })?;
+    let name = name
+        .filter(|n| !n.is_empty())
+        .map(|n| MachineName::parse(&n).map_err(|e| ConfigError::Name(e.to_string())))
+        .transpose()?;
+    let token = join_token.map(|path| JoinToken::read(&path)).transpose()?;
+    if !tls.cert.exists() {
+        let token = token.ok_or_else(|| ConfigError::NoCertificate(tls.cert.clone()))?;
+        let machine = match name {
+            Some(name) => name,
+            None => host_name()?,
+        };
+        return Ok(Credentials::Enroll { machine, token });
+    }
+    let material = tls.load()?;
+    let identity = &material.identity;
+    if identity.role != Role::Agent {
+        return Err(ConfigError::NotAnAgent {
+            path: tls.cert.clone(),
+            identity: identity.to_string(),
+        });
+    }
+    if let Some(name) = name.filter(|n| *n != identity.name) {
+        return Err(ConfigError::OtherName {
+            path: tls.cert.clone(),
+            identity: identity.to_string(),
+            name: name.to_string(),
+        });
+    }
+    let expired = material
+        .certificate_info()
+        .is_some_and(|info| info.expired_at(procurator_core::now_ms().div_euclid(1000)));
+    match token {
+        Some(token) if expired => Ok(Credentials::Enroll {
+            machine: identity.name.clone(),
+            token,
+        }),
+        _ => Ok(Credentials::Ready(material)),
+    }
+}
+
+/// This machine's name, the default for --name.
+fn host_name() -> Result<MachineName, ConfigError> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| ConfigError::Name(format!("cannot read the host name ({e}); give --name")))?;
+    MachineName::parse(name.trim()).map_err(|e| {
+        ConfigError::Name(format!(
+            "the host name {:?} is not a machine name ({e}); give --name",
+            name.trim()
+        ))
+    })
 }
 
 /// What a VM host offers: the flags, or this machine's CPUs and its memory

@@ -46,6 +46,13 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// The control plane said this agent's certificate is revoked (at
+    /// the RPC; a refused handshake says nothing the client can read).
+    pub fn is_revocation(&self) -> bool {
+        matches!(self, SessionError::Status(s)
+            if s.code() == tonic::Code::PermissionDenied && s.message().contains(" was revoked on "))
+    }
+
     /// Errors that dialling again will not fix: only an operator can (a new
     /// certificate, an upgraded agent).
     pub fn is_terminal(&self) -> bool {
@@ -97,7 +104,32 @@ impl Dialer {
             if welcomed_at.is_some_and(|at: Instant| at.elapsed() >= STABLE_AFTER) {
                 backoff.reset();
             }
-            let delay = if ended.is_terminal() {
+            let expired = self
+                .material
+                .certificate_info()
+                .filter(|info| info.expired_at(procurator_core::now_ms().div_euclid(1000)));
+            let delay = if let Some(info) = expired {
+                // The control plane refuses it at the handshake, which the
+                // client sees only as a broken connection: say why here.
+                let delay = backoff.terminal_delay(&mut rand::rng());
+                tracing::error!(
+                    error = %ended,
+                    retry_in = ?delay,
+                    "{}",
+                    crate::credentials::expired_advice(&info, &self.tls.cert)
+                );
+                delay
+            } else if ended.is_revocation() {
+                let delay = backoff.terminal_delay(&mut rand::rng());
+                tracing::error!(
+                    error = %ended,
+                    retry_in = ?delay,
+                    "this agent's certificate is revoked; it comes back only by enrolling again: `procurator-ctl enroll-token --name {}`, the token in --join-token FILE, {} removed, and the agent restarted",
+                    self.material.identity.name,
+                    self.tls.cert.display()
+                );
+                delay
+            } else if ended.is_terminal() {
                 let delay = backoff.terminal_delay(&mut rand::rng());
                 tracing::error!(
                     error = %ended,

@@ -8,6 +8,7 @@ mod activation;
 mod config;
 mod confirm;
 mod connection;
+mod credentials;
 mod deployer;
 mod desired;
 mod detached;
@@ -33,7 +34,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::activation::{Activator, Detached, Launcher, ProgressSink, Settings};
-use crate::config::{Cli, Config, VmmKind};
+use crate::config::{Cli, Config, Credentials, VmmKind};
 use crate::confirm::GrpcConfirmer;
 use crate::connection::Dialer;
 use crate::deployer::{Activity, Deployer};
@@ -112,6 +113,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let cancel = CancellationToken::new();
     watch_signals(cancel.clone())?;
+    let material = match config.credentials {
+        Credentials::Ready(ref material) => material.clone(),
+        Credentials::Enroll {
+            ref machine,
+            ref token,
+        } => {
+            tracing::info!(machine = %machine, control_plane = %config.control_planes, "enrolling with the join token {}", token.path.display());
+            credentials::enroll(
+                &config.tls,
+                &config.control_planes,
+                machine,
+                token,
+                config.max_backoff,
+                &cancel,
+            )
+            .await?;
+            config
+                .tls
+                .load()
+                .context("the certificate just installed cannot be loaded")?
+        }
+    };
+    if let Some(info) = material.certificate_info() {
+        let now = procurator_core::now_ms().div_euclid(1000);
+        if info.expired_at(now) {
+            tracing::error!("{}", credentials::expired_advice(&info, &config.tls.cert));
+        } else if let Some(warning) = info.expiry_warning(now) {
+            tracing::warn!("{warning}");
+        }
+    }
+    tokio::spawn(
+        credentials::renewal::Renewer {
+            files: config.tls.clone(),
+            control_planes: config.control_planes.clone(),
+            keepalive: config.keepalive,
+        }
+        .run(cancel.clone()),
+    );
 
     let nix = Nix::new();
     let paths = SystemPaths::new(config.system_profile.clone());
@@ -144,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })),
     });
     tracing::info!(
-        identity = %config.material.identity,
+        identity = %material.identity,
         control_plane = %config.control_planes,
         current_system = %paths.current_system().unwrap_or_default(),
         "starting"
@@ -179,7 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         outbox: outbox.clone(),
         activity: activity.clone(),
         intents: intents.clone(),
-        machine: config.material.identity.name.clone(),
+        machine: material.identity.name.clone(),
     };
     let deployer = tokio::spawn(deployer.run(desired_rx, cancel.clone()));
     // A VM host runs the VMs it is assigned; they outlive the agent, which
@@ -193,7 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let dialer = Dialer {
         control_planes: config.control_planes.clone(),
         tls: config.tls.clone(),
-        material: config.material.clone(),
+        material,
         keepalive: config.keepalive,
         endpoints,
         max_backoff: config.max_backoff,

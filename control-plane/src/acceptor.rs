@@ -72,6 +72,7 @@ pub fn incoming(
 ) -> Incoming {
     let (ready_tx, ready_rx) = mpsc::channel(READY_QUEUE);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let budget = Arc::new(LogBudget::default());
     tokio::spawn(async move {
         while let Some(stream) = accept_next(&listener, &stop, "a connection").await {
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
@@ -86,7 +87,7 @@ pub fn incoming(
             }
             // The material current now: a reload changes the next handshake.
             let acceptor = TlsAcceptor::from(tls.current());
-            let (ready_tx, metrics) = (ready_tx.clone(), metrics.clone());
+            let (ready_tx, metrics, budget) = (ready_tx.clone(), metrics.clone(), budget.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let peer = stream.peer_addr().ok();
@@ -106,7 +107,7 @@ pub fn incoming(
                     }
                     Ok(Err(e)) => {
                         metrics.tls_handshake_failed();
-                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                        log_refusal(&budget, peer, &e);
                     }
                     Err(_) => {
                         metrics.tls_handshake_failed();
@@ -117,4 +118,87 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(ready_rx)
+}
+
+/// Refused certificates logged per window; past that they are counted and
+/// the count logged with the next one, so a peer that retries in a loop
+/// cannot fill the log.
+const REFUSALS_PER_WINDOW: u32 = 20;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct LogBudget {
+    /// When the window began, lines logged in it, lines left out since the last logged.
+    state: std::sync::Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl LogBudget {
+    /// `Some(left out before this one)` if this line may be logged.
+    fn take(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, logged, left_out) = state.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= REFUSAL_WINDOW {
+            (*start, *logged) = (now, 0);
+        }
+        if *logged < REFUSALS_PER_WINDOW {
+            *logged += 1;
+            Some(std::mem::take(left_out))
+        } else {
+            *left_out += 1;
+            None
+        }
+    }
+}
+
+/// A handshake that failed on the client's certificate is the operator's
+/// business (an expired, revoked or foreign certificate): a warning with
+/// the peer and the reason. Anything else (a port scan, a client that went
+/// away) stays at debug.
+fn log_refusal(budget: &LogBudget, peer: Option<std::net::SocketAddr>, error: &std::io::Error) {
+    let certificate = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<tokio_rustls::rustls::Error>())
+        .and_then(|e| match e {
+            tokio_rustls::rustls::Error::InvalidCertificate(reason) => Some(reason),
+            _ => None,
+        });
+    let Some(reason) = certificate else {
+        tracing::debug!(?peer, error = %error, "TLS handshake failed");
+        return;
+    };
+    let Some(left_out) = budget.take() else {
+        return;
+    };
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    let reason = describe(reason);
+    if left_out > 0 {
+        tracing::warn!(
+            peer,
+            reason,
+            left_out,
+            "refused a client certificate (and {left_out} more since the last logged)"
+        );
+    } else {
+        tracing::warn!(peer, reason, "refused a client certificate");
+    }
+}
+
+/// rustls' reason in the words the operator looks for.
+fn describe(reason: &tokio_rustls::rustls::CertificateError) -> String {
+    use procurator_core::certificate::format_utc;
+    use tokio_rustls::rustls::CertificateError;
+    match reason {
+        CertificateError::ExpiredContext { not_after, .. } => {
+            let secs = i64::try_from(not_after.as_secs()).unwrap_or(i64::MAX);
+            format!("expired on {}", format_utc(secs))
+        }
+        CertificateError::Expired => "expired".into(),
+        CertificateError::Revoked => "revoked".into(),
+        CertificateError::UnknownIssuer => "unknown CA: not signed by the fleet CA".into(),
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "not valid yet (is a clock wrong?)".into()
+        }
+        other => other.to_string(),
+    }
 }

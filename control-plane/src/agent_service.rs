@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use procurator_core::certificate::CertificateInfo;
 use procurator_core::identity::Rpc;
 use procurator_core::tls::require_role;
 use procurator_core::{
@@ -11,8 +12,8 @@ use procurator_core::{
 };
 use procurator_proto::v1::agent_service_server::AgentService;
 use procurator_proto::v1::{
-    AgentMessage, ConfirmRequest, ConfirmResponse, ControlMessage, Hello, MachineState, Welcome,
-    agent_message, control_message,
+    AgentMessage, ConfirmRequest, ConfirmResponse, ControlMessage, EnrollRequest, Hello,
+    IssuedCertificate, MachineState, RenewRequest, Welcome, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,7 +24,9 @@ use tracing::Instrument as _;
 
 use crate::connections::{Conn, Connections, dispatch_to, dispatch_vms};
 use crate::dispatcher::Dispatcher;
+use crate::enrollment::Enrollment;
 use crate::metrics::Metrics;
+use crate::revocations::Revocations;
 use crate::rollout;
 use crate::store::{Confirmation, ResultOutcome, Store, StoreError};
 
@@ -52,6 +55,8 @@ pub enum ConnectError {
     NotAVmHost(MachineName),
     #[error("replaced by a newer connection")]
     Replaced,
+    #[error("{0}")]
+    Revoked(String),
     #[error("the control plane is shutting down; reconnect")]
     ShuttingDown,
     #[error(transparent)]
@@ -68,6 +73,7 @@ impl From<ConnectError> for Status {
             ConnectError::Version { .. } => Status::failed_precondition(e.to_string()),
             ConnectError::NotAVmHost(_) => Status::permission_denied(e.to_string()),
             ConnectError::Replaced => Status::aborted(e.to_string()),
+            ConnectError::Revoked(_) => Status::permission_denied(e.to_string()),
             ConnectError::ShuttingDown => Status::unavailable(e.to_string()),
             ConnectError::Store(e) => e.into(),
         }
@@ -110,6 +116,9 @@ pub struct AgentSvc {
     pub hello_timeout: Duration,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub revocations: Arc<Revocations>,
+    /// `None`: enrollment and renewal are off.
+    pub enrollment: Option<Arc<Enrollment>>,
 }
 
 #[tonic::async_trait]
@@ -122,6 +131,7 @@ impl AgentService for AgentSvc {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let identity = require_role(&request, Rpc::Connect)?;
+        let certificate = peer_certificate(&request);
         let machine = identity.name;
         let mut inbound = request.into_inner();
         let hello = self.await_hello(&mut inbound).await?;
@@ -133,10 +143,14 @@ impl AgentService for AgentSvc {
         // Committed before the agent hears Welcome.
         let generation = self
             .store
-            .agent_connected(machine.clone(), hello.clone())
+            .agent_connected(machine.clone(), hello.clone(), certificate.clone())
             .await
             .map_err(ConnectError::from)?;
         self.metrics.agent_connected();
+        if let Some(certificate) = &certificate {
+            self.metrics
+                .agent_certificate(machine.as_str(), certificate.not_after);
+        }
         tracing::info!(
             machine = %machine,
             generation,
@@ -173,6 +187,8 @@ impl AgentService for AgentSvc {
             machine: machine.clone(),
             conn,
             vm_host: hello.vm_host.is_some(),
+            certificate,
+            revocations: self.revocations.clone(),
         };
         let span = tracing::info_span!("agent", machine = %machine, generation);
         self.tasks.spawn(stream.run(inbound).instrument(span));
@@ -216,6 +232,50 @@ impl AgentService for AgentSvc {
         };
         Ok(Response::new(response))
     }
+
+    /// Status codes: see `agent.proto`.
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<IssuedCertificate>, Status> {
+        let Some(enrollment) = &self.enrollment else {
+            return Err(crate::trust_service::enrollment_off());
+        };
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let issued = enrollment
+            .enroll(&self.store, &self.revocations, request.into_inner(), peer)
+            .await?;
+        Ok(Response::new(issued))
+    }
+
+    /// Status codes: see `agent.proto`.
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<IssuedCertificate>, Status> {
+        let identity = require_role(&request, Rpc::Renew)?;
+        let Some(enrollment) = &self.enrollment else {
+            return Err(crate::trust_service::enrollment_off());
+        };
+        let issued = enrollment
+            .renew(
+                &self.store,
+                &self.revocations,
+                &identity,
+                request.into_inner(),
+            )
+            .await?;
+        Ok(Response::new(issued))
+    }
+}
+
+/// The peer's leaf certificate, read (its identity was checked already).
+fn peer_certificate<T>(request: &Request<T>) -> Option<CertificateInfo> {
+    let certs = request.peer_certs()?;
+    CertificateInfo::from_der(certs.first()?.as_ref()).ok()
 }
 
 impl AgentSvc {
@@ -255,6 +315,9 @@ struct AgentStream {
     conn: Conn,
     /// Its Hello offered capacity for VMs.
     vm_host: bool,
+    /// The certificate the stream was opened with: its revocation ends it.
+    certificate: Option<CertificateInfo>,
+    revocations: Arc<Revocations>,
 }
 
 impl AgentStream {
@@ -268,8 +331,12 @@ impl AgentStream {
             let status = Err(Status::from(e));
             let _ = tokio::time::timeout(FINAL_STATUS_TIMEOUT, self.conn.tx.send(status)).await;
         }
-        self.connections
-            .remove_if_current(&self.machine, self.conn.generation);
+        if self
+            .connections
+            .remove_if_current(&self.machine, self.conn.generation)
+        {
+            self.metrics.agent_certificate_gone(self.machine.as_str());
+        }
         self.metrics.set_agent_streams(self.connections.len());
         match self
             .store
@@ -307,8 +374,19 @@ impl AgentStream {
         }
         // Its pending rows may be sendable now that it is connected.
         self.dispatcher.kick().await?;
+        let revoked = async {
+            match &self.certificate {
+                Some(certificate) => self.revocations.until_revoked(certificate).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(revoked);
         loop {
             let frame = tokio::select! {
+                refusal = &mut revoked => {
+                    tracing::warn!(%refusal, "closing the stream of a revoked certificate");
+                    return Err(ConnectError::Revoked(refusal));
+                }
                 () = self.conn.closing.cancelled() => {
                     return Err(if self.shutdown.is_cancelled() {
                         ConnectError::ShuttingDown

@@ -2,8 +2,11 @@
 
 use crate::api_error::ApiError;
 use crate::dispatcher::Dispatcher;
+use crate::revocations::Revocations;
 use crate::store::{Cancelled, RolledBack, Store, Submitted};
 use crate::watch;
+use futures::StreamExt as _;
+use procurator_core::certificate::CertificateInfo;
 use procurator_core::identity::Rpc;
 use procurator_core::tls::require_role;
 use procurator_core::{DeploymentArtifact, DeploymentId};
@@ -13,7 +16,7 @@ use procurator_proto::v1::{
     ListDeploymentsRequest, ListDeploymentsResponse, RollbackPlan, RollbackRequest, SubmitRequest,
     SubmitResponse, WatchRequest,
 };
-use tokio_stream::wrappers::ReceiverStream;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
@@ -26,6 +29,7 @@ pub struct DeploymentSvc {
     pub dispatcher: Dispatcher,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub revocations: Arc<Revocations>,
 }
 
 #[tonic::async_trait]
@@ -114,7 +118,7 @@ impl DeploymentService for DeploymentSvc {
         Ok(Response::new(ListDeploymentsResponse { deployments }))
     }
 
-    type WatchStream = ReceiverStream<Result<Event, Status>>;
+    type WatchStream = futures::stream::BoxStream<'static, Result<Event, Status>>;
 
     /// NOT_FOUND (unknown deployment), INVALID_ARGUMENT (malformed id),
     /// PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE (shutting down).
@@ -123,6 +127,9 @@ impl DeploymentService for DeploymentSvc {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         require_role(&request, Rpc::Watch)?;
+        let certificate = request
+            .peer_certs()
+            .and_then(|certs| CertificateInfo::from_der(certs.first()?.as_ref()).ok());
         if self.shutdown.is_cancelled() {
             return Err(ApiError::ShuttingDown.into());
         }
@@ -133,7 +140,22 @@ impl DeploymentService for DeploymentSvc {
             request.into_inner(),
         )
         .await?;
-        Ok(Response::new(stream))
+        let Some(certificate) = certificate else {
+            return Ok(Response::new(stream.boxed()));
+        };
+        // A watcher whose certificate is revoked is cut off.
+        let revocations = self.revocations.clone();
+        let (revoked_tx, revoked_rx) = tokio::sync::oneshot::channel();
+        let revoked = async move {
+            let refusal = revocations.until_revoked(&certificate).await;
+            let _ = revoked_tx.send(refusal);
+        };
+        let refusal = futures::stream::once(revoked_rx).filter_map(|refusal| async move {
+            refusal.ok().map(|r| Err(Status::permission_denied(r)))
+        });
+        Ok(Response::new(
+            stream.take_until(Box::pin(revoked)).chain(refusal).boxed(),
+        ))
     }
 
     /// PERMISSION_DENIED, UNAUTHENTICATED.

@@ -9,16 +9,20 @@ mod api_error;
 mod connections;
 mod deployment_service;
 mod dispatcher;
+pub mod enrollment;
 mod fanout;
 mod liveness;
 mod metrics;
 pub mod open_files;
 mod placement;
 pub mod received;
+mod require_certificate;
+mod revocations;
 pub mod rollout;
 pub mod server;
 mod server_tls;
 pub mod store;
+mod trust_service;
 mod watch;
 
 #[cfg(test)]

@@ -82,6 +82,29 @@ struct Args {
     #[arg(long, env = "PROCURATOR_RETAIN_EVENTS_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=36500), value_name = "D")]
     retain_events_days: u32,
+    /// The CA that signs agents' certificates when they enroll with a join
+    /// token or renew: the fleet CA (ca.crt) or an issuing CA below it
+    /// (`procurator-ctl pki intermediate`). Enrollment is off without it.
+    #[arg(
+        long,
+        env = "PROCURATOR_ISSUING_CA_CERT",
+        value_name = "FILE",
+        requires = "issuing_ca_key"
+    )]
+    issuing_ca_cert: Option<PathBuf>,
+    /// The issuing CA's private key.
+    #[arg(
+        long,
+        env = "PROCURATOR_ISSUING_CA_KEY",
+        value_name = "FILE",
+        requires = "issuing_ca_cert"
+    )]
+    issuing_ca_key: Option<PathBuf>,
+    /// How long the certificates it signs for agents are valid, e.g. 30d,
+    /// 12h, 90s; agents renew at two thirds of it.
+    #[arg(long, env = "PROCURATOR_AGENT_CERT_VALIDITY", value_name = "DURATION",
+          default_value = "30d", value_parser = procurator_core::certificate::parse_duration)]
+    agent_cert_validity: Duration,
     /// Log as human-readable `text` or as `json` lines.
     #[arg(long, env = "PROCURATOR_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -116,6 +139,14 @@ async fn main() -> anyhow::Result<()> {
             deployments: args.retain_deployments,
             events_for: Duration::from_secs(u64::from(args.retain_events_days) * 24 * 3600),
         },
+        issuing_ca: args
+            .issuing_ca_cert
+            .zip(args.issuing_ca_key)
+            .map(|(cert, key)| server::IssuingCaFiles {
+                cert,
+                key,
+                agent_cert_validity: args.agent_cert_validity,
+            }),
     };
     let signal = CancellationToken::new();
     tokio::spawn(watch_signals(signal.clone()));

@@ -45,6 +45,12 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    role: &'static str,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
 }
@@ -68,6 +74,10 @@ pub struct Metrics {
     agent_disconnects: Counter,
     tls_handshakes: Family<KindLabel, Counter>,
     tls_handshake_failures: Counter,
+    /// The end of validity of this replica's agents' and its own certificate.
+    certificate_expiry: Family<IdentityLabel, Gauge>,
+    /// Where its own certificate is read at every scrape (it is reloaded).
+    server_tls: Option<Arc<crate::server_tls::ServerTls>>,
     /// Scrapes reset and refill the store gauges; one at a time keeps two
     /// concurrent scrapes from seeing each other's half-filled families.
     scrape: tokio::sync::Mutex<()>,
@@ -94,10 +104,17 @@ impl Metrics {
             agent_disconnects: Counter::default(),
             tls_handshakes: Family::default(),
             tls_handshake_failures: Counter::default(),
+            certificate_expiry: Family::default(),
+            server_tls: None,
             scrape: tokio::sync::Mutex::new(()),
             registry: Registry::with_prefix("procurator"),
         };
         let r = &mut m.registry;
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When a certificate stops being valid (Unix seconds): each agent with a stream to this control plane, and the control plane's own",
+            m.certificate_expiry.clone(),
+        );
         r.register(
             "connected_agents",
             "Agents with an open stream",
@@ -196,9 +213,35 @@ impl Metrics {
         }
     }
 
+    /// Its own certificate's expiry read from `tls` at every scrape.
+    pub fn serving_with(mut self, tls: Arc<crate::server_tls::ServerTls>) -> Self {
+        self.server_tls = Some(tls);
+        self
+    }
+
+    /// An agent's stream opened with a certificate valid until `not_after`.
+    pub fn agent_certificate(&self, machine: &str, not_after: i64) {
+        self.certificate_expiry
+            .get_or_create(&agent_label(machine))
+            .set(not_after);
+    }
+
+    /// An agent's stream ended (and no newer one replaced it).
+    pub fn agent_certificate_gone(&self, machine: &str) {
+        self.certificate_expiry.remove(&agent_label(machine));
+    }
+
     /// The text exposition, with the store gauges read just now.
     pub async fn render(&self, store: &Store) -> Result<String, StoreError> {
         let _one_at_a_time = self.scrape.lock().await;
+        if let Some(own) = self.server_tls.as_ref().and_then(|tls| tls.certificate()) {
+            self.certificate_expiry
+                .get_or_create(&IdentityLabel {
+                    role: procurator_core::Role::ControlPlane.as_str(),
+                    name: own.identity.name.to_string(),
+                })
+                .set(own.not_after);
+        }
         let stats = store.fleet_stats().await?;
         self.connected_agents.set(stats.connected_agents);
         self.event_log_revision.set(stats.event_log_revision);
@@ -302,6 +345,13 @@ impl PhaseClock {
         // Stamps come from one clock, but a stepped clock must not give a
         // negative duration.
         is_timed(phase).then(|| (phase, (at_ms - since).max(0) as f64 / 1000.0))
+    }
+}
+
+fn agent_label(machine: &str) -> IdentityLabel {
+    IdentityLabel {
+        role: procurator_core::Role::Agent.as_str(),
+        name: machine.to_owned(),
     }
 }
 

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use procurator_core::artifact::MAX_ARTIFACT_BYTES;
-use procurator_core::tls::{TlsError, TlsFiles};
+use procurator_core::tls::{ClientPolicy, TlsError, TlsFiles};
 
 use crate::server_tls::ServerTls;
 use procurator_proto::v1::agent_service_server::AgentServiceServer;
 use procurator_proto::v1::deployment_service_server::DeploymentServiceServer;
+use procurator_proto::v1::trust_service_server::TrustServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,9 +24,13 @@ use crate::agent_service::AgentSvc;
 use crate::connections::Connections;
 use crate::deployment_service::DeploymentSvc;
 use crate::dispatcher::Dispatcher;
+use crate::enrollment::Enrollment;
 use crate::metrics::Metrics;
 use crate::metrics::layer::RpcMetricsLayer;
+use crate::require_certificate::RequireCertificateLayer;
+use crate::revocations::{RevocationCheck, Revocations};
 use crate::store::{Database, Retention, Store, StoreError};
+use crate::trust_service::TrustSvc;
 
 /// How long in-flight RPCs may take to finish after a shutdown signal.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -48,6 +53,16 @@ pub struct Config {
     pub metrics_ready_file: Option<PathBuf>,
     /// What the store keeps of its history.
     pub retention: Retention,
+    /// The CA that signs agents' certificates; `None`: no enrollment.
+    pub issuing_ca: Option<IssuingCaFiles>,
+}
+
+/// `--issuing-ca-cert`, `--issuing-ca-key`, `--agent-cert-validity`.
+#[derive(Debug, Clone)]
+pub struct IssuingCaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub agent_cert_validity: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +71,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Enrollment(#[from] crate::enrollment::EnrollmentError),
     #[error("cannot listen on {addr}: {source}; is another process using it?")]
     Bind {
         addr: String,
@@ -76,6 +93,15 @@ pub enum ServerError {
 
 type AgentServer = AgentServiceServer<AgentSvc>;
 type DeploymentServer = DeploymentServiceServer<DeploymentSvc>;
+type TrustServer = TrustServiceServer<TrustSvc>;
+
+/// Every name health answers for: the server, then each service.
+const SERVICES: [&str; 4] = [
+    "",
+    AgentServer::NAME,
+    DeploymentServer::NAME,
+    TrustServer::NAME,
+];
 
 /// Health follows the store: NOT_SERVING while it cannot be written, so a
 /// load balancer or supervisor sees a control plane with a full disk as the
@@ -98,7 +124,7 @@ async fn report_writable(
         if stop.is_cancelled() {
             return;
         }
-        for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
+        for name in SERVICES {
             health.set_service_status(name, status).await;
         }
     }
@@ -108,16 +134,40 @@ async fn report_writable(
 /// streams end with UNAVAILABLE, in-flight RPCs drain for at most
 /// [`DRAIN_DEADLINE`].
 pub async fn run(config: Config, signal: CancellationToken) -> Result<(), ServerError> {
-    let tls = Arc::new(ServerTls::load(config.tls.clone())?);
+    // Filled from the store before anything is served.
+    let revocations = Arc::new(Revocations::default());
+    let clients = ClientPolicy {
+        anonymous: config.issuing_ca.is_some(),
+        check: Some(Arc::new(RevocationCheck(revocations.clone()))),
+    };
+    let tls = Arc::new(ServerTls::load(config.tls.clone(), clients)?);
+    let enrollment = match &config.issuing_ca {
+        Some(files) => {
+            let enrollment = Enrollment::load(
+                &files.cert,
+                &files.key,
+                files.agent_cert_validity,
+                &tls.material()?,
+            )?;
+            tracing::info!(
+                issuing_ca = %files.cert.display(),
+                agent_cert_validity_secs = files.agent_cert_validity.as_secs(),
+                "enrollment on: machines may join with a token"
+            );
+            Some(Arc::new(enrollment))
+        }
+        None => None,
+    };
     let database = config.database.clone();
     let store = tokio::task::spawn_blocking(move || Store::open_database(&database))
         .await
         .map_err(StoreError::from)??;
     tracing::info!(database = %config.database, "state store open");
+    revocations.replace(store.list_revocations().await?);
 
     // Only now, with the store open, does anything report SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
+    for name in SERVICES {
         health
             .set_service_status(name, ServingStatus::Serving)
             .await;
@@ -149,12 +199,17 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
     tasks.spawn(store.clone().keep_pruned(config.retention, stop.clone()));
     tasks.spawn(store.clone().keep_heartbeats_flushed(stop.clone()));
     tasks.spawn(tls.clone().keep_current(stop.clone()));
+    tasks.spawn(
+        revocations
+            .clone()
+            .keep_current(store.clone(), stop.clone()),
+    );
     tasks.spawn(report_writable(
         store.writable(),
         health.clone(),
         stop.clone(),
     ));
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().serving_with(tls.clone()));
     tasks.spawn(metrics.clone().watch_events(store.clone(), stop.clone()));
     if let Some((listener, metrics_addr)) = metrics_listener {
         tracing::info!(address = %metrics_addr, "metrics listening");
@@ -184,8 +239,16 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         hello_timeout: config.hello_timeout,
         shutdown: stop.clone(),
         tasks: tasks.clone(),
+        revocations: revocations.clone(),
+        enrollment: enrollment.clone(),
+    };
+    let trust = TrustSvc {
+        store: store.clone(),
+        revocations: revocations.clone(),
+        enrollment,
     };
     let deployments = DeploymentSvc {
+        revocations: revocations.clone(),
         store,
         dispatcher,
         shutdown: stop.clone(),
@@ -203,10 +266,14 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
         .layer(RpcMetricsLayer {
             metrics: metrics.clone(),
         })
+        .layer(RequireCertificateLayer {
+            revocations: revocations.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(AgentServer::new(agents))
+        .add_service(TrustServer::new(trust))
         .add_service(
             DeploymentServer::new(deployments).max_decoding_message_size(MAX_SUBMIT_BYTES),
         );
@@ -236,7 +303,7 @@ pub async fn run(config: Config, signal: CancellationToken) -> Result<(), Server
 
     tracing::info!("shutting down");
     tell_systemd("STOPPING=1\nSTATUS=draining in-flight RPCs");
-    for name in ["", AgentServer::NAME, DeploymentServer::NAME] {
+    for name in SERVICES {
         health
             .set_service_status(name, ServingStatus::NotServing)
             .await;

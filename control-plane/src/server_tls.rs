@@ -9,7 +9,8 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use procurator_core::tls::{TlsError, TlsFiles, TlsMaterial};
+use procurator_core::certificate::{CertificateInfo, format_utc};
+use procurator_core::tls::{ClientPolicy, TlsError, TlsFiles, TlsMaterial};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -19,23 +20,43 @@ const FILE_CHECK: Duration = Duration::from_secs(5);
 /// The server configuration new handshakes use.
 pub struct ServerTls {
     files: TlsFiles,
+    clients: ClientPolicy,
     current: RwLock<Arc<ServerConfig>>,
+    /// The certificate `current` serves with.
+    certificate: RwLock<Option<CertificateInfo>>,
     /// What the files looked like when last loaded.
     stamp: RwLock<Vec<Option<(SystemTime, u64)>>>,
 }
 
 impl ServerTls {
-    /// Loads `files`: a control plane's certificate or an error.
-    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+    /// Loads `files`: a control plane's certificate or an error. Clients
+    /// are held to `clients` (now and after every reload).
+    pub fn load(files: TlsFiles, clients: ClientPolicy) -> Result<Self, TlsError> {
         let stamp = stamp_of(&files);
         let material = files.load_server()?;
-        let config = material.rustls_server_config()?;
+        let config = material.rustls_server_config(&clients)?;
         log_loaded(&material, "serving with this certificate");
         Ok(Self {
             files,
+            clients,
             current: RwLock::new(config),
+            certificate: RwLock::new(material.certificate_info()),
             stamp: RwLock::new(stamp),
         })
+    }
+
+    /// The material the files hold now, checked as at start (for what
+    /// else needs the CA bundle before serving).
+    pub fn material(&self) -> Result<TlsMaterial, TlsError> {
+        self.files.load_server()
+    }
+
+    /// The certificate new handshakes present.
+    pub fn certificate(&self) -> Option<CertificateInfo> {
+        self.certificate
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The configuration for the next handshake.
@@ -53,11 +74,12 @@ impl ServerTls {
     fn reload(&self, why: &str) -> Result<(), TlsError> {
         *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamp_of(&self.files);
         let material = self.files.load_server()?;
-        let mut config = Arc::unwrap_or_clone(material.rustls_server_config()?);
+        let mut config = Arc::unwrap_or_clone(material.rustls_server_config(&self.clients)?);
         let old = self.current();
         config.ticketer = old.ticketer.clone();
         config.session_storage = old.session_storage.clone();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.certificate.write().unwrap_or_else(|p| p.into_inner()) = material.certificate_info();
         log_loaded(&material, why);
         Ok(())
     }
@@ -78,11 +100,16 @@ impl ServerTls {
             }
         };
         let mut check = tokio::time::interval(FILE_CHECK);
+        let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let why = tokio::select! {
                 () = stop.cancelled() => return,
                 Some(()) = async { hangup.as_mut()?.recv().await } => "reloaded on SIGHUP",
+                _ = expiry.tick() => {
+                    warn_if_expiring(self.certificate().as_ref());
+                    continue;
+                }
                 _ = check.tick() => {
                     if !self.changed() {
                         continue;
@@ -108,10 +135,25 @@ fn stamp_of(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
 }
 
 fn log_loaded(material: &TlsMaterial, what: &str) {
-    match material.certificate_summary() {
-        Some((serial, not_after)) => {
-            tracing::info!(identity = %material.identity, serial, not_after, "{what}");
+    let certificate = material.certificate_info();
+    match &certificate {
+        Some(c) => {
+            let not_after = format_utc(c.not_after);
+            tracing::info!(identity = %c.identity, serial = c.serial, not_after, "{what}");
         }
         None => tracing::info!(identity = %material.identity, "{what}"),
+    }
+    warn_if_expiring(certificate.as_ref());
+}
+
+/// How often the certificate's end is looked at, for the warning.
+const EXPIRY_CHECK: Duration = Duration::from_secs(6 * 3600);
+
+fn warn_if_expiring(certificate: Option<&CertificateInfo>) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(warning) = certificate.and_then(|c| c.expiry_warning(now)) {
+        tracing::warn!(
+            "{warning}; renew it: procurator-ctl pki issue --dir DIR --role control-plane --san NAME --force, then SIGHUP"
+        );
     }
 }

@@ -68,6 +68,7 @@ impl TestServer {
             metrics_listen: None,
             metrics_ready_file: None,
             retention: crate::store::Retention::default(),
+            issuing_ca: None,
         };
         adjust(&mut config);
         let signal = CancellationToken::new();

@@ -75,10 +75,15 @@ pub enum Rpc {
     Cancel,
     Rollback,
     PlanRollback,
+    Enroll,
+    Renew,
+    CreateJoinToken,
+    Revoke,
+    ListRevocations,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 10] = [
+    pub const ALL: [Rpc; 15] = [
         Rpc::Connect,
         Rpc::Confirm,
         Rpc::Submit,
@@ -89,19 +94,32 @@ impl Rpc {
         Rpc::Cancel,
         Rpc::Rollback,
         Rpc::PlanRollback,
+        Rpc::Enroll,
+        Rpc::Renew,
+        Rpc::CreateJoinToken,
+        Rpc::Revoke,
+        Rpc::ListRevocations,
     ];
 
     /// Who may call it. CI submits and reads; only a person may stop or
-    /// undo a rollout, so a leaked CI credential cannot.
+    /// undo a rollout, or say who may connect, so a leaked CI credential
+    /// cannot. `Enroll` is for machines without a certificate: none is
+    /// needed, the join token is the credential.
     pub fn roles(self) -> &'static [Role] {
         match self {
-            Rpc::Connect | Rpc::Confirm => &[Role::Agent],
+            Rpc::Enroll => &[],
+            Rpc::Connect | Rpc::Confirm | Rpc::Renew => &[Role::Agent],
             Rpc::Submit
             | Rpc::GetDeployment
             | Rpc::ListDeployments
             | Rpc::Watch
             | Rpc::ListAgents => &[Role::Ci, Role::Operator],
-            Rpc::Cancel | Rpc::Rollback | Rpc::PlanRollback => &[Role::Operator],
+            Rpc::Cancel
+            | Rpc::Rollback
+            | Rpc::PlanRollback
+            | Rpc::CreateJoinToken
+            | Rpc::Revoke
+            | Rpc::ListRevocations => &[Role::Operator],
         }
     }
 
@@ -118,6 +136,11 @@ impl Rpc {
             Rpc::Cancel => "DeploymentService/Cancel",
             Rpc::Rollback => "DeploymentService/Rollback",
             Rpc::PlanRollback => "DeploymentService/PlanRollback",
+            Rpc::Enroll => "AgentService/Enroll",
+            Rpc::Renew => "AgentService/Renew",
+            Rpc::CreateJoinToken => "TrustService/CreateJoinToken",
+            Rpc::Revoke => "TrustService/Revoke",
+            Rpc::ListRevocations => "TrustService/ListRevocations",
         }
     }
 }
@@ -198,7 +221,7 @@ mod tests {
 
     #[test]
     fn only_operators_cancel_and_roll_back() {
-        for rpc in Rpc::ALL {
+        for rpc in Rpc::ALL.into_iter().filter(|rpc| *rpc != Rpc::Enroll) {
             let roles = rpc.roles();
             assert!(!roles.contains(&Role::ControlPlane), "{rpc:?}");
             assert_eq!(
@@ -210,6 +233,9 @@ mod tests {
         assert_eq!(Rpc::Cancel.roles(), [Role::Operator]);
         assert_eq!(Rpc::Rollback.roles(), [Role::Operator]);
         assert!(Rpc::Submit.roles().contains(&Role::Ci));
+        assert_eq!(Rpc::Revoke.roles(), [Role::Operator]);
+        assert_eq!(Rpc::CreateJoinToken.roles(), [Role::Operator]);
+        assert!(Rpc::Enroll.roles().is_empty());
     }
 
     #[test]

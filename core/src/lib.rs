@@ -7,6 +7,7 @@
 pub mod artifact;
 pub mod atomic_file;
 pub mod backoff;
+pub mod certificate;
 pub mod control_planes;
 pub mod identity;
 pub mod intent;

@@ -13,6 +13,13 @@ use time::{Duration, OffsetDateTime};
 use crate::identity::{Identity, Role};
 use crate::names::MachineName;
 
+mod signing;
+
+pub use signing::{
+    CertificateRequest, IntermediateFiles, IssuingCa, MAX_REQUEST_BYTES, Signed, SigningError,
+    certificate_is_for_key, certificate_request, intermediate,
+};
+
 const CA_VALIDITY_DAYS: i64 = 3650;
 const LEAF_VALIDITY_DAYS: i64 = 825;
 
@@ -42,6 +49,12 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("--vm-host marks agent certificates only, not role {0}")]
     VmHostNotAgent(Role),
+    #[error("{0} cannot issue certificates: {1}; give the issuing CA's certificate and key")]
+    NotACa(PathBuf, String),
+    #[error(
+        "the fleet CA in {0} allows no CA below it (it was made before issuing CAs were supported); give the control plane its ca.crt and ca.key as --issuing-ca-cert and --issuing-ca-key instead"
+    )]
+    NoRoomBelow(PathBuf),
 }
 
 /// Where a certificate and its key were written.
@@ -92,10 +105,12 @@ pub fn init(dir: &Path, sans: &[String], operator_name: &str) -> Result<InitFile
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "Procurator fleet CA");
     params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // One level below it: an issuing CA (`pki intermediate`) for the
+    // control plane, so that the root's key can stay offline.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
+    params.not_before = now - CLOCK_SKEW;
     params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
     let ca_key = KeyPair::generate()?;
     let ca_cert = params.self_signed(&ca_key)?;
@@ -267,8 +282,35 @@ fn issue_pem(
     identity: &Identity,
     sans: &[String],
 ) -> Result<IssuedPem, PkiError> {
-    let identity = identity.clone();
-    let role = identity.role;
+    let now = OffsetDateTime::now_utc();
+    let params = leaf_params(
+        identity,
+        sans,
+        now - CLOCK_SKEW,
+        now + Duration::days(LEAF_VALIDITY_DAYS),
+    )?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok(IssuedPem {
+        identity: identity.clone(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// How far before its issuing a certificate is valid from: room for a
+/// verifier whose clock is behind the issuer's.
+const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+/// What every leaf certificate says: the identity as a SAN URI (and the
+/// VM-host mark), `sans` as DNS names or IP addresses, server or client
+/// authentication by role, a random serial.
+fn leaf_params(
+    identity: &Identity,
+    sans: &[String],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     for san in sans {
         params
@@ -282,18 +324,15 @@ fn issue_pem(
                 ),
             });
     }
-    let uri = identity.uri();
-    params.subject_alt_names.push(SanType::URI(
-        uri.clone()
-            .try_into()
-            .map_err(|e| PkiError::BadSan(uri, e))?,
-    ));
+    let mut uris = vec![identity.uri()];
     if identity.vm_host {
-        let mark = crate::identity::VM_HOST_URI.to_owned();
+        uris.push(crate::identity::VM_HOST_URI.to_owned());
+    }
+    for uri in uris {
         params.subject_alt_names.push(SanType::URI(
-            mark.clone()
+            uri.clone()
                 .try_into()
-                .map_err(|e| PkiError::BadSan(mark, e))?,
+                .map_err(|e| PkiError::BadSan(uri, e))?,
         ));
     }
     let mut dn = DistinguishedName::new();
@@ -303,21 +342,46 @@ fn issue_pem(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = match role {
+    params.extended_key_usages = match identity.role {
         Role::ControlPlane => vec![ExtendedKeyUsagePurpose::ServerAuth],
         _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, issuer)?;
-    Ok(IssuedPem {
-        identity,
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    params.serial_number = Some(random_serial());
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
+}
+
+/// 16 random bytes, positive: a renewal with the same key still gets a
+/// serial of its own, and revoking one serial revokes one certificate.
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
+/// The DER of the first certificate in `pem`.
+fn first_pem_certificate(pem: &str) -> Option<Vec<u8>> {
+    crate::tls::first_certificate_der(pem.as_bytes())
+}
+
+fn basic_constraints(der: &[u8]) -> Option<(bool, Option<u32>)> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let constraints = cert.basic_constraints().ok()??.value;
+    Some((constraints.ca, constraints.path_len_constraint))
+}
+
+/// Whether a DER certificate is a CA's.
+fn is_ca(der: &[u8]) -> bool {
+    basic_constraints(der).is_some_and(|(ca, _)| ca)
+}
+
+/// A CA certificate's path length constraint, if it has one.
+fn path_len(der: &[u8]) -> Option<u32> {
+    basic_constraints(der).and_then(|(_, len)| len)
 }
 
 /// Write atomically, with the final mode from the start (a key is never

@@ -8,6 +8,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, ServerTl
 
 use crate::identity::{Identity, IdentityError, Rpc};
 
+mod client_policy;
+
+pub use client_policy::{CertificateCheck, ClientPolicy};
+
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,12 +55,21 @@ pub struct TlsFiles {
 }
 
 /// PEM contents of [`TlsFiles`], plus the identity in the certificate.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TlsMaterial {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
     pub identity: Identity,
+}
+
+/// Never the key: a configuration printed for debugging must not leak it.
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TlsFiles {
@@ -110,15 +123,9 @@ impl TlsFiles {
 }
 
 impl TlsMaterial {
-    /// The serial number (hex) and end of validity of its certificate.
-    pub fn certificate_summary(&self) -> Option<(String, String)> {
-        use x509_parser::prelude::{FromDer as _, X509Certificate};
-        let der = first_certificate_der(&self.cert_pem)?;
-        let (_, cert) = X509Certificate::from_der(&der).ok()?;
-        Some((
-            cert.raw_serial_as_string(),
-            cert.validity().not_after.to_string(),
-        ))
+    /// Its certificate's identity, serial and validity.
+    pub fn certificate_info(&self) -> Option<crate::certificate::CertificateInfo> {
+        crate::certificate::CertificateInfo::from_pem(&self.cert_pem).ok()
     }
 }
 
@@ -155,7 +162,12 @@ impl TlsMaterial {
     /// connection (an agent's confirmation) resumes the session instead of
     /// repeating the certificate exchange. The ticket keys live in memory
     /// only: a restart forgets them and the next handshakes are full ones.
-    pub fn rustls_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+    /// `clients` says what else a client certificate must pass, and
+    /// whether one is needed at all.
+    pub fn rustls_server_config(
+        &self,
+        clients: &ClientPolicy,
+    ) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
         use std::sync::Arc;
         let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Rustls(format!("{what}: {e}"));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -164,12 +176,19 @@ impl TlsMaterial {
             let cert = cert.map_err(|e| bad("the CA certificate", &e))?;
             roots.add(cert).map_err(|e| bad("the CA certificate", &e))?;
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             provider.clone(),
-        )
-        .build()
-        .map_err(|e| bad("the client verifier", &e))?;
+        );
+        if clients.anonymous {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = Arc::new(client_policy::PolicyVerifier {
+            inner: verifier
+                .build()
+                .map_err(|e| bad("the client verifier", &e))?,
+            check: clients.check.clone(),
+        });
         let chain = rustls_pemfile::certs(&mut self.cert_pem.as_slice())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad("the certificate", &e))?;
@@ -188,6 +207,12 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
+    /// Whether a client presenting `chain_pem` (its leaf, then its chain)
+    /// passes this material's CA bundle; why not, if not.
+    pub fn verify_client_chain(&self, chain_pem: &[u8]) -> Result<(), String> {
+        verify_client_chain(&self.ca_pem, chain_pem)
+    }
+
     /// Client side: trust only the fleet CA and present our certificate.
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
@@ -201,34 +226,73 @@ impl TlsMaterial {
     /// An endpoint for `url` (`https://host:port`) over mutual TLS, with
     /// HTTP/2 keepalive so a dead peer behind NAT is noticed.
     pub fn endpoint(&self, url: &str, keepalive: Duration) -> Result<Endpoint, TlsError> {
-        let uri: tonic::codegen::http::Uri =
-            url.parse()
-                .map_err(|e: tonic::codegen::http::uri::InvalidUri| {
-                    TlsError::BadUrl(url.to_owned(), e.to_string())
-                })?;
-        if uri.scheme_str() != Some("https") || uri.host().is_none() {
-            return Err(TlsError::BadUrl(
-                url.to_owned(),
-                "it must be https://HOST:PORT".into(),
-            ));
-        }
-        let mut tls = self.client_config();
-        // rustls wants the bare address for IP literals (`[::1]` -> `::1`).
-        if let Some(host) = uri.host() {
-            tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
-        }
-        Ok(Endpoint::from(uri)
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(keepalive)
-            .keep_alive_timeout(keepalive.max(Duration::from_secs(5)))
-            .keep_alive_while_idle(true))
+        https_endpoint(url, self.client_config(), keepalive)
     }
 
     /// Connect lazily: the first RPC dials.
     pub fn channel(&self, url: &str) -> Result<Channel, TlsError> {
         Ok(self.endpoint(url, Duration::from_secs(20))?.connect_lazy())
     }
+}
+
+/// An endpoint for a machine that has no certificate yet: it checks the
+/// control plane by the fleet CA and presents none, which the control
+/// plane accepts for `AgentService/Enroll` only.
+pub fn enrollment_endpoint(ca_pem: &[u8], url: &str) -> Result<Endpoint, TlsError> {
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    https_endpoint(url, tls, Duration::from_secs(20))
+}
+
+fn https_endpoint(
+    url: &str,
+    mut tls: ClientTlsConfig,
+    keepalive: Duration,
+) -> Result<Endpoint, TlsError> {
+    let uri: tonic::codegen::http::Uri =
+        url.parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| {
+                TlsError::BadUrl(url.to_owned(), e.to_string())
+            })?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none() {
+        return Err(TlsError::BadUrl(
+            url.to_owned(),
+            "it must be https://HOST:PORT".into(),
+        ));
+    }
+    // rustls wants the bare address for IP literals (`[::1]` -> `::1`).
+    if let Some(host) = uri.host() {
+        tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+    }
+    Ok(Endpoint::from(uri)
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive.max(Duration::from_secs(5)))
+        .keep_alive_while_idle(true))
+}
+
+/// Whether a client presenting `chain_pem` (its leaf, then its chain)
+/// passes the CA bundle `ca_pem`; why not, if not.
+pub fn verify_client_chain(ca_pem: &[u8], chain_pem: &[u8]) -> Result<(), String> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        let cert = cert.map_err(|e| e.to_string())?;
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+    let chain = rustls_pemfile::certs(&mut &chain_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let (leaf, intermediates) = chain.split_first().ok_or("no certificate")?;
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// One client endpoint per loaded certificate, shared by an agent's stream
@@ -332,7 +396,7 @@ fn read(path: &Path, what: &'static str, expected: &'static str) -> Result<Vec<u
     }
 }
 
-fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
     let mut reader = std::io::BufReader::new(pem);
     rustls_pemfile::certs(&mut reader)
         .next()?

@@ -36,6 +36,13 @@ pub enum Command {
     Rollback(command::rollback::Args),
     /// Show the fleet's agents: connected or not, what they run.
     Status(command::status::Args),
+    /// Make a one-time token with which one machine's agent enrolls
+    /// (gets its certificate); the token goes to stdout.
+    EnrollToken(command::trust::EnrollTokenArgs),
+    /// Stop accepting a certificate, or every certificate of one identity.
+    Revoke(command::trust::RevokeArgs),
+    /// List revoked certificates and identities.
+    Revocations(command::trust::RevocationsArgs),
     /// List deployments, newest first.
     Deployments(command::deployments::Args),
     /// Evaluate and build the flake; show which machines changed since the
@@ -64,6 +71,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Cancel(args) => command::cancel::run(conn, args).await,
         Command::Rollback(args) => command::rollback::run(conn, args).await,
         Command::Status(args) => command::status::run(conn, args).await,
+        Command::EnrollToken(args) => command::trust::enroll_token(conn, args).await,
+        Command::Revoke(args) => command::trust::revoke(conn, args).await,
+        Command::Revocations(args) => command::trust::revocations(conn, args).await,
         Command::Deployments(args) => command::deployments::run(conn, args).await,
         Command::Plan(args) => command::plan::run(args).await,
         Command::Publish(args) => command::publish::run(args).await,

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use procurator_core::certificate::format_utc;
 use procurator_core::control_planes::ControlPlanes;
-use procurator_core::tls::TlsFiles;
+use procurator_core::tls::{TlsFiles, TlsMaterial};
 use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
+use procurator_proto::v1::trust_service_client::TrustServiceClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -44,6 +46,8 @@ pub struct ConnectionArgs {
 pub struct Connection {
     pub url: String,
     pub client: DeploymentServiceClient<Channel>,
+    /// The channel `client` uses, for the other services.
+    channel: Channel,
     /// Every control plane given, tried in turn (see [`Connection::move_on`]).
     planes: ControlPlanes,
     /// Each one's endpoint, by URL.
@@ -81,6 +85,7 @@ impl ConnectionArgs {
         let material = files
             .load()
             .context("cannot load the TLS files; check --tls-ca, --tls-cert and --tls-key")?;
+        check_own_certificate(&material, &files.cert)?;
         // The error names the URL and the expected shape; say which setting it came from.
         let endpoints = planes
             .all()
@@ -93,10 +98,11 @@ impl ConnectionArgs {
             })
             .collect::<anyhow::Result<HashMap<_, _>>>()?;
         if let [url] = planes.all() {
-            let client = DeploymentServiceClient::new(endpoints[url].connect_lazy());
+            let channel = endpoints[url].connect_lazy();
             return Ok(Connection {
                 url: url.clone(),
-                client,
+                client: DeploymentServiceClient::new(channel.clone()),
+                channel,
                 planes,
                 endpoints,
             });
@@ -104,7 +110,8 @@ impl ConnectionArgs {
         let (url, channel) = dial_in_turn(&planes, &endpoints).await?;
         Ok(Connection {
             url,
-            client: DeploymentServiceClient::new(channel),
+            client: DeploymentServiceClient::new(channel.clone()),
+            channel,
             planes,
             endpoints,
         })
@@ -141,6 +148,32 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 /// How long one of several control planes may take to answer a dial.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An expired certificate is refused at the handshake, which the client
+/// sees only as a closed connection: say so before dialling. One that
+/// expires soon is warned about on stderr.
+fn check_own_certificate(material: &TlsMaterial, cert: &Path) -> anyhow::Result<()> {
+    let Some(info) = material.certificate_info() else {
+        return Ok(());
+    };
+    let now = procurator_core::now_ms().div_euclid(1000);
+    let renew = format!(
+        "procurator-ctl pki issue --dir DIR --role {} --name {} --force",
+        info.identity.role, info.identity.name
+    );
+    if info.expired_at(now) {
+        bail!(
+            "your certificate {} ({}) expired on {}; renew it with `{renew}` on the fleet CA's machine",
+            cert.display(),
+            info.identity,
+            format_utc(info.not_after)
+        );
+    }
+    if let Some(warning) = info.expiry_warning(now) {
+        eprintln!("warning: {warning}; renew it with `{renew}`");
+    }
+    Ok(())
+}
+
 /// A TLS file that must be given and must exist; the error names the flag.
 fn required(value: &Option<PathBuf>, flag: &str, env: &str, what: &str) -> anyhow::Result<PathBuf> {
     let Some(path) = value else {
@@ -166,8 +199,14 @@ impl Connection {
         self.planes.failed(&self.url);
         let (url, channel) = dial_in_turn(&self.planes, &self.endpoints).await?;
         self.url = url;
-        self.client = DeploymentServiceClient::new(channel);
+        self.client = DeploymentServiceClient::new(channel.clone());
+        self.channel = channel;
         Ok(())
+    }
+
+    /// `TrustService` on the same connection.
+    pub fn trust(&self) -> TrustServiceClient<Channel> {
+        TrustServiceClient::new(self.channel.clone())
     }
 
     /// Turn a failed RPC into a message that says what went wrong and what to do.
@@ -192,11 +231,21 @@ pub fn describe_status(status: &Status, url: &str, doing: &str) -> String {
             "the TLS handshake with the control plane at {url} failed: {detail} — check that --tls-ca is the fleet CA that signed its certificate, and that the host in --control-plane is one of its names (pki init --san)"
         );
     }
+    if detail.contains("CertificateRevoked") {
+        return format!(
+            "the control plane at {url} refused this client's certificate: it is revoked (`procurator-ctl revocations` says by whom and why); get a new one from an operator"
+        );
+    }
+    if detail.contains("CertificateExpired") {
+        return format!(
+            "the control plane at {url} refused this client's certificate: it has expired; renew it with `procurator-ctl pki issue --role … --name … --force`"
+        );
+    }
     if detail.contains("received fatal alert")
         || (detail.contains("connection closed") && status.code() != Code::Unavailable)
     {
         return format!(
-            "the control plane at {url} closed the connection while {doing}: {detail} — if it is running, it refused this client's certificate: check that --tls-cert and --tls-key were issued by its fleet CA"
+            "the control plane at {url} closed the connection while {doing}: {detail} — if it is running, it refused this client's certificate (revoked, or not issued by its fleet CA: its log says which); check --tls-cert and --tls-key"
         );
     }
     match status.code() {
@@ -301,6 +350,22 @@ mod tests {
             "listing agents",
         );
         assert!(msg.contains("--tls-cert"), "{msg}");
+    }
+
+    #[test]
+    fn a_revoked_or_expired_certificate_is_named() {
+        let msg = describe_status(
+            &Status::unavailable("transport error: received fatal alert: CertificateRevoked"),
+            "https://cp:7700",
+            "listing agents",
+        );
+        assert!(msg.contains("it is revoked"), "{msg}");
+        let msg = describe_status(
+            &Status::unavailable("transport error: received fatal alert: CertificateExpired"),
+            "https://cp:7700",
+            "listing agents",
+        );
+        assert!(msg.contains("it has expired"), "{msg}");
     }
 
     #[test]

@@ -90,6 +90,24 @@ pub fn ago(now_ms: i64, then_ms: i64) -> String {
     }
 }
 
+/// When a certificate ends, seen from `now_ms`: `in 29d`, `in 5h`,
+/// `expired 2d ago`; `-` when not known.
+pub fn expires(now_ms: i64, not_after_ms: i64) -> String {
+    if not_after_ms == 0 {
+        return "-".to_owned();
+    }
+    if not_after_ms <= now_ms {
+        return format!("expired {}", ago(now_ms, not_after_ms));
+    }
+    let secs = (not_after_ms - now_ms) / 1000;
+    match secs {
+        0..=59 => format!("in {secs}s"),
+        60..=3599 => format!("in {}m", secs / 60),
+        3600..=86_399 => format!("in {}h", secs / 3600),
+        _ => format!("in {}d", secs / 86_400),
+    }
+}
+
 /// At most `max` characters, with `…` when cut.
 /// `s` safe to print on a terminal: control characters (escape sequences,
 /// carriage returns, newlines) and bidirectional overrides, which an agent
@@ -130,6 +148,16 @@ pub fn short_commit(commit: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_ends_read_from_now() {
+        let now = 1_748_762_102_000;
+        assert_eq!(expires(now, 0), "-");
+        assert_eq!(expires(now, now + 29 * 86_400_000 + 1), "in 29d");
+        assert_eq!(expires(now, now + 5 * 3_600_000), "in 5h");
+        assert_eq!(expires(now, now + 90_000), "in 1m");
+        assert_eq!(expires(now, now - 2 * 86_400_000), "expired 2d ago");
+    }
 
     #[test]
     fn byte_sizes() {

@@ -223,11 +223,41 @@ impl Grpcurl {
                 "procurator/v1/deployment.proto",
                 "-proto",
                 "procurator/v1/agent.proto",
+                "-proto",
+                "procurator/v1/trust.proto",
                 "-d",
                 data,
             ],
             &[method],
         )
+    }
+
+    /// A streaming RPC left running in the background (its output in
+    /// `log`), e.g. a `Watch` that a test expects the server to end.
+    pub fn spawn_stream(
+        &self,
+        identity: Option<&Identity>,
+        method: &str,
+        data: &str,
+        log: &Path,
+    ) -> Result<crate::Process> {
+        let root = crate::proto_root();
+        let root = root.to_string_lossy();
+        let cmd = self.command(
+            identity,
+            &[
+                "-max-time",
+                "300",
+                "-import-path",
+                root.as_ref(),
+                "-proto",
+                "procurator/v1/deployment.proto",
+                "-d",
+                data,
+            ],
+            &[method],
+        );
+        crate::Process::spawn("grpcurl", cmd, log)
     }
 
     /// [`Self::call`] that must succeed; returns the response as JSON.

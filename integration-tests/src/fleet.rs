@@ -175,7 +175,7 @@ impl Fleet {
         Ok(AgentOptions {
             control_plane: self.control_plane.url()?,
             ca: self.pki.ca(),
-            identity: self.pki.agent(machine),
+            identity: Some(self.pki.agent(machine)),
             substituters: vec![format!("file://{}", self.cache.display())],
             trusted_public_keys: vec![self.key.public.clone()],
             extra_args: if self.signed {
@@ -196,6 +196,64 @@ impl Fleet {
         let mut opts = self.agent_options(machine)?;
         opts.extra_args
             .extend(extra_args.iter().map(|a| a.to_string()));
+        let host = self
+            .hosts
+            .get_mut(machine)
+            .with_context(|| format!("no host {machine}"))?;
+        host.start_agent(&self.nix, &opts)
+    }
+
+    /// Restarts the control plane with an issuing CA (`pki intermediate`),
+    /// so that agents enroll and renew; `extra` goes on its command line too
+    /// (e.g. `--agent-cert-validity 90s`).
+    pub fn enable_enrollment(&mut self, extra: &[&str]) -> Result<()> {
+        let issuing = self.pki.intermediate(&self.nix)?;
+        let mut args = vec![
+            "--issuing-ca-cert".to_owned(),
+            issuing.cert.display().to_string(),
+            "--issuing-ca-key".to_owned(),
+            issuing.key.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.control_plane.restart_with(&self.nix, &args)
+    }
+
+    /// `procurator-ctl enroll-token --name MACHINE --ttl TTL`, the token
+    /// (alone on stdout, as documented) saved to a file of the fleet's.
+    pub fn join_token(&self, machine: &str, ttl: &str) -> Result<PathBuf> {
+        let out = self
+            .ctl()?
+            .run(&["enroll-token", "--name", machine, "--ttl", ttl])?;
+        out.expect_code(0)?;
+        let token = out.stdout.trim();
+        if !token.starts_with("pjt_") || token.contains(char::is_whitespace) {
+            bail!("enroll-token printed more than a token on stdout: {out}");
+        }
+        if !out
+            .stderr
+            .contains(&format!("this token enrolls {machine} once"))
+        {
+            bail!("enroll-token said nothing of what the token is for: {out}");
+        }
+        let dir = self.dir.path().join("tokens");
+        crate::mkdir(&dir)?;
+        let path = dir.join(format!("{machine}-{}.token", crate::commit_id()));
+        std::fs::write(&path, format!("{token}\n"))?;
+        Ok(path)
+    }
+
+    /// Starts `machine`'s agent with no certificate, only the join token
+    /// in `token`: it enrolls into its state directory.
+    pub fn start_enrolling_agent(&mut self, machine: &str, token: &std::path::Path) -> Result<()> {
+        let mut opts = self.agent_options(machine)?;
+        opts.identity = None;
+        opts.extra_args.extend([
+            "--join-token".to_owned(),
+            token.display().to_string(),
+            "--name".to_owned(),
+            machine.to_owned(),
+        ]);
         let host = self
             .hosts
             .get_mut(machine)

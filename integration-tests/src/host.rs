@@ -52,7 +52,9 @@ done
 pub struct AgentOptions {
     pub control_plane: String,
     pub ca: PathBuf,
-    pub identity: Identity,
+    /// Its certificate; `None` for an agent that enrolls (`--join-token`
+    /// in `extra_args`) and keeps its own in its state directory.
+    pub identity: Option<Identity>,
     pub substituters: Vec<String>,
     pub trusted_public_keys: Vec<String>,
     /// Appended to the agent's command line, e.g. `--vm-host`.
@@ -236,12 +238,14 @@ impl TestHost {
         cmd.arg("--control-plane")
             .arg(&opts.control_plane)
             .arg("--tls-ca")
-            .arg(&opts.ca)
-            .arg("--tls-cert")
-            .arg(&opts.identity.cert)
-            .arg("--tls-key")
-            .arg(&opts.identity.key)
-            .arg("--state-dir")
+            .arg(&opts.ca);
+        if let Some(identity) = &opts.identity {
+            cmd.arg("--tls-cert")
+                .arg(&identity.cert)
+                .arg("--tls-key")
+                .arg(&identity.key);
+        }
+        cmd.arg("--state-dir")
             .arg(self.dir.join("state"))
             // Reconnect quickly after a control-plane restart.
             .args(["--max-backoff", "2"]);

@@ -87,6 +87,22 @@ impl Pki {
         Ok(id)
     }
 
+    /// `procurator-ctl pki intermediate`: an issuing CA below the fleet CA,
+    /// for the control plane to sign agents' certificates with.
+    pub fn intermediate(&self, nix: &NixEnv) -> Result<Identity> {
+        let ctl = crate::bin("procurator-ctl")?;
+        let dir_arg = self.dir.to_string_lossy().into_owned();
+        nix.run(
+            ctl.to_string_lossy().as_ref(),
+            ["pki", "intermediate", "--dir", dir_arg.as_str()],
+        )
+        .context("procurator-ctl pki intermediate")?;
+        Ok(Identity {
+            cert: self.dir.join("issuing-ca.crt"),
+            key: self.dir.join("issuing-ca.key"),
+        })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

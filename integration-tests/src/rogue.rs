@@ -80,6 +80,20 @@ impl AgentService for Service {
             reason: String::new(),
         }))
     }
+
+    async fn enroll(
+        &self,
+        _request: Request<procurator_proto::v1::EnrollRequest>,
+    ) -> Result<Response<procurator_proto::v1::IssuedCertificate>, Status> {
+        Err(Status::unimplemented("a rogue control plane signs nothing"))
+    }
+
+    async fn renew(
+        &self,
+        _request: Request<procurator_proto::v1::RenewRequest>,
+    ) -> Result<Response<procurator_proto::v1::IssuedCertificate>, Status> {
+        Err(Status::unimplemented("a rogue control plane signs nothing"))
+    }
 }
 
 impl RogueControlPlane {

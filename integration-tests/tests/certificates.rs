@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use procurator_core::certificate::CertificateInfo;
 use procurator_integration_tests::{Fleet, FleetOptions, Grpcurl, Identity, MACHINES, wait_for};
 
 fn no_agents() -> FleetOptions {
@@ -35,6 +36,42 @@ fn wait_logged(fleet: &Fleet, line: &str) {
         Ok(fleet.control_plane.log().contains(line).then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", fleet.control_plane.log()));
+}
+
+/// The serial of the certificate a new TLS connection is served, as
+/// `openssl s_client` sees it, in `CertificateInfo`'s form.
+fn served_serial(fleet: &Fleet) -> String {
+    let addr = fleet.control_plane.host_port().expect("address");
+    let operator = fleet.pki.operator();
+    let mut s_client = std::process::Command::new("openssl");
+    s_client
+        .args(["s_client", "-connect", &addr, "-CAfile"])
+        .arg(fleet.pki.ca())
+        .arg("-cert")
+        .arg(&operator.cert)
+        .arg("-key")
+        .arg(&operator.key)
+        .stdin(std::process::Stdio::null());
+    let out =
+        procurator_integration_tests::process::run_with_timeout(s_client, Duration::from_secs(30))
+            .expect("s_client");
+    let mut x509 = std::process::Command::new("openssl");
+    x509.args(["x509", "-noout", "-serial"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = x509.spawn().expect("openssl x509");
+    std::io::Write::write_all(
+        &mut child.stdin.take().expect("stdin"),
+        out.stdout.as_bytes(),
+    )
+    .expect("write");
+    let printed = child.wait_with_output().expect("x509");
+    let text = String::from_utf8_lossy(&printed.stdout);
+    let serial = text
+        .trim()
+        .strip_prefix("serial=")
+        .unwrap_or_else(|| panic!("no serial in {text:?}; s_client said {out}"));
+    procurator_core::certificate::normalize_serial(serial)
 }
 
 /// `grpcurl list` with the TLS server name `name`: it succeeds only when
@@ -133,10 +170,21 @@ fn the_control_plane_takes_a_new_certificate_without_dropping_its_agents() {
     };
 
     assert_ne!(list_as(&grpcurl, &operator, "cp-2.example"), Some(0));
+    let first_serial = served_serial(&fleet);
     renew_control_plane(&fleet, "cp-2.example");
     fleet.control_plane.hangup().expect("SIGHUP");
     served_within("cp-2.example");
     wait_logged(&fleet, "reloaded on SIGHUP");
+    let renewed = CertificateInfo::from_pem(
+        &std::fs::read(fleet.pki.control_plane().cert).expect("renewed certificate"),
+    )
+    .expect("a certificate");
+    assert_ne!(renewed.serial, first_serial);
+    assert_eq!(
+        served_serial(&fleet),
+        renewed.serial,
+        "a new connection is served the new certificate"
+    );
 
     // No signal: the changed files are noticed.
     renew_control_plane(&fleet, "cp-3.example");

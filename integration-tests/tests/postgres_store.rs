@@ -147,7 +147,7 @@ fn replicas_started_together_make_the_schema_once() {
             "SELECT count(*), max(version) FROM schema_version",
         )
         .expect("psql");
-    assert_eq!(versions.trim(), "1|7", "{versions}");
+    assert_eq!(versions.trim(), "1|8", "{versions}");
     let rows = pg
         .psql("procurator", "SELECT count(*) FROM replicas")
         .expect("psql");

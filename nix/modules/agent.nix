@@ -49,17 +49,21 @@ in
         description = "The fleet CA certificate (`ca.crt` of `procurator-ctl pki init`).";
       };
       certFile = lib.mkOption {
-        type = lib.types.path;
+        type = lib.types.nullOr lib.types.path;
+        default = null;
         example = "/etc/procurator/tls/agent.crt";
         description = ''
           This machine's agent certificate, from
           `procurator-ctl pki issue --role agent --name MACHINE`. Its name is
           the machine's identity: the control plane sends it only the
-          deployments of the blueprint entry of that name.
+          deployments of the blueprint entry of that name. Null (with
+          `joinTokenFile`): the agent enrolls and keeps its certificate and
+          key in its state directory, renewing them itself.
         '';
       };
       keyFile = lib.mkOption {
-        type = secretPath;
+        type = lib.types.nullOr secretPath;
+        default = null;
         example = "/etc/procurator/tls/agent.key";
         description = ''
           The agent certificate's private key. Keep it out of the Nix store:
@@ -67,6 +71,32 @@ in
           service reads it through `LoadCredential=`.
         '';
       };
+    };
+
+    joinTokenFile = lib.mkOption {
+      type = lib.types.nullOr secretPath;
+      default = null;
+      example = "/run/keys/procurator-join-token";
+      description = ''
+        A file holding a one-time join token
+        (`procurator-ctl enroll-token --name MACHINE`). Without a
+        certificate in its state directory, the agent makes its key on this
+        machine and enrolls with the token; it renews the certificate
+        itself from then on, and the token is not needed again (unless the
+        certificate is left to expire or is revoked: then a new token
+        enrolls it again). The control plane must run with
+        `issuingCa.certFile` and `issuingCa.keyFile`.
+      '';
+    };
+
+    name = lib.mkOption {
+      type = lib.types.nullOr (lib.types.strMatching "[a-z0-9]([a-z0-9-]*[a-z0-9])?");
+      default = null;
+      example = "web-1";
+      description = ''
+        The name this machine enrolls as, as the blueprint names it
+        (`--name`); null uses the host name.
+      '';
     };
 
     substituters = lib.mkOption {
@@ -132,8 +162,9 @@ in
         (`procurator-agent --vm-host`). The VMs outlive the agent:
         restarting or stopping the service leaves them running, and the
         agent adopts them again when it starts. The machine's certificate
-        must be issued with `procurator-ctl pki issue --vm-host`, or the
-        control plane refuses its capacity
+        must be issued with `procurator-ctl pki issue --vm-host` (or
+        enrolled with a token from `procurator-ctl enroll-token --vm-host`),
+        or the control plane refuses its capacity
       '';
 
       vmm = lib.mkOption {
@@ -236,6 +267,21 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
+        message = "services.procurator-agent.tls.certFile and tls.keyFile go together: set both or neither.";
+      }
+      {
+        assertion = cfg.tls.certFile != null || cfg.joinTokenFile != null;
+        message = ''
+          services.procurator-agent needs a certificate: set joinTokenFile to a
+          token from `procurator-ctl enroll-token --name MACHINE`, or
+          tls.certFile and tls.keyFile to files from `procurator-ctl pki issue`.
+        '';
+      }
+    ];
+
     warnings =
       lib.optional (cfg.trustedPublicKeys == [ ]) ''
         services.procurator-agent.trustedPublicKeys is empty: the agent refuses
@@ -315,6 +361,10 @@ in
                 "--intent-public-key"
                 key
               ]) cfg.intentPublicKeys
+              ++ lib.optionals (cfg.name != null) [
+                "--name"
+                cfg.name
+              ]
               ++ lib.optionals cfg.vmHost.enable (
                 [
                   "--vm-host"
@@ -344,15 +394,22 @@ in
             ))
             # %d is the credentials directory LoadCredential= fills; it is
             # left unescaped so systemd expands it.
-            "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
+            "--tls-ca %d/ca.crt"
           ]
+          # Without certificate files the agent keeps its own in its state
+          # directory, where it can renew them.
+          ++ lib.optional (cfg.tls.certFile != null) "--tls-cert %d/tls.crt --tls-key %d/tls.key"
+          ++ lib.optional (cfg.joinTokenFile != null) "--join-token %d/join-token"
           ++ lib.optional (cfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs cfg.extraArgs)
         );
         LoadCredential = [
           "ca.crt:${cfg.tls.caFile}"
+        ]
+        ++ lib.optionals (cfg.tls.certFile != null) [
           "tls.crt:${cfg.tls.certFile}"
           "tls.key:${cfg.tls.keyFile}"
-        ];
+        ]
+        ++ lib.optional (cfg.joinTokenFile != null) "join-token:${cfg.joinTokenFile}";
         StateDirectory = cfg.stateDirectory;
         StateDirectoryMode = "0700";
 

@@ -88,6 +88,34 @@ in
       };
     };
 
+    issuingCa = {
+      certFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.path;
+        default = null;
+        example = "/etc/procurator/tls/issuing-ca.crt";
+        description = ''
+          The CA the control plane signs agents' certificates with when they
+          enroll with a join token or renew (`--issuing-ca-cert`): an issuing
+          CA from `procurator-ctl pki intermediate`, so that the fleet CA's
+          key stays offline. Null: agents neither enroll nor renew here.
+        '';
+      };
+      keyFile = lib.mkOption {
+        type = lib.types.nullOr secretPath;
+        default = null;
+        example = "/etc/procurator/tls/issuing-ca.key";
+        description = "The issuing CA's key (`--issuing-ca-key`), handed over by `LoadCredential=`.";
+      };
+      agentCertValidity = lib.mkOption {
+        type = lib.types.strMatching "[0-9]+[smhd]";
+        default = "30d";
+        description = ''
+          How long an agent certificate it signs is valid
+          (`--agent-cert-validity`); agents renew two thirds into it.
+        '';
+      };
+    };
+
     stateDirectory = lib.mkOption {
       type = lib.types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]*";
       default = "procurator";
@@ -174,6 +202,13 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = (cfg.issuingCa.certFile == null) == (cfg.issuingCa.keyFile == null);
+        message = "services.procurator-control-plane.issuingCa.certFile and issuingCa.keyFile go together: set both or neither.";
+      }
+    ];
+
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];
 
     systemd.services.procurator-control-plane = {
@@ -210,6 +245,13 @@ in
             # left unescaped so systemd expands it.
             "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
           ]
+          ++ lib.optional (cfg.issuingCa.certFile != null) (
+            "--issuing-ca-cert %d/issuing-ca.crt --issuing-ca-key %d/issuing-ca.key "
+            + utils.escapeSystemdExecArgs [
+              "--agent-cert-validity"
+              cfg.issuingCa.agentCertValidity
+            ]
+          )
           ++ lib.optional (cfg.database.passwordFile != null) "--database-password-file %d/db-password"
           ++ lib.optional (cfg.database.caFile != null) "--database-ca-file %d/db-ca.crt"
           ++ lib.optional (cfg.extraArgs != [ ]) (utils.escapeSystemdExecArgs cfg.extraArgs)
@@ -220,6 +262,10 @@ in
           "ca.crt:${cfg.tls.caFile}"
           "tls.crt:${cfg.tls.certFile}"
           "tls.key:${cfg.tls.keyFile}"
+        ]
+        ++ lib.optionals (cfg.issuingCa.certFile != null) [
+          "issuing-ca.crt:${cfg.issuingCa.certFile}"
+          "issuing-ca.key:${cfg.issuingCa.keyFile}"
         ]
         ++ lib.optional (cfg.database.passwordFile != null) "db-password:${cfg.database.passwordFile}"
         ++ lib.optional (cfg.database.caFile != null) "db-ca.crt:${cfg.database.caFile}";

@@ -240,12 +240,12 @@ in
   };
   agent-key-in-store = {
     value = agentModule (withKey "/nix/store/00000000000000000000000000000000-agent.key");
-    message = "The option `services.procurator-agent.tls.keyFile' is not of type `absolute path outside the Nix store'";
+    message = "The option `services.procurator-agent.tls.keyFile' is not of type `null or absolute path outside the Nix store'";
   };
   # Interpolating a path literal would copy the key into the store.
   agent-key-as-path = {
     value = agentModule (withKey ./cases.nix);
-    message = "The option `services.procurator-agent.tls.keyFile' is not of type `absolute path outside the Nix store'";
+    message = "The option `services.procurator-agent.tls.keyFile' is not of type `null or absolute path outside the Nix store'";
   };
   agent-bad-public-key = {
     value = agentModule (s: s // { trustedPublicKeys = [ "cache.example.org-1" ]; });

@@ -281,6 +281,46 @@ optionChecks "agent.nix" (agent agentSettings).options
   }
 ).config
 
+# An agent that enrolls with a join token keeps its certificate in its
+# state directory; one with neither a token nor certificate files fails an
+# assertion.
+++ (
+  let
+    enrolling =
+      tls: extra:
+      agent (agentSettings // {
+        services.procurator-agent = agentSettings.services.procurator-agent // { inherit tls; } // extra;
+      });
+    withToken = enrolling { caFile = "/etc/procurator/tls/ca.crt"; } {
+      joinTokenFile = "/run/keys/procurator-join-token";
+      name = "web-1";
+    };
+    unit = withToken.config.systemd.services.procurator-agent;
+    failing = module: map (a: a.message) (builtins.filter (a: !a.assertion) module.config.assertions);
+  in
+  expect "enrolling agent flags" true (
+    stub.lib.hasInfix ''"--name" "web-1" --tls-ca %d/ca.crt --join-token %d/join-token'' unit.serviceConfig.ExecStart
+  )
+  ++ expect "enrolling agent has no certificate flags" false (
+    stub.lib.hasInfix "--tls-cert" unit.serviceConfig.ExecStart
+  )
+  ++ expect "enrolling agent LoadCredential" [
+    "ca.crt:/etc/procurator/tls/ca.crt"
+    "join-token:/run/keys/procurator-join-token"
+  ] unit.serviceConfig.LoadCredential
+  ++ expect "enrolling agent passes its assertions" [ ] (failing withToken)
+  ++ expect "agent with certificate files passes its assertions" [ ] (failing (agent agentSettings))
+  ++ expect "agent without a certificate or a token fails an assertion" 1 (
+    builtins.length (failing (enrolling { caFile = "/etc/procurator/tls/ca.crt"; } { }))
+  )
+  ++ expect "agent with a certificate but no key fails an assertion" 1 (
+    builtins.length (failing (enrolling {
+      caFile = "/etc/procurator/tls/ca.crt";
+      certFile = "/etc/procurator/tls/agent.crt";
+    } { joinTokenFile = "/run/keys/t"; }))
+  )
+)
+
 # The control plane.
 ++ expect "control plane ExecStart" (builtins.concatStringsSep " " [
   ''"/nix/store/00000000000000000000000000000000-procurator-control-plane/bin/procurator-control-plane"''
@@ -288,6 +328,22 @@ optionChecks "agent.nix" (agent agentSettings).options
   ''"--retain-deployments" "500" "--retain-events-days" "30" "--database" "sqlite"''
   "--tls-ca %d/ca.crt --tls-cert %d/tls.crt --tls-key %d/tls.key"
 ]) cpUnit.serviceConfig.ExecStart
+++ expect "control plane signs agents' certificates" true (
+  let
+    unit = (controlPlane (withControlPlane {
+      issuingCa = {
+        certFile = "/etc/procurator/tls/issuing-ca.crt";
+        keyFile = "/etc/procurator/tls/issuing-ca.key";
+        agentCertValidity = "7d";
+      };
+    })).config.systemd.services.procurator-control-plane;
+  in
+  stub.lib.hasInfix ''--issuing-ca-cert %d/issuing-ca.crt --issuing-ca-key %d/issuing-ca.key "--agent-cert-validity" "7d"'' unit.serviceConfig.ExecStart
+  && builtins.elem "issuing-ca.key:/etc/procurator/tls/issuing-ca.key" unit.serviceConfig.LoadCredential
+)
+++ expect "control plane without an issuing CA does not sign" false (
+  stub.lib.hasInfix "--issuing-ca" cpUnit.serviceConfig.ExecStart
+)
 ++ expect "control plane retention" true (
   stub.lib.hasInfix ''"--retain-deployments" "20" "--retain-events-days" "7"''
     (controlPlane (withControlPlane {

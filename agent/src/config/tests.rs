@@ -76,7 +76,10 @@ fn a_good_configuration_loads_with_the_documented_defaults() {
         (config.keepalive, config.max_backoff),
         (Duration::from_secs(20), Duration::from_secs(30))
     );
-    assert_eq!(config.material.identity.name.as_str(), "worker-1");
+    let Credentials::Ready(material) = &config.credentials else {
+        panic!("a certificate in place needs no enrollment");
+    };
+    assert_eq!(material.identity.name.as_str(), "worker-1");
     assert!(pki.dir.path().join("state").is_dir());
 }
 
@@ -100,7 +103,12 @@ fn repeated_flags_collect_and_space_separated_values_split() {
 fn bad_local_configuration_is_refused_with_a_clear_message() {
     let pki = Pki::new();
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
-        ("agent-missing", vec![], "cannot read certificate"),
+        ("agent-missing", vec![], "there is no certificate at"),
+        (
+            "agent-worker-1",
+            vec!["--name", "worker-2"],
+            "is the certificate of agent/worker-1, but --name says worker-2",
+        ),
         ("operator-admin", vec![], "an agent needs role agent"),
         (
             "agent-worker-1",
@@ -200,5 +208,50 @@ fn a_vm_host_offers_the_flags_or_this_machine_less_a_reserve() {
     assert!(
         unknown.to_string().contains("cloud-hypervisor"),
         "{unknown}"
+    );
+}
+
+#[test]
+fn without_a_certificate_a_join_token_enrolls_into_the_state_directory() {
+    let pki = Pki::new();
+    let d = pki.dir.path();
+    let token = d.join("join-token");
+    std::fs::write(&token, format!("pjt_{}\n", "x".repeat(43))).unwrap();
+    let mut args = pki.args("unused", &[]);
+    // No --tls-cert or --tls-key: they live in the state directory.
+    let at = args.iter().position(|a| a == "--tls-cert").unwrap();
+    args.drain(at..at + 4);
+    args.extend(
+        ["--join-token", token.to_str().unwrap(), "--name", "web-7"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let config = Config::from_cli(Cli::try_parse_from(&args).unwrap()).unwrap();
+    assert_eq!(config.tls.cert, d.join("state/tls/agent.crt"));
+    assert_eq!(config.tls.key, d.join("state/tls/agent.key"));
+    let Credentials::Enroll {
+        machine,
+        token: enrolling_with,
+    } = &config.credentials
+    else {
+        panic!("no certificate: it must enroll");
+    };
+    assert_eq!(machine.as_str(), "web-7");
+    assert_eq!(enrolling_with.path, d.join("join-token"));
+
+    // A certificate in place, valid: the token is not used again.
+    let issued = pki::issue(d, Role::Agent, "web-7", &[], false).unwrap();
+    std::fs::create_dir_all(d.join("state/tls")).unwrap();
+    std::fs::copy(&issued.cert, d.join("state/tls/agent.crt")).unwrap();
+    std::fs::copy(&issued.key, d.join("state/tls/agent.key")).unwrap();
+    let config = Config::from_cli(Cli::try_parse_from(&args).unwrap()).unwrap();
+    assert!(matches!(config.credentials, Credentials::Ready(_)));
+
+    // A bad token file is a startup error.
+    std::fs::write(&token, "not a token").unwrap();
+    let err = Config::from_cli(Cli::try_parse_from(&args).unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("does not hold a join token"),
+        "{err}"
     );
 }

@@ -16,6 +16,19 @@ struct Fake;
 
 #[tonic::async_trait]
 impl AgentService for Fake {
+    async fn enroll(
+        &self,
+        _request: tonic::Request<procurator_proto::v1::EnrollRequest>,
+    ) -> Result<tonic::Response<procurator_proto::v1::IssuedCertificate>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+
+    async fn renew(
+        &self,
+        _request: tonic::Request<procurator_proto::v1::RenewRequest>,
+    ) -> Result<tonic::Response<procurator_proto::v1::IssuedCertificate>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
     type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
 
     async fn connect(

@@ -1,6 +1,7 @@
 //! Agents: who is connected, what they run, what they last reported.
 
 use procurator_core::MachineName;
+use procurator_core::certificate::CertificateInfo;
 use procurator_proto::v1::{
     Agent, AgentConnection, Hello, MachineState, VmHostCapacity, VmPlacement, event,
 };
@@ -25,10 +26,14 @@ impl Store {
         &self,
         machine: MachineName,
         hello: Hello,
+        certificate: Option<CertificateInfo>,
     ) -> Result<u64, StoreError> {
         let replica = self.replica();
         self.write(move |tx| {
             let vm_host = hello.vm_host.as_ref().map(prost::Message::encode_to_vec);
+            let (cert_serial, cert_not_after_ms) = certificate
+                .map(|c| (c.serial, c.not_after.saturating_mul(1000)))
+                .unwrap_or_default();
             let before: Option<Reported> = tx.sql.fetch_opt(
                 "SELECT current_system, booted_system, agent_version, nix_version, vm_host
                      FROM agents WHERE machine = ?1",
@@ -52,12 +57,13 @@ impl Store {
             )?;
             tx.sql.exec(
                 "INSERT INTO agents (machine, connected, generation, current_system, booted_system,
-                                     agent_version, nix_version, last_seen_ms, vm_host, replica)
-                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                                     agent_version, nix_version, last_seen_ms, vm_host, replica,
+                                     cert_serial, cert_not_after_ms)
+                 VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (machine) DO UPDATE SET
                      connected = 1, generation = ?2, current_system = ?3, booted_system = ?4,
                      agent_version = ?5, nix_version = ?6, last_seen_ms = ?7, vm_host = ?8,
-                     replica = ?9",
+                     replica = ?9, cert_serial = ?10, cert_not_after_ms = ?11",
                 &[
                     &machine.as_str(),
                     &generation,
@@ -68,6 +74,8 @@ impl Store {
                     &tx.now,
                     &vm_host,
                     &replica,
+                    &cert_serial,
+                    &cert_not_after_ms,
                 ],
             )?;
             let now = Reported {
@@ -210,7 +218,7 @@ impl Store {
             let agents = conn.fetch_all(
                 "SELECT machine, connected, current_system, booted_system, agent_version,
                         nix_version, last_seen_ms, last_deployment_id, last_state, last_reason,
-                        vm_host
+                        vm_host, cert_serial, cert_not_after_ms
                  FROM agents ORDER BY machine",
                 &[],
                 |r| {
@@ -235,6 +243,8 @@ impl Store {
                                 })?)
                             }
                         },
+                        certificate_serial: r.get(11)?,
+                        certificate_not_after_ms: r.get(12)?,
                         ..Default::default()
                     })
                 },

@@ -31,6 +31,7 @@ mod rows;
 mod schedule;
 mod stats;
 mod tailer;
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -53,6 +54,10 @@ pub use reports::ResultOutcome;
 pub use retention::Pruned;
 pub use retention::Retention;
 pub use schedule::{Outbound, Scheduled, Scope, SendOrder};
+pub use trust::{
+    JoinToken, MAX_LIVE_TOKENS, MAX_REVOCATIONS, Redeemed, RevokeError, Revoked, TOKEN_PREFIX,
+    TokenRefusal,
+};
 
 /// How many committed events a slow subscriber may fall behind before it
 /// must re-read from the database.
@@ -654,3 +659,6 @@ mod tests_retention;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_rollout;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_trust;

@@ -183,6 +183,8 @@ fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> 
         .map(|(revision, _)| *revision)
         .last()
     else {
+        // Last, once the log is done: join tokens of long ago.
+        Store::forget_old_tokens(tx)?;
         return Ok(Step::Done);
     };
     let n = tx

@@ -35,7 +35,7 @@ pub(super) async fn submit(store: &Store, commit: &str, machines: &[(&str, &str)
 /// scheduler; returns who is to be sent a desired state.
 pub(super) async fn connect_and_schedule(store: &Store, machine: &str) -> Vec<MachineName> {
     store
-        .agent_connected(m(machine), Hello::default())
+        .agent_connected(m(machine), Hello::default(), None)
         .await
         .unwrap();
     schedule(store).await
@@ -366,15 +366,18 @@ async fn a_replaced_connection_cannot_mark_its_successor_disconnected() {
         ..Default::default()
     };
     let first = store
-        .agent_connected(m("web-1"), hello.clone())
+        .agent_connected(m("web-1"), hello.clone(), None)
         .await
         .unwrap();
     let second = store
-        .agent_connected(m("web-1"), hello.clone())
+        .agent_connected(m("web-1"), hello.clone(), None)
         .await
         .unwrap();
     // Each connection of any machine gets a higher generation than any before.
-    let other = store.agent_connected(m("web-2"), hello).await.unwrap();
+    let other = store
+        .agent_connected(m("web-2"), hello, None)
+        .await
+        .unwrap();
     assert!(first < second && second < other, "{first} {second} {other}");
     assert!(!store.agent_disconnected(m("web-1"), first).await.unwrap());
     assert!(store.list_agents().await.unwrap()[0].connected);
@@ -390,7 +393,7 @@ async fn a_restart_keeps_history_and_disconnects_agents() {
     let (id, before) = {
         let store = Store::open(dir.path()).unwrap();
         store
-            .agent_connected(m("web-1"), Hello::default())
+            .agent_connected(m("web-1"), Hello::default(), None)
             .await
             .unwrap();
         let s = submit(&store, COMMIT_A, &[("web-1", "sys-a")]).await;

@@ -105,6 +105,7 @@ async fn a_version_2_database_gains_the_vm_host_column() {
         .agent_connected(
             procurator_core::MachineName::parse(&agents[0].machine).unwrap(),
             Default::default(),
+            None,
         )
         .await
         .unwrap();
@@ -114,7 +115,7 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     assert_is_current(&conn);
 }
 
-/// The database is at version 7: the columns of version 4 are there and
+/// The database is at version 8: the columns of version 4 are there and
 /// empty for what was stored before, nothing was pruned yet, the log's
 /// head is where its rows left off, and this process is the one replica.
 fn assert_is_current(conn: &rusqlite::Connection) {
@@ -122,7 +123,7 @@ fn assert_is_current(conn: &rusqlite::Connection) {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 7);
+    assert_eq!(version, 8);
     let replicas: i64 = conn
         .query_row("SELECT count(*) FROM replicas", [], |r| r.get(0))
         .unwrap();

@@ -18,7 +18,7 @@ async fn connect_host(store: &Store, name: &str, cpus: u64, gib: u64) {
         }),
         ..Default::default()
     };
-    store.agent_connected(m(name), hello).await.unwrap();
+    store.agent_connected(m(name), hello, None).await.unwrap();
 }
 
 /// `web` with `replicas`, 1 CPU and 1 GB each (the test artifact's size).

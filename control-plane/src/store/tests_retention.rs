@@ -178,7 +178,7 @@ async fn a_reconnecting_agent_writes_an_event_only_when_its_report_changes() {
     };
     for _ in 1..=50 {
         let generation = store
-            .agent_connected(m("web-1"), hello.clone())
+            .agent_connected(m("web-1"), hello.clone(), None)
             .await
             .unwrap();
         assert!(
@@ -193,7 +193,10 @@ async fn a_reconnecting_agent_writes_an_event_only_when_its_report_changes() {
         agent_version: "2".into(),
         ..hello
     };
-    store.agent_connected(m("web-1"), upgraded).await.unwrap();
+    store
+        .agent_connected(m("web-1"), upgraded, None)
+        .await
+        .unwrap();
     let events = all_events(&store).await;
     assert_eq!(events.len(), 2);
     let agents = store.list_agents().await.unwrap();

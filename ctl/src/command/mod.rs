@@ -13,5 +13,6 @@ pub mod rollback;
 pub mod sign;
 pub mod status;
 pub mod submit;
+pub mod trust;
 pub mod validate;
 pub mod watch;

@@ -17,6 +17,21 @@ pub enum Command {
     /// Issue a certificate signed by the fleet CA: a client's, or the
     /// control plane's own (renewed, or with another --san).
     Issue(IssueArgs),
+    /// Make an issuing CA below the fleet CA (issuing-ca.crt, .key) for the
+    /// control plane to sign agents' certificates with, so that ca.key can
+    /// stay offline.
+    Intermediate(IntermediateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct IntermediateArgs {
+    /// The directory holding the fleet CA (from `pki init`).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// Replace an existing issuing CA.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +123,10 @@ pub fn run(command: Command) -> anyhow::Result<Outcome> {
             let files = pki::issue_for(&args.dir, &identity, &sans, args.force)?;
             issue_text(&args.dir, &files, &sans)
         }
+        Command::Intermediate(args) => {
+            let files = pki::intermediate(&args.dir, args.force)?;
+            intermediate_text(&args.dir, &files)
+        }
     };
     output::print(&text)?;
     Ok(Outcome::Success)
@@ -185,6 +204,17 @@ fn init_text(dir: &Path, sans: &[String], files: &InitFiles) -> String {
     let _ = writeln!(out, "       export PROCURATOR_TLS_KEY={}", op.key.display());
     let _ = writeln!(out, "       procurator-ctl status");
     out
+}
+
+fn intermediate_text(dir: &Path, files: &pki::IntermediateFiles) -> String {
+    format!(
+        "Created an issuing CA below {}:\n  {}  its certificate\n  {}  its key (mode 0600): it signs agents' certificates; only the control plane needs it\nStart the control plane with:\n  procurator-control-plane --issuing-ca-cert {} --issuing-ca-key {} …\nand ca.key can go offline.\n",
+        pki::ca_cert_path(dir).display(),
+        files.cert.display(),
+        files.key.display(),
+        files.cert.display(),
+        files.key.display()
+    )
 }
 
 fn issue_text(dir: &Path, files: &IssuedFiles, sans: &[String]) -> String {

@@ -58,6 +58,7 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
                 } else {
                     format::ago(now_ms, a.last_seen_ms)
                 },
+                format::expires(now_ms, a.certificate_not_after_ms),
                 last_result(a),
             ]
         })
@@ -68,6 +69,7 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
             "CONNECTED",
             "CURRENT-SYSTEM",
             "LAST-SEEN",
+            "CERT-EXPIRES",
             "LAST-RESULT",
         ],
         &rows,
@@ -169,6 +171,10 @@ pub fn agent_json(a: &Agent) -> Value {
         "lastDeploymentId": a.last_deployment_id,
         "lastState": last_state,
         "lastReason": a.last_reason,
+        "certificate": (!a.certificate_serial.is_empty()).then(|| json!({
+            "serial": a.certificate_serial,
+            "notAfter": format::rfc3339_or_null(a.certificate_not_after_ms),
+        })),
         "vmHost": a.vm_host.as_ref().map(|h| json!({
             "cpus": h.milli_cpus as f64 / 1000.0,
             "memoryBytes": h.memory_bytes,
@@ -196,6 +202,8 @@ mod tests {
                 last_seen_ms: NOW,
                 last_deployment_id: "d-1".into(),
                 last_state: MachineState::Succeeded as i32,
+                certificate_serial: "4a3f".into(),
+                certificate_not_after_ms: NOW + 29 * 86_400_000 + 1000,
                 ..Default::default()
             },
             Agent {
@@ -223,7 +231,11 @@ mod tests {
             lines[1].starts_with("worker-1  yes        /nix/store/0c5m"),
             "{table}"
         );
-        assert!(lines[1].ends_with("now        succeeded in d-1"), "{table}");
+        assert!(
+            lines[1].ends_with("now        in 29d        succeeded in d-1"),
+            "{table}"
+        );
+        assert!(lines[2].contains(" -  "), "no certificate known: {table}");
         assert!(lines[2].contains(" no "), "{table}");
         assert!(lines[2].contains("5m ago"), "{table}");
         assert!(
@@ -289,5 +301,9 @@ mod tests {
         assert_eq!(v["lastState"], "rolled-back");
         assert_eq!(v["lastSeen"], "2025-06-01T07:10:02.000Z");
         assert_eq!(agent_json(&Agent::default())["lastSeen"], Value::Null);
+        assert_eq!(v["certificate"], Value::Null);
+        let v = agent_json(&agents()[0]);
+        assert_eq!(v["certificate"]["serial"], "4a3f");
+        assert_eq!(v["certificate"]["notAfter"], "2025-06-30T07:15:03.000Z");
     }
 }

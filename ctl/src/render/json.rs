@@ -50,6 +50,16 @@ pub fn event_json(ev: &Event) -> Value {
                 json!({ "state": f.state().label(), "summary": summary }),
             )
         }
+        Some(event::Kind::Certificate(c)) => (
+            "certificate",
+            json!({
+                "action": c.action().as_str_name().to_ascii_lowercase(),
+                "identity": c.identity,
+                "serial": c.serial,
+                "reason": c.reason,
+                "peer": c.peer,
+            }),
+        ),
         Some(event::Kind::Agent(a)) => (
             "agent",
             json!({

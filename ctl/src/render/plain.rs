@@ -67,6 +67,7 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
                 let _ = write!(out, "{} disconnected", format::safe(&a.machine));
             }
         }
+        Some(event::Kind::Certificate(c)) => out.push_str(&certificate_text(c)),
         Some(event::Kind::WaveStarted(w)) => out.push_str(&wave_text(w)),
         Some(event::Kind::VmsPlaced(p)) => out.push_str(&placed_text(p)),
         Some(event::Kind::Cancelled(c)) => out.push_str(&cancelled_text(c)),
@@ -444,5 +445,35 @@ mod tests {
             "07:15:02 rollout halted: 1 machine failed, the failure budget is 0 (worker-1); 1 machine left as it was\n"
         );
         assert_eq!(left_text(2), "2 machines left as they were");
+    }
+}
+
+/// An enrollment, renewal, refusal or revocation, in one line.
+fn certificate_text(c: &procurator_proto::v1::CertificateEvent) -> String {
+    use procurator_proto::v1::certificate_event::Action;
+    let who = if c.identity.is_empty() {
+        format!("serial {}", format::safe(&c.serial))
+    } else {
+        format::safe(&c.identity).into_owned()
+    };
+    let serial = if c.serial.is_empty() || c.identity.is_empty() {
+        String::new()
+    } else {
+        format!(" (serial {})", format::safe(&c.serial))
+    };
+    let from = if c.peer.is_empty() {
+        String::new()
+    } else {
+        format!(" from {}", format::safe(&c.peer))
+    };
+    let why = format::safe(&c.reason);
+    match c.action() {
+        Action::Enrolled => format!("{who} enrolled{serial}{from}"),
+        Action::EnrollRefused => format!("enrollment of {who} refused{from}: {why}"),
+        Action::Renewed => format!("{who} renewed its certificate{serial}"),
+        Action::Revoked if why.is_empty() => format!("{who} revoked"),
+        Action::Revoked => format!("{who} revoked: {why}"),
+        Action::JoinTokenCreated => format!("join token created for {who}, {why}"),
+        Action::Unspecified => format!("certificate event for {who}"),
     }
 }

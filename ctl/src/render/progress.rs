@@ -178,7 +178,9 @@ impl Renderer for ProgressRenderer {
                 }
             }
             // Connections matter while waiting for agents: say so above the bars.
-            Some(event::Kind::Agent(_)) => self.println(&event_text(ev, view)),
+            Some(event::Kind::Agent(_) | event::Kind::Certificate(_)) => {
+                self.println(&event_text(ev, view))
+            }
             Some(event::Kind::WaveStarted(w)) => {
                 self.println(&event_text(ev, view));
                 self.show_wave(view);

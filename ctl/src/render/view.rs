@@ -160,7 +160,12 @@ impl DeploymentView {
                 self.halted_reason.clone_from(&h.reason);
                 self.halted_machines.clone_from(&h.failed_machines);
             }
-            Some(event::Kind::Agent(_) | event::Kind::VmsPlaced(_) | event::Kind::Cancelled(_))
+            Some(
+                event::Kind::Agent(_)
+                | event::Kind::VmsPlaced(_)
+                | event::Kind::Cancelled(_)
+                | event::Kind::Certificate(_),
+            )
             | None => {}
         }
     }

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use crate::store::StoreError;
 
-const VERSION: i64 = 7;
+const VERSION: i64 = 8;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -152,6 +152,32 @@ CREATE TABLE IF NOT EXISTS replicas (
 );
 -- Generations are handed out as the highest plus one. (Version 7.)
 CREATE INDEX IF NOT EXISTS agents_by_generation ON agents (generation);
+
+-- Join tokens, by their SHA-256 only: the token itself is shown once to
+-- the operator who made it. (Version 8.)
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_hash      TEXT    PRIMARY KEY,
+    machine         TEXT    NOT NULL,
+    vm_host         INTEGER NOT NULL DEFAULT 0,
+    created_by      TEXT    NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    expires_ms      INTEGER NOT NULL,
+    used_ms         INTEGER,
+    last_refusal_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS join_tokens_by_expiry ON join_tokens (expires_ms);
+
+-- Certificates no longer accepted: one serial, or every certificate of
+-- role/name whose validity began by revoked_ms. (Version 8.)
+CREATE TABLE IF NOT EXISTS revocations (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    role       TEXT    NOT NULL DEFAULT '',
+    name       TEXT    NOT NULL DEFAULT '',
+    serial     TEXT    NOT NULL DEFAULT '',
+    reason     TEXT    NOT NULL DEFAULT '',
+    revoked_by TEXT    NOT NULL,
+    revoked_ms INTEGER NOT NULL
+);
 ";
 
 /// Set connection options and create the tables if they are missing.
@@ -198,6 +224,14 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
     )?;
     // Version 6 -> 7: an agent's row names the replica holding its stream.
     add_column(conn, "agents", "replica", "INTEGER NOT NULL DEFAULT 0")?;
+    // Version 7 -> 8: the certificate of an agent's last connection.
+    add_column(conn, "agents", "cert_serial", "TEXT NOT NULL DEFAULT ''")?;
+    add_column(
+        conn,
+        "agents",
+        "cert_not_after_ms",
+        "INTEGER NOT NULL DEFAULT 0",
+    )?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }
