@@ -63,6 +63,13 @@ fn last_line(tail: &str) -> String {
 }
 
 /// How to run Nix: which programs, with which `--option`s and environment.
+/// A derivation `nix build` built, and its `out` output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    pub drv_path: StorePath,
+    pub out: StorePath,
+}
+
 #[derive(Debug, Clone)]
 pub struct Nix {
     nix: PathBuf,
@@ -201,6 +208,17 @@ impl Nix {
     /// `nix build --no-link --json ARGS...`: the `out` output of each
     /// installable built.
     pub async fn build(&self, args: &[&str]) -> Result<Vec<StorePath>, NixError> {
+        Ok(self
+            .build_outputs(args)
+            .await?
+            .into_iter()
+            .map(|built| built.out)
+            .collect())
+    }
+
+    /// `nix build --no-link --json ARGS...`: each derivation built and its
+    /// `out` output, from Nix's JSON (the same from 2.8 to 2.24).
+    pub async fn build_outputs(&self, args: &[&str]) -> Result<Vec<Built>, NixError> {
         let mut command = self.nix(&["build", "--no-link", "--json"]);
         command.args(args);
         let name = describe(&command);
@@ -210,17 +228,45 @@ impl Nix {
                 command: name.clone(),
                 message: e.to_string(),
             })?;
-        built
-            .iter()
-            .map(|b| {
-                let out = b
-                    .pointer("/outputs/out")
+        let path = |b: &serde_json::Value, pointer: &str| {
+            let text =
+                b.pointer(pointer)
                     .and_then(|v| v.as_str())
                     .ok_or_else(|| NixError::BadOutput {
                         command: name.clone(),
-                        message: format!("no outputs.out in {b}"),
+                        message: format!("no {pointer} in {b}"),
                     })?;
-                StorePath::parse(out).map_err(|source| NixError::BadStorePath {
+            StorePath::parse(text).map_err(|source| NixError::BadStorePath {
+                command: name.clone(),
+                source,
+            })
+        };
+        built
+            .iter()
+            .map(|b| {
+                Ok(Built {
+                    drv_path: path(b, "/drvPath")?,
+                    out: path(b, "/outputs/out")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Which of `paths` are not valid in the store (`nix-store
+    /// --check-validity --print-invalid`): what a failed build left unbuilt.
+    pub async fn invalid_paths(&self, paths: &[StorePath]) -> Result<Vec<StorePath>, NixError> {
+        let mut command = self.command(
+            &self.nix_store(),
+            ["--check-validity", "--print-invalid"].map(OsStr::new),
+        );
+        command.args(paths.iter().map(StorePath::as_str));
+        let name = describe(&command);
+        let stdout = self.stdout_of(command).await?;
+        stdout
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                StorePath::parse(l).map_err(|source| NixError::BadStorePath {
                     command: name.clone(),
                     source,
                 })

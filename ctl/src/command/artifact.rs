@@ -50,7 +50,13 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let intent_key = args.intent.load()?;
     let nix = crate::pipeline::nix();
-    let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
+    let evaluated = evaluate_and_build(
+        &nix,
+        &flake,
+        args.flake.jobs(),
+        args.flake.eval_workers as usize,
+    )
+    .await?;
     let (mut deployment, mut text) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
     if let Some(key) = &intent_key {
         (deployment, text) = intent::sign_text(&text, key)?;

@@ -154,7 +154,13 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     let intent_key = args.intent.load()?;
 
     let nix = crate::pipeline::nix();
-    let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
+    let evaluated = evaluate_and_build(
+        &nix,
+        &flake,
+        args.flake.jobs(),
+        args.flake.eval_workers as usize,
+    )
+    .await?;
     let mut plan = Plan::compare(previous.as_ref(), &evaluated);
     // Sizes are for people; a store that cannot say them stops nothing.
     if let Err(e) = plan.fill_sizes(&nix).await {

@@ -42,7 +42,13 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let flake = Flake::open(&args.flake.flake)?;
     let nix = crate::pipeline::nix();
-    let evaluated = evaluate_and_build(&nix, &flake, args.flake.jobs()).await?;
+    let evaluated = evaluate_and_build(
+        &nix,
+        &flake,
+        args.flake.jobs(),
+        args.flake.eval_workers as usize,
+    )
+    .await?;
     let mut plan = Plan::compare(previous.as_ref(), &evaluated);
     plan.fill_sizes(&nix).await?;
     if args.diff {

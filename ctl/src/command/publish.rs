@@ -35,9 +35,14 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub flake: Option<PathBuf>,
 
-    /// Machines built at once with --flake (default: the number of CPUs).
+    /// Derivations built at once with --flake, Nix's `--max-jobs`
+    /// (default: the number of CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), requires = "flake")]
     pub jobs: Option<u32>,
+
+    /// Evaluators to share the machines among with --flake (see `plan --help`).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), requires = "flake")]
+    pub eval_workers: u32,
 
     #[command(flatten)]
     pub output: OutputArgs,
@@ -53,12 +58,18 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
         }
         (None, Some(dir)) => {
             let flake = Flake::open(dir)?;
-            let jobs = crate::pipeline::FlakeArgs {
+            let settings = crate::pipeline::FlakeArgs {
                 flake: dir.clone(),
                 jobs: args.jobs,
-            }
-            .jobs();
-            let evaluated = evaluate_and_build(&nix, &flake, jobs).await?;
+                eval_workers: args.eval_workers,
+            };
+            let evaluated = evaluate_and_build(
+                &nix,
+                &flake,
+                settings.jobs(),
+                settings.eval_workers as usize,
+            )
+            .await?;
             evaluated.closures.into_values().collect()
         }
         // clap's group makes one of them required.

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 pub mod change;
+pub mod fleet;
 pub mod intent;
 pub mod publish;
 pub mod rollout;
@@ -13,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use futures::StreamExt as _;
 use procurator_core::artifact::MachineSpec;
 use procurator_core::nix::{Nix, NixError};
 use procurator_core::{MachineName, StorePath};
@@ -28,7 +28,8 @@ pub fn nix() -> Nix {
     Nix::new().with_option("eval-cache", "false")
 }
 
-/// `--flake` and `--jobs`, for every command that evaluates and builds.
+/// `--flake`, `--jobs` and `--eval-workers`, for every command that
+/// evaluates and builds.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FlakeArgs {
     /// The directory holding the fleet's flake.nix (with blueprintJSON and
@@ -37,9 +38,16 @@ pub struct FlakeArgs {
     #[arg(long, value_name = "PATH")]
     pub flake: PathBuf,
 
-    /// How many machines to build at once (default: the number of CPUs).
+    /// How many derivations to build at once, Nix's `--max-jobs` (default:
+    /// the number of CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
+
+    /// Evaluators to share the machines among. One evaluates what the
+    /// machines share (nixpkgs) once; more hold it once each, so raise it
+    /// only when one evaluator's memory is more than the CI runner has.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub eval_workers: u32,
 }
 
 impl FlakeArgs {
@@ -91,13 +99,6 @@ impl Flake {
     fn installable(&self, attribute: &str) -> String {
         format!("{}#{attribute}", self.dir.display())
     }
-
-    fn toplevel(&self, machine: &MachineName) -> String {
-        // Machine names are validated ([A-Za-z0-9_-]): quoting them is enough.
-        self.installable(&format!(
-            "nixosConfigurations.\"{machine}\".config.system.build.toplevel"
-        ))
-    }
 }
 
 /// What the flake describes and what was built from it.
@@ -111,21 +112,90 @@ pub struct Evaluated {
     pub closures: BTreeMap<MachineName, StorePath>,
 }
 
-/// Evaluates `blueprintJSON`, then builds every machine's toplevel, `jobs`
-/// at a time. Progress goes to stderr.
+/// Evaluates the blueprint and every machine's toplevel in one evaluator
+/// (`eval_workers` of them, each with a share of the machines, when more
+/// than one), then builds them all with one `nix build --max-jobs JOBS`.
+/// Machines that do not evaluate are named (exit 4) and those that fail to
+/// build too (exit 5), after the others were built. Progress goes to
+/// stderr.
 pub async fn evaluate_and_build(
     nix: &Nix,
     flake: &Flake,
     jobs: usize,
+    eval_workers: usize,
 ) -> anyhow::Result<Evaluated> {
-    let (blueprint, specs) = evaluate(nix, flake).await?;
-    let machines: Vec<MachineName> = specs.keys().cloned().collect();
-    let closures = build_all(nix, flake, &machines, jobs).await?;
+    let started = Instant::now();
+    let (blueprint, specs, derivations, failures) =
+        evaluate_fleet(nix, flake, jobs, eval_workers).await?;
+    eprintln!(
+        "evaluated {} of {} machines in {:.1} s",
+        derivations.len(),
+        specs.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let (closures, build_error) = fleet::build(nix, &derivations, jobs).await;
+    // Evaluation comes before building: a machine that does not evaluate
+    // is what the flake's author has to fix first.
+    if !failures.is_empty() {
+        let messages: Vec<&str> = failures.iter().map(StageError::message).collect();
+        return Err(StageError::new(Stage::Evaluation, messages.join("\n")).into());
+    }
+    if let Some(error) = build_error {
+        return Err(error.into());
+    }
     Ok(Evaluated {
         blueprint,
         specs,
         closures,
     })
+}
+
+type FleetEvaluation = (
+    Value,
+    BTreeMap<MachineName, MachineSpec>,
+    BTreeMap<MachineName, fleet::Derivation>,
+    Vec<StageError>,
+);
+
+/// The blueprint and each machine's derivation, and the machines that do
+/// not evaluate.
+async fn evaluate_fleet(
+    nix: &Nix,
+    flake: &Flake,
+    jobs: usize,
+    eval_workers: usize,
+) -> anyhow::Result<FleetEvaluation> {
+    if eval_workers <= 1 {
+        eprintln!(
+            "evaluating {} and every machine in one evaluator",
+            flake.installable("blueprintJSON")
+        );
+        match fleet::evaluate(nix, flake, None).await {
+            Ok(evaluated) => {
+                let blueprint = evaluated.blueprint.unwrap_or(Value::Null);
+                let specs = parse_blueprint(&blueprint)
+                    .map_err(|e| StageError::new(Stage::Evaluation, e))?;
+                return Ok((blueprint, specs, evaluated.derivations, Vec::new()));
+            }
+            Err(e @ NixError::Run(_)) => {
+                return Err(anyhow::anyhow!("{e}; is Nix installed and on PATH?"));
+            }
+            // Some part does not evaluate: which, is found below.
+            Err(_) => {}
+        }
+    }
+    let (blueprint, specs) = evaluate(nix, flake).await?;
+    let machines: Vec<MachineName> = specs.keys().cloned().collect();
+    let (derivations, failures) = if eval_workers <= 1 {
+        fleet::one_by_one(nix, flake, &machines, jobs).await
+    } else {
+        eprintln!(
+            "evaluating {} machines in {eval_workers} evaluators",
+            machines.len()
+        );
+        fleet::derivations(nix, flake, &machines, eval_workers, jobs).await
+    };
+    Ok((blueprint, specs, derivations, failures))
 }
 
 /// `nix eval --json DIR#blueprintJSON`, validated as a blueprint.
@@ -166,110 +236,6 @@ fn parse_blueprint(blueprint: &Value) -> Result<BTreeMap<MachineName, MachineSpe
     Ok(specs)
 }
 
-/// Builds every machine, `jobs` at a time; all of them run to their end so
-/// that one report names every machine that failed.
-async fn build_all(
-    nix: &Nix,
-    flake: &Flake,
-    machines: &[MachineName],
-    jobs: usize,
-) -> Result<BTreeMap<MachineName, StorePath>, StageError> {
-    let jobs = jobs.clamp(1, machines.len().max(1));
-    eprintln!(
-        "building {} machine{} ({jobs} at a time)",
-        machines.len(),
-        if machines.len() == 1 { "" } else { "s" },
-    );
-    let results: Vec<(MachineName, Result<StorePath, StageError>)> =
-        futures::stream::iter(machines.iter().cloned())
-            .map(|machine| async move {
-                let result = build_one(nix, flake, &machine).await;
-                (machine, result)
-            })
-            .buffer_unordered(jobs)
-            .collect()
-            .await;
-
-    let mut closures = BTreeMap::new();
-    let mut failures: Vec<StageError> = Vec::new();
-    for (machine, result) in results {
-        match result {
-            Ok(closure) => {
-                closures.insert(machine, closure);
-            }
-            Err(e) => failures.push(e),
-        }
-    }
-    if failures.is_empty() {
-        return Ok(closures);
-    }
-    // Evaluation comes before building: if any machine failed to evaluate,
-    // that is what the flake's author has to fix first.
-    let stage = if failures.iter().any(|f| f.stage == Stage::Evaluation) {
-        Stage::Evaluation
-    } else {
-        Stage::Build
-    };
-    let messages: Vec<String> = failures
-        .iter()
-        .filter(|f| f.stage == stage)
-        .map(|f| f.message().to_owned())
-        .collect();
-    Err(StageError::new(stage, messages.join("\n")))
-}
-
-/// `nix build --no-link --json` of one machine's toplevel. When it fails,
-/// evaluating the derivation alone tells an evaluation error (exit 4) from
-/// a failed builder (exit 5); a successful build pays for one evaluation.
-async fn build_one(
-    nix: &Nix,
-    flake: &Flake,
-    machine: &MachineName,
-) -> Result<StorePath, StageError> {
-    let installable = flake.toplevel(machine);
-    let started = Instant::now();
-    let built = nix.build(&[&installable]).await;
-    let error = match built {
-        Ok(paths) => match <[StorePath; 1]>::try_from(paths) {
-            Ok([closure]) => {
-                eprintln!(
-                    "built {machine} in {:.1} s: {closure}",
-                    started.elapsed().as_secs_f64()
-                );
-                return Ok(closure);
-            }
-            Err(paths) => {
-                return Err(StageError::new(
-                    Stage::Build,
-                    format!(
-                        "machine {machine}: nix build printed {} paths for one installable",
-                        paths.len()
-                    ),
-                ));
-            }
-        },
-        Err(e) => e,
-    };
-    eprintln!("{machine} failed to build");
-    let drv = format!("{installable}.drvPath");
-    let stage = match nix.eval_json(&[&drv]).await {
-        Err(eval_error @ NixError::Failed { .. }) => {
-            return Err(StageError::nix(
-                Stage::Evaluation,
-                &format!("machine {machine}"),
-                &eval_error,
-            ));
-        }
-        // It evaluates (or Nix cannot even start): the build is what failed.
-        Ok(_) | Err(_) => Stage::Build,
-    };
-    Err(StageError::nix(
-        stage,
-        &format!("machine {machine}"),
-        &error,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -302,15 +268,10 @@ mod tests {
     }
 
     #[test]
-    fn installables_quote_the_machine_name() {
+    fn installables_are_the_directory_and_the_attribute() {
         let flake = Flake {
             dir: PathBuf::from("/srv/fleet"),
         };
-        let m = MachineName::parse("worker-1").unwrap();
-        assert_eq!(
-            flake.toplevel(&m),
-            "/srv/fleet#nixosConfigurations.\"worker-1\".config.system.build.toplevel"
-        );
         assert_eq!(
             flake.installable("blueprintJSON"),
             "/srv/fleet#blueprintJSON"
