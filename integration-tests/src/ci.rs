@@ -153,6 +153,12 @@ pub fn fails_without_artifact(
         result.expect_code(code)?;
         ensure!(result.stderr.contains(message), "no {message:?}: {result}");
         ensure!(!result.all().contains('\u{1b}'), "ANSI codes: {result:?}");
+        if args[0] == "ci" {
+            ensure!(
+                result.stderr.contains("without --signing-key"),
+                "ci without --signing-key warns: {result}"
+            );
+        }
         ensure!(!out_file.exists(), "an artifact was left behind: {result}");
         ensure!(
             !flake.join("cache").exists(),

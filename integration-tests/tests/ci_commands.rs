@@ -165,6 +165,33 @@ fn publish_signs_and_copies_only_what_is_missing() {
     out.expect_code(6)
         .expect("attic without attic fails to publish");
     assert!(out.stderr.contains("attic"), "{out}");
+
+    // Unsigned: published, with a warning that the agents will refuse it,
+    // unless --no-sign says something else signs.
+    let unsigned = format!("file://{}", dir.path().join("unsigned").display());
+    let publish_unsigned = |extra: &[&str]| {
+        let mut args = vec![
+            "publish",
+            "--to",
+            &unsigned,
+            "--artifact",
+            arg(&deployment).expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let out = ci::ctl(&nix, &args).expect("publish unsigned");
+        out.expect_code(0).expect("published unsigned");
+        out
+    };
+    let out = publish_unsigned(&[]);
+    assert!(
+        out.stderr.contains("without --signing-key")
+            && out
+                .stderr
+                .contains("every machine will refuse these closures"),
+        "{out}"
+    );
+    let out = publish_unsigned(&["--no-sign"]);
+    assert!(!out.stderr.contains("warning"), "{out}");
 }
 
 #[test]

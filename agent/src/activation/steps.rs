@@ -20,6 +20,30 @@ use crate::system::{Goal, Profile};
 const COPY_ATTEMPTS: u32 = 3;
 const COPY_RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// Whether Nix refused a path for its signatures: `lacks a valid
+/// signature` (Nix 2.8), `lacks a signature by a trusted key` (later).
+pub(super) fn lacks_signature(nix_error: &str) -> bool {
+    nix_error.contains("lacks a valid signature")
+        || nix_error.contains("lacks a signature by a trusted key")
+}
+
+/// Nix's refusal of an unsigned or otherwise-signed path, in words that
+/// say what this machine trusts and where the signature comes from.
+pub(super) fn unsigned_reason(closure: &StorePath, trusted_keys: &[String]) -> String {
+    let names: Vec<&str> = trusted_keys
+        .iter()
+        .map(|k| k.split_once(':').map_or(k.as_str(), |(name, _)| name))
+        .collect();
+    format!(
+        "{closure} is not signed by a key this machine trusts (it trusts: {}); publish it signed with the matching secret key (procurator-ctl publish or ci --signing-key)",
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    )
+}
+
 impl Deployment<'_> {
     /// `nix copy --from` each substituter in turn (the agent's own first)
     /// until one has the closure, signed by a key the agent trusts.
@@ -96,12 +120,14 @@ impl Deployment<'_> {
         } else {
             ""
         };
+        let reason = if errors.iter().any(|e| lacks_signature(e)) {
+            unsigned_reason(closure, &activator.trusted_keys)
+        } else {
+            format!("could not copy {closure} from any substituter{hint}")
+        };
         Err(Failure::new(
             MachineState::Copying,
-            format!(
-                "could not copy {closure} from any substituter{hint}: {}",
-                errors.join("; ")
-            ),
+            format!("{reason}: {}", errors.join("; ")),
             tail,
         ))
     }

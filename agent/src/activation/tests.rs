@@ -360,3 +360,28 @@ async fn a_restart_while_committing_finishes_the_commit() {
     assert_eq!(host.paths.profile_target().as_deref(), Some(new.as_str()));
     assert_eq!(host.calls(), ["new boot"]);
 }
+
+#[test]
+fn an_unsigned_path_is_reported_with_the_keys_this_machine_trusts() {
+    use super::steps::{lacks_signature, unsigned_reason};
+    // What Nix 2.24 (copy-wrongkey.internal-json) and 2.8 print.
+    assert!(lacks_signature(
+        "error: cannot add path '/nix/store/hhy7dglh1bc05vf3ly9npd41qw9gc23j-x' because it lacks a signature by a trusted key"
+    ));
+    assert!(lacks_signature(
+        "error: cannot add path '/nix/store/hhy7dglh1bc05vf3ly9npd41qw9gc23j-x' because it lacks a valid signature"
+    ));
+    assert!(!lacks_signature("error: path '/nix/store/x' is not valid"));
+    let closure = StorePath::parse("/nix/store/hhy7dglh1bc05vf3ly9npd41qw9gc23j-x").unwrap();
+    let reason = unsigned_reason(
+        &closure,
+        &[
+            "cache-1:XGZX9+uqvrp5OMNySYCxgI+TKKLNMAa8KBB1/AOI9Fc=".into(),
+            "cache-2:XGZX9+uqvrp5OMNySYCxgI+TKKLNMAa8KBB1/AOI9Fc=".into(),
+        ],
+    );
+    assert!(
+        reason.contains("is not signed by a key this machine trusts (it trusts: cache-1, cache-2)"),
+        "{reason}"
+    );
+}

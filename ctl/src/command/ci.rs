@@ -48,6 +48,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
 
+    /// Publish without signing and without the warning that agents will
+    /// refuse what is not signed: for paths something else signs.
+    #[arg(long, conflicts_with = "signing_key")]
+    pub no_sign: bool,
+
     /// Also write the artifact here (atomically), e.g. to keep it as the
     /// next run's --previous.
     #[arg(long, value_name = "FILE")]
@@ -142,6 +147,13 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     // build that may take an hour.
     let mut conn = conn.connect().await?;
     let destination = Destination::parse(&args.publish_to)?;
+    if let Some(warning) = crate::pipeline::publish::unsigned_warning(
+        &destination,
+        args.signing_key.as_deref(),
+        args.no_sign,
+    ) {
+        eprintln!("{warning}");
+    }
     let previous = args.previous.as_deref().map(load_previous).transpose()?;
     let flake = Flake::open(&args.flake.flake)?;
     let commit = artifact::resolve_commit(

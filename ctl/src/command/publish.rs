@@ -26,6 +26,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
 
+    /// Publish without signing and without the warning that agents will
+    /// refuse what is not signed: for paths something else signs.
+    #[arg(long, conflicts_with = "signing_key")]
+    pub no_sign: bool,
+
     /// Publish the closures a deployment.json names (they must be in the
     /// local store).
     #[arg(long, value_name = "FILE")]
@@ -50,6 +55,13 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     let destination = Destination::parse(&args.to)?;
+    if let Some(warning) = crate::pipeline::publish::unsigned_warning(
+        &destination,
+        args.signing_key.as_deref(),
+        args.no_sign,
+    ) {
+        eprintln!("{warning}");
+    }
     let nix = crate::pipeline::nix();
     let closures: Vec<StorePath> = match (&args.artifact, &args.flake) {
         (Some(file), _) => {

@@ -53,6 +53,30 @@ impl std::fmt::Display for Destination {
     }
 }
 
+/// What to say, loudly, before publishing paths nobody signs: agents copy
+/// only paths signed by a key they trust, so every machine would refuse
+/// them. `None` when they will be signed: with a key, by attic (with the
+/// cache's key), by a store URI's `secret-key=`, or when `--no-sign` says
+/// that something else signs them.
+pub fn unsigned_warning(
+    destination: &Destination,
+    signing_key: Option<&Path>,
+    no_sign: bool,
+) -> Option<String> {
+    let signed_by_uri =
+        matches!(destination, Destination::Store(uri) if uri.contains("secret-key="));
+    if signing_key.is_some()
+        || no_sign
+        || signed_by_uri
+        || matches!(destination, Destination::Attic(_))
+    {
+        return None;
+    }
+    Some(format!(
+        "warning: publishing to {destination} without --signing-key: agents copy only paths signed by a key they trust (--trusted-public-key), so every machine will refuse these closures. Make a key with `nix key generate-secret --key-name NAME > cache.secret`, pass --signing-key cache.secret, and give the agents its public half (`nix key convert-secret-to-public < cache.secret`); pass --no-sign if the paths are signed some other way"
+    ))
+}
+
 /// What a publish did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -273,6 +297,24 @@ mod tests {
             "published 3 paths (3.0 MiB) to file:///c; 2 already there"
         );
         assert_eq!(published.json()["alreadyThere"], 2);
+    }
+
+    #[test]
+    fn publishing_unsigned_is_warned_about_unless_something_signs() {
+        let file = Destination::parse("file:///srv/cache").unwrap();
+        let warning = unsigned_warning(&file, None, false).unwrap();
+        assert!(
+            warning.contains("without --signing-key")
+                && warning.contains("every machine will refuse")
+                && warning.contains("--no-sign"),
+            "{warning}"
+        );
+        assert_eq!(unsigned_warning(&file, Some(Path::new("k")), false), None);
+        assert_eq!(unsigned_warning(&file, None, true), None);
+        let signing_uri = Destination::parse("file:///srv/cache?secret-key=/k").unwrap();
+        assert_eq!(unsigned_warning(&signing_uri, None, false), None);
+        let attic = Destination::parse("attic:srv:fleet").unwrap();
+        assert_eq!(unsigned_warning(&attic, None, false), None);
     }
 
     #[test]
