@@ -4,6 +4,7 @@
 #   procurator-bench swarm   (1,000 / 5,000 / 10,000 simulated agents)
 #   procurator-bench swarm --replicas 3 --database postgres (10,000)
 #   procurator-bench deploy  (real Nix, 1 and 10 test hosts, vs the floor)
+#   procurator-bench ci      (plan on 20 and 100 generated machines, vs the floor)
 # and writes their tables and JSON to bench-results/. BENCH_RUNS (default
 # 5) sets the runs of each, e.g. `BENCH_RUNS=1 scripts/bench.sh` for a
 # quick look. Run it on an otherwise idle machine: the figures are
@@ -33,5 +34,9 @@ target/release/procurator-bench swarm --agents 10000 --runs "$runs" --replicas 3
 echo "==> procurator-bench deploy (about 1 minute)"
 target/release/procurator-bench deploy --runs "$runs" \
     --json "$out/deploy.json" | tee "$out/deploy.txt"
+
+echo "==> procurator-bench ci (about 5 minutes)"
+target/release/procurator-bench ci --machines 20,100 --runs "$runs" \
+    --json "$out/ci.json" | tee "$out/ci.txt"
 
 echo "==> results in $out"
