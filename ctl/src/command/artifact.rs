@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::pipeline::intent::{self, IntentKeyArgs};
-use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build, rollout};
+use crate::pipeline::{Flake, FlakeArgs, artifact, rollout};
 use crate::{Outcome, output};
 
 #[derive(Debug, clap::Args)]
@@ -50,13 +50,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let intent_key = args.intent.load()?;
     let nix = crate::pipeline::nix();
-    let evaluated = evaluate_and_build(
-        &nix,
-        &flake,
-        args.flake.jobs(),
-        args.flake.eval_workers as usize,
-    )
-    .await?;
+    let evaluated = args.flake.evaluate_and_build(&nix, &flake).await?;
     let (mut deployment, mut text) = artifact::render(&commit, rollout.as_ref(), &evaluated)?;
     if let Some(key) = &intent_key {
         (deployment, text) = intent::sign_text(&text, key)?;

@@ -15,7 +15,7 @@ use crate::output::{OutputArgs, OutputFormat};
 use crate::pipeline::change::{Plan, load_previous};
 use crate::pipeline::intent::{self, IntentKeyArgs};
 use crate::pipeline::publish::{Destination, Published, publish};
-use crate::pipeline::{Flake, FlakeArgs, artifact, evaluate_and_build, rollout};
+use crate::pipeline::{Flake, FlakeArgs, artifact, rollout};
 use crate::render::{self, PlainRenderer};
 use crate::{Outcome, follow, output};
 
@@ -166,13 +166,7 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     let intent_key = args.intent.load()?;
 
     let nix = crate::pipeline::nix();
-    let evaluated = evaluate_and_build(
-        &nix,
-        &flake,
-        args.flake.jobs(),
-        args.flake.eval_workers as usize,
-    )
-    .await?;
+    let evaluated = args.flake.evaluate_and_build(&nix, &flake).await?;
     let mut plan = Plan::compare(previous.as_ref(), &evaluated);
     // Sizes are for people; a store that cannot say them stops nothing.
     if let Err(e) = plan.fill_sizes(&nix).await {

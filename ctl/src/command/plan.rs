@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::output::{OutputArgs, OutputFormat};
 use crate::pipeline::change::{Plan, load_previous};
-use crate::pipeline::{Flake, FlakeArgs, evaluate_and_build, rollout};
+use crate::pipeline::{Flake, FlakeArgs, rollout};
 use crate::{Outcome, output};
 
 #[derive(Debug, clap::Args)]
@@ -42,13 +42,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let flake = Flake::open(&args.flake.flake)?;
     let nix = crate::pipeline::nix();
-    let evaluated = evaluate_and_build(
-        &nix,
-        &flake,
-        args.flake.jobs(),
-        args.flake.eval_workers as usize,
-    )
-    .await?;
+    let evaluated = args.flake.evaluate_and_build(&nix, &flake).await?;
     let mut plan = Plan::compare(previous.as_ref(), &evaluated);
     plan.fill_sizes(&nix).await?;
     if args.diff {

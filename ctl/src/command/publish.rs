@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use procurator_core::StorePath;
 
 use crate::output::{OutputArgs, OutputFormat};
+use crate::pipeline::Flake;
 use crate::pipeline::publish::{Destination, publish};
-use crate::pipeline::{Flake, evaluate_and_build};
 use crate::{Outcome, output};
 
 #[derive(Debug, clap::Args)]
@@ -75,13 +75,7 @@ pub async fn run(args: Args) -> anyhow::Result<Outcome> {
                 jobs: args.jobs,
                 eval_workers: args.eval_workers,
             };
-            let evaluated = evaluate_and_build(
-                &nix,
-                &flake,
-                settings.jobs(),
-                settings.eval_workers as usize,
-            )
-            .await?;
+            let evaluated = settings.evaluate_and_build(&nix, &flake).await?;
             evaluated.closures.into_values().collect()
         }
         // clap's group makes one of them required.

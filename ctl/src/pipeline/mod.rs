@@ -51,6 +51,11 @@ pub struct FlakeArgs {
 }
 
 impl FlakeArgs {
+    /// [`evaluate_and_build`] with these settings.
+    pub async fn evaluate_and_build(&self, nix: &Nix, flake: &Flake) -> anyhow::Result<Evaluated> {
+        evaluate_and_build(nix, flake, self.jobs(), self.eval_workers as usize).await
+    }
+
     pub fn jobs(&self) -> usize {
         match self.jobs {
             Some(n) => n as usize,
