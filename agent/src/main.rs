@@ -135,14 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("the certificate just installed cannot be loaded")?
         }
     };
-    if let Some(info) = material.certificate_info() {
-        let now = procurator_core::now_ms().div_euclid(1000);
-        if info.expired_at(now) {
-            tracing::error!("{}", credentials::expired_advice(&info, &config.tls.cert));
-        } else if let Some(warning) = info.expiry_warning(now) {
-            tracing::warn!("{warning}");
-        }
-    }
+    // Its first look, at once, says if the certificate expired or soon will.
     tokio::spawn(
         credentials::renewal::Renewer {
             files: config.tls.clone(),

@@ -232,18 +232,7 @@ fn floor(nix: &NixEnv, flake: &Path, version: &str) -> Result<Sample> {
     .arg(floor_expression(flake));
     let (evaluated, stdout) = timed(eval)?;
     let drvs: Vec<String> = serde_json::from_str(&stdout).context("nix eval printed no list")?;
-    // The bare derivation before Nix 2.13, DRV^out since.
-    let minor = version
-        .split_whitespace()
-        .last()
-        .and_then(|v| v.strip_prefix("2."))
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok());
-    let suffix = if minor.is_some_and(|m| m < 13) {
-        ""
-    } else {
-        "^out"
-    };
+    let suffix = procurator_core::nix::output_suffix(version);
     let mut build = nix.command("nix");
     build.args(["build", "--no-link"]);
     build.args(drvs.iter().map(|d| format!("{d}{suffix}")));

@@ -89,8 +89,13 @@ fn which(program: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no {program} on PATH"))
 }
 
-/// `plan --output json` with `nix` on `path`; the whole output.
-fn plan(nix: &NixEnv, flake: &Path, path: &str) -> procurator_integration_tests::CmdOutput {
+/// `plan --output json EXTRA…` with `nix` on `path`; the whole output.
+fn plan(
+    nix: &NixEnv,
+    flake: &Path,
+    path: &str,
+    extra: &[&str],
+) -> procurator_integration_tests::CmdOutput {
     let mut cmd = nix.command(procurator_integration_tests::bin("procurator-ctl").expect("ctl"));
     cmd.args([
         "plan",
@@ -99,12 +104,21 @@ fn plan(nix: &NixEnv, flake: &Path, path: &str) -> procurator_integration_tests:
         "--output",
         "json",
     ])
+    .args(extra)
     .env("PATH", path);
     procurator_integration_tests::process::run_with_timeout(
         cmd,
         std::time::Duration::from_secs(600),
     )
     .expect("plan")
+}
+
+/// How many machines the output lists as built.
+fn built_listed(out: &procurator_integration_tests::CmdOutput) -> usize {
+    out.stderr
+        .lines()
+        .filter(|l| l.starts_with("built m-"))
+        .count()
 }
 
 fn closures(plan: &Value) -> BTreeMap<String, String> {
@@ -129,7 +143,7 @@ fn thirty_machines_take_one_evaluator_and_one_build() {
     generated_flake(&flake, 30, None, None);
     let (path, log) = logging_nix(dir.path());
 
-    let out = plan(&nix, &flake, &path);
+    let out = plan(&nix, &flake, &path, &[]);
     out.expect_code(0).expect("plan");
     let planned = closures(&ci::stdout_json(&out).expect("json"));
     assert_eq!(planned.len(), 30, "{out}");
@@ -152,21 +166,8 @@ fn thirty_machines_take_one_evaluator_and_one_build() {
     }
 
     // Shared among evaluators, the same again.
-    let mut cmd = nix.command(procurator_integration_tests::bin("procurator-ctl").expect("ctl"));
-    cmd.args([
-        "plan",
-        "--flake",
-        arg(&flake).expect("utf-8"),
-        "--output",
-        "json",
-        "--eval-workers",
-        "3",
-    ]);
-    let out = procurator_integration_tests::process::run_with_timeout(
-        cmd,
-        std::time::Duration::from_secs(600),
-    )
-    .expect("plan");
+    let path = std::env::var("PATH").unwrap_or_default();
+    let out = plan(&nix, &flake, &path, &["--eval-workers", "3"]);
     out.expect_code(0).expect("plan with 3 evaluators");
     assert_eq!(closures(&ci::stdout_json(&out).expect("json")), planned);
 }
@@ -179,7 +180,7 @@ fn a_machine_that_does_not_evaluate_or_build_is_named_and_the_rest_built() {
 
     let flake = dir.path().join("eval");
     generated_flake(&flake, 10, Some(3), None);
-    let out = plan(&nix, &flake, &path);
+    let out = plan(&nix, &flake, &path, &[]);
     assert_eq!(out.code, Some(4), "{out}");
     assert!(
         out.stderr.contains("machine m-3")
@@ -188,27 +189,19 @@ fn a_machine_that_does_not_evaluate_or_build_is_named_and_the_rest_built() {
                 .contains("machine m-3 does not evaluate on purpose"),
         "{out}"
     );
-    let built = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("built m-"))
-        .count();
+    let built = built_listed(&out);
     assert_eq!(built, 9, "the other 9 are built and listed: {out}");
     assert!(!out.stderr.contains("built m-3:"), "{out}");
 
     let flake = dir.path().join("build");
     generated_flake(&flake, 10, None, Some(7));
-    let out = plan(&nix, &flake, &path);
+    let out = plan(&nix, &flake, &path, &[]);
     assert_eq!(out.code, Some(5), "{out}");
     assert!(
         out.stderr.contains("machine m-7 failed to build")
             && out.stderr.contains("the builder of m-7 fails on purpose"),
         "{out}"
     );
-    let built = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("built m-"))
-        .count();
+    let built = built_listed(&out);
     assert_eq!(built, 9, "{out}");
 }

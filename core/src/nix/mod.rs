@@ -63,6 +63,25 @@ fn last_line(tail: &str) -> String {
 }
 
 /// How to run Nix: which programs, with which `--option`s and environment.
+/// How `nix build` is told to build a derivation's `out`: `DRV^out`
+/// since Nix 2.13 (where a bare `DRV` is the file itself), the bare `DRV`
+/// before (where `^` is not understood). `version` is what `nix --version`
+/// printed: `nix (Nix) 2.8.0`, `nix (Lix, like Nix) 2.91.1`.
+pub fn output_suffix(version: &str) -> &'static str {
+    let number = version.split_whitespace().last().unwrap_or_default();
+    let mut parts = number.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+            .ok()
+    });
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) if (major, minor) < (2, 13) => "",
+        _ => "^out",
+    }
+}
+
 /// A derivation `nix build` built, and its `out` output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Built {
@@ -326,6 +345,17 @@ impl Nix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_output_syntax_follows_the_nix_version() {
+        assert_eq!(output_suffix("nix (Nix) 2.8.0"), "");
+        assert_eq!(output_suffix("nix (Nix) 2.12.1"), "");
+        assert_eq!(output_suffix("nix (Nix) 2.13.0"), "^out");
+        assert_eq!(output_suffix("nix (Nix) 2.24.15"), "^out");
+        assert_eq!(output_suffix("nix (Lix, like Nix) 2.91.1"), "^out");
+        assert_eq!(output_suffix("nix (Nix) 3.0.0pre"), "^out");
+        assert_eq!(output_suffix("something else"), "^out");
+    }
 
     #[test]
     fn failure_messages_name_the_command_and_the_last_line() {

@@ -211,25 +211,6 @@ pub async fn one_by_one(
     (derivations, failures)
 }
 
-/// How `nix build` is told to build a derivation's `out`: `DRV^out`
-/// since Nix 2.13 (where a bare `DRV` is the file itself), the bare `DRV`
-/// before (where `^` is not understood). `version` is what `nix --version`
-/// printed: `nix (Nix) 2.8.0`, `nix (Lix, like Nix) 2.91.1`.
-pub fn output_suffix(version: &str) -> &'static str {
-    let number = version.split_whitespace().last().unwrap_or_default();
-    let mut parts = number.split('.').map(|p| {
-        p.chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse::<u32>()
-            .ok()
-    });
-    match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) if (major, minor) < (2, 13) => "",
-        _ => "^out",
-    }
-}
-
 /// Builds every derivation with `nix build --keep-going --max-jobs JOBS`
 /// (in batches of [`BUILD_BATCH`]), reading the outputs from its JSON.
 /// When a batch fails, the machines whose output is not in the store are
@@ -240,7 +221,7 @@ pub async fn build(
     jobs: usize,
 ) -> (BTreeMap<MachineName, StorePath>, Option<StageError>) {
     let suffix = match nix.version().await {
-        Ok(version) => output_suffix(&version),
+        Ok(version) => procurator_core::nix::output_suffix(&version),
         Err(e) => {
             return (
                 BTreeMap::new(),
@@ -335,17 +316,6 @@ pub async fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_output_syntax_follows_the_nix_version() {
-        assert_eq!(output_suffix("nix (Nix) 2.8.0"), "");
-        assert_eq!(output_suffix("nix (Nix) 2.12.1"), "");
-        assert_eq!(output_suffix("nix (Nix) 2.13.0"), "^out");
-        assert_eq!(output_suffix("nix (Nix) 2.24.15"), "^out");
-        assert_eq!(output_suffix("nix (Lix, like Nix) 2.91.1"), "^out");
-        assert_eq!(output_suffix("nix (Nix) 3.0.0pre"), "^out");
-        assert_eq!(output_suffix("something else"), "^out");
-    }
 
     #[test]
     fn strings_are_quoted_for_nix() {
