@@ -3,18 +3,18 @@
 use crate::api_error::ApiError;
 use crate::dispatcher::Dispatcher;
 use crate::revocations::Revocations;
-use crate::store::{Cancelled, RolledBack, Store, Submitted};
+use crate::store::{Cancelled, RUNNING_PAGE_SIZE, RolledBack, Store, Submitted};
 use crate::watch;
 use futures::StreamExt as _;
 use procurator_core::certificate::CertificateInfo;
 use procurator_core::identity::Rpc;
 use procurator_core::tls::require_role;
-use procurator_core::{DeploymentArtifact, DeploymentId};
+use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::deployment_service_server::DeploymentService;
 use procurator_proto::v1::{
     CancelRequest, Deployment, Event, GetDeploymentRequest, ListAgentsRequest, ListAgentsResponse,
-    ListDeploymentsRequest, ListDeploymentsResponse, RollbackPlan, RollbackRequest, SubmitRequest,
-    SubmitResponse, WatchRequest,
+    ListDeploymentsRequest, ListDeploymentsResponse, ListRunningRequest, ListRunningResponse,
+    RollbackPlan, RollbackRequest, SubmitRequest, SubmitResponse, WatchRequest,
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -264,6 +264,40 @@ impl DeploymentService for DeploymentSvc {
             })),
             Err(why) => Err(ApiError::NothingToRollBackTo(why).into()),
         }
+    }
+
+    /// INVALID_ARGUMENT (a malformed page token), PERMISSION_DENIED, UNAUTHENTICATED.
+    async fn list_running(
+        &self,
+        request: Request<ListRunningRequest>,
+    ) -> Result<Response<ListRunningResponse>, Status> {
+        require_role(&request, Rpc::ListRunning)?;
+        let ListRunningRequest {
+            page_size,
+            page_token,
+        } = request.into_inner();
+        // The token is the last row name of the page before.
+        if !page_token.is_empty() && MachineName::parse(&page_token).is_err() {
+            return Err(Status::invalid_argument(
+                "page_token is not one this control plane handed out; pass the next_page_token of the page before, or none for the first page",
+            ));
+        }
+        let page_size = match page_size {
+            0 => RUNNING_PAGE_SIZE,
+            n => n,
+        };
+        let page = self
+            .store
+            .running(page_token, page_size)
+            .await
+            .map_err(ApiError::from)?;
+        let (deployment_id, git_commit) = page.in_force.unwrap_or_default();
+        Ok(Response::new(ListRunningResponse {
+            machines: page.machines,
+            next_page_token: page.next_after.unwrap_or_default(),
+            deployment_id,
+            git_commit,
+        }))
     }
 }
 

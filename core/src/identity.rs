@@ -72,6 +72,7 @@ pub enum Rpc {
     ListDeployments,
     Watch,
     ListAgents,
+    ListRunning,
     Cancel,
     Rollback,
     PlanRollback,
@@ -83,7 +84,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 15] = [
+    pub const ALL: [Rpc; 16] = [
         Rpc::Connect,
         Rpc::Confirm,
         Rpc::Submit,
@@ -91,6 +92,7 @@ impl Rpc {
         Rpc::ListDeployments,
         Rpc::Watch,
         Rpc::ListAgents,
+        Rpc::ListRunning,
         Rpc::Cancel,
         Rpc::Rollback,
         Rpc::PlanRollback,
@@ -113,7 +115,8 @@ impl Rpc {
             | Rpc::GetDeployment
             | Rpc::ListDeployments
             | Rpc::Watch
-            | Rpc::ListAgents => &[Role::Ci, Role::Operator],
+            | Rpc::ListAgents
+            | Rpc::ListRunning => &[Role::Ci, Role::Operator],
             Rpc::Cancel
             | Rpc::Rollback
             | Rpc::PlanRollback
@@ -133,6 +136,7 @@ impl Rpc {
             Rpc::ListDeployments => "DeploymentService/ListDeployments",
             Rpc::Watch => "DeploymentService/Watch",
             Rpc::ListAgents => "DeploymentService/ListAgents",
+            Rpc::ListRunning => "DeploymentService/ListRunning",
             Rpc::Cancel => "DeploymentService/Cancel",
             Rpc::Rollback => "DeploymentService/Rollback",
             Rpc::PlanRollback => "DeploymentService/PlanRollback",

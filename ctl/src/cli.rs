@@ -75,7 +75,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Revoke(args) => command::trust::revoke(conn, args).await,
         Command::Revocations(args) => command::trust::revocations(conn, args).await,
         Command::Deployments(args) => command::deployments::run(conn, args).await,
-        Command::Plan(args) => command::plan::run(args).await,
+        Command::Plan(args) => command::plan::run(conn, args).await,
         Command::Publish(args) => command::publish::run(args).await,
         Command::Artifact(args) => command::artifact::run(args).await,
         Command::Sign(args) => command::sign::run(args),

@@ -15,8 +15,8 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// The followed deployment did not succeed.
 pub const EXIT_DEPLOYMENT_FAILED: u8 = 3;
-/// Nothing differs from the previous deployment: nothing was published or
-/// submitted.
+/// Nothing differs from what runs (or from `--previous`): nothing was
+/// published or submitted.
 pub const EXIT_NOTHING_CHANGED: u8 = 8;
 /// 128 + SIGINT, as shells report a command ended by Ctrl-C.
 pub const EXIT_INTERRUPTED: u8 = 130;

@@ -107,12 +107,14 @@ pub fn write_broken_flake(dir: &Path, how: Breakage) -> Result<()> {
     std::fs::write(dir.join("flake.nix"), flake).context("writing the broken flake")
 }
 
-/// Runs `artifact` and `ci` (with connection settings that are never
-/// dialled: the chain stops first) on a broken flake; each must exit `code`,
-/// show `message` without ANSI colour, and leave no artifact and no cache.
+/// Runs `artifact` and `ci` (against the control plane at `control_plane`,
+/// which `ci` asks what the fleet runs before it builds) on a broken flake;
+/// each must exit `code`, show `message` without ANSI colour, and leave no
+/// artifact and no cache.
 pub fn fails_without_artifact(
     nix: &NixEnv,
     pki: &Pki,
+    control_plane: &str,
     flake: &Path,
     code: i32,
     message: &str,
@@ -140,12 +142,7 @@ pub fn fails_without_artifact(
         "--out",
         out,
     ];
-    ci.extend([
-        "--git-commit",
-        &commit,
-        "--control-plane",
-        "https://127.0.0.1:9",
-    ]);
+    ci.extend(["--git-commit", &commit, "--control-plane", control_plane]);
     ci.extend(["--tls-ca", arg(&ca)?, "--tls-cert", arg(&ci_identity.cert)?]);
     ci.extend(["--tls-key", arg(&ci_identity.key)?]);
     for args in [artifact, ci] {

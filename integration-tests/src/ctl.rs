@@ -126,7 +126,7 @@ impl Ctl {
         cmd
     }
 
-    pub fn run(&self, args: &[&str]) -> Result<CmdOutput> {
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<CmdOutput> {
         let mut cmd = self.command();
         cmd.args(args);
         run_with_timeout(cmd, CLIENT_TIMEOUT)

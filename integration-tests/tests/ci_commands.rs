@@ -8,7 +8,9 @@ use std::path::Path;
 
 use procurator_integration_tests::ci::{self, Breakage, arg, changes, stdout_json};
 use procurator_integration_tests::ci::{all_machines as all, plan_json, write_artifact};
-use procurator_integration_tests::{Fixture, Fleet, MACHINES, NixEnv, Pki, SigningKey};
+use procurator_integration_tests::{
+    ControlPlane, Fixture, Fleet, MACHINES, NixEnv, Pki, SigningKey,
+};
 use serde_json::{Value, json};
 
 #[test]
@@ -247,6 +249,8 @@ fn evaluation_and_build_errors_have_their_own_codes_and_leave_nothing() {
     let nix = NixEnv::in_dir(&dir.path().join("nix")).expect("nix");
     let pki = Pki::init(&nix, &dir.path().join("pki")).expect("pki");
     pki.issue(&nix, "ci", "github").expect("ci cert");
+    let control_plane = ControlPlane::start(&nix, &dir.path().join("cp"), &pki).expect("cp");
+    let url = control_plane.url().expect("url");
 
     // A syntax error written into a copy of the fixture.
     let fixture = Fixture::copy_to(&dir.path().join("syntax")).expect("fixture");
@@ -254,13 +258,15 @@ fn evaluation_and_build_errors_have_their_own_codes_and_leave_nothing() {
     let text = std::fs::read_to_string(&flake_nix).expect("flake.nix");
     std::fs::write(&flake_nix, text.replacen("outputs =", "outputs = =", 1))
         .expect("break flake.nix");
-    ci::fails_without_artifact(&nix, &pki, fixture.dir(), 4, "syntax error").expect("syntax error");
+    ci::fails_without_artifact(&nix, &pki, &url, fixture.dir(), 4, "syntax error")
+        .expect("syntax error");
 
     let eval = dir.path().join("eval");
     ci::write_broken_flake(&eval, Breakage::Evaluation).expect("flake");
     ci::fails_without_artifact(
         &nix,
         &pki,
+        &url,
         &eval,
         4,
         "machine broken does not evaluate on purpose",
@@ -272,11 +278,34 @@ fn evaluation_and_build_errors_have_their_own_codes_and_leave_nothing() {
     ci::fails_without_artifact(
         &nix,
         &pki,
+        &url,
         &build,
         5,
         "the builder of broken fails on purpose",
     )
     .expect("build error");
+}
+
+/// `ci` of the fleet's flake to its cache, signed, with a new commit id and
+/// JSON output, then `extra`.
+fn ci_args<'a>(fleet: &'a Fleet, extra: &[&'a str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "ci",
+        "--flake",
+        arg(fleet.fixture.dir()).expect("utf-8"),
+        "--publish-to",
+        &format!("file://{}", fleet.cache.display()),
+        "--signing-key",
+        arg(&fleet.key.secret).expect("utf-8"),
+        "--git-commit",
+        &procurator_integration_tests::commit_id(),
+        "--output",
+        "json",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 #[test]
@@ -296,23 +325,9 @@ fn ci_deploys_end_to_end_and_then_finds_nothing_to_do() {
     let deployment = fleet.dir().join("deployment.json");
     let out = arg(&deployment).expect("utf-8").to_owned();
     let ci = |extra: &[&str]| {
-        let commit = procurator_integration_tests::commit_id();
-        let mut args = vec![
-            "ci",
-            "--flake",
-            &flake,
-            "--publish-to",
-            &cache,
-            "--signing-key",
-            &secret,
-            "--git-commit",
-            &commit,
-            "--wait",
-            "--output",
-            "json",
-        ];
+        let mut args = vec!["--wait"];
         args.extend_from_slice(extra);
-        ctl.run(&args).expect("ci")
+        ctl.run(&ci_args(&fleet, &args)).expect("ci")
     };
 
     let first = ci(&["--out", &out]);
@@ -365,8 +380,9 @@ fn ci_deploys_end_to_end_and_then_finds_nothing_to_do() {
     );
     assert_eq!(deployments(), before, "nothing submitted after {id}");
 
-    // A change submitted with a certificate the control plane refuses
-    // (an agent's): exit 7, and still nothing new in the history.
+    // A change with a certificate the control plane refuses (an agent's):
+    // ci asks the control plane first, so it stops before building (exit 1),
+    // and there is still nothing new in the history.
     fleet
         .fixture
         .write_settings(&json!({ "generation": 2 }))
@@ -390,14 +406,172 @@ fn ci_deploys_end_to_end_and_then_finds_nothing_to_do() {
             "json",
         ])
         .expect("ci");
-    refused.expect_code(7).expect("submit refused");
+    refused.expect_code(1).expect("refused before building");
     let summary = stdout_json(&refused).expect("summary");
-    assert_eq!(summary["result"], "submit-refused", "{summary}");
-    assert_eq!(changes(&summary).expect("changes"), all("closure"));
-    assert!(refused.stderr.contains("refused"), "{refused}");
+    assert_eq!(summary["result"], "error", "{summary}");
+    assert_eq!(summary["machines"], json!([]), "nothing built: {summary}");
+    assert!(
+        refused.stderr.contains("refused")
+            && refused.stderr.contains("nothing was built or published"),
+        "{refused}"
+    );
     assert_eq!(
         deployments(),
         before,
         "the refused deployment is not stored"
+    );
+}
+
+/// `ci` without `--previous` compares with what each machine runs, as the
+/// control plane knows it: after a rollback every machine differs from the
+/// artifact CI last wrote; after a cancel, only the machine it never reached.
+#[test]
+fn ci_compares_with_what_the_fleet_runs_after_a_rollback_and_a_cancel() {
+    let mut fleet = Fleet::start().expect("fleet");
+    let operator = fleet.ctl().expect("ctl");
+    let ci_ctl = operator.with_identity(&fleet.pki.identity("ci", "github"));
+    let flake = arg(fleet.fixture.dir()).expect("utf-8").to_owned();
+    let gen2_file = fleet.dir().join("gen2.json");
+    let gen2_out = arg(&gen2_file).expect("utf-8").to_owned();
+    // Given the fleet, which the test changes between the runs.
+    let ci = |fleet: &Fleet, generation: u32, extra: &[&str]| {
+        fleet
+            .fixture
+            .write_settings(&json!({ "generation": generation }))
+            .expect("settings");
+        let out = ci_ctl.run(&ci_args(fleet, extra)).expect("ci");
+        let summary = stdout_json(&out).expect("summary");
+        (out, summary)
+    };
+    let previous_of = |summary: &Value| -> std::collections::BTreeMap<String, String> {
+        summary["machines"]
+            .as_array()
+            .expect("machines")
+            .iter()
+            .map(|m| {
+                let name = m["name"].as_str().expect("name").to_owned();
+                (name, m["previous"].as_str().unwrap_or("-").to_owned())
+            })
+            .collect()
+    };
+
+    let (out, first) = ci(&fleet, 1, &["--wait"]);
+    out.expect_code(0).expect("gen 1 deployed");
+    assert_eq!(first["comparedWith"]["source"], "fleet", "{first}");
+    assert_eq!(changes(&first).expect("changes"), all("added"));
+    let gen1: std::collections::BTreeMap<String, String> = MACHINES
+        .iter()
+        .map(|m| {
+            let closure = fleet.host(m).current_system().expect("current");
+            (m.to_string(), closure.expect("a system"))
+        })
+        .collect();
+    let (out, second) = ci(&fleet, 2, &["--wait", "--out", &gen2_out]);
+    out.expect_code(0).expect("gen 2 deployed");
+    assert_eq!(changes(&second).expect("changes"), all("closure"));
+    assert_eq!(previous_of(&second), gen1, "{second}");
+
+    let rollback = operator.run(&["rollback", "--wait"]).expect("rollback");
+    rollback.expect_code(0).expect("rolled back to gen 1");
+
+    // The file CI kept says nothing changed; the fleet says otherwise.
+    let (out, stale) = ci(&fleet, 2, &["--previous", &gen2_out]);
+    out.expect_code(8)
+        .expect("against --previous: nothing changed");
+    assert_eq!(changes(&stale).expect("changes"), all("none"));
+    let (out, redeploy) = ci(&fleet, 2, &["--wait"]);
+    out.expect_code(0).expect("gen 2 deployed again");
+    assert_eq!(changes(&redeploy).expect("changes"), all("closure"));
+    assert_eq!(previous_of(&redeploy), gen1, "{redeploy}");
+    let deployed = redeploy["deploymentId"].as_str().expect("id").to_owned();
+    let in_force = &redeploy["comparedWith"]["deploymentId"];
+    assert_ne!(in_force.as_str(), Some(deployed.as_str()), "{redeploy}");
+
+    // Gen 3 reaches two machines: worker-1's agent is down, and the
+    // rollout is cancelled while its row waits.
+    fleet
+        .hosts
+        .get_mut("worker-1")
+        .expect("host")
+        .stop_agent()
+        .expect("stop");
+    let (out, third) = ci(&fleet, 3, &[]);
+    out.expect_code(0).expect("gen 3 submitted");
+    let id = third["deploymentId"].as_str().expect("id").to_owned();
+    for m in MACHINES.iter().filter(|m| **m != "worker-1") {
+        procurator_integration_tests::scenario::wait_machine(
+            &fleet,
+            &id,
+            m,
+            std::time::Duration::from_secs(120),
+            "succeeded",
+            |row| row["state"] == "MACHINE_STATE_SUCCEEDED",
+        )
+        .expect("gen 3 on the others");
+    }
+    operator
+        .run(&["cancel", &id, "--reason", "worker-1 is down", "--wait"])
+        .expect("cancel")
+        .expect_code(0)
+        .expect("cancelled");
+
+    // `plan` with connection settings compares with the fleet too.
+    let planned = ci_ctl
+        .run(&["plan", "--flake", &flake, "--output", "json"])
+        .expect("plan");
+    planned.expect_code(0).expect("plan");
+    let planned = stdout_json(&planned).expect("plan json");
+    assert_eq!(planned["comparedWith"]["source"], "fleet", "{planned}");
+    assert_eq!(planned["changed"], true, "{planned}");
+
+    let (out, again) = ci(&fleet, 3, &[]);
+    out.expect_code(0).expect("gen 3 submitted again");
+    assert_eq!(
+        changes(&again).expect("changes"),
+        changes(&planned).expect("changes")
+    );
+    let changed = changes(&again).expect("changes");
+    for m in MACHINES {
+        let expected = if m == "worker-1" { "closure" } else { "none" };
+        assert_eq!(changed[m], expected, "{m}: {again}");
+    }
+    // The same answer, paged, through grpcurl.
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    let ci_identity = fleet.pki.identity("ci", "github");
+    let method = "procurator.v1.DeploymentService/ListRunning";
+    let page = grpcurl
+        .call_json(&ci_identity, method, r#"{"pageSize": 2}"#)
+        .expect("ListRunning");
+    assert_eq!(page["machines"].as_array().map(Vec::len), Some(2), "{page}");
+    let token = page["nextPageToken"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let rest = grpcurl
+        .call_json(
+            &ci_identity,
+            method,
+            &json!({ "pageToken": token }).to_string(),
+        )
+        .expect("ListRunning");
+    assert_eq!(rest["machines"][0]["machine"], "worker-2", "{rest}");
+    assert_eq!(rest.get("nextPageToken"), None, "the last page: {rest}");
+    let bad = grpcurl
+        .call(Some(&ci_identity), method, r#"{"pageToken": "../x"}"#)
+        .expect("grpcurl");
+    assert_eq!(
+        procurator_integration_tests::ctl::grpc_code(&bad).as_deref(),
+        Some("InvalidArgument"),
+        "{bad}"
+    );
+
+    let worker1 = &previous_of(&again)["worker-1"];
+    assert_eq!(
+        Some(worker1.as_str()),
+        redeploy["machines"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == "worker-1"))
+            .and_then(|m| m["closure"].as_str()),
+        "worker-1 still runs gen 2: {again}"
     );
 }

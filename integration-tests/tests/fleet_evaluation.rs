@@ -1,13 +1,13 @@
 //! The CI commands evaluate the whole fleet in one evaluator and build it
 //! with one `nix build`, and still name each machine that fails: on
 //! generated flakes of many trivial machines, with a `nix` on PATH that
-//! logs how it was called.
+//! logs how it was called. `ci` with its control plane down builds nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use procurator_integration_tests::NixEnv;
 use procurator_integration_tests::ci::{self, arg};
+use procurator_integration_tests::{ControlPlane, NixEnv, Pki};
 use serde_json::Value;
 
 /// Writes a flake of `count` machines `m-0`…; machine `eval_error` throws
@@ -96,21 +96,29 @@ fn plan(
     path: &str,
     extra: &[&str],
 ) -> procurator_integration_tests::CmdOutput {
-    let mut cmd = nix.command(procurator_integration_tests::bin("procurator-ctl").expect("ctl"));
-    cmd.args([
+    let mut args = vec![
         "plan",
         "--flake",
         arg(flake).expect("utf-8"),
         "--output",
         "json",
-    ])
-    .args(extra)
-    .env("PATH", path);
+    ];
+    args.extend_from_slice(extra);
+    ctl(nix, path, &args)
+}
+
+/// `procurator-ctl ARGS…` with `nix` on `path`, and no connection settings
+/// but those in `args`.
+fn ctl(nix: &NixEnv, path: &str, args: &[&str]) -> procurator_integration_tests::CmdOutput {
+    let mut cmd = nix.command(procurator_integration_tests::bin("procurator-ctl").expect("ctl"));
+    cmd.args(args)
+        .env("PATH", path)
+        .env_remove("PROCURATOR_CONTROL_PLANE");
     procurator_integration_tests::process::run_with_timeout(
         cmd,
         std::time::Duration::from_secs(600),
     )
-    .expect("plan")
+    .expect("procurator-ctl")
 }
 
 /// How many machines the output lists as built.
@@ -204,4 +212,61 @@ fn a_machine_that_does_not_evaluate_or_build_is_named_and_the_rest_built() {
     );
     let built = built_listed(&out);
     assert_eq!(built, 9, "{out}");
+}
+
+/// `ci` asks the control plane what the fleet runs before anything else:
+/// with it down, ci exits 1 having run no `nix build` (nor evaluated).
+#[test]
+fn ci_with_the_control_plane_down_builds_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nix = NixEnv::in_dir(&dir.path().join("nix")).expect("nix");
+    let flake = dir.path().join("flake");
+    generated_flake(&flake, 5, None, None);
+    let (path, log) = logging_nix(dir.path());
+    let pki = Pki::init(&nix, &dir.path().join("pki")).expect("pki");
+    let ci_identity = pki.issue(&nix, "ci", "github").expect("ci cert");
+    let mut control_plane =
+        ControlPlane::start(&nix, &dir.path().join("cp"), &pki).expect("control plane");
+    let url = control_plane.url().expect("url");
+    control_plane.stop().expect("stop");
+
+    let cache = dir.path().join("cache");
+    let cache_uri = format!("file://{}", cache.display());
+    let ca = pki.ca();
+    let out = ctl(
+        &nix,
+        &path,
+        &[
+            "ci",
+            "--flake",
+            arg(&flake).expect("utf-8"),
+            "--publish-to",
+            &cache_uri,
+            "--no-sign",
+            "--git-commit",
+            &procurator_integration_tests::commit_id(),
+            "--control-plane",
+            &url,
+            "--tls-ca",
+            arg(&ca).expect("utf-8"),
+            "--tls-cert",
+            arg(&ci_identity.cert).expect("utf-8"),
+            "--tls-key",
+            arg(&ci_identity.key).expect("utf-8"),
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("cannot reach the control plane")
+            && out.stderr.contains("nothing was built or published"),
+        "{out}"
+    );
+    let calls = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !calls
+            .lines()
+            .any(|l| l.starts_with("build ") || l.starts_with("eval ")),
+        "nothing evaluated or built: {calls}"
+    );
+    assert!(!cache.exists(), "nothing published: {out}");
 }

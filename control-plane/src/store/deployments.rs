@@ -9,7 +9,7 @@ use procurator_proto::v1::{
     DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineState, MachineUpdate, event,
 };
 
-use super::engine::{SqlExt as _, ToParam, insert_rows};
+use super::engine::{Sql, SqlExt as _, ToParam, insert_rows};
 use super::rows::{
     StoredWave, UNFINISHED_STATES, from_sql, machine_state, parse_id, set_state, to_sql,
 };
@@ -95,16 +95,13 @@ fn same_as_newest(
 /// Why the artifact is older than the deployment in force (the newest one
 /// not cancelled), if it is.
 fn stale(tx: &Tx<'_>, artifact: &DeploymentArtifact) -> Result<Option<String>, StoreError> {
-    let in_force: Option<(i64, String, String, Option<i64>)> = tx.sql.fetch_opt(
-        "SELECT seq, id, git_commit, git_commit_time FROM deployments
-             WHERE state != ?1 AND stopped != ?2 ORDER BY seq DESC LIMIT 1",
-        &[
-            &(DeploymentState::Cancelled as i32),
-            &rollout::Stop::to_sql(Some(rollout::Stop::Cancelled)),
-        ],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-    )?;
-    let Some((seq, id, commit, time)) = in_force else {
+    let Some(InForce {
+        seq,
+        id,
+        git_commit: commit,
+        git_commit_time: time,
+    }) = in_force(&*tx.sql)?
+    else {
         return Ok(None);
     };
     let commit_new = artifact.git_commit.as_str();
@@ -130,6 +127,33 @@ fn stale(tx: &Tx<'_>, artifact: &DeploymentArtifact) -> Result<Option<String>, S
         ))),
         _ => Ok(None),
     }
+}
+
+/// The deployment in force: the newest one not cancelled.
+pub(super) struct InForce {
+    pub seq: i64,
+    pub id: String,
+    pub git_commit: String,
+    pub git_commit_time: Option<i64>,
+}
+
+pub(super) fn in_force(sql: &dyn Sql) -> Result<Option<InForce>, StoreError> {
+    sql.fetch_opt(
+        "SELECT seq, id, git_commit, git_commit_time FROM deployments
+             WHERE state != ?1 AND stopped != ?2 ORDER BY seq DESC LIMIT 1",
+        &[
+            &(DeploymentState::Cancelled as i32),
+            &rollout::Stop::to_sql(Some(rollout::Stop::Cancelled)),
+        ],
+        |r| {
+            Ok(InForce {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                git_commit: r.get(2)?,
+                git_commit_time: r.get(3)?,
+            })
+        },
+    )
 }
 
 /// A deployment about to be stored, and who is behind it.

@@ -28,6 +28,7 @@ mod replicas;
 mod reports;
 mod retention;
 mod rows;
+mod running;
 mod schedule;
 mod stats;
 mod tailer;
@@ -53,6 +54,7 @@ pub use reports::ResultOutcome;
 #[cfg(test)]
 pub use retention::Pruned;
 pub use retention::Retention;
+pub use running::{DEFAULT_PAGE_SIZE as RUNNING_PAGE_SIZE, RunningPage};
 pub use schedule::{Outbound, Scheduled, Scope, SendOrder};
 pub use trust::{
     JoinToken, MAX_LIVE_TOKENS, MAX_REVOCATIONS, Redeemed, RevokeError, Revoked, TOKEN_PREFIX,
@@ -659,6 +661,9 @@ mod tests_retention;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_rollout;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_running;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_trust;

@@ -12,7 +12,8 @@ use super::submit::refused;
 use crate::connection::{ConnectionArgs, is_retryable};
 use crate::failure::{self, Stage, StageError};
 use crate::output::{OutputArgs, OutputFormat};
-use crate::pipeline::change::{Plan, load_previous};
+use crate::pipeline::baseline::Baseline;
+use crate::pipeline::change::Plan;
 use crate::pipeline::intent::{self, IntentKeyArgs};
 use crate::pipeline::publish::{Destination, Published, publish};
 use crate::pipeline::{Flake, FlakeArgs, artifact, rollout};
@@ -30,13 +31,19 @@ Exit codes:
   5  a machine's build failed
   6  publishing to the binary cache failed
   7  the control plane refused the deployment (a stale commit: see --force)
-  8  nothing changed since --previous: nothing published, written or submitted")]
+  8  nothing changed: nothing published, written or submitted
+
+Compared with: what each machine runs now as the control plane knows it
+(the system its agent last reported, else what its newest succeeded
+deployment put there), or --previous FILE. Either way the control plane is
+asked first, so an unreachable one or a refused certificate stops ci (exit
+1) before anything is built or published.")]
 pub struct Args {
     #[command(flatten)]
     pub flake: FlakeArgs,
 
-    /// The deployment.json of the last deployment; without it every machine
-    /// counts as changed.
+    /// The deployment.json of the last deployment, to compare with instead
+    /// of what the fleet runs.
     #[arg(long, value_name = "FILE")]
     pub previous: Option<PathBuf>,
 
@@ -113,6 +120,7 @@ impl Report {
             "exitCode": failure::exit_code(result),
             "gitCommit": self.git_commit,
             "deploymentId": self.deployment_id,
+            "comparedWith": self.plan.as_ref().map(|p| p.compared_with.json()),
             "machines": self.plan.as_ref().map_or_else(|| json!([]), Plan::machines_json),
             "published": self.published.as_ref().map(|p| json!({"paths": p.paths, "bytes": p.bytes, "alreadyThere": p.already_there})),
             "artifact": self.artifact.as_ref().map(|p| p.display().to_string()),
@@ -142,6 +150,10 @@ fn say(args: &Args, text: &str) -> anyhow::Result<()> {
     }
 }
 
+fn nothing_done(e: anyhow::Error) -> anyhow::Error {
+    anyhow!("{e:#}; nothing was built or published")
+}
+
 async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyhow::Result<Outcome> {
     // Everything that can be wrong with the settings is found before a
     // build that may take an hour.
@@ -154,7 +166,11 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     ) {
         eprintln!("{warning}");
     }
-    let previous = args.previous.as_deref().map(load_previous).transpose()?;
+    let previous = args
+        .previous
+        .as_deref()
+        .map(Baseline::load_previous)
+        .transpose()?;
     let flake = Flake::open(&args.flake.flake)?;
     let commit = artifact::resolve_commit(
         flake.dir(),
@@ -164,10 +180,23 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     report.git_commit = Some(commit.sha.to_string());
     let rollout = args.rollout.as_deref().map(rollout::load).transpose()?;
     let intent_key = args.intent.load()?;
+    // The control plane is asked before anything is built: one that does
+    // not answer, or refuses this certificate, would refuse the submit.
+    let baseline = match previous {
+        Some(previous) => {
+            Baseline::check_fleet(&mut conn)
+                .await
+                .map_err(nothing_done)?;
+            previous
+        }
+        None => Baseline::from_fleet(&mut conn)
+            .await
+            .map_err(nothing_done)?,
+    };
 
     let nix = crate::pipeline::nix();
     let evaluated = args.flake.evaluate_and_build(&nix, &flake).await?;
-    let mut plan = Plan::compare(previous.as_ref(), &evaluated);
+    let mut plan = Plan::compare(&baseline, &evaluated);
     // Sizes are for people; a store that cannot say them stops nothing.
     if let Err(e) = plan.fill_sizes(&nix).await {
         eprintln!("warning: {e:#}");
@@ -176,11 +205,9 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     let changed = plan.changed();
     report.plan = Some(plan);
     if !changed {
-        let since = previous
-            .map(|p| p.git_commit.to_string())
-            .unwrap_or_default();
         eprintln!(
-            "nothing changed since commit {since}: nothing was published, written or submitted"
+            "nothing changed since {}: nothing was published, written or submitted",
+            baseline.source
         );
         return Ok(Outcome::NothingChanged);
     }

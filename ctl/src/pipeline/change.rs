@@ -1,26 +1,27 @@
-//! Change detection: what was built against the previous deployment.
+//! Change detection: what was built against what ran before (a
+//! [`Baseline`]: `--previous`, or what the fleet runs).
 //!
 //! A machine has changed when its closure differs, when it is new, when it
 //! is gone, or when only its blueprint entry differs (health checks,
 //! rollback, address): the control plane needs the new spec even when the
 //! system is the same, so that counts as a change too ("blueprint").
 
-use std::path::Path;
-
 use anyhow::Context as _;
+use procurator_core::artifact::{MachineSpec, instance_names};
 use procurator_core::nix::{Nix, PathInfoQuery};
-use procurator_core::{DeploymentArtifact, MachineName, StorePath};
+use procurator_core::{MachineName, StorePath};
 use serde_json::{Value, json};
 
 use super::Evaluated;
+use super::baseline::{Baseline, Before, Source};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// Not in the previous deployment (or there is none).
+    /// No deployment is known to have run it before.
     Added,
-    /// In the previous deployment, no longer in the blueprint.
+    /// In force before, no longer in the blueprint.
     Removed,
-    /// A new closure.
+    /// A new closure (or one not known to run there).
     Closure,
     /// The same closure, a different blueprint entry.
     Blueprint,
@@ -74,46 +75,55 @@ pub struct MachineChange {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub machines: Vec<MachineChange>,
+    pub compared_with: Source,
 }
 
-/// Reads the artifact of the previous deployment. A path that does not
-/// exist is an error: a typo must not make every machine look new.
-pub fn load_previous(path: &Path) -> anyhow::Result<DeploymentArtifact> {
-    let bytes = std::fs::read(path).with_context(|| {
-        format!(
-            "--previous {}: cannot read it; pass the deployment.json of the last deployment, \
-             or leave --previous out to treat every machine as changed",
-            path.display()
-        )
-    })?;
-    DeploymentArtifact::from_json(&bytes).with_context(|| {
-        format!(
-            "--previous {} is not a valid deployment.json",
-            path.display()
-        )
-    })
+/// How `name` changed, and the closure it ran before. A VM machine runs on
+/// each of its instances: it is unchanged only when every one of them is.
+fn change_of(
+    baseline: &Baseline,
+    name: &MachineName,
+    spec: &MachineSpec,
+    closure: Option<&StorePath>,
+) -> (Change, Option<StorePath>) {
+    let rows = if spec.is_vm() {
+        // Checked when the blueprint was read: the names are valid.
+        instance_names(name, spec.replicas).unwrap_or_default()
+    } else {
+        vec![name.clone()]
+    };
+    let before: Vec<&Before> = rows.iter().filter_map(|r| baseline.rows.get(r)).collect();
+    let Some(first) = before.first() else {
+        return (Change::Added, None);
+    };
+    // An agent that runs a system no kept deployment put there (its first
+    // deployment is still to come) is new to the control plane.
+    if before.iter().all(|b| b.spec.is_none()) {
+        return (Change::Added, first.closure.clone());
+    }
+    if let Some(other) = before.iter().find(|b| b.closure.as_ref() != closure) {
+        return (Change::Closure, other.closure.clone());
+    }
+    // New instances of a VM machine come with a new replica count.
+    let new_instances = before.len() < rows.len();
+    if new_instances || before.iter().any(|b| b.spec.as_ref() != Some(spec)) {
+        return (Change::Blueprint, first.closure.clone());
+    }
+    (Change::Unchanged, first.closure.clone())
 }
 
 impl Plan {
-    /// Compares what was built with `previous`; without one, every machine
-    /// is added.
-    pub fn compare(previous: Option<&DeploymentArtifact>, new: &Evaluated) -> Self {
+    /// Compares what was built with what ran before.
+    pub fn compare(baseline: &Baseline, new: &Evaluated) -> Self {
         let mut machines: Vec<MachineChange> = new
             .specs
             .iter()
             .map(|(name, spec)| {
                 let closure = new.closures.get(name).cloned();
-                let before =
-                    previous.and_then(|p| Some((p.closures.get(name)?, p.blueprint.get(name)?)));
-                let change = match before {
-                    None => Change::Added,
-                    Some((old, _)) if Some(old) != closure.as_ref() => Change::Closure,
-                    Some((_, old_spec)) if old_spec != spec => Change::Blueprint,
-                    Some(_) => Change::Unchanged,
-                };
+                let (change, previous) = change_of(baseline, name, spec, closure.as_ref());
                 MachineChange {
                     name: name.clone(),
-                    previous: before.map(|(old, _)| old.clone()),
+                    previous,
                     closure,
                     change,
                     closure_size: None,
@@ -121,24 +131,25 @@ impl Plan {
                 }
             })
             .collect();
-        if let Some(previous) = previous {
-            machines.extend(
-                previous
-                    .closures
-                    .iter()
-                    .filter(|(name, _)| !new.specs.contains_key(*name))
-                    .map(|(name, old)| MachineChange {
-                        name: name.clone(),
-                        previous: Some(old.clone()),
-                        closure: None,
-                        change: Change::Removed,
-                        closure_size: None,
-                        diff: None,
-                    }),
-            );
-        }
+        machines.extend(
+            baseline
+                .in_force
+                .iter()
+                .filter(|(name, _)| !new.specs.contains_key(*name))
+                .map(|(name, old)| MachineChange {
+                    name: name.clone(),
+                    previous: old.clone(),
+                    closure: None,
+                    change: Change::Removed,
+                    closure_size: None,
+                    diff: None,
+                }),
+        );
         machines.sort_by(|a, b| a.name.cmp(&b.name));
-        Self { machines }
+        Self {
+            machines,
+            compared_with: baseline.source.clone(),
+        }
     }
 
     /// Whether anything needs deploying.
@@ -268,9 +279,13 @@ impl Plan {
             .collect()
     }
 
-    /// `{changed, machines}`.
+    /// `{changed, comparedWith, machines}`.
     pub fn json(&self) -> Value {
-        json!({ "changed": self.changed(), "machines": self.machines_json() })
+        json!({
+            "changed": self.changed(),
+            "comparedWith": self.compared_with.json(),
+            "machines": self.machines_json(),
+        })
     }
 }
 

@@ -1,8 +1,9 @@
-//! What `plan`, `artifact` and `ci` share: evaluate the flake's blueprint,
-//! build every machine's system closure in parallel, compare with the
-//! previous deployment, publish, write the artifact.
+//! What `plan`, `artifact` and `ci` share: evaluate the flake's blueprint
+//! and every machine's toplevel at once, build them with one `nix build`,
+//! compare with what ran before, publish, write the artifact.
 
 pub mod artifact;
+pub mod baseline;
 pub mod change;
 pub mod fleet;
 pub mod intent;
