@@ -5,8 +5,13 @@
 # deploying closures built with real Nix from the fixture flake
 # (integration-tests/fixtures/fleet) through a signed file:// binary cache.
 #
-# Usage: scripts/local-fleet.sh [--keep] [--work-dir DIR] [--broken-health MACHINE]
+# Usage: scripts/local-fleet.sh [--keep | --stay] [--work-dir DIR] [--broken-health MACHINE]
+#        scripts/local-fleet.sh --stop
 #   --keep                   leave the work directory (logs, state, cache) behind
+#   --stay                   leave the control plane and agents running after the
+#                            demo, to try procurator-ctl on (status, deployments,
+#                            cancel, rollback); prints the line that points ctl at it
+#   --stop                   stop the fleet --stay left running, remove its files
 #   --work-dir DIR           use DIR (must not exist or be empty) instead of a temp dir
 #   --broken-health MACHINE  give MACHINE a closure whose health check fails,
 #                            to watch it roll back
@@ -14,16 +19,49 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 keep=0
+stay=0
 work=
 broken=
+# Where --stay says which fleet is running, for --stop and for new shells.
+current=/run/procurator-local-fleet
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+# Stops every process group a --stay run recorded (SIGTERM, then SIGKILL
+# after 10 s), then removes its files.
+stop_stayed() {
+    if [[ ! -f $current/work-dir ]]; then
+        echo "local-fleet: no fleet left running by --stay (no $current/work-dir)"
+        return 0
+    fi
+    local dir pid
+    dir=$(cat "$current/work-dir")
+    if [[ -f $dir/pids ]]; then
+        while read -r pid; do
+            kill -TERM -- "-$pid" 2>/dev/null || true
+        done <"$dir/pids"
+        while read -r pid; do
+            for _ in $(seq 1 100); do
+                kill -0 -- "-$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            kill -KILL -- "-$pid" 2>/dev/null || true
+        done <"$dir/pids"
+    fi
+    rm -rf "$dir" "$current"
+    echo "local-fleet: stopped the fleet in $dir and removed it"
 }
 
 while (($# > 0)); do
     case "$1" in
         --keep) keep=1 ;;
+        --stay) stay=1 ;;
+        --stop)
+            stop_stayed
+            exit 0
+            ;;
         --work-dir)
             [[ $# -ge 2 ]] || { usage >&2; exit 2; }
             work=$2
@@ -39,6 +77,15 @@ while (($# > 0)); do
     esac
     shift
 done
+
+if [[ -f $current/work-dir ]]; then
+    echo "local-fleet: a fleet left running by --stay is in $(cat "$current/work-dir"); stop it first with scripts/local-fleet.sh --stop" >&2
+    exit 1
+fi
+if ((keep && stay)); then
+    echo "local-fleet: --stay keeps the files anyway; give one of --keep and --stay" >&2
+    exit 2
+fi
 
 machines=(control-plane-1 worker-1 worker-2)
 if [[ -n $broken ]]; then
@@ -79,6 +126,13 @@ pids=()
 cleanup() {
     local status=$?
     set +e
+    if ((stay && status == 0)); then
+        printf '%s\n' "${pids[@]}" >"$work/pids"
+        mkdir -p "$current"
+        echo "$work" >"$current/work-dir"
+        cp "$work/env" "$current/env"
+        exit 0
+    fi
     for pid in "${pids[@]}"; do
         kill -TERM -- "-$pid" 2>/dev/null
     done
@@ -199,6 +253,9 @@ export PROCURATOR_CONTROL_PLANE="https://$addr"
 export PROCURATOR_TLS_CA="$pki/ca.crt"
 export PROCURATOR_TLS_CERT="$pki/operator-admin.crt"
 export PROCURATOR_TLS_KEY="$pki/operator-admin.key"
+# What a new shell needs to reach this fleet as its operator (--stay).
+printf 'export PROCURATOR_CONTROL_PLANE=%q PROCURATOR_TLS_CA=%q PROCURATOR_TLS_CERT=%q PROCURATOR_TLS_KEY=%q\n' \
+    "$PROCURATOR_CONTROL_PLANE" "$PROCURATOR_TLS_CA" "$PROCURATOR_TLS_CERT" "$PROCURATOR_TLS_KEY" >"$work/env"
 
 # A test host: HOST/root/nix is its store (seeded with its current closure),
 # HOST/run its /run. The agent runs in a mount and PID namespace with those
@@ -304,8 +361,15 @@ case $watch_status in
         ;;
     *) say "procurator-ctl watch failed (exit $watch_status)" ;;
 esac
-if [[ -n $broken ]]; then
-    # The rollback is the point of the demo: exit 0 when it happened.
-    ((watch_status == 3)) && exit 0
+if [[ -n $broken ]] && ((watch_status == 3)); then
+    # The rollback is the point of the demo: it happened.
+    watch_status=0
+fi
+if ((stay && watch_status == 0)); then
+    say "the fleet stays up: in any shell, point procurator-ctl at it with"
+    echo "  . $current/env"
+    echo "  procurator-ctl status"
+    echo "(or: $(cat "$work/env"))"
+    echo "and stop it with: scripts/local-fleet.sh --stop"
 fi
 exit "$watch_status"

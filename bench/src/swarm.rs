@@ -16,6 +16,7 @@
 //!   watchers' revisions contiguous.
 
 pub mod agents;
+mod commands;
 mod fleet;
 mod operator;
 mod plane;
@@ -143,6 +144,16 @@ pub struct RunFigures {
     pub kill_refused: u64,
     /// Revisions a watcher missed or saw twice, over all watchers (must be 0).
     pub watch_gaps: u64,
+    /// `procurator-ctl deployments`, `deployments ID` (every row), `status`
+    /// (every agent) and `watch ID` (a finished rollout replayed), against
+    /// the swarm; and the floor: the same rows and agents paged by a bare
+    /// gRPC client.
+    pub ctl_deployments_s: f64,
+    pub ctl_deployment_rows_s: f64,
+    pub ctl_status_s: f64,
+    pub ctl_watch_s: f64,
+    pub floor_rows_s: f64,
+    pub floor_agents_s: f64,
 }
 
 pub fn run(args: SwarmArgs) -> Result<()> {
@@ -304,6 +315,9 @@ async fn measure(
             (Some((storm_s, down, before, after)), None)
         };
 
+        // Every agent is connected again: what an operator's commands cost.
+        let commands = commands::measure(pki, &urls[0], &operator, &with_confirm.id, n).await?;
+
         let sorted = stats::sorted(&with_confirm.desired_ms);
         let pct = |p| stats::percentile(&sorted, p).unwrap_or(f64::NAN);
         let sorted_nc = stats::sorted(&without_confirm.desired_ms);
@@ -356,6 +370,12 @@ async fn measure(
             kill_activations: killed.as_ref().map_or(0, |k| k.activations),
             kill_repeats: killed.as_ref().map_or(0, |k| k.repeats),
             kill_refused: killed.as_ref().map_or(0, |k| k.refused),
+            ctl_deployments_s: commands.deployments_s,
+            ctl_deployment_rows_s: commands.deployment_rows_s,
+            ctl_status_s: commands.status_s,
+            ctl_watch_s: commands.watch_s,
+            floor_rows_s: commands.floor_rows_s,
+            floor_agents_s: commands.floor_agents_s,
             watch_gaps: watched
                 .iter()
                 .chain(killed.iter().flat_map(|k| &k.rollout.watched))
@@ -385,6 +405,7 @@ async fn all_connected(
 }
 
 struct Rollout {
+    id: String,
     /// The Submit call itself: upload, validation, storing, scheduling.
     submit_ms: f64,
     desired_ms: Vec<f64>,
@@ -542,11 +563,12 @@ async fn finish_rollout(
     let deployment = operator::get(&mut operator.clone(), &started.id).await?;
     let finished_us = u64::try_from(deployment.finished_at_ms).unwrap_or(0) * 1000;
     let succeeded = deployment
-        .machines
-        .iter()
-        .filter(|m| m.state() == procurator_proto::v1::MachineState::Succeeded)
-        .count();
+        .machine_counts
+        .get(procurator_proto::v1::MachineState::Succeeded.label())
+        .copied()
+        .unwrap_or(0) as usize;
     Ok(Rollout {
+        id: started.id.clone(),
         full_handshakes: planes.counter(HANDSHAKES_FULL).await? - started.full_before,
         resumed_handshakes: planes.counter(HANDSHAKES_RESUMED).await? - started.resumed_before,
         submit_ms: started.answered_us.saturating_sub(started.submitted_us) as f64 / 1000.0,

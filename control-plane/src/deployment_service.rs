@@ -3,18 +3,21 @@
 use crate::api_error::ApiError;
 use crate::dispatcher::Dispatcher;
 use crate::revocations::Revocations;
-use crate::store::{Cancelled, RUNNING_PAGE_SIZE, RolledBack, Store, Submitted};
+use crate::store::{Cancelled, MachineQuery, PageQuery, RolledBack, Store, Submitted};
 use crate::watch;
 use futures::StreamExt as _;
 use procurator_core::certificate::CertificateInfo;
 use procurator_core::identity::Rpc;
+use procurator_core::limits::{DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS};
+use procurator_core::pattern::NamePattern;
 use procurator_core::tls::require_role;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::deployment_service_server::DeploymentService;
 use procurator_proto::v1::{
     CancelRequest, Deployment, Event, GetDeploymentRequest, ListAgentsRequest, ListAgentsResponse,
-    ListDeploymentsRequest, ListDeploymentsResponse, ListRunningRequest, ListRunningResponse,
-    RollbackPlan, RollbackRequest, SubmitRequest, SubmitResponse, WatchRequest,
+    ListDeploymentsRequest, ListDeploymentsResponse, ListMachinesRequest, ListMachinesResponse,
+    ListRunningRequest, ListRunningResponse, MachineState, RollbackPlan, RollbackRequest,
+    SubmitRequest, SubmitResponse, WatchRequest,
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +94,7 @@ impl DeploymentService for DeploymentSvc {
             DeploymentId::parse(&request.into_inner().deployment_id).map_err(ApiError::from)?;
         match self
             .store
-            .get_deployment(id.clone())
+            .deployment_summary(id.clone())
             .await
             .map_err(ApiError::from)?
         {
@@ -116,6 +119,49 @@ impl DeploymentService for DeploymentSvc {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(ListDeploymentsResponse { deployments }))
+    }
+
+    /// NOT_FOUND, INVALID_ARGUMENT (malformed id, token or pattern),
+    /// PERMISSION_DENIED, UNAUTHENTICATED.
+    async fn list_machines(
+        &self,
+        request: Request<ListMachinesRequest>,
+    ) -> Result<Response<ListMachinesResponse>, Status> {
+        require_role(&request, Rpc::ListMachines)?;
+        let ListMachinesRequest {
+            deployment_id,
+            page_size,
+            page_token,
+            states,
+            waves,
+            name,
+        } = request.into_inner();
+        let id = DeploymentId::parse(&deployment_id).map_err(ApiError::from)?;
+        let states = states
+            .into_iter()
+            .map(|s| {
+                MachineState::try_from(s).map_err(|_| {
+                    Status::invalid_argument(format!("states: {s} is not a machine state"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let query = MachineQuery {
+            page: page_query(page_size, page_token, &name)?,
+            states,
+            waves,
+        };
+        match self
+            .store
+            .list_machines(id.clone(), query)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Some(page) => Ok(Response::new(ListMachinesResponse {
+                machines: page.items,
+                next_page_token: page.next_after.unwrap_or_default(),
+            })),
+            None => Err(ApiError::NotFound(id).into()),
+        }
     }
 
     type WatchStream = futures::stream::BoxStream<'static, Result<Event, Status>>;
@@ -158,14 +204,27 @@ impl DeploymentService for DeploymentSvc {
         ))
     }
 
-    /// PERMISSION_DENIED, UNAUTHENTICATED.
+    /// INVALID_ARGUMENT (a malformed token or pattern), PERMISSION_DENIED, UNAUTHENTICATED.
     async fn list_agents(
         &self,
         request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         require_role(&request, Rpc::ListAgents)?;
-        let agents = self.store.list_agents().await.map_err(ApiError::from)?;
-        Ok(Response::new(ListAgentsResponse { agents }))
+        let ListAgentsRequest {
+            page_size,
+            page_token,
+            name,
+            connected,
+        } = request.into_inner();
+        let page = self
+            .store
+            .list_agents(page_query(page_size, page_token, &name)?, connected)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: page.items,
+            next_page_token: page.next_after.unwrap_or_default(),
+        }))
     }
 
     /// NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION (already finished),
@@ -208,7 +267,7 @@ impl DeploymentService for DeploymentSvc {
         }
         match self
             .store
-            .get_deployment(id.clone())
+            .deployment_summary(id.clone())
             .await
             .map_err(ApiError::from)?
         {
@@ -276,19 +335,10 @@ impl DeploymentService for DeploymentSvc {
             page_size,
             page_token,
         } = request.into_inner();
-        // The token is the last row name of the page before.
-        if !page_token.is_empty() && MachineName::parse(&page_token).is_err() {
-            return Err(Status::invalid_argument(
-                "page_token is not one this control plane handed out; pass the next_page_token of the page before, or none for the first page",
-            ));
-        }
-        let page_size = match page_size {
-            0 => RUNNING_PAGE_SIZE,
-            n => n,
-        };
+        let query = page_query(page_size, page_token, "")?;
         let page = self
             .store
-            .running(page_token, page_size)
+            .running(query.after, query.size)
             .await
             .map_err(ApiError::from)?;
         let (deployment_id, git_commit) = page.in_force.unwrap_or_default();
@@ -299,6 +349,30 @@ impl DeploymentService for DeploymentSvc {
             git_commit,
         }))
     }
+}
+
+/// A list RPC's page: the token is the last row name of the page before,
+/// the size 0 means the default, the pattern is a name glob.
+fn page_query(size: u32, token: String, name: &str) -> Result<PageQuery, Status> {
+    if !token.is_empty() && MachineName::parse(&token).is_err() {
+        return Err(Status::invalid_argument(
+            "page_token is not one this control plane handed out; pass the next_page_token of the page before, or none for the first page",
+        ));
+    }
+    let name = match name {
+        "" => None,
+        text => Some(
+            NamePattern::parse(text).map_err(|e| Status::invalid_argument(format!("name: {e}")))?,
+        ),
+    };
+    Ok(PageQuery {
+        after: token,
+        size: match size {
+            0 => DEFAULT_PAGE_ROWS,
+            n => n.min(MAX_PAGE_ROWS),
+        },
+        name,
+    })
 }
 
 /// A rollback's target: the id given, or `None` for the default.

@@ -54,3 +54,37 @@ pub fn artifact(commit: &str, machines: &[(&str, &str)]) -> (DeploymentArtifact,
         .unwrap_or_else(|e| panic!("test artifact is invalid: {e}\n{json}"));
     (parsed, json)
 }
+
+/// Deployment `id` as GetDeployment says, with every row ListMachines pages.
+pub async fn with_rows(
+    client: &mut procurator_proto::v1::deployment_service_client::DeploymentServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+) -> procurator_proto::v1::Deployment {
+    use procurator_proto::v1::{GetDeploymentRequest, ListMachinesRequest};
+    let mut deployment = client
+        .get_deployment(GetDeploymentRequest {
+            deployment_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_machines(ListMachinesRequest {
+                deployment_id: id.to_owned(),
+                page_token,
+                ..ListMachinesRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        deployment.machines.extend(page.machines);
+        if page.next_page_token.is_empty() {
+            return deployment;
+        }
+        page_token = page.next_page_token;
+    }
+}

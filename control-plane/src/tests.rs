@@ -308,7 +308,7 @@ async fn an_agent_receives_and_completes_its_desired_state() {
     let deployment = ci.get_deployment(request).await.unwrap().into_inner();
     assert_eq!(deployment.state(), DeploymentState::Succeeded);
     let agents = ci
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -333,7 +333,7 @@ async fn every_rpc_checks_the_role_in_the_certificate() {
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = as_agent
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
@@ -414,7 +414,7 @@ async fn a_second_connection_replaces_the_first() {
     };
     assert_eq!(desired.deployment_id, id);
     let agents = ci
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -441,7 +441,7 @@ async fn after_a_restart_an_agent_is_welcomed_at_its_first_dial() {
     ));
     let agents = server
         .deployments(Role::Ci, "ci")
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -455,7 +455,7 @@ async fn a_vm_host_is_listed_with_what_it_offers_until_it_says_otherwise() {
     let list = || async {
         server
             .deployments(Role::Ci, "ci")
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -522,13 +522,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
     // "1 GB", rounded up to whole 2 MiB pages (477 of them).
     assert_eq!(vms[0].memory_bytes, 1_000_341_504);
     assert!(!vms[0].guest_agent_connected);
-    let d = ci
-        .get_deployment(GetDeploymentRequest {
-            deployment_id: first.deployment_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = crate::test_support::with_rows(&mut ci, &first.deployment_id).await;
     assert!(
         d.machines.iter().all(|m| m.state() == MachineState::Sent),
         "{d:?}"
@@ -557,13 +551,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let d = ci
-            .get_deployment(GetDeploymentRequest {
-                deployment_id: first.deployment_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let d = crate::test_support::with_rows(&mut ci, &first.deployment_id).await;
         let states: Vec<(String, MachineState)> = d
             .machines
             .iter()
@@ -588,7 +576,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
         .unwrap();
     loop {
         let agents = ci
-            .list_agents(ListAgentsRequest {})
+            .list_agents(ListAgentsRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -602,13 +590,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
         assert!(tokio::time::Instant::now() < deadline, "{agents:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let d = ci
-        .get_deployment(GetDeploymentRequest {
-            deployment_id: first.deployment_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = crate::test_support::with_rows(&mut ci, &first.deployment_id).await;
     assert_eq!(d.machines[1].machine, "app-2");
     assert_eq!(d.machines[1].state(), MachineState::Sent, "{d:?}");
 

@@ -70,6 +70,7 @@ pub enum Rpc {
     Submit,
     GetDeployment,
     ListDeployments,
+    ListMachines,
     Watch,
     ListAgents,
     ListRunning,
@@ -84,12 +85,13 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 16] = [
+    pub const ALL: [Rpc; 17] = [
         Rpc::Connect,
         Rpc::Confirm,
         Rpc::Submit,
         Rpc::GetDeployment,
         Rpc::ListDeployments,
+        Rpc::ListMachines,
         Rpc::Watch,
         Rpc::ListAgents,
         Rpc::ListRunning,
@@ -114,6 +116,7 @@ impl Rpc {
             Rpc::Submit
             | Rpc::GetDeployment
             | Rpc::ListDeployments
+            | Rpc::ListMachines
             | Rpc::Watch
             | Rpc::ListAgents
             | Rpc::ListRunning => &[Role::Ci, Role::Operator],
@@ -134,6 +137,7 @@ impl Rpc {
             Rpc::Submit => "DeploymentService/Submit",
             Rpc::GetDeployment => "DeploymentService/GetDeployment",
             Rpc::ListDeployments => "DeploymentService/ListDeployments",
+            Rpc::ListMachines => "DeploymentService/ListMachines",
             Rpc::Watch => "DeploymentService/Watch",
             Rpc::ListAgents => "DeploymentService/ListAgents",
             Rpc::ListRunning => "DeploymentService/ListRunning",

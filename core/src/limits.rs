@@ -34,6 +34,20 @@ pub const MAX_REASON_BYTES: usize = 4 * 1024;
 /// The output tail of a failed command an agent reports.
 pub const MAX_OUTPUT_TAIL_BYTES: usize = 16 * 1024;
 
+/// Rows of one page of a list RPC (`ListMachines`, `ListAgents`,
+/// `ListRunning`) when the caller does not say, and at most.
+pub const DEFAULT_PAGE_ROWS: u32 = 500;
+pub const MAX_PAGE_ROWS: u32 = 1_000;
+/// A page ends before its encoded rows pass this (it holds at least one),
+/// well inside gRPC's default 4 MiB message limit.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Rows a filtered list reads for one page at most: a pattern that matches
+/// little returns a short page, with a token to go on, not a long scan.
+pub const MAX_PAGE_SCAN_ROWS: usize = 10_000;
+/// What a client accepts in one message: a page, with room for one row
+/// near its largest.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// `text` cut to at most `max` bytes on a character boundary, with a marker
 /// saying how much was cut; unchanged when it fits. Never longer than `max`:
 /// when even the marker does not fit, the cut text is all there is room for.

@@ -2,14 +2,19 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::Outcome;
-use crate::command;
+use crate::config::{self, Resolved, Source};
 use crate::connection::ConnectionArgs;
+use crate::{Outcome, command};
 
 /// GitOps for NixOS fleets: submit deployments, follow them live, manage the
 /// fleet's certificates.
 #[derive(Debug, Parser)]
-#[command(name = "procurator-ctl", version, propagate_version = true)]
+#[command(
+    name = "procurator-ctl",
+    version,
+    propagate_version = true,
+    after_help = crate::connection::CONNECTION_HELP
+)]
 pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
@@ -59,11 +64,115 @@ pub enum Command {
     Ci(command::ci::Args),
     /// Print a shell completion script to stdout.
     Completions(command::completions::Args),
+    /// The connection settings in use, and where each came from.
+    #[command(subcommand)]
+    Config(command::config::Command),
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+impl Command {
+    /// Whether it reads the connection settings or an intent key (so the
+    /// config file matters to it).
+    pub fn uses_settings(&self) -> bool {
+        !matches!(
+            self,
+            Command::Pki(_) | Command::Validate(_) | Command::Completions(_)
+        )
+    }
+
+    /// `--intent-key`, for the commands that sign.
+    pub fn intent_key_mut(&mut self) -> Option<&mut Option<std::path::PathBuf>> {
+        match self {
+            Command::Ci(args) => Some(&mut args.intent.intent_key),
+            Command::Artifact(args) => Some(&mut args.intent.intent_key),
+            Command::Sign(args) => Some(&mut args.intent_key),
+            Command::Rollback(args) => Some(&mut args.intent.intent_key),
+            _ => None,
+        }
+    }
+}
+
+/// Fills what flags and variables left unset from the config file's
+/// context, and says where each setting came from.
+pub fn apply_config(cli: &mut Cli, matches: &clap::ArgMatches) -> anyhow::Result<Resolved> {
+    let env = |k: &str| std::env::var(k).ok();
+    let file = config::config_path(&env);
+    let chosen = cli.connection.context.clone().map(|name| {
+        let why = match config::given(matches, "context", "--context", "PROCURATOR_CONTEXT") {
+            Some(source) => source.to_string(),
+            None => "--context".to_owned(),
+        };
+        (name, why)
+    });
+    let context = config::context(file.as_deref(), chosen, env("HOME").as_deref())?;
+    let mut resolved = Resolved {
+        file: file.clone(),
+        context: context
+            .as_ref()
+            .map(|(name, why, _)| (name.clone(), why.clone())),
+        sources: Default::default(),
+        intent_key: None,
+    };
+    let from_context = |name: &str| Source::Context {
+        name: name.to_owned(),
+        file: file.clone().unwrap_or_default(),
+    };
+    for (id, flag, var) in config::SETTINGS {
+        // A command without --intent-key (`config show`) still shows the variable.
+        let unparsed = (id == "intent_key" && cli.command.intent_key_mut().is_none())
+            .then(|| env(var).filter(|v| !v.is_empty()))
+            .flatten();
+        if let Some(value) = unparsed {
+            resolved.intent_key = Some(value.into());
+            resolved.sources.insert(id, Source::Env(var));
+            continue;
+        }
+        let source = match config::given(matches, id, flag, var) {
+            Some(source) => source,
+            None => {
+                let Some((name, _, ctx)) = &context else {
+                    resolved.sources.insert(id, Source::Unset);
+                    continue;
+                };
+                let filled = match id {
+                    "control_plane" if !ctx.control_plane.is_empty() => {
+                        cli.connection.control_plane.clone_from(&ctx.control_plane);
+                        true
+                    }
+                    "tls_ca" => fill(&mut cli.connection.tls_ca, &ctx.tls_ca),
+                    "tls_cert" => fill(&mut cli.connection.tls_cert, &ctx.tls_cert),
+                    "tls_key" => fill(&mut cli.connection.tls_key, &ctx.tls_key),
+                    "intent_key" => match cli.command.intent_key_mut() {
+                        Some(slot) => fill(slot, &ctx.intent_key),
+                        None => fill(&mut resolved.intent_key, &ctx.intent_key),
+                    },
+                    _ => false,
+                };
+                if filled {
+                    from_context(name)
+                } else {
+                    Source::Unset
+                }
+            }
+        };
+        resolved.sources.insert(id, source);
+    }
+    if let Some(slot) = cli.command.intent_key_mut() {
+        resolved.intent_key.clone_from(slot);
+    }
+    Ok(resolved)
+}
+
+fn fill(slot: &mut Option<std::path::PathBuf>, value: &Option<std::path::PathBuf>) -> bool {
+    if value.is_some() {
+        slot.clone_from(value);
+    }
+    value.is_some()
+}
+
+pub async fn run(cli: Cli, resolved: Resolved) -> anyhow::Result<Outcome> {
     let conn = &cli.connection;
     match cli.command {
+        Command::Config(cmd) => command::config::run(cmd, &cli.connection, &resolved),
         Command::Pki(cmd) => command::pki::run(cmd),
         Command::Validate(args) => command::validate::run(args),
         Command::Submit(args) => command::submit::run(conn, args).await,

@@ -16,31 +16,78 @@ use tonic::{Code, Status};
 
 /// Where the control plane is and who we are to it (docs/interfaces.md,
 /// "Connection settings"). Global, so they may follow the subcommand.
+/// Global, and hidden from every command's options: `procurator-ctl
+/// --help` lists them once ([`CONNECTION_HELP`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectionArgs {
+    /// A context of the config file (`config show` says which file).
+    #[arg(
+        long,
+        env = "PROCURATOR_CONTEXT",
+        global = true,
+        hide = true,
+        value_name = "NAME"
+    )]
+    pub context: Option<String>,
+
     /// The control plane's address, e.g. https://cp.example:7700: once per
     /// replica (in the environment, space separated), tried in turn.
     #[arg(
         long,
         env = "PROCURATOR_CONTROL_PLANE",
         global = true,
+        hide = true,
         value_name = "URL",
         value_delimiter = ' '
     )]
     pub control_plane: Vec<String>,
 
     /// The fleet CA certificate (ca.crt from `pki init`).
-    #[arg(long, env = "PROCURATOR_TLS_CA", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "PROCURATOR_TLS_CA",
+        global = true,
+        hide = true,
+        value_name = "FILE"
+    )]
     pub tls_ca: Option<PathBuf>,
 
     /// This client's certificate (an operator or ci certificate).
-    #[arg(long, env = "PROCURATOR_TLS_CERT", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "PROCURATOR_TLS_CERT",
+        global = true,
+        hide = true,
+        value_name = "FILE"
+    )]
     pub tls_cert: Option<PathBuf>,
 
     /// This client's private key.
-    #[arg(long, env = "PROCURATOR_TLS_KEY", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "PROCURATOR_TLS_KEY",
+        global = true,
+        hide = true,
+        value_name = "FILE"
+    )]
     pub tls_key: Option<PathBuf>,
 }
+
+/// The connection settings, as `procurator-ctl --help` lists them.
+pub const CONNECTION_HELP: &str = "\
+Connection settings (before or after any command; a flag wins over its
+variable, which wins over the context):
+  --control-plane URL   $PROCURATOR_CONTROL_PLANE  the control plane (once per
+                        replica; space separated in the variable)
+  --tls-ca FILE         $PROCURATOR_TLS_CA         the fleet CA certificate
+  --tls-cert FILE       $PROCURATOR_TLS_CERT       this client's certificate
+  --tls-key FILE        $PROCURATOR_TLS_KEY        this client's private key
+  --context NAME        $PROCURATOR_CONTEXT        a context of the config file
+                        ($PROCURATOR_CONFIG, else
+                        $XDG_CONFIG_HOME/procurator/config.toml): its
+                        control-plane, tls-ca, tls-cert, tls-key and
+                        intent-key; its current-context when not given
+`procurator-ctl config show` says what is in use and where it came from.";
 
 /// A client for `DeploymentService`, and the address it talks to (for messages).
 pub struct Connection {
@@ -101,7 +148,7 @@ impl ConnectionArgs {
             let channel = endpoints[url].connect_lazy();
             return Ok(Connection {
                 url: url.clone(),
-                client: DeploymentServiceClient::new(channel.clone()),
+                client: deployment_client(channel.clone()),
                 channel,
                 planes,
                 endpoints,
@@ -110,7 +157,7 @@ impl ConnectionArgs {
         let (url, channel) = dial_in_turn(&planes, &endpoints).await?;
         Ok(Connection {
             url,
-            client: DeploymentServiceClient::new(channel.clone()),
+            client: deployment_client(channel.clone()),
             channel,
             planes,
             endpoints,
@@ -141,6 +188,13 @@ async fn dial_in_turn(
         "none of the control planes answered ({}); check --control-plane (PROCURATOR_CONTROL_PLANE) and that one of them is running",
         unanswered.join("; ")
     )
+}
+
+/// A page holds at most 2 MiB of rows plus one that may be large (a
+/// blueprint entry with many health checks): above tonic's 4 MiB default.
+fn deployment_client(channel: Channel) -> DeploymentServiceClient<Channel> {
+    DeploymentServiceClient::new(channel)
+        .max_decoding_message_size(procurator_core::limits::MAX_CLIENT_MESSAGE_BYTES)
 }
 
 /// HTTP/2 keepalive of the connection, as the agent's.
@@ -199,7 +253,7 @@ impl Connection {
         self.planes.failed(&self.url);
         let (url, channel) = dial_in_turn(&self.planes, &self.endpoints).await?;
         self.url = url;
-        self.client = DeploymentServiceClient::new(channel.clone());
+        self.client = deployment_client(channel.clone());
         self.channel = channel;
         Ok(())
     }
@@ -406,6 +460,7 @@ mod tests {
     #[tokio::test]
     async fn missing_settings_name_the_flag_and_variable() {
         let args = ConnectionArgs {
+            context: None,
             control_plane: Vec::new(),
             tls_ca: None,
             tls_cert: None,
@@ -423,6 +478,7 @@ mod tests {
         );
 
         let args = ConnectionArgs {
+            context: None,
             control_plane: vec!["https://localhost:7700".into()],
             tls_ca: Some("/nonexistent/ca.crt".into()),
             tls_cert: None,

@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 
 use crate::Outcome;
 use crate::connection::{Connection, is_retryable, status_detail};
+use crate::pages::{RowFilter, deployment_with_rows};
 use crate::render::{DeploymentView, Renderer};
 
 /// How long to keep trying to get the stream back before giving up.
@@ -36,7 +37,7 @@ pub async fn follow_view(
     from_revision: u64,
     renderer: &mut dyn Renderer,
 ) -> anyhow::Result<DeploymentView> {
-    let deployment = get_deployment(conn, deployment_id).await?;
+    let deployment = deployment_with_rows(conn, deployment_id, &RowFilter::default()).await?;
     let mut view = DeploymentView::new(deployment_id);
     if from_revision == 0 {
         // The events replay the whole history: start from the machine names
@@ -79,7 +80,7 @@ pub async fn follow_view(
                     "the control plane no longer holds this deployment's events after revision {last_revision} \
                      (pruned: see its --retain-events-days); showing the deployment as it is now and following from revision {resume_from}"
                 ));
-                let now = get_deployment(conn, deployment_id).await?;
+                let now = deployment_with_rows(conn, deployment_id, &RowFilter::default()).await?;
                 view.merge(&now);
                 last_revision = resume_from;
                 if view.finished {
@@ -175,6 +176,7 @@ async fn stream_until_finished(
                 // ask for its state rather than wait for an event that was sent long ago.
                 let now = get_deployment(conn, &view.id).await?;
                 if now.state().is_final() {
+                    let now = deployment_with_rows(conn, &view.id, &RowFilter::default()).await?;
                     view.merge(&now);
                     return Ok(StreamEnd::Finished);
                 }

@@ -145,9 +145,45 @@ pub fn short_commit(commit: &str) -> &str {
     commit.get(..12).unwrap_or(commit)
 }
 
+/// Names as people sort them: `m-2` before `m-10`.
+pub fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {
+    natord::compare(a, b)
+}
+
+/// A store path as tables show it: the first 8 characters of its hash,
+/// then its name (`6h5k23a2…-nixos-system-worker-1-gen1`); anything else
+/// as it is. `--wide` and JSON show the whole path.
+pub fn short_store_path(path: &str) -> String {
+    match path
+        .strip_prefix("/nix/store/")
+        .and_then(|rest| rest.split_at_checked(32))
+    {
+        Some((hash, name)) if name.starts_with('-') => format!("{}…{name}", &hash[..8]),
+        _ => path.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_in_names_sort_as_numbers() {
+        let mut names = ["m-10", "m-2", "m-1", "web-1"];
+        names.sort_by(|a, b| natural_order(a, b));
+        assert_eq!(names, ["m-1", "m-2", "m-10", "web-1"]);
+    }
+
+    #[test]
+    fn store_paths_are_shortened_to_hash_start_and_name() {
+        let path = "/nix/store/6h5k23a2x0c1r6kmd0vzz2a5i8n9b3q4-nixos-system-worker-1-gen1";
+        assert_eq!(
+            short_store_path(path),
+            "6h5k23a2…-nixos-system-worker-1-gen1"
+        );
+        assert_eq!(short_store_path("-"), "-");
+        assert_eq!(short_store_path("/nix/store/short"), "/nix/store/short");
+    }
 
     #[test]
     fn certificate_ends_read_from_now() {

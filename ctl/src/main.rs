@@ -10,17 +10,19 @@
 
 mod cli;
 mod command;
+mod config;
 mod connection;
 mod failure;
 mod follow;
 mod format;
 mod output;
+mod pages;
 mod pipeline;
 mod render;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use failure::{EXIT_ERROR, EXIT_INTERRUPTED};
 
 /// What a command that ran to completion has to say to the shell.
@@ -36,7 +38,22 @@ pub enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let mut cli = match cli::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let resolved = if cli.command.uses_settings() {
+        match cli::apply_config(&mut cli, &matches) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+    } else {
+        config::Resolved::default()
+    };
     // Warnings only (e.g. a private key readable by others): the CLI's output
     // is its own, on stdout, and must stay parseable.
     procurator_core::telemetry::init(procurator_core::telemetry::LogFormat::Text, "warn");
@@ -53,7 +70,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         tokio::select! {
-            result = cli::run(cli) => Some(result),
+            result = cli::run(cli, resolved) => Some(result),
             // Dropping the command's future drops its progress bars and its
             // stream; the deployment itself carries on at the control plane.
             _ = tokio::signal::ctrl_c() => None,

@@ -365,7 +365,7 @@ impl Fleet {
         Ok((closures, path, commit))
     }
 
-    /// The deployment of `commit` as `ListDeployments` returns it.
+    /// The deployment of `commit`, with its rows.
     pub fn deployment_by_commit(&self, commit: &str) -> Result<Value> {
         let reply = self.grpcurl()?.call_json(
             &self.pki.operator(),
@@ -381,6 +381,35 @@ impl Fleet {
             })
             .cloned()
             .with_context(|| format!("no deployment of commit {commit} in {reply}"))
+            .and_then(|d| self.with_rows(d))
+    }
+
+    /// `deployment`, a summary as GetDeployment or ListDeployments returns
+    /// it, with every row that `ListMachines` pages.
+    pub fn with_rows(&self, mut deployment: Value) -> Result<Value> {
+        let id = deployment["id"]
+            .as_str()
+            .with_context(|| format!("a deployment without an id: {deployment}"))?
+            .to_owned();
+        let grpcurl = self.grpcurl()?;
+        let mut rows = Vec::new();
+        let mut token = String::new();
+        loop {
+            let request =
+                serde_json::json!({ "deploymentId": id, "pageSize": 1000, "pageToken": token });
+            let reply = grpcurl.call_json(
+                &self.pki.operator(),
+                "procurator.v1.DeploymentService/ListMachines",
+                &request.to_string(),
+            )?;
+            rows.extend(reply["machines"].as_array().into_iter().flatten().cloned());
+            match reply.get("nextPageToken").and_then(Value::as_str) {
+                Some(next) if !next.is_empty() => token = next.to_owned(),
+                _ => break,
+            }
+        }
+        deployment["machines"] = Value::Array(rows);
+        Ok(deployment)
     }
 
     /// The id of the deployment of `commit`.

@@ -106,7 +106,7 @@ pub fn submit(ctl: &Ctl, artifact: &std::path::Path, args: &[&str]) -> Result<(S
     Ok((id, reply["created"].as_bool().unwrap_or(false)))
 }
 
-/// Every deployment, as `ListDeployments` returns them.
+/// Every deployment, as `ListDeployments` returns them: summaries, no rows.
 pub fn deployments(fleet: &Fleet) -> Result<Vec<Value>> {
     let reply = fleet.grpcurl()?.call_json(
         &fleet.pki.operator(),
@@ -120,11 +120,14 @@ pub fn deployments(fleet: &Fleet) -> Result<Vec<Value>> {
         .unwrap_or_default())
 }
 
+/// Deployment `id`, with its rows.
 pub fn deployment(fleet: &Fleet, id: &str) -> Result<Value> {
-    deployments(fleet)?
-        .into_iter()
-        .find(|d| d["id"] == id)
-        .with_context(|| format!("no deployment {id}"))
+    let summary = fleet.grpcurl()?.call_json(
+        &fleet.pki.operator(),
+        "procurator.v1.DeploymentService/GetDeployment",
+        &serde_json::json!({ "deploymentId": id }).to_string(),
+    )?;
+    fleet.with_rows(summary)
 }
 
 /// Polls until deployment `id` is in a final state; returns it.

@@ -59,6 +59,34 @@ impl MachineState {
     }
 }
 
+impl MachineState {
+    /// Every state, in protocol order.
+    pub const ALL: [MachineState; 17] = [
+        MachineState::Unspecified,
+        MachineState::Pending,
+        MachineState::Sent,
+        MachineState::Copying,
+        MachineState::Activating,
+        MachineState::Checking,
+        MachineState::Confirming,
+        MachineState::Committing,
+        MachineState::Succeeded,
+        MachineState::Skipped,
+        MachineState::Failed,
+        MachineState::RollingBack,
+        MachineState::RolledBack,
+        MachineState::RollbackFailed,
+        MachineState::Superseded,
+        MachineState::Cancelled,
+        MachineState::Unreachable,
+    ];
+
+    /// The state a [`MachineState::label`] names.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.label() == label)
+    }
+}
+
 impl std::fmt::Display for MachineState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.label())
@@ -89,5 +117,20 @@ impl DeploymentState {
 impl std::fmt::Display for DeploymentState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.label())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_machine_state_is_listed_and_found_by_its_label() {
+        let known = (0..=255).filter_map(|n| MachineState::try_from(n).ok());
+        for state in known {
+            assert!(MachineState::ALL.contains(&state), "{state:?}");
+            assert_eq!(MachineState::from_label(state.label()), Some(state));
+        }
+        assert_eq!(MachineState::from_label("nonsense"), None);
     }
 }

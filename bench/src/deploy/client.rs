@@ -11,8 +11,8 @@ use procurator_core::tls::TlsFiles;
 use procurator_integration_tests::{Fleet, Identity};
 use procurator_proto::v1::deployment_service_client::DeploymentServiceClient;
 use procurator_proto::v1::{
-    DeploymentState, GetDeploymentRequest, ListAgentsRequest, MachineState, SubmitRequest,
-    WatchRequest, event,
+    DeploymentState, GetDeploymentRequest, ListAgentsRequest, ListMachinesRequest, MachineState,
+    SubmitRequest, WatchRequest, event,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -82,7 +82,7 @@ impl Client {
                     .with_context(|| format!("connecting to {url}"))?;
                 let mut client = DeploymentServiceClient::new(channel);
                 client
-                    .list_agents(ListAgentsRequest {})
+                    .list_agents(ListAgentsRequest::default())
                     .await
                     .context("ListAgents")?;
                 anyhow::Ok(client)
@@ -182,8 +182,17 @@ async fn deploy(
         .context("GetDeployment")?
         .into_inner();
     if state != DeploymentState::Succeeded as i32 {
-        let machines: Vec<String> = deployment
-            .machines
+        // The first page of rows is enough to say what went wrong.
+        let rows = operator
+            .list_machines(ListMachinesRequest {
+                deployment_id: reply.deployment_id.clone(),
+                ..ListMachinesRequest::default()
+            })
+            .await
+            .context("ListMachines")?
+            .into_inner()
+            .machines;
+        let machines: Vec<String> = rows
             .iter()
             .map(|m| {
                 format!(

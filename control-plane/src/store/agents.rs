@@ -6,7 +6,8 @@ use procurator_proto::v1::{
     Agent, AgentConnection, Hello, MachineState, VmHostCapacity, VmPlacement, event,
 };
 
-use super::engine::{Sql, SqlExt as _};
+use super::engine::{Row, Sql, SqlExt as _};
+use super::paging::{Page, PageQuery, collect};
 use super::{Store, StoreError, Tx};
 
 /// How often heartbeats are written: how stale an agent's `last_seen` may
@@ -213,53 +214,86 @@ impl Store {
     }
 
     /// Every agent ever seen, by machine name.
-    pub async fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        self.read(|conn| {
-            let agents = conn.fetch_all(
+    /// A page of agents in name order, only the connected (or the
+    /// disconnected) ones when `connected` says.
+    pub async fn list_agents(
+        &self,
+        query: PageQuery,
+        connected: Option<bool>,
+    ) -> Result<Page<Agent>, StoreError> {
+        self.read(move |conn| {
+            let filter = match connected {
+                Some(true) => " AND connected = 1",
+                Some(false) => " AND connected = 0",
+                None => "",
+            };
+            let sql = format!(
                 "SELECT machine, connected, current_system, booted_system, agent_version,
                         nix_version, last_seen_ms, last_deployment_id, last_state, last_reason,
                         vm_host, cert_serial, cert_not_after_ms
-                 FROM agents ORDER BY machine",
-                &[],
-                |r| {
-                    Ok(Agent {
-                        machine: r.get(0)?,
-                        connected: r.get(1)?,
-                        current_system: r.get(2)?,
-                        booted_system: r.get(3)?,
-                        agent_version: r.get(4)?,
-                        nix_version: r.get(5)?,
-                        last_seen_ms: r.get(6)?,
-                        last_deployment_id: r.get(7)?,
-                        last_state: r.get(8)?,
-                        last_reason: r.get(9)?,
-                        vm_host: match r.get::<Option<Vec<u8>>>(10)? {
-                            None => None,
-                            Some(bytes) => {
-                                Some(prost::Message::decode(bytes.as_slice()).map_err(|e| {
-                                    StoreError::Corrupt(format!(
-                                        "an agent's VM-host capacity cannot be decoded: {e}"
-                                    ))
-                                })?)
-                            }
-                        },
-                        certificate_serial: r.get(11)?,
-                        certificate_not_after_ms: r.get(12)?,
-                        ..Default::default()
-                    })
-                },
+                 FROM agents WHERE machine > ?1 AND machine >= ?2{filter}
+                 ORDER BY machine LIMIT ?3"
+            );
+            let mut page = collect(
+                &query,
+                |a: &Agent| &a.machine,
+                |after, from, limit| conn.fetch_all(&sql, &[&after, &from, &limit], agent_row),
             )?;
-            with_placements(conn, agents)
+            page.items = with_placements(conn, page.items)?;
+            Ok(page)
         })
         .await
     }
+
+    /// Every agent: for tests (the RPC pages them).
+    #[cfg(test)]
+    pub async fn all_agents(&self) -> Result<Vec<Agent>, StoreError> {
+        let page = self
+            .list_agents(
+                PageQuery::first(procurator_core::limits::MAX_PAGE_ROWS),
+                None,
+            )
+            .await?;
+        assert!(page.next_after.is_none(), "more agents than one page holds");
+        Ok(page.items)
+    }
+}
+
+fn agent_row(r: &dyn Row) -> Result<Agent, StoreError> {
+    Ok(Agent {
+        machine: r.get(0)?,
+        connected: r.get(1)?,
+        current_system: r.get(2)?,
+        booted_system: r.get(3)?,
+        agent_version: r.get(4)?,
+        nix_version: r.get(5)?,
+        last_seen_ms: r.get(6)?,
+        last_deployment_id: r.get(7)?,
+        last_state: r.get(8)?,
+        last_reason: r.get(9)?,
+        vm_host: match r.get::<Option<Vec<u8>>>(10)? {
+            None => None,
+            Some(bytes) => Some(prost::Message::decode(bytes.as_slice()).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "an agent's VM-host capacity cannot be decoded: {e}"
+                ))
+            })?),
+        },
+        certificate_serial: r.get(11)?,
+        certificate_not_after_ms: r.get(12)?,
+        ..Default::default()
+    })
 }
 
 /// Each VM host's instances, and what is left of its capacity.
 fn with_placements(conn: &dyn Sql, mut agents: Vec<Agent>) -> Result<Vec<Agent>, StoreError> {
+    let (Some(first), Some(last)) = (agents.first(), agents.last()) else {
+        return Ok(agents);
+    };
     let placed: Vec<(VmPlacement, i64, i64)> = conn.fetch_all(
-        "SELECT instance, machine, host, milli_cpus, memory_bytes FROM placements ORDER BY instance",
-        &[],
+        "SELECT instance, machine, host, milli_cpus, memory_bytes FROM placements
+         WHERE host >= ?1 AND host <= ?2 ORDER BY instance",
+        &[&first.machine.as_str(), &last.machine.as_str()],
         |r| {
             Ok((
                 VmPlacement {

@@ -22,6 +22,7 @@ mod database;
 mod deployments;
 mod engine;
 mod events;
+mod paging;
 mod placements;
 mod queries;
 mod replicas;
@@ -48,13 +49,15 @@ pub use control::{Cancelled, Confirmation, RolledBack};
 pub use database::{Database, DatabaseError, PostgresTarget};
 pub use deployments::{SubmitError, Submitted};
 pub use events::Compacted;
+pub use paging::{Page, PageQuery};
+pub use queries::MachineQuery;
 pub(crate) use replicas::log_reaped;
 pub use replicas::{Heartbeat, REPLICA_HEARTBEAT, REPLICA_TIMEOUT};
 pub use reports::ResultOutcome;
 #[cfg(test)]
 pub use retention::Pruned;
 pub use retention::Retention;
-pub use running::{DEFAULT_PAGE_SIZE as RUNNING_PAGE_SIZE, RunningPage};
+pub use running::RunningPage;
 pub use schedule::{Outbound, Scheduled, Scope, SendOrder};
 pub use trust::{
     JoinToken, MAX_LIVE_TOKENS, MAX_REVOCATIONS, Redeemed, RevokeError, Revoked, TOKEN_PREFIX,
@@ -652,6 +655,9 @@ mod tests;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_migration;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_paging;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_placements;

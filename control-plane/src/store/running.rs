@@ -9,19 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
+use procurator_core::limits::{MAX_PAGE_BYTES, MAX_PAGE_ROWS};
 use procurator_core::{DeploymentArtifact, MachineName};
 use procurator_proto::v1::{MachineState, RunningMachine};
 
 use super::deployments::in_force;
 use super::engine::{SqlExt as _, ToParam};
 use super::{Store, StoreError};
-
-/// Rows per page when the caller does not say, and the most it may ask for.
-pub const DEFAULT_PAGE_SIZE: u32 = 500;
-pub const MAX_PAGE_SIZE: u32 = 1000;
-/// A page ends before its rows' text passes this, well inside gRPC's
-/// default 4 MiB message limit whatever the blueprint entries hold.
-const MAX_PAGE_BYTES: usize = 2 << 20;
 
 /// One page of [`Store::running`].
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -37,7 +31,7 @@ impl Store {
     /// Up to `page_size` rows whose names sort after `after`, in name order.
     pub async fn running(&self, after: String, page_size: u32) -> Result<RunningPage, StoreError> {
         let artifacts = self.inner.artifacts.clone();
-        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        let page_size = page_size.clamp(1, MAX_PAGE_ROWS);
         self.read(move |conn| {
             let in_force = in_force(conn)?.map(|d| (d.id, d.git_commit));
             let in_force_id = in_force.as_ref().map_or("", |(id, _)| id.as_str());
@@ -143,7 +137,7 @@ impl Store {
                     deployment_id,
                     in_force: in_force_rows.contains(name),
                 };
-                bytes += row.machine.len() + row.closure.len() + row.spec_json.len() + 64;
+                bytes += prost::Message::encoded_len(&row);
                 page.machines.push(row);
                 if bytes > MAX_PAGE_BYTES {
                     break;

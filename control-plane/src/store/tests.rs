@@ -229,7 +229,7 @@ async fn results_finish_the_deployment() {
     assert_eq!(fin.summary.get("succeeded"), Some(&1));
     assert_eq!(fin.summary.get("rolled-back"), Some(&1));
 
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     assert!(
         agents.is_empty(),
         "results from unknown agents create no agent rows"
@@ -380,9 +380,9 @@ async fn a_replaced_connection_cannot_mark_its_successor_disconnected() {
         .unwrap();
     assert!(first < second && second < other, "{first} {second} {other}");
     assert!(!store.agent_disconnected(m("web-1"), first).await.unwrap());
-    assert!(store.list_agents().await.unwrap()[0].connected);
+    assert!(store.all_agents().await.unwrap()[0].connected);
     assert!(store.agent_disconnected(m("web-1"), second).await.unwrap());
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     assert!(!agents[0].connected);
     assert_eq!(agents[0].current_system, "/nix/store/x");
 }
@@ -406,7 +406,7 @@ async fn a_restart_keeps_history_and_disconnects_agents() {
     assert_eq!(d.state(), DeploymentState::Succeeded);
     // Disconnecting is not an event: who is connected is the agents table's.
     assert_eq!(all_events(&store).await, before);
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     assert!(!agents[0].connected);
     assert_eq!(agents[0].last_deployment_id, id.as_str());
     assert_eq!(agents[0].last_state(), MachineState::Succeeded);

@@ -97,7 +97,7 @@ async fn a_version_2_database_gains_the_vm_host_column() {
         .unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     assert_eq!(agents[0].machine, "web-1");
     assert_eq!(agents[0].vm_host, None);
     // Connections number on from the highest generation the file held.

@@ -46,9 +46,16 @@ fn placed(events: &[Event]) -> Vec<VmsPlaced> {
 }
 
 /// Instance → the reason on its row in the newest deployment.
+/// The newest deployment, with its rows.
+async fn newest(store: &Store) -> procurator_proto::v1::Deployment {
+    let id = store.list_deployments(1).await.unwrap().remove(0).id;
+    let id = procurator_core::DeploymentId::parse(&id).unwrap();
+    store.get_deployment(id).await.unwrap().unwrap()
+}
+
 async fn row_reasons(store: &Store) -> std::collections::BTreeMap<String, String> {
-    let newest = store.list_deployments(1).await.unwrap().remove(0);
-    newest
+    newest(store)
+        .await
         .machines
         .into_iter()
         .map(|row| (row.machine, row.reason))
@@ -81,7 +88,7 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
     assert_ne!(host_of(&first, "web-0"), host_of(&first, "web-1"));
     assert_eq!(first.placements.len(), 3);
 
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     let vms: usize = agents.iter().map(|a| a.vms.len()).sum();
     assert_eq!(vms, 3);
     // Nothing runs before its row is sent; once sent (the hosts make the
@@ -102,7 +109,7 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
         .collect();
     assert_eq!(told.len(), 3, "{told:?}");
     // The deployment tracks the instances, not the machine.
-    let d = store.list_deployments(1).await.unwrap().remove(0);
+    let d = newest(&store).await;
     let rows: Vec<&str> = d.machines.iter().map(|r| r.machine.as_str()).collect();
     assert_eq!(rows, ["db", "web-0", "web-1"]);
     let free_memory: u64 = agents
@@ -129,7 +136,7 @@ async fn replicas_are_spread_kept_in_place_and_removed_with_their_machine() {
     .await;
     let third = placed(&all_events(&store).await).remove(2);
     assert_eq!(third.placements.len(), 2, "{third:?}");
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     assert!(
         agents
             .iter()

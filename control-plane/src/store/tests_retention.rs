@@ -199,7 +199,7 @@ async fn a_reconnecting_agent_writes_an_event_only_when_its_report_changes() {
         .unwrap();
     let events = all_events(&store).await;
     assert_eq!(events.len(), 2);
-    let agents = store.list_agents().await.unwrap();
+    let agents = store.all_agents().await.unwrap();
     assert!(agents[0].connected);
     assert_eq!(agents[0].agent_version, "2");
 }

@@ -33,7 +33,7 @@ async fn what_runs_is_what_the_agent_reports_else_what_last_succeeded() {
         .agent_connected(m("web-1"), hello, None)
         .await
         .unwrap();
-    let mut agents = store.list_agents().await.unwrap();
+    let mut agents = store.all_agents().await.unwrap();
     assert_eq!(agents.pop().map(|a| a.current_system), Some(manual.clone()));
     // Results from machines without agent rows report nothing themselves.
     result(&store, "web-2", &a.id, MachineState::Succeeded).await;

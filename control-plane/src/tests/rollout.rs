@@ -175,13 +175,7 @@ async fn rollback_creates_a_new_deployment_marked_as_a_rollback() {
         .into_inner();
     assert!(back.created);
     assert_ne!(back.deployment_id, first.deployment_id);
-    let deployment = ci
-        .get_deployment(GetDeploymentRequest {
-            deployment_id: back.deployment_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let deployment = crate::test_support::with_rows(&mut ci, &back.deployment_id).await;
     assert_eq!(deployment.rollback_of, first.deployment_id);
     assert_eq!(deployment.git_commit, OLDER);
     assert_eq!(deployment.waves.len(), 1);
@@ -236,11 +230,7 @@ async fn an_offline_machine_ends_unreachable_and_converges_when_it_connects() {
         panic!("no DesiredState")
     };
     assert_eq!(desired.deployment_id, id);
-    let deployment = ci
-        .get_deployment(GetDeploymentRequest { deployment_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let deployment = crate::test_support::with_rows(&mut ci, &id).await;
     assert_eq!(deployment.state(), DeploymentState::Running);
     assert_eq!(deployment.machines[0].state(), MachineState::Sent);
 }

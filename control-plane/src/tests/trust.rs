@@ -61,7 +61,7 @@ async fn only_a_marked_certificate_may_offer_vm_capacity() {
     // Nothing was placed on it, nor recorded of it.
     let mut operator = server.deployments(Role::Operator, "admin");
     let agents = operator
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -72,7 +72,7 @@ async fn only_a_marked_certificate_may_offer_vm_capacity() {
     // A marked one is a VM host.
     let (_tx, _host) = server.connect("web-1", vm_host_hello(4, 8, &[])).await;
     let agents = operator
-        .list_agents(ListAgentsRequest {})
+        .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -115,11 +115,7 @@ async fn a_signed_artifact_is_forwarded_verbatim_and_its_key_recorded() {
         panic!("no DesiredState")
     };
     assert_eq!(desired.intent, statement);
-    let deployment = ci
-        .get_deployment(GetDeploymentRequest { deployment_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let deployment = crate::test_support::with_rows(&mut ci, &id).await;
     assert_eq!(deployment.intent_keys, ["ci-1"]);
 
     // Edited after signing: refused at the door, nothing stored.
@@ -179,13 +175,7 @@ async fn an_artifact_without_a_time_cannot_displace_one_with_a_time() {
         .await
         .unwrap()
         .into_inner();
-    let deployment = ci
-        .get_deployment(GetDeploymentRequest {
-            deployment_id: forced.deployment_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let deployment = crate::test_support::with_rows(&mut ci, &forced.deployment_id).await;
     assert_eq!(deployment.forced_by, "ci");
     let mut watch = ci
         .watch(WatchRequest {
@@ -256,13 +246,7 @@ async fn a_rollback_carries_fresh_statements_or_is_refused() {
         .await
         .unwrap()
         .into_inner();
-    let deployment = operator
-        .get_deployment(GetDeploymentRequest {
-            deployment_id: back.deployment_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let deployment = crate::test_support::with_rows(&mut operator, &back.deployment_id).await;
     assert_eq!(deployment.rollback_of, first.deployment_id);
     assert_eq!(deployment.intent_keys, ["ops-1"]);
 }
@@ -291,10 +275,6 @@ async fn a_row_never_sent_cannot_be_confirmed() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("not sent"), "{refused:?}");
-    let deployment = ci
-        .get_deployment(GetDeploymentRequest { deployment_id: id })
-        .await
-        .unwrap()
-        .into_inner();
+    let deployment = crate::test_support::with_rows(&mut ci, &id).await;
     assert_eq!(deployment.machines[0].state(), MachineState::Pending);
 }

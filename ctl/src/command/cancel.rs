@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail};
 use procurator_proto::v1::{CancelRequest, Deployment, DeploymentState};
 use tonic::Code;
 
-use super::deployments::deployment_json;
+use super::deployments::summary_json;
 use super::watch::{newest_deployment, parse_id};
 use crate::connection::ConnectionArgs;
 use crate::output::{self, OutputArgs, OutputFormat};
@@ -68,7 +68,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     };
     match args.output.output {
         OutputFormat::Text => output::print(&cancelled_text(&deployment))?,
-        OutputFormat::Json => output::print_json(&deployment_json(&deployment))?,
+        OutputFormat::Json => output::print_json(&summary_json(&deployment))?,
     }
     if !args.wait {
         return Ok(Outcome::Success);

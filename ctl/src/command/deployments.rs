@@ -1,25 +1,72 @@
-//! `procurator-ctl deployments`: the history, newest first.
+//! `procurator-ctl deployments [ID]`: the history, newest first, as
+//! summaries; or one deployment with its machines (paged from the control
+//! plane, filtered as asked).
 
-use procurator_proto::v1::{Deployment, ListDeploymentsRequest, MachineStatus};
+use procurator_proto::v1::{Deployment, ListDeploymentsRequest, MachineState, MachineStatus};
 use serde_json::{Value, json};
 
 use crate::connection::ConnectionArgs;
 use crate::output::{self, OutputArgs, OutputFormat};
+use crate::pages::{RowFilter, deployment_with_rows};
 use crate::render::{copy_json, phase_json};
 use crate::{Outcome, format};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Show this deployment and its machines instead of the history.
+    #[arg(value_name = "DEPLOYMENT")]
+    pub id: Option<String>,
+
     /// How many deployments to list.
-    #[arg(long, default_value_t = 20, value_name = "N")]
+    #[arg(long, default_value_t = 20, value_name = "N", conflicts_with = "id")]
     pub limit: u32,
+
+    /// With DEPLOYMENT: only machines in this state (repeatable), e.g.
+    /// `failed`, `rolled-back`, `pending`.
+    #[arg(long = "state", value_name = "STATE", requires = "id", value_parser = parse_state)]
+    pub states: Vec<MachineState>,
+
+    /// With DEPLOYMENT: only machines of this wave (0-based; repeatable).
+    #[arg(long = "wave", value_name = "N", requires = "id")]
+    pub waves: Vec<u32>,
+
+    /// With DEPLOYMENT: only machines whose name matches (`web-*`).
+    #[arg(long, value_name = "PATTERN", requires = "id")]
+    pub name: Option<String>,
+
+    /// Show whole store paths, not their short form.
+    #[arg(long)]
+    pub wide: bool,
 
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
+fn parse_state(text: &str) -> Result<MachineState, String> {
+    MachineState::from_label(text).ok_or_else(|| {
+        let all: Vec<&str> = MachineState::ALL[1..].iter().map(|s| s.label()).collect();
+        format!(
+            "{text:?} is not a machine state; one of: {}",
+            all.join(", ")
+        )
+    })
+}
+
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     let mut conn = conn.connect().await?;
+    if let Some(id) = &args.id {
+        let filter = RowFilter {
+            states: args.states.clone(),
+            waves: args.waves.clone(),
+            name: args.name.clone().unwrap_or_default(),
+        };
+        let d = deployment_with_rows(&mut conn, id, &filter).await?;
+        match args.output.output {
+            OutputFormat::Text => output::print(&deployment_text(&d, args.wide))?,
+            OutputFormat::Json => output::print_json(&deployment_json(&d))?,
+        }
+        return Ok(Outcome::Success);
+    }
     let deployments = conn
         .client
         .list_deployments(ListDeploymentsRequest { limit: args.limit })
@@ -30,17 +77,24 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     match args.output.output {
         OutputFormat::Text => output::print(&deployments_table(&deployments))?,
         OutputFormat::Json => output::print_json(&Value::Array(
-            deployments.iter().map(deployment_json).collect(),
+            deployments.iter().map(summary_json).collect(),
         ))?,
     }
     Ok(Outcome::Success)
 }
 
-/// Machines that ended well, ended badly, and all of them.
-fn counts(machines: &[MachineStatus]) -> (usize, usize, usize) {
-    let ok = machines.iter().filter(|m| m.state().is_success()).count();
-    let failed = machines.iter().filter(|m| m.state().is_failure()).count();
-    (ok, failed, machines.len())
+/// Machines that ended well, ended badly, and all of them, from the
+/// control plane's counts.
+fn counts(d: &Deployment) -> (u32, u32, u32) {
+    let (mut ok, mut failed) = (0, 0);
+    for (label, n) in &d.machine_counts {
+        match MachineState::from_label(label) {
+            Some(s) if s.is_success() => ok += n,
+            Some(s) if s.is_failure() => failed += n,
+            _ => {}
+        }
+    }
+    (ok, failed, d.machine_total)
 }
 
 pub fn deployments_table(deployments: &[Deployment]) -> String {
@@ -51,7 +105,7 @@ pub fn deployments_table(deployments: &[Deployment]) -> String {
     let rows: Vec<Vec<String>> = deployments
         .iter()
         .map(|d| {
-            let (ok, failed, total) = counts(&d.machines);
+            let (ok, failed, total) = counts(d);
             vec![
                 d.id.clone(),
                 format::short_commit(&d.git_commit).to_owned(),
@@ -100,8 +154,78 @@ fn non_empty(s: &str) -> Value {
     if s.is_empty() { Value::Null } else { s.into() }
 }
 
+/// One deployment as text: what the list says of it, then its machines.
+fn deployment_text(d: &Deployment, wide: bool) -> String {
+    let mut out = deployments_table(std::slice::from_ref(d));
+    let counts: Vec<String> = d
+        .machine_counts
+        .iter()
+        .map(|(label, n)| format!("{n} {label}"))
+        .collect();
+    out.push_str(&format!(
+        "\n{} machines: {}\n\n",
+        d.machine_total,
+        counts.join(", ")
+    ));
+    if d.machines.is_empty() {
+        out.push_str("no machine matches\n");
+        return out;
+    }
+    let mut machines: Vec<&MachineStatus> = d.machines.iter().collect();
+    machines.sort_by(|a, b| format::natural_order(&a.machine, &b.machine));
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            vec![
+                m.machine.clone(),
+                m.state().label().to_owned(),
+                m.wave.to_string(),
+                if wide {
+                    m.closure.clone()
+                } else {
+                    format::short_store_path(&m.closure)
+                },
+                if m.reason.is_empty() {
+                    "-".to_owned()
+                } else {
+                    m.reason.clone()
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &["MACHINE", "STATE", "WAVE", "CLOSURE", "REASON"],
+        &rows,
+    ));
+    out
+}
+
+/// A deployment as the list shows it: counted, no machines.
+pub fn summary_json(d: &Deployment) -> Value {
+    let (ok, failed, total) = counts(d);
+    json!({
+        "id": d.id,
+        "gitCommit": d.git_commit,
+        "state": d.state().label(),
+        "createdAt": format::rfc3339_or_null(d.created_at_ms),
+        "finishedAt": format::rfc3339_or_null(d.finished_at_ms),
+        "submittedBy": d.submitted_by,
+        "counts": { "ok": ok, "failed": failed, "total": total },
+        "machineCounts": d.machine_counts,
+        "haltedReason": non_empty(&d.halted_reason),
+        "rollbackOf": non_empty(&d.rollback_of),
+        "forcedBy": non_empty(&d.forced_by),
+        "intentKeys": d.intent_keys,
+        "waves": d.waves.iter().map(|w| json!({
+            "index": w.index,
+            "name": w.name,
+            "machines": w.machines,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A deployment with the machines that were read.
 pub fn deployment_json(d: &Deployment) -> Value {
-    let (ok, failed, total) = counts(&d.machines);
     let machines: Vec<Value> = d
         .machines
         .iter()
@@ -120,25 +244,9 @@ pub fn deployment_json(d: &Deployment) -> Value {
             })
         })
         .collect();
-    json!({
-        "id": d.id,
-        "gitCommit": d.git_commit,
-        "state": d.state().label(),
-        "createdAt": format::rfc3339_or_null(d.created_at_ms),
-        "finishedAt": format::rfc3339_or_null(d.finished_at_ms),
-        "submittedBy": d.submitted_by,
-        "counts": { "ok": ok, "failed": failed, "total": total },
-        "machines": machines,
-        "haltedReason": non_empty(&d.halted_reason),
-        "rollbackOf": non_empty(&d.rollback_of),
-        "forcedBy": non_empty(&d.forced_by),
-        "intentKeys": d.intent_keys,
-        "waves": d.waves.iter().map(|w| json!({
-            "index": w.index,
-            "name": w.name,
-            "machines": w.machines,
-        })).collect::<Vec<_>>(),
-    })
+    let mut v = summary_json(d);
+    v["machines"] = machines.into();
+    v
 }
 
 #[cfg(test)]
@@ -163,6 +271,10 @@ mod tests {
                 machine("b", MachineState::Skipped),
                 machine("c", MachineState::Unreachable),
             ],
+            machine_counts: [("succeeded", 1), ("skipped", 1), ("unreachable", 1)]
+                .map(|(l, n)| (l.to_owned(), n))
+                .into(),
+            machine_total: 3,
             ..Default::default()
         }
     }

@@ -5,6 +5,7 @@ pub mod artifact;
 pub mod cancel;
 pub mod ci;
 pub mod completions;
+pub mod config;
 pub mod deployments;
 pub mod pki;
 pub mod plan;

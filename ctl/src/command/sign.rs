@@ -16,9 +16,10 @@ pub struct Args {
     /// The deployment.json to sign.
     pub file: PathBuf,
 
-    /// The key to sign with, made by `nix key generate-secret --key-name NAME`.
+    /// The key to sign with, made by `nix key generate-secret --key-name NAME`
+    /// (or the context's intent-key).
     #[arg(long, env = "PROCURATOR_INTENT_KEY", value_name = "FILE")]
-    pub intent_key: PathBuf,
+    pub intent_key: Option<PathBuf>,
 
     /// Write the signed artifact here instead of replacing FILE (atomically).
     #[arg(long, value_name = "FILE")]
@@ -26,7 +27,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<Outcome> {
-    let key = read_key(&args.intent_key)?;
+    let Some(key) = &args.intent_key else {
+        anyhow::bail!(
+            "no intent key: pass --intent-key FILE, set PROCURATOR_INTENT_KEY, or give the context an intent-key"
+        );
+    };
+    let key = read_key(key)?;
     let (_, text) = super::validate::load(&args.file)?;
     let (artifact, signed) = sign_text(&text, &key)?;
     let out = args.out.as_ref().unwrap_or(&args.file);

@@ -1,6 +1,6 @@
 //! `procurator-ctl status`: the fleet's agents as the control plane sees them.
 
-use procurator_proto::v1::{Agent, ListAgentsRequest, MachineState};
+use procurator_proto::v1::{Agent, MachineState};
 use serde_json::{Value, json};
 
 use crate::connection::ConnectionArgs;
@@ -9,23 +9,39 @@ use crate::{Outcome, format};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Only machines whose name matches (`web-*`).
+    #[arg(long, value_name = "PATTERN")]
+    pub name: Option<String>,
+
+    /// Only connected agents.
+    #[arg(long, conflicts_with = "disconnected")]
+    pub connected: bool,
+
+    /// Only agents not connected now.
+    #[arg(long)]
+    pub disconnected: bool,
+
+    /// Show whole store paths, not their short form.
+    #[arg(long)]
+    pub wide: bool,
+
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     let mut conn = conn.connect().await?;
-    let mut agents = conn
-        .client
-        .list_agents(ListAgentsRequest {})
-        .await
-        .map_err(|status| conn.error(&status, "listing agents"))?
-        .into_inner()
-        .agents;
-    agents.sort_by(|a, b| a.machine.cmp(&b.machine));
+    let connected = match (args.connected, args.disconnected) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    let name = args.name.as_deref().unwrap_or_default();
+    let mut agents = crate::pages::agents(&mut conn, name, connected).await?;
+    agents.sort_by(|a, b| format::natural_order(&a.machine, &b.machine));
     match args.output.output {
         OutputFormat::Text => {
-            output::print(&agents_table(&agents, procurator_core::now_ms()))?;
+            output::print(&agents_table(&agents, procurator_core::now_ms(), args.wide))?;
             if let Some(hosts) = vm_hosts_table(&agents) {
                 output::print(&format!("\n{hosts}"))?;
             }
@@ -37,7 +53,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
+pub fn agents_table(agents: &[Agent], now_ms: i64, wide: bool) -> String {
     if agents.is_empty() {
         return "no agent has connected yet; start procurator-agent on a machine with its certificate\n"
             .to_owned();
@@ -48,10 +64,10 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> String {
             vec![
                 a.machine.clone(),
                 if a.connected { "yes" } else { "no" }.to_owned(),
-                if a.current_system.is_empty() {
-                    "-".to_owned()
-                } else {
-                    a.current_system.clone()
+                match a.current_system.as_str() {
+                    "" => "-".to_owned(),
+                    path if wide => path.to_owned(),
+                    path => format::short_store_path(path),
                 },
                 if a.connected {
                     "now".to_owned()
@@ -220,7 +236,7 @@ mod tests {
 
     #[test]
     fn the_table_has_one_row_per_agent() {
-        let table = agents_table(&agents(), NOW);
+        let table = agents_table(&agents(), NOW, false);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
         assert!(
@@ -228,7 +244,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            lines[1].starts_with("worker-1  yes        /nix/store/0c5m"),
+            lines[1].starts_with("worker-1  yes        0c5mfs2a…-"),
             "{table}"
         );
         assert!(
@@ -290,7 +306,7 @@ mod tests {
 
     #[test]
     fn no_agents_says_how_to_get_one() {
-        assert!(agents_table(&[], NOW).contains("procurator-agent"));
+        assert!(agents_table(&[], NOW, false).contains("procurator-agent"));
     }
 
     #[test]
