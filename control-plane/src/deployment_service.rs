@@ -6,6 +6,7 @@ use crate::revocations::Revocations;
 use crate::store::{Cancelled, MachineQuery, PageQuery, RolledBack, Store, Submitted};
 use crate::watch;
 use futures::StreamExt as _;
+use procurator_core::artifact::parse_selectors;
 use procurator_core::certificate::CertificateInfo;
 use procurator_core::identity::Rpc;
 use procurator_core::limits::{DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS};
@@ -47,14 +48,18 @@ impl DeploymentService for DeploymentSvc {
         let SubmitRequest {
             artifact_json: json,
             force,
+            on,
         } = request.into_inner();
         let received = std::time::Instant::now();
         let artifact = DeploymentArtifact::from_json(json.as_bytes()).map_err(ApiError::from)?;
+        let on = parse_selectors(&on)
+            .and_then(|on| artifact.selected_targets(&on).map(|_| on))
+            .map_err(|e| Status::invalid_argument(format!("on: {e}")))?;
         let parsed_ms = received.elapsed().as_millis();
         let git_commit = artifact.git_commit.to_string();
         let submitted = self
             .store
-            .submit(artifact, json, caller.name.to_string(), force)
+            .submit(artifact, json, caller.name.to_string(), force, on)
             .await
             .map_err(ApiError::from)?;
         if submitted.created {

@@ -226,6 +226,7 @@ fn submit_request(machines: &[(&str, &str)]) -> SubmitRequest {
     SubmitRequest {
         artifact_json: artifact_json(COMMIT, machines),
         force: false,
+        on: Vec::new(),
     }
 }
 
@@ -346,6 +347,7 @@ async fn every_rpc_checks_the_role_in_the_certificate() {
         .submit(SubmitRequest {
             artifact_json: "{}".into(),
             force: false,
+            on: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -601,6 +603,7 @@ async fn a_vm_host_is_told_which_vms_to_run_on_connecting_and_after_each_submit(
             &[("app-1", "sys-b")],
         ),
         force: false,
+        on: Vec::new(),
     })
     .await
     .unwrap();

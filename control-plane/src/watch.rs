@@ -302,7 +302,7 @@ mod tests {
         for i in 1..=3 {
             let (parsed, json) = artifact(&format!("{i:040x}"), &[("web-1", &format!("s{i}"))]);
             store
-                .submit(parsed, json, "ci".into(), false)
+                .submit(parsed, json, "ci".into(), false, Vec::new())
                 .await
                 .unwrap();
         }
@@ -361,7 +361,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (parsed, json) = artifact("abcdef0", &[("web-1", "sys")]);
         let submitted = store
-            .submit(parsed, json, "ci".into(), false)
+            .submit(parsed, json, "ci".into(), false, Vec::new())
             .await
             .unwrap();
         let id = submitted.id;

@@ -516,11 +516,13 @@ impl DeploymentArtifact {
 mod instances;
 mod intents;
 mod rollout;
+mod selector;
 mod unique_keys;
 pub use instances::{
     Demand, Target, VM_BACKENDS, VM_MEMORY_ALIGNMENT, VmInstance, instance_names, vm_memory_bytes,
 };
 pub use rollout::{PlannedWave, Rollout, WaveSpec};
+pub use selector::{Selector, SelectorError, parse_all as parse_selectors};
 
 #[cfg(test)]
 mod tests;

@@ -34,6 +34,9 @@ pub const MAX_REASON_BYTES: usize = 4 * 1024;
 /// The output tail of a failed command an agent reports.
 pub const MAX_OUTPUT_TAIL_BYTES: usize = 16 * 1024;
 
+/// `--on` selectors of one deployment.
+pub const MAX_SELECTORS: usize = 64;
+
 /// Rows of one page of a list RPC (`ListMachines`, `ListAgents`,
 /// `ListRunning`) when the caller does not say, and at most.
 pub const DEFAULT_PAGE_ROWS: u32 = 500;

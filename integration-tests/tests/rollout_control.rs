@@ -547,3 +547,48 @@ fn a_new_kernel_is_reported_as_needing_a_reboot() {
         );
     }
 }
+
+/// `submit --on @LABEL` deploys exactly the labelled machines; the others
+/// are not touched, not counted, and the deployment says what it was on.
+#[test]
+fn on_a_label_deploys_exactly_the_labelled_machines() {
+    let fleet = Fleet::start().expect("fleet");
+    let (closures, artifact, _) =
+        scenario::prepare(&fleet, &json!({ "generation": 1 }), &json!({})).expect("prepare");
+    let ctl = fleet.ctl().expect("ctl");
+
+    let typo = ctl
+        .run(&["submit", path(&artifact), "--on", "@no-such-label"])
+        .expect("submit");
+    assert_eq!(typo.code, Some(1), "{typo}");
+    assert!(
+        typo.stderr.contains("matches no machine") && typo.stderr.contains("nothing was sent"),
+        "{typo}"
+    );
+    assert!(scenario::deployments(&fleet).expect("list").is_empty());
+
+    let (id, _) = submit(&ctl, &artifact, &["--on", "@compute", "--wait"]).expect("submit");
+    let deployment = wait_final(&fleet, &id, ROLLOUT_TIMEOUT).expect("final");
+    assert_eq!(
+        state(&deployment),
+        "DEPLOYMENT_STATE_SUCCEEDED",
+        "{deployment}"
+    );
+    assert_eq!(deployment["on"], json!(["@compute"]), "{deployment}");
+    assert_eq!(deployment["machineTotal"], 2, "{deployment}");
+    let rows: Vec<&str> = deployment["machines"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["machine"].as_str())
+        .collect();
+    assert_eq!(rows, ["worker-1", "worker-2"]);
+    for m in ["worker-1", "worker-2"] {
+        assert_runs(&fleet, m, &closures[m]);
+    }
+    assert_untouched(&fleet, "control-plane-1", &closures["control-plane-1"]);
+
+    let listed = ctl.run(&["deployments"]).expect("deployments");
+    listed.expect_code(0).expect("deployments");
+    assert!(listed.stdout.contains("on @compute"), "{listed}");
+}

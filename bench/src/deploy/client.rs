@@ -130,6 +130,7 @@ async fn deploy(
         .submit(SubmitRequest {
             artifact_json,
             force: false,
+            on: Vec::new(),
         })
         .await
         .context("Submit")?

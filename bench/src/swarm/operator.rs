@@ -74,6 +74,7 @@ pub async fn submit(client: &mut Client, artifact: &Value) -> Result<(String, u6
     let request = SubmitRequest {
         artifact_json: artifact.to_string(),
         force: false,
+        on: Vec::new(),
     };
     let at = unix_micros();
     let response = client.submit(request).await.context("Submit")?.into_inner();

@@ -221,12 +221,20 @@ impl Store {
                     Err(why) => return Ok(RolledBack::Invalid(why)),
                 }
             };
+            // A rollback to a subset deployment deploys that subset again.
+            let on: String = tx.sql.fetch_one(
+                "SELECT selectors FROM deployments WHERE id = ?1",
+                &[&target.id.as_str()],
+                |r| r.get(0),
+            )?;
+            let on = super::deployments::parse_selectors(&on)?;
             let new = NewDeployment {
                 artifact: &artifact,
                 artifact_json: &json,
                 submitted_by: &submitted_by,
                 forced_by: "",
                 rollback_of: target.id.as_str(),
+                on: &on,
             };
             Ok(RolledBack::Done(insert(tx, &new)?))
         })

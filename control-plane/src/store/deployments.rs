@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use procurator_core::artifact::Selector;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::{
     DeploymentFinished, DeploymentState, DeploymentSubmitted, MachineState, MachineUpdate, event,
@@ -48,10 +49,11 @@ impl Store {
         artifact_json: String,
         submitted_by: String,
         force: bool,
+        on: Vec<Selector>,
     ) -> Result<Submitted, SubmitError> {
         let outcome = self
             .write(move |tx| {
-                if let Some(existing) = same_as_newest(tx, &artifact)? {
+                if let Some(existing) = same_as_newest(tx, &artifact, &on)? {
                     return Ok(Ok(existing));
                 }
                 if !force && let Some(why) = stale(tx, &artifact)? {
@@ -63,6 +65,7 @@ impl Store {
                     submitted_by: &submitted_by,
                     forced_by: if force { &submitted_by } else { "" },
                     rollback_of: "",
+                    on: &on,
                 };
                 insert(tx, &new).map(Ok)
             })
@@ -75,6 +78,7 @@ impl Store {
 fn same_as_newest(
     tx: &Tx<'_>,
     artifact: &DeploymentArtifact,
+    on: &[Selector],
 ) -> Result<Option<Submitted>, StoreError> {
     let newest: Option<(String, String, i64)> = tx.sql.fetch_opt(
         "SELECT id, digest, revision FROM deployments ORDER BY seq DESC LIMIT 1",
@@ -82,11 +86,14 @@ fn same_as_newest(
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     match newest {
-        Some((id, digest, revision)) if digest == artifact.digest() => Ok(Some(Submitted {
+        Some((id, digest, revision)) if digest == artifact.digest_on(on) => Ok(Some(Submitted {
             id: parse_id(&id)?,
             created: false,
             revision: from_sql(revision),
-            machines: artifact.targets().into_iter().map(|t| t.name).collect(),
+            machines: selected(artifact, on)?
+                .into_iter()
+                .map(|t| t.name)
+                .collect(),
         })),
         _ => Ok(None),
     }
@@ -166,6 +173,36 @@ pub(super) struct NewDeployment<'a> {
     pub forced_by: &'a str,
     /// The deployment this one rolls back to; empty when it is no rollback.
     pub rollback_of: &'a str,
+    /// Only the rows these select; none: every row.
+    pub on: &'a [Selector],
+}
+
+/// The rows a deployment of `artifact` on `on` has. Checked at the API, so
+/// an error here is the store's own.
+fn selected<'a>(
+    artifact: &'a DeploymentArtifact,
+    on: &[Selector],
+) -> Result<Vec<procurator_core::artifact::Target<'a>>, StoreError> {
+    artifact
+        .selected_targets(on)
+        .map_err(|e| StoreError::Corrupt(format!("a deployment's selectors: {e}")))
+}
+
+/// Selectors as stored: space separated (none holds a space).
+pub(super) fn selectors_text(on: &[Selector]) -> String {
+    on.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Selectors as stored, read back; unreadable ones are the store's fault.
+pub(super) fn parse_selectors(text: &str) -> Result<Vec<Selector>, StoreError> {
+    text.split_whitespace()
+        .map(|s| {
+            Selector::parse(s).map_err(|e| StoreError::Corrupt(format!("stored selectors: {e}")))
+        })
+        .collect()
 }
 
 /// Store a new deployment of `artifact` with its rows, waves and
@@ -177,13 +214,22 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
         submitted_by,
         forced_by,
         rollback_of,
+        on,
     } = *new;
-    let digest = artifact.digest();
+    let digest = artifact.digest_on(on);
     let intent_keys: Vec<&str> = artifact.intent_key_names().into_iter().collect();
-    // A row per machine, each VM machine a row per instance.
-    let targets = artifact.targets();
+    // A row per machine, each VM machine a row per instance; only those
+    // selected.
+    let targets = selected(artifact, on)?;
     let machines: Vec<MachineName> = targets.iter().map(|t| t.name.clone()).collect();
-    let waves = artifact.waves();
+    let chosen: BTreeSet<&MachineName> = machines.iter().collect();
+    let mut waves = artifact.waves();
+    if !on.is_empty() {
+        // Waves of the rows deployed; a wave left empty keeps its place.
+        for wave in &mut waves {
+            wave.machines.retain(|m| chosen.contains(m));
+        }
+    }
     let stored: Vec<StoredWave> = waves
         .iter()
         .map(|w| StoredWave {
@@ -197,8 +243,9 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
     let id = fresh_id(tx, &digest)?;
     tx.sql.exec(
         "INSERT INTO deployments (id, git_commit, artifact, digest, state, created_ms, submitted_by,
-                                  git_commit_time, waves, rollback_of, forced_by, intent_keys)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                  git_commit_time, waves, rollback_of, forced_by, intent_keys,
+                                  selectors)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         &[
             &id.as_str(),
             &artifact.git_commit.as_str(),
@@ -212,6 +259,7 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
             &rollback_of,
             &forced_by,
             &intent_keys.join(" "),
+            &selectors_text(on),
         ],
     )?;
     let wave_of: std::collections::HashMap<&MachineName, usize> = waves
@@ -256,13 +304,14 @@ pub(super) fn insert(tx: &mut Tx<'_>, new: &NewDeployment<'_>) -> Result<Submitt
         forced_by: forced_by.to_owned(),
         intent_keys: intent_keys.iter().map(|k| (*k).to_owned()).collect(),
         rollback_of: rollback_of.to_owned(),
+        on: on.iter().map(ToString::to_string).collect(),
     };
     let revision = tx.emit(id.as_str(), event::Kind::Submitted(submitted))?;
     tx.sql.exec(
         "UPDATE deployments SET revision = ?2 WHERE id = ?1",
         &[&id.as_str(), &to_sql(revision)],
     )?;
-    supersede_older(tx, &id, &machines)?;
+    supersede_older(tx, &id, &machines, !on.is_empty())?;
     super::placements::place_vms(tx, &id, artifact, false)?;
     Ok(Submitted {
         id,
@@ -294,13 +343,15 @@ fn fresh_id(tx: &Tx<'_>, digest: &str) -> Result<DeploymentId, StoreError> {
 }
 
 /// Unfinished rows of other deployments become SUPERSEDED: those of
-/// `machines`, which the newer one deploys again, and those of machines it
-/// no longer has (removed from the blueprint, their change is moot).
-/// Deployments left with only final rows are finished.
+/// `machines`, which the newer one deploys again, and (unless the newer one
+/// is a `subset` of the blueprint, which leaves the others alone) those of
+/// machines it no longer has (removed from the blueprint, their change is
+/// moot). Deployments left with only final rows are finished.
 fn supersede_older(
     tx: &mut Tx<'_>,
     newer: &DeploymentId,
     machines: &[MachineName],
+    subset: bool,
 ) -> Result<(), StoreError> {
     // Usually the deployment before has finished: nothing to look up.
     let others_running: bool = tx.sql.fetch_one(
@@ -323,7 +374,7 @@ fn supersede_older(
     let kept: BTreeSet<&str> = machines.iter().map(MachineName::as_str).collect();
     let mut touched = BTreeSet::new();
     for (older, machine, closure, state) in rows {
-        if machine_state(state).is_final() {
+        if machine_state(state).is_final() || (subset && !kept.contains(machine.as_str())) {
             continue;
         }
         let older = parse_id(&older)?;

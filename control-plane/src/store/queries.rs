@@ -12,7 +12,7 @@ use super::rows::{StoredWave, from_sql, machine_state};
 use super::{Store, StoreError};
 
 const DEPLOYMENT_COLUMNS: &str = "id, git_commit, state, created_ms, finished_ms, submitted_by,
-     halted_reason, rollback_of, waves, forced_by, intent_keys FROM deployments";
+     halted_reason, rollback_of, waves, forced_by, intent_keys, selectors FROM deployments";
 
 /// The machine rows `ListMachines` asks for: a page, in some states and
 /// waves (empty: any).
@@ -158,6 +158,11 @@ fn deployment_row(r: &dyn Row) -> Result<Deployment, StoreError> {
         forced_by: r.get(9)?,
         intent_keys: r
             .get::<String>(10)?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        on: r
+            .get::<String>(11)?
             .split_whitespace()
             .map(str::to_owned)
             .collect(),

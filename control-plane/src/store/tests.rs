@@ -26,7 +26,7 @@ pub(super) fn m(name: &str) -> MachineName {
 pub(super) async fn submit(store: &Store, commit: &str, machines: &[(&str, &str)]) -> Submitted {
     let (parsed, json) = artifact(commit, machines);
     store
-        .submit(parsed, json, "ci-bot".into(), false)
+        .submit(parsed, json, "ci-bot".into(), false, Vec::new())
         .await
         .unwrap()
 }

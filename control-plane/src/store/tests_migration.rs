@@ -51,7 +51,7 @@ async fn a_version_1_database_is_migrated() {
     // The same artifact is the newest: deduped; a rollback stores it again.
     let (parsed, json) = crate::test_support::artifact(COMMIT_A, &[("web-1", "sys")]);
     let same = store
-        .submit(parsed, json, "ci".into(), false)
+        .submit(parsed, json, "ci".into(), false, Vec::new())
         .await
         .unwrap();
     assert_eq!((same.created, same.id), (false, id.clone()));
@@ -115,15 +115,21 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     assert_is_current(&conn);
 }
 
-/// The database is at version 8: the columns of version 4 are there and
-/// empty for what was stored before, nothing was pruned yet, the log's
+/// The database is at version 9: the columns of versions 4 and 9 are there
+/// and empty for what was stored before, nothing was pruned yet, the log's
 /// head is where its rows left off, and this process is the one replica.
 fn assert_is_current(conn: &rusqlite::Connection) {
     use rusqlite::OptionalExtension as _;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 8);
+    assert_eq!(version, 9);
+    let selectors: String = conn
+        .query_row("SELECT selectors FROM deployments LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or_default();
+    assert_eq!(selectors, "");
     let replicas: i64 = conn
         .query_row("SELECT count(*) FROM replicas", [], |r| r.get(0))
         .unwrap();

@@ -30,7 +30,7 @@ async fn submit(store: &Store, commit: &str, replicas: &[(&str, u32)]) {
     }
     let json = parsed.canonical_json();
     store
-        .submit(parsed, json, "ci".into(), false)
+        .submit(parsed, json, "ci".into(), false, Vec::new())
         .await
         .unwrap();
 }
@@ -216,7 +216,7 @@ async fn a_host_is_told_each_vms_auto_rollback() {
         .auto_rollback = false;
     let json = parsed.canonical_json();
     store
-        .submit(parsed, json, "ci".into(), false)
+        .submit(parsed, json, "ci".into(), false, Vec::new())
         .await
         .unwrap();
     schedule(&store).await;

@@ -22,7 +22,9 @@ async fn submit_with(
     force: bool,
 ) -> Result<Submitted, SubmitError> {
     let (parsed, json) = artifact_with(commit, machines, extra);
-    store.submit(parsed, json, "ci".into(), force).await
+    store
+        .submit(parsed, json, "ci".into(), force, Vec::new())
+        .await
 }
 
 fn waves_started(events: &[Event]) -> Vec<(u32, u32, String, Vec<String>)> {
@@ -368,4 +370,72 @@ async fn rollback_deploys_the_last_succeeded_artifact_again() {
         machine_state(&store, &b.id, "web-1").await,
         MachineState::Superseded
     );
+}
+
+/// `--on`: rows only for the selected machines; the others' rows of the
+/// deployment before are left as they are.
+#[tokio::test]
+async fn a_subset_deployment_touches_only_the_selected_machines() {
+    let (_dir, store) = open();
+    let first = submit_with(&store, COMMIT_A, THREE, "", false)
+        .await
+        .unwrap();
+    let on = |texts: &[&str]| {
+        let texts: Vec<String> = texts.iter().map(|t| (*t).to_owned()).collect();
+        procurator_core::artifact::parse_selectors(&texts).unwrap()
+    };
+    let machines = &[("web-1", "new"), ("web-2", "new"), ("web-3", "new")];
+    let (parsed, json) = artifact_with(COMMIT_B, machines, "");
+    let subset = store
+        .submit(
+            parsed.clone(),
+            json.clone(),
+            "ci".into(),
+            false,
+            on(&["web-1", "web-3"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(subset.machines, [m("web-1"), m("web-3")]);
+    let d = store
+        .get_deployment(subset.id.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.on, ["web-1", "web-3"]);
+    assert_eq!(d.machine_total, 2);
+    let rows: Vec<&str> = d.machines.iter().map(|r| r.machine.as_str()).collect();
+    assert_eq!(rows, ["web-1", "web-3"]);
+    // web-2's row of the first deployment waits on, not superseded.
+    assert_eq!(
+        machine_state(&store, &first.id, "web-2").await,
+        MachineState::Pending
+    );
+    assert_eq!(
+        machine_state(&store, &first.id, "web-1").await,
+        MachineState::Superseded
+    );
+
+    // The same artifact on the same machines is the same deployment; on
+    // others, another one.
+    let again = store
+        .submit(
+            parsed.clone(),
+            json.clone(),
+            "ci".into(),
+            false,
+            on(&["web-1", "web-3"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.id.clone(), again.created),
+        (subset.id.clone(), false)
+    );
+    let other = store
+        .submit(parsed, json, "ci".into(), false, on(&["web-2"]))
+        .await
+        .unwrap();
+    assert!(other.created && other.id != subset.id);
+    assert_eq!(other.machines, [m("web-2")]);
 }

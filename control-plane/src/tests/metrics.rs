@@ -62,6 +62,7 @@ async fn metrics_count_agents_rpcs_and_deployments() {
         .submit(SubmitRequest {
             artifact_json: "{".into(),
             force: false,
+            on: Vec::new(),
         })
         .await
         .unwrap_err();

@@ -10,6 +10,7 @@ fn submit_commit(commit: &str, machines: &[(&str, &str)], force: bool) -> Submit
     SubmitRequest {
         artifact_json: artifact_json(commit, machines),
         force,
+        on: Vec::new(),
     }
 }
 
@@ -194,6 +195,7 @@ async fn an_offline_machine_ends_unreachable_and_converges_when_it_connects() {
         .submit(SubmitRequest {
             artifact_json: json,
             force: false,
+            on: Vec::new(),
         })
         .await
         .unwrap()

@@ -105,6 +105,7 @@ async fn a_signed_artifact_is_forwarded_verbatim_and_its_key_recorded() {
         .submit(SubmitRequest {
             artifact_json: artifact.canonical_json(),
             force: false,
+            on: Vec::new(),
         })
         .await
         .unwrap()
@@ -126,6 +127,7 @@ async fn a_signed_artifact_is_forwarded_verbatim_and_its_key_recorded() {
         .submit(SubmitRequest {
             artifact_json: value.to_string(),
             force: true,
+            on: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -145,6 +147,7 @@ async fn an_artifact_without_a_time_cannot_displace_one_with_a_time() {
     ci.submit(SubmitRequest {
         artifact_json: timed,
         force: false,
+        on: Vec::new(),
     })
     .await
     .unwrap();
@@ -157,6 +160,7 @@ async fn an_artifact_without_a_time_cannot_displace_one_with_a_time() {
         .submit(SubmitRequest {
             artifact_json: downgrade.clone(),
             force: false,
+            on: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -171,6 +175,7 @@ async fn an_artifact_without_a_time_cannot_displace_one_with_a_time() {
         .submit(SubmitRequest {
             artifact_json: downgrade,
             force: true,
+            on: Vec::new(),
         })
         .await
         .unwrap()

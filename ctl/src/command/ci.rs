@@ -84,6 +84,9 @@ pub struct Args {
     #[command(flatten)]
     pub intent: IntentKeyArgs,
 
+    #[command(flatten)]
+    pub on: super::submit::OnArgs,
+
     /// Follow the rollout until it ends; exit 3 if it failed.
     #[arg(long)]
     pub wait: bool,
@@ -197,6 +200,18 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     let nix = crate::pipeline::nix();
     let evaluated = args.flake.evaluate_and_build(&nix, &flake).await?;
     let mut plan = Plan::compare(&baseline, &evaluated);
+    let (mut deployment, mut artifact_json) =
+        artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    // Only the selected machines count, and only they are deployed.
+    let on = args.on.check(&deployment)?;
+    if !on.is_empty() {
+        let chosen: std::collections::BTreeSet<_> = deployment
+            .selected_targets(&on)?
+            .into_iter()
+            .map(|t| t.machine.clone())
+            .collect();
+        plan.machines.retain(|m| chosen.contains(&m.name));
+    }
     // Sizes are for people; a store that cannot say them stops nothing.
     if let Err(e) = plan.fill_sizes(&nix).await {
         eprintln!("warning: {e:#}");
@@ -212,10 +227,8 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
         return Ok(Outcome::NothingChanged);
     }
 
-    // Checked before publishing: an artifact the control plane would refuse
-    // is not worth a cache upload.
-    let (mut deployment, mut artifact_json) =
-        artifact::render(&commit, rollout.as_ref(), &evaluated)?;
+    // Checked (rendered) before publishing: an artifact the control plane
+    // would refuse is not worth a cache upload.
     if let Some(key) = &intent_key {
         (deployment, artifact_json) = intent::sign_text(&artifact_json, key)?;
         say(
@@ -230,7 +243,13 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     if rollout.is_some() {
         say(args, &rollout::waves_text(&deployment.waves()))?;
     }
-    let closures: Vec<_> = evaluated.closures.values().cloned().collect();
+    let closures: Vec<_> = deployment
+        .selected_targets(&on)?
+        .into_iter()
+        .map(|t| t.closure.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let published = publish(&nix, &destination, args.signing_key.as_deref(), &closures).await?;
     say(args, &format!("{}\n", published.summary()))?;
     report.published = Some(published);
@@ -251,6 +270,7 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
     let request = SubmitRequest {
         artifact_json,
         force: args.force,
+        on: args.on.on.clone(),
     };
     let response = match conn.client.submit(request).await {
         Ok(response) => response.into_inner(),

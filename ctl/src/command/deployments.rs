@@ -142,6 +142,9 @@ fn note(d: &Deployment) -> String {
     if !d.forced_by.is_empty() {
         parts.push(format!("forced by {}", d.forced_by));
     }
+    if !d.on.is_empty() {
+        parts.push(format!("on {}", d.on.join(" ")));
+    }
     if parts.is_empty() {
         "-".to_owned()
     } else {
@@ -215,6 +218,7 @@ pub fn summary_json(d: &Deployment) -> Value {
         "haltedReason": non_empty(&d.halted_reason),
         "rollbackOf": non_empty(&d.rollback_of),
         "forcedBy": non_empty(&d.forced_by),
+        "on": d.on,
         "intentKeys": d.intent_keys,
         "waves": d.waves.iter().map(|w| json!({
             "index": w.index,

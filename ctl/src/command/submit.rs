@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::anyhow;
+use procurator_core::DeploymentArtifact;
+use procurator_core::artifact::{Selector, parse_selectors};
 use procurator_proto::v1::SubmitRequest;
 use serde_json::json;
 
@@ -35,19 +37,45 @@ pub struct Args {
     pub force: bool,
 
     #[command(flatten)]
+    pub on: OnArgs,
+
+    #[command(flatten)]
     pub output: OutputArgs,
+}
+
+/// `--on`, for `submit` and `ci`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OnArgs {
+    /// Deploy only these machines (repeatable; any of them): a name, a
+    /// pattern (`web-*`), `@LABEL` or `role:NAME`. The others are left as
+    /// they are and not counted.
+    #[arg(long = "on", value_name = "SELECTOR")]
+    pub on: Vec<String>,
+}
+
+impl OnArgs {
+    /// The selectors, each checked to select a machine of `artifact`.
+    pub fn check(&self, artifact: &DeploymentArtifact) -> anyhow::Result<Vec<Selector>> {
+        let selectors = parse_selectors(&self.on).map_err(|e| anyhow!("--on: {e}"))?;
+        artifact
+            .selected_targets(&selectors)
+            .map_err(|e| anyhow!("--on: {e}"))?;
+        Ok(selectors)
+    }
 }
 
 pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     // Invalid input never leaves this machine.
-    let (_, artifact_json) = super::validate::load(&args.file)
-        .map_err(|e| anyhow!("{e:#}\nnothing was sent to the control plane"))?;
+    let nothing_sent = |e: anyhow::Error| anyhow!("{e:#}\nnothing was sent to the control plane");
+    let (artifact, artifact_json) = super::validate::load(&args.file).map_err(nothing_sent)?;
+    args.on.check(&artifact).map_err(nothing_sent)?;
     let mut conn = conn.connect().await?;
     let response = conn
         .client
         .submit(SubmitRequest {
             artifact_json,
             force: args.force,
+            on: args.on.on.clone(),
         })
         .await
         .map_err(|status| refused(&conn, &status, args.force))?

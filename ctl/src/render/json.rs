@@ -20,6 +20,7 @@ pub fn event_json(ev: &Event) -> Value {
                 "gitCommit": s.git_commit,
                 "machines": s.machines,
                 "submittedBy": s.submitted_by,
+                "on": s.on,
                 "intentKeys": s.intent_keys,
                 "forcedBy": if s.forced_by.is_empty() { Value::Null } else { s.forced_by.clone().into() },
                 "rollbackOf": if s.rollback_of.is_empty() { Value::Null } else { s.rollback_of.clone().into() },

@@ -47,6 +47,9 @@ pub fn event_text(ev: &Event, view: &DeploymentView) -> String {
                 format::short_commit(&s.git_commit),
                 s.machines.join(", ")
             );
+            if !s.on.is_empty() {
+                let _ = write!(out, " (on {})", s.on.join(" "));
+            }
             out.push_str(&provenance(&s.intent_keys, &s.forced_by));
         }
         Some(event::Kind::Machine(u)) => out.push_str(&machine_text(u)),

@@ -52,6 +52,8 @@ const MIGRATIONS: &[&str] = &[
      );
      ALTER TABLE agents ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
      ALTER TABLE agents ADD COLUMN cert_not_after_ms BIGINT NOT NULL DEFAULT 0;",
+    // 9: a deployment's `--on` selectors.
+    "ALTER TABLE deployments ADD COLUMN selectors TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = "

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use crate::store::StoreError;
 
-const VERSION: i64 = 8;
+const VERSION: i64 = 9;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -232,6 +232,8 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
         "cert_not_after_ms",
         "INTEGER NOT NULL DEFAULT 0",
     )?;
+    // Version 8 -> 9: a deployment's `--on` selectors.
+    add_column(conn, "deployments", "selectors", "TEXT NOT NULL DEFAULT ''")?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }
