@@ -147,7 +147,11 @@ fn replicas_started_together_make_the_schema_once() {
             "SELECT count(*), max(version) FROM schema_version",
         )
         .expect("psql");
-    assert_eq!(versions.trim(), "1|8", "{versions}");
+    // One row: neither replica wrote the version twice. Which version it is
+    // belongs to the store's own migration test, not to this one.
+    let (rows, version) = versions.trim().split_once('|').expect("count|version");
+    assert_eq!(rows, "1", "{versions}");
+    assert!(version.parse::<u32>().is_ok_and(|v| v > 0), "{versions}");
     let rows = pg
         .psql("procurator", "SELECT count(*) FROM replicas")
         .expect("psql");
