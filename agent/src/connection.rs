@@ -300,7 +300,7 @@ impl Dialer {
                 outgoing = self.outbox.next() => {
                     let (kind, result) = match outgoing {
                         Outgoing::Result(outcome) => {
-                            (agent_message::Kind::Result(outcome.to_proto()), Some(outcome))
+                            (agent_message::Kind::Result(self.outbox.result_message(&outcome)), Some(outcome))
                         }
                         Outgoing::Progress(progress) => (agent_message::Kind::Progress(progress), None),
                     };

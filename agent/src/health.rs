@@ -47,12 +47,23 @@ pub struct CheckFailure {
     pub tail: String,
 }
 
+/// One attempt at a check, as `run_check` tells of it.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    pub n: u32,
+    pub passed: bool,
+    /// How it ended, e.g. `exit status: 1`.
+    pub how: &'a str,
+    /// Its whole output, bounded.
+    pub output: &'a str,
+}
+
 /// Runs `check` until it passes (`Ok(attempts)`) or its time is up.
-/// `on_attempt(n, how)` hears about each failed attempt.
+/// `on_attempt` hears about each attempt, the passing one too.
 pub async fn run_check(
     check: &Check,
     tail_lines: usize,
-    mut on_attempt: impl FnMut(u32, &str),
+    mut on_attempt: impl FnMut(&Attempt<'_>),
 ) -> Result<u32, CheckFailure> {
     let deadline = Instant::now() + check.timeout;
     let mut attempt = 0u32;
@@ -61,18 +72,32 @@ pub async fn run_check(
         let remaining = deadline.saturating_duration_since(Instant::now());
         let mut command = Command::new("sh");
         command.arg("-c").arg(&check.command);
-        let (how, tail) = match run_captured(command, Some(remaining), tail_lines).await {
-            Ok(out) if out.success() => return Ok(attempt),
-            Ok(out) => (out.status.to_string(), out.tail),
-            Err(RunError::TimedOut { tail, .. }) => {
-                ("still running when the time was up".to_owned(), tail)
-            }
-            // `sh` itself is missing: retrying cannot help.
-            Err(e @ (RunError::Spawn { .. } | RunError::Wait { .. })) => {
-                return Err(failure(check, attempt, &e.to_string(), String::new()));
-            }
-        };
-        on_attempt(attempt, &how);
+        let (how, tail, output, passed) =
+            match run_captured(command, Some(remaining), tail_lines).await {
+                Ok(out) => {
+                    let passed = out.success();
+                    (out.status.to_string(), out.tail, out.output, passed)
+                }
+                Err(RunError::TimedOut { tail, output, .. }) => (
+                    "still running when the time was up".to_owned(),
+                    tail,
+                    output,
+                    false,
+                ),
+                // `sh` itself is missing: retrying cannot help.
+                Err(e @ (RunError::Spawn { .. } | RunError::Wait { .. })) => {
+                    return Err(failure(check, attempt, &e.to_string(), String::new()));
+                }
+            };
+        on_attempt(&Attempt {
+            n: attempt,
+            passed,
+            how: &how,
+            output: &output,
+        });
+        if passed {
+            return Ok(attempt);
+        }
         if Instant::now() + check.interval >= deadline {
             return Err(failure(check, attempt, &how, tail));
         }
@@ -112,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_passing_check_passes_at_once() {
-        let attempts = run_check(&check("true", 5000, 50), 5, |_, _| {})
+        let attempts = run_check(&check("true", 5000, 50), 5, |_| {})
             .await
             .unwrap();
         assert_eq!(attempts, 1);
@@ -127,18 +152,20 @@ mod tests {
             "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo attempt $n; [ $n -ge 3 ]",
             c = counter.display()
         );
-        let mut failures = Vec::new();
-        let attempts = run_check(&check(&script, 10_000, 20), 5, |n, how| {
-            failures.push((n, how.to_owned()))
+        let mut attempts_seen = Vec::new();
+        let attempts = run_check(&check(&script, 10_000, 20), 5, |a| {
+            attempts_seen.push((a.n, a.passed, a.how.to_owned(), a.output.to_owned()))
         })
         .await
         .unwrap();
         assert_eq!(attempts, 3);
+        let status = |code| format!("exit status: {code}");
         assert_eq!(
-            failures,
+            attempts_seen,
             vec![
-                (1, "exit status: 1".to_owned()),
-                (2, "exit status: 1".to_owned())
+                (1, false, status(1), "attempt 1".to_owned()),
+                (2, false, status(1), "attempt 2".to_owned()),
+                (3, true, status(0), "attempt 3".to_owned()),
             ]
         );
     }
@@ -147,7 +174,7 @@ mod tests {
     async fn a_failing_check_gives_up_after_its_timeout_with_the_last_output() {
         let started = Instant::now();
         let mut seen = 0;
-        let failure = run_check(&check("echo nope; exit 7", 300, 50), 5, |_, _| seen += 1)
+        let failure = run_check(&check("echo nope; exit 7", 300, 50), 5, |_| seen += 1)
             .await
             .unwrap_err();
         let elapsed = started.elapsed();
@@ -174,7 +201,7 @@ mod tests {
     #[tokio::test]
     async fn a_hanging_attempt_is_bounded_by_the_time_left() {
         let started = Instant::now();
-        let failure = run_check(&check("echo started; sleep 30", 300, 50), 5, |_, _| {})
+        let failure = run_check(&check("echo started; sleep 30", 300, 50), 5, |_| {})
             .await
             .unwrap_err();
         assert!(

@@ -15,6 +15,7 @@ mod detached;
 mod health;
 mod intent;
 mod journal;
+mod logbook;
 mod outbox;
 mod outcome;
 mod reboot;

@@ -5,11 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use procurator_proto::v1::Progress;
+use procurator_proto::v1::{ActivationResult, Progress};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::journal::{read_json, write_json};
+use crate::logbook::Logbook;
 use crate::outcome::Outcome;
 
 /// Results remembered, so a repeated desired state is answered, not re-run.
@@ -38,6 +39,9 @@ pub enum Outgoing {
 #[derive(Debug)]
 pub struct Outbox {
     path: PathBuf,
+    /// Where each result's output comes from when it is sent (results.json
+    /// would be rewritten with all of it on every change otherwise).
+    logbook: Logbook,
     state: Mutex<State>,
     notify: Notify,
 }
@@ -56,11 +60,20 @@ impl Outbox {
         };
         Self {
             path,
+            logbook: Logbook::new(state_dir),
             state: Mutex::new(State {
                 results,
                 progress: None,
             }),
             notify: Notify::new(),
+        }
+    }
+
+    /// `outcome` as the message that carries it, with the deployment's log.
+    pub fn result_message(&self, outcome: &Outcome) -> ActivationResult {
+        ActivationResult {
+            output: self.logbook.read(&outcome.deployment_id),
+            ..outcome.to_proto()
         }
     }
 

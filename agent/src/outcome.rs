@@ -121,6 +121,8 @@ impl Outcome {
             reboot_reason: self.reboot_reason.clone(),
             // The agent's own machine.
             instance: String::new(),
+            // Filled from the logbook when the result is sent.
+            output: String::new(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::api_error::ApiError;
 use crate::dispatcher::Dispatcher;
+use crate::machine_history;
 use crate::revocations::Revocations;
 use crate::store::{Cancelled, MachineQuery, PageQuery, RolledBack, Store, Submitted};
 use crate::watch;
@@ -15,10 +16,11 @@ use procurator_core::tls::require_role;
 use procurator_core::{DeploymentArtifact, DeploymentId, MachineName};
 use procurator_proto::v1::deployment_service_server::DeploymentService;
 use procurator_proto::v1::{
-    CancelRequest, Deployment, Event, GetDeploymentRequest, ListAgentsRequest, ListAgentsResponse,
+    CancelRequest, Deployment, Event, GetDeploymentRequest, GetMachineHistoryRequest,
+    GetMachineHistoryResponse, GetMachineLogRequest, ListAgentsRequest, ListAgentsResponse,
     ListDeploymentsRequest, ListDeploymentsResponse, ListMachinesRequest, ListMachinesResponse,
-    ListRunningRequest, ListRunningResponse, MachineState, RollbackPlan, RollbackRequest,
-    SubmitRequest, SubmitResponse, WatchRequest,
+    ListRunningRequest, ListRunningResponse, MachineLog, MachineState, RollbackPlan,
+    RollbackRequest, SubmitRequest, SubmitResponse, WatchRequest,
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -353,6 +355,29 @@ impl DeploymentService for DeploymentSvc {
             deployment_id,
             git_commit,
         }))
+    }
+
+    /// INVALID_ARGUMENT (a malformed name or token), PERMISSION_DENIED, UNAUTHENTICATED.
+    async fn get_machine_history(
+        &self,
+        request: Request<GetMachineHistoryRequest>,
+    ) -> Result<Response<GetMachineHistoryResponse>, Status> {
+        require_role(&request, Rpc::GetMachineHistory)?;
+        machine_history::history(&self.store, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    /// NOT_FOUND (no row, or no output kept), INVALID_ARGUMENT,
+    /// PERMISSION_DENIED, UNAUTHENTICATED.
+    async fn get_machine_log(
+        &self,
+        request: Request<GetMachineLogRequest>,
+    ) -> Result<Response<MachineLog>, Status> {
+        require_role(&request, Rpc::GetMachineLog)?;
+        machine_history::log(&self.store, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

@@ -12,6 +12,7 @@ mod dispatcher;
 pub mod enrollment;
 mod fanout;
 mod liveness;
+mod machine_history;
 mod metrics;
 pub mod open_files;
 mod placement;

@@ -5,8 +5,10 @@
 
 use procurator_core::StorePath;
 use procurator_core::limits::{
-    MAX_AGENT_STRING_BYTES, MAX_LABELS, MAX_OUTPUT_TAIL_BYTES, MAX_REASON_BYTES, clip,
+    MAX_ACTIVATION_LOG_BYTES, MAX_AGENT_STRING_BYTES, MAX_LABELS, MAX_OUTPUT_TAIL_BYTES,
+    MAX_REASON_BYTES, clip,
 };
+use procurator_core::output::BoundedOutput;
 use procurator_proto::v1::{ActivationResult, Hello, Progress};
 
 /// A store path, or nothing.
@@ -44,6 +46,10 @@ pub fn result(result: &mut ActivationResult) {
     result.reason = clip(&result.reason, MAX_REASON_BYTES);
     result.reboot_reason = clip(&result.reboot_reason, MAX_AGENT_STRING_BYTES);
     result.output_tail = clip(&result.output_tail, MAX_OUTPUT_TAIL_BYTES);
+    if result.output.len() > MAX_ACTIVATION_LOG_BYTES {
+        // Its start and its end, like the agent's own log.
+        result.output = BoundedOutput::of(&result.output, MAX_ACTIVATION_LOG_BYTES).render();
+    }
     if system(&result.current_system).is_err() {
         result.current_system.clear();
     }
@@ -92,12 +98,19 @@ mod tests {
         let mut r = ActivationResult {
             reason: "r".repeat(1 << 20),
             output_tail: "o".repeat(1 << 20),
+            output: "first\n".to_owned() + &"line\n".repeat(1 << 20) + "last",
             current_system: "/tmp/evil".into(),
             ..Default::default()
         };
         result(&mut r);
         assert!(r.reason.len() <= MAX_REASON_BYTES);
         assert!(r.output_tail.len() <= MAX_OUTPUT_TAIL_BYTES);
+        assert!(
+            r.output.len() <= MAX_ACTIVATION_LOG_BYTES,
+            "{}",
+            r.output.len()
+        );
+        assert!(r.output.starts_with("first\n") && r.output.ends_with("\nlast"));
         assert!(r.current_system.is_empty());
         let mut p = Progress {
             message: "m".repeat(1 << 20),

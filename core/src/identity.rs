@@ -74,6 +74,8 @@ pub enum Rpc {
     Watch,
     ListAgents,
     ListRunning,
+    GetMachineHistory,
+    GetMachineLog,
     Cancel,
     Rollback,
     PlanRollback,
@@ -85,7 +87,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 17] = [
+    pub const ALL: [Rpc; 19] = [
         Rpc::Connect,
         Rpc::Confirm,
         Rpc::Submit,
@@ -95,6 +97,8 @@ impl Rpc {
         Rpc::Watch,
         Rpc::ListAgents,
         Rpc::ListRunning,
+        Rpc::GetMachineHistory,
+        Rpc::GetMachineLog,
         Rpc::Cancel,
         Rpc::Rollback,
         Rpc::PlanRollback,
@@ -119,7 +123,9 @@ impl Rpc {
             | Rpc::ListMachines
             | Rpc::Watch
             | Rpc::ListAgents
-            | Rpc::ListRunning => &[Role::Ci, Role::Operator],
+            | Rpc::ListRunning
+            | Rpc::GetMachineHistory
+            | Rpc::GetMachineLog => &[Role::Ci, Role::Operator],
             Rpc::Cancel
             | Rpc::Rollback
             | Rpc::PlanRollback
@@ -141,6 +147,8 @@ impl Rpc {
             Rpc::Watch => "DeploymentService/Watch",
             Rpc::ListAgents => "DeploymentService/ListAgents",
             Rpc::ListRunning => "DeploymentService/ListRunning",
+            Rpc::GetMachineHistory => "DeploymentService/GetMachineHistory",
+            Rpc::GetMachineLog => "DeploymentService/GetMachineLog",
             Rpc::Cancel => "DeploymentService/Cancel",
             Rpc::Rollback => "DeploymentService/Rollback",
             Rpc::PlanRollback => "DeploymentService/PlanRollback",

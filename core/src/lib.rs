@@ -14,6 +14,7 @@ pub mod intent;
 pub mod limits;
 pub mod names;
 pub mod nix;
+pub mod output;
 pub mod pattern;
 pub mod pki;
 pub mod sd_notify;

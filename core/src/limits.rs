@@ -34,6 +34,13 @@ pub const MAX_REASON_BYTES: usize = 4 * 1024;
 /// The output tail of a failed command an agent reports.
 pub const MAX_OUTPUT_TAIL_BYTES: usize = 16 * 1024;
 
+/// The output one machine keeps of one deployment (every command it ran:
+/// copy, switches, health checks, rollback) and sends with its result: its
+/// start and end within this, the middle left out.
+pub const MAX_ACTIVATION_LOG_BYTES: usize = 256 * 1024;
+/// Deployments an agent keeps the output of, newest first.
+pub const KEPT_ACTIVATION_LOGS: usize = 20;
+
 /// `--on` selectors of one deployment.
 pub const MAX_SELECTORS: usize = 64;
 
@@ -71,7 +78,7 @@ pub fn clip(text: &str, max: usize) -> String {
 
 /// Every limit, named as docs/interfaces.md names it, for `--help`-style
 /// listings and the docs test.
-pub const TABLE: [(&str, u64); 11] = [
+pub const TABLE: [(&str, u64); 13] = [
     ("artifact bytes", MAX_ARTIFACT_BYTES as u64),
     ("machines per blueprint", MAX_MACHINES as u64),
     ("replicas per machine", MAX_REPLICAS as u64),
@@ -89,6 +96,14 @@ pub const TABLE: [(&str, u64); 11] = [
     ("bytes per other string", MAX_STRING_BYTES as u64),
     ("bytes per signed statement", MAX_STATEMENT_BYTES as u64),
     ("JSON nesting depth", 128),
+    (
+        "bytes of output per machine and deployment",
+        MAX_ACTIVATION_LOG_BYTES as u64,
+    ),
+    (
+        "deployments whose output an agent keeps",
+        KEPT_ACTIVATION_LOGS as u64,
+    ),
 ];
 
 #[cfg(test)]

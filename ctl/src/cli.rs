@@ -50,6 +50,10 @@ pub enum Command {
     Revocations(command::trust::RevocationsArgs),
     /// List deployments, newest first.
     Deployments(command::deployments::Args),
+    /// One machine's deployments, newest first, and how each ended there.
+    Machine(command::machine::Args),
+    /// What a deployment ran on a machine: every command and its output.
+    Logs(command::logs::Args),
     /// Evaluate and build the flake; show which machines changed since the
     /// previous deployment.
     Plan(command::plan::Args),
@@ -184,6 +188,8 @@ pub async fn run(cli: Cli, resolved: Resolved) -> anyhow::Result<Outcome> {
         Command::Revoke(args) => command::trust::revoke(conn, args).await,
         Command::Revocations(args) => command::trust::revocations(conn, args).await,
         Command::Deployments(args) => command::deployments::run(conn, args).await,
+        Command::Machine(args) => command::machine::run(conn, args).await,
+        Command::Logs(args) => command::logs::run(conn, args).await,
         Command::Plan(args) => command::plan::run(conn, args).await,
         Command::Publish(args) => command::publish::run(args).await,
         Command::Artifact(args) => command::artifact::run(args).await,

@@ -90,6 +90,18 @@ pub fn ago(now_ms: i64, then_ms: i64) -> String {
     }
 }
 
+/// How long something took: `850ms`, `4.2s`, `3m12s`, `2h05m`.
+pub fn span(ms: i64) -> String {
+    let ms = ms.max(0);
+    let secs = ms / 1000;
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1000..=59_999 => format!("{}.{}s", secs, (ms % 1000) / 100),
+        60_000..=3_599_999 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
 /// When a certificate ends, seen from `now_ms`: `in 29d`, `in 5h`,
 /// `expired 2d ago`; `-` when not known.
 pub fn expires(now_ms: i64, not_after_ms: i64) -> String {
@@ -166,6 +178,12 @@ pub fn short_store_path(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_read_at_a_glance() {
+        let shown: Vec<String> = [0, 850, 4_250, 192_000, 7_500_000].map(span).into();
+        assert_eq!(shown, ["0ms", "850ms", "4.2s", "3m12s", "2h05m"]);
+    }
 
     #[test]
     fn numbers_in_names_sort_as_numbers() {

@@ -1,9 +1,11 @@
 //! Reading what the list RPCs page: every row of a deployment
-//! (`ListMachines`), every agent (`ListAgents`), each filtered as asked.
+//! (`ListMachines`), every agent (`ListAgents`), each filtered as asked;
+//! a machine's deployments (`GetMachineHistory`).
 
 use anyhow::{anyhow, bail};
 use procurator_proto::v1::{
-    Agent, Deployment, ListAgentsRequest, ListMachinesRequest, MachineState, MachineStatus,
+    Agent, Deployment, GetMachineHistoryRequest, ListAgentsRequest, ListMachinesRequest,
+    MachineHistoryEntry, MachineState, MachineStatus,
 };
 
 use crate::connection::Connection;
@@ -95,6 +97,54 @@ pub async fn agents(
         page_token = next(conn, &page_token, page.next_page_token)?;
     }
     Err(endless(conn))
+}
+
+/// `machine`'s newest `limit` deployments, newest first.
+pub async fn history(
+    conn: &mut Connection,
+    machine: &str,
+    limit: usize,
+) -> anyhow::Result<Vec<MachineHistoryEntry>> {
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    while entries.len() < limit {
+        let request = GetMachineHistoryRequest {
+            machine: machine.to_owned(),
+            page_size: u32::try_from(limit - entries.len())
+                .unwrap_or(PAGE_ROWS)
+                .min(PAGE_ROWS),
+            page_token: page_token.clone(),
+        };
+        let page = conn
+            .client
+            .get_machine_history(request)
+            .await
+            .map_err(|status| conn.error(&status, &format!("reading the history of {machine}")))?
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        // Tokens count down (submission numbers): one that does not would loop.
+        let moved_on = match (
+            page_token.parse::<u64>(),
+            page.next_page_token.parse::<u64>(),
+        ) {
+            (_, Err(_)) => false,
+            (Err(_), Ok(_)) => page_token.is_empty(),
+            (Ok(before), Ok(after)) => after < before,
+        };
+        if !moved_on {
+            bail!(
+                "the control plane at {} answered with a page token that does not move on ({:?} after {page_token:?})",
+                conn.url,
+                page.next_page_token
+            );
+        }
+        page_token = page.next_page_token;
+    }
+    entries.truncate(limit);
+    Ok(entries)
 }
 
 /// Tokens are row names in order: one that does not move on would loop.

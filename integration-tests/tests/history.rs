@@ -1,6 +1,7 @@
 //! The control plane's state outlives it: restarted between two
-//! deployments, it still lists both and replays the first one's events,
-//! and the agents reconnect to it on their own.
+//! deployments, it still lists both, replays the first one's events and
+//! shows each machine's history and output, and the agents reconnect to
+//! it on their own.
 
 use procurator_integration_tests::{Fleet, MACHINES};
 use serde_json::json;
@@ -80,6 +81,43 @@ fn a_restarted_control_plane_keeps_its_history() {
         assert!(
             !text.contains(&second[m]),
             "only the first deployment's events"
+        );
+    }
+
+    // Each machine's history lists both, newest first, with what each ran;
+    // the first one's output, sent before the restart, is still there.
+    for m in MACHINES {
+        let listed = ctl
+            .run(&["machine", m, "--output", "json"])
+            .expect("machine");
+        listed.expect_code(0).expect("machine");
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_str(&listed.stdout).expect("a JSON array");
+        let seen: Vec<(&str, &str, &str, bool)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e["deploymentId"].as_str().unwrap_or_default(),
+                    e["state"].as_str().unwrap_or_default(),
+                    e["closure"].as_str().unwrap_or_default(),
+                    e["hasLog"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (second_id.as_str(), "succeeded", second[m].as_str(), true),
+                (first_id.as_str(), "succeeded", first[m].as_str(), true),
+            ],
+            "{m}: {listed}"
+        );
+        let log = ctl.run(&["logs", &first_id, m]).expect("logs");
+        log.expect_code(0).expect("logs of the first deployment");
+        assert!(
+            log.stdout
+                .contains(&format!("== succeeded: {} runs", first[m])),
+            "{m}: {log}"
         );
     }
 

@@ -101,7 +101,12 @@ fn the_same_closures_again_are_skipped_without_copying() {
 #[test]
 fn a_failing_health_check_rolls_back_to_the_old_closure() {
     let fleet = Fleet::start().expect("fleet");
-    let settings = json!({ "generation": 1, "machines": { "worker-2": { "health": "broken" } } });
+    // Every activation prints 40 lines: more than a tail, all in the log.
+    let settings = json!({
+        "generation": 1,
+        "activationOutput": 40,
+        "machines": { "worker-2": { "health": "broken" } }
+    });
     let (closures, artifact, commit) = fleet.prepare(&settings).expect("prepare");
     let ctl = fleet.ctl().expect("ctl");
 
@@ -172,6 +177,102 @@ fn a_failing_health_check_rolls_back_to_the_old_closure() {
         watched.stdout.contains("/run/current-system/health"),
         "watch shows why (the check's command): {watched}"
     );
+
+    // The rolled-back machine's log: without a deployment, its newest.
+    let logs = ctl.run(&["logs", "worker-2"]).expect("logs");
+    logs.expect_code(0).expect("logs of worker-2");
+    expect_in_order(
+        &logs.stdout,
+        &[
+            &format!("# worker-2 in {id} (rolled-back)"),
+            "== nix copy --from ",
+            "switch-to-configuration test: exit status: 0",
+            "activation step 1 of 40",
+            "activation step 40 of 40",
+            "== health check 1/1 `test \"$(cat /run/current-system/health)\" = ok`, attempt 1: failed",
+            &format!("== rolling back to {}", fleet.initial["worker-2"]),
+            "switch-to-configuration test: exit status: 0",
+            "== rolled-back: checking failed",
+        ],
+    );
+    // A machine that succeeded, by deployment; JSON for scripts.
+    let logs = ctl
+        .run(&["logs", id, "worker-1", "--output", "json"])
+        .expect("logs json");
+    logs.expect_code(0).expect("logs of worker-1");
+    let log: Value = serde_json::from_str(&logs.stdout).expect("one JSON object");
+    assert_eq!(
+        (&log["machine"], &log["deploymentId"], &log["state"]),
+        (&json!("worker-1"), &json!(id), &json!("succeeded")),
+        "{log}"
+    );
+    let output = log["output"].as_str().expect("output");
+    expect_in_order(
+        output,
+        &[
+            "activation step 40 of 40",
+            "health check 1/1",
+            "attempt 1: passed",
+            "confirmation over a new connection",
+            "switch-to-configuration boot: exit status: 0",
+            &format!("== succeeded: {} runs", closures["worker-1"]),
+        ],
+    );
+    // History: the deployment, how it ended and why.
+    let history = ctl.run(&["machine", "worker-2"]).expect("machine");
+    history.expect_code(0).expect("machine worker-2");
+    let row = history
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("{id} in the history: {history}"));
+    assert!(row.contains("rolled-back (checking)"), "{history}");
+    assert!(row.contains("yes"), "a log is kept: {history}");
+    // The same through grpcurl: CI may read it, an agent may not.
+    let grpcurl = fleet.grpcurl().expect("grpcurl");
+    let ci = fleet.pki.identity("ci", "github");
+    let method = "procurator.v1.DeploymentService/GetMachineHistory";
+    let page = grpcurl
+        .call_json(&ci, method, r#"{"machine": "worker-2", "pageSize": 1}"#)
+        .expect("GetMachineHistory");
+    assert_eq!(page["entries"][0]["deploymentId"], json!(id), "{page}");
+    assert_eq!(page["entries"][0]["hasLog"], true, "{page}");
+    // Its only deployment (the first system was installed, not deployed).
+    assert_eq!(page["entries"].as_array().map(Vec::len), Some(1), "{page}");
+    assert_eq!(page.get("nextPageToken"), None, "{page}");
+    let agent = fleet.pki.identity("agent", "worker-1");
+    let refused = grpcurl
+        .call(
+            Some(&agent),
+            "procurator.v1.DeploymentService/GetMachineLog",
+            r#"{"machine": "worker-2"}"#,
+        )
+        .expect("grpcurl");
+    assert_eq!(
+        procurator_integration_tests::ctl::grpc_code(&refused).as_deref(),
+        Some("PermissionDenied"),
+        "{refused}"
+    );
+    // Asking for what is not there says so, and exits non-zero.
+    let missing = ctl.run(&["logs", id, "db-9"]).expect("logs of nothing");
+    assert_ne!(missing.code, Some(0), "{missing}");
+    assert!(
+        missing
+            .all()
+            .contains(&format!("deployment {id} has no row for db-9")),
+        "{missing}"
+    );
+}
+
+/// Each of `wanted` is found in `text` after the one before.
+fn expect_in_order(text: &str, wanted: &[&str]) {
+    let mut at = 0;
+    for w in wanted {
+        match text[at..].find(w) {
+            Some(found) => at += found + w.len(),
+            None => panic!("{w:?} (after byte {at}) is not in:\n{text}"),
+        }
+    }
 }
 
 #[test]

@@ -10,7 +10,9 @@ use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use procurator_core::nix::{Tail, run_captured, strip_ansi};
+use procurator_core::limits::MAX_ACTIVATION_LOG_BYTES;
+use procurator_core::nix::run_captured;
+use procurator_core::output::BoundedOutput;
 use procurator_proto::v1::MachineState;
 use tokio::process::Command;
 use tokio::time::Instant;
@@ -49,12 +51,13 @@ pub struct Detached {
     pub dir: PathBuf,
 }
 
-/// How a started command ended: its status (or why there is none) and the
-/// last lines of its output.
+/// How a started command ended: its status (or why there is none), the
+/// last lines of its output and all of it, bounded.
 #[derive(Debug)]
 pub struct Ended {
     pub status: Result<RunStatus, String>,
     pub tail: String,
+    pub output: String,
 }
 
 impl Deployment<'_> {
@@ -218,9 +221,11 @@ impl Activator {
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(MAX_POLL);
         };
+        let output = read_output(&launched.output_file);
         Ended {
             status,
-            tail: tail_of(&launched.output_file, self.settings.tail_lines),
+            tail: output.last_lines(self.settings.tail_lines),
+            output: output.render(),
         }
     }
 }
@@ -299,12 +304,9 @@ async fn stop(launched: &Launched) {
     }
 }
 
-/// The last `lines` lines of a command's output file.
-fn tail_of(path: &Path, lines: usize) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let mut tail = Tail::new(lines);
-    for line in String::from_utf8_lossy(&bytes).lines() {
-        tail.push(strip_ansi(line));
-    }
-    tail.render()
+/// A command's output file, bounded: an activation may print without end.
+fn read_output(path: &Path) -> BoundedOutput {
+    std::fs::File::open(path)
+        .and_then(|f| BoundedOutput::read(std::io::BufReader::new(f), MAX_ACTIVATION_LOG_BYTES))
+        .unwrap_or_else(|_| BoundedOutput::new(MAX_ACTIVATION_LOG_BYTES))
 }

@@ -7,8 +7,8 @@ mod launch;
 mod recovery;
 mod steps;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -20,6 +20,7 @@ pub use self::launch::{Detached, Launcher};
 pub use crate::confirm::Verdict;
 use crate::desired::Desired;
 use crate::journal::{Entry, Journal, Phase, Plan};
+use crate::logbook::{ActivationLog, Logbook};
 use crate::outcome::{Failure, Outcome};
 use crate::reboot::reboot_reason;
 use crate::system::{Goal, Profile, SystemPaths};
@@ -86,6 +87,11 @@ struct Stop {
 }
 
 impl Activator {
+    /// The output of recent deployments, beside the journal.
+    pub fn logbook(&self) -> Logbook {
+        Logbook::new(self.journal.state_dir())
+    }
+
     /// Runs one deployment to its end and says how it ended.
     pub async fn run(&self, desired: &Desired, sink: &ProgressSink) -> Outcome {
         let id = desired.deployment_id.as_str();
@@ -126,6 +132,7 @@ impl Activator {
             entry,
             launches: AtomicU32::new(0),
             gc_root: None,
+            log: Mutex::new(self.logbook().open(id)),
         };
         let result = deployment.forward(desired, Phase::Copying).await;
         deployment.finish(result, desired.auto_rollback).await
@@ -146,6 +153,8 @@ struct Deployment<'a> {
     /// process of its own) runs beside the activation; `finish` waits for it
     /// before anything removes the root.
     gc_root: Option<tokio::task::JoinHandle<()>>,
+    /// Every command's output, for `procurator-ctl logs`.
+    log: Mutex<ActivationLog>,
 }
 
 impl Deployment<'_> {
@@ -236,6 +245,13 @@ impl Deployment<'_> {
             return self.fail(MachineState::Failed, Failure { reason, ..failure });
         };
         self.entry.failure = Some(failure.clone());
+        self.log(
+            &format!(
+                "rolling back to {previous}: {} failed",
+                failure.phase.label()
+            ),
+            "",
+        );
         if let Err(e) = self.enter(Phase::RollingBack) {
             tracing::error!(error = %e.reason, "rolling back without a journal entry");
         }
@@ -294,6 +310,7 @@ impl Deployment<'_> {
     }
 
     fn succeed(&mut self) -> Outcome {
+        self.log(&format!("succeeded: {} runs", self.closure), "");
         self.done();
         let mut outcome = Outcome::succeeded(
             &self.entry.deployment_id,
@@ -311,6 +328,10 @@ impl Deployment<'_> {
 
     fn fail(&mut self, state: MachineState, failure: Failure) -> Outcome {
         tracing::warn!(state = %state, phase = %failure.phase, reason = %failure.reason, "deployment failed");
+        self.log(
+            &format!("{}: {} failed", state.label(), failure.phase.label()),
+            &failure.reason,
+        );
         self.done();
         Outcome::failed(
             &self.entry.deployment_id,
@@ -343,6 +364,14 @@ impl Deployment<'_> {
             };
             Failure::new(state, format!("cannot write the journal: {e}"), "")
         })
+    }
+
+    /// Adds a section to the deployment's log.
+    fn log(&self, title: &str, output: &str) {
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .section(title, output);
     }
 
     fn report(&self, state: MachineState, message: String) {

@@ -2,13 +2,13 @@
 //! "new closure committed" or "old closure restored" (docs/rollouts.md,
 //! "Crash safety").
 
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use procurator_core::{DeploymentId, StorePath};
 use procurator_proto::v1::MachineState;
 
-use super::steps::judge;
 use super::{Activator, Deployment, ProgressSink, Stop};
 use crate::desired::Desired;
 use crate::journal::{Entry, Phase};
@@ -61,7 +61,15 @@ impl Activator {
             entry,
             launches: AtomicU32::new(recorded.as_ref().map_or(0, |l| l.n)),
             gc_root: None,
+            log: Mutex::new(self.logbook().open(&desired.deployment_id.to_string())),
         };
+        deployment.log(
+            &format!(
+                "the agent restarted during {}; finishing the deployment",
+                phase.machine_state().label()
+            ),
+            "",
+        );
         let stopped = |phase: Phase| {
             Failure::new(
                 phase.machine_state(),
@@ -81,7 +89,7 @@ impl Activator {
                 // The recorded `test` activation's result is this phase's.
                 let activated = match (ended, &recorded) {
                     (Some(ended), Some(launched)) => {
-                        judge(ended, &launched.command, MachineState::Activating)
+                        deployment.judge(ended, &launched.command, MachineState::Activating)
                     }
                     _ => Err(stopped(phase)),
                 };

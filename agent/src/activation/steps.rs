@@ -100,6 +100,7 @@ impl Deployment<'_> {
                     .await;
                 match copied {
                     Ok(last) => {
+                        self.log(&format!("nix copy --from {substituter} {closure}: copied {} paths, {} bytes", last.paths_done, last.bytes_done), "");
                         self.report_copy(
                             MachineState::Copying,
                             format!("copied {closure} from {substituter}"),
@@ -108,6 +109,10 @@ impl Deployment<'_> {
                         return Ok(());
                     }
                     Err(e) => {
+                        self.log(
+                            &format!("nix copy --from {substituter} {closure}: failed"),
+                            &format!("{e}\n{}", e.tail()),
+                        );
                         tracing::warn!(substituter, error = %e, "copy failed");
                         errors.push(format!("{substituter}: {e}"));
                         tail = e.tail().to_owned();
@@ -141,11 +146,24 @@ impl Deployment<'_> {
                 MachineState::Checking,
                 format!("health check {n}/{total}: {}", check.command),
             );
-            run_check(check, self.activator.settings.tail_lines, |attempt, how| {
-                self.report(
-                    MachineState::Checking,
-                    format!("health check {n}/{total}: attempt {attempt} failed ({how})"),
+            run_check(check, self.activator.settings.tail_lines, |attempt| {
+                let verdict = if attempt.passed { "passed" } else { "failed" };
+                self.log(
+                    &format!(
+                        "health check {n}/{total} `{}`, attempt {}: {verdict} ({})",
+                        check.command, attempt.n, attempt.how
+                    ),
+                    attempt.output,
                 );
+                if !attempt.passed {
+                    self.report(
+                        MachineState::Checking,
+                        format!(
+                            "health check {n}/{total}: attempt {} failed ({})",
+                            attempt.n, attempt.how
+                        ),
+                    );
+                }
             })
             .await
             .map_err(|f| Failure::new(MachineState::Checking, f.reason, f.tail))?;
@@ -175,8 +193,12 @@ impl Deployment<'_> {
                         error: None,
                     }),
                     tail: out.tail,
+                    output: out.output,
                 },
-                Err(e) => return Err(Failure::new(phase, e.to_string(), e.tail())),
+                Err(e) => {
+                    self.log(&format!("{command}: {e}"), e.output());
+                    return Err(Failure::new(phase, e.to_string(), e.tail()));
+                }
             },
             Launcher::Detached(how) => {
                 let program =
@@ -185,7 +207,7 @@ impl Deployment<'_> {
                     .await?
             }
         };
-        judge(ended, &command, phase)
+        self.judge(ended, &command, phase)
     }
 
     /// `nix-env -p <system profile> --set <closure>`.
@@ -195,11 +217,17 @@ impl Deployment<'_> {
         phase: MachineState,
     ) -> Result<(), Failure> {
         let profile = &self.activator.paths.profile;
-        self.activator
-            .nix
-            .set_profile(profile, closure)
-            .await
-            .map_err(|e| Failure::new(phase, e.to_string(), e.tail()))
+        let command = format!("nix-env -p {} --set {closure}", profile.display());
+        match self.activator.nix.set_profile(profile, closure).await {
+            Ok(()) => {
+                self.log(&format!("{command}: done"), "");
+                Ok(())
+            }
+            Err(e) => {
+                self.log(&format!("{command}: failed"), &format!("{e}\n{}", e.tail()));
+                Err(Failure::new(phase, e.to_string(), e.tail()))
+            }
+        }
     }
 
     /// `switch-to-configuration test` exiting 0 is not enough: the closure
@@ -280,6 +308,12 @@ impl Deployment<'_> {
         let verdict = confirmer
             .confirm(&self.entry.deployment_id, &self.entry.closure, timeout)
             .await;
+        let heard = match &verdict {
+            Verdict::Confirmed => "confirmed".to_owned(),
+            Verdict::Refused(reason) => format!("refused: {reason}"),
+            Verdict::NoAnswer(last) => format!("no answer within {} s: {last}", timeout.as_secs()),
+        };
+        self.log(&format!("confirmation over a new connection: {heard}"), "");
         match verdict {
             Verdict::Confirmed => Ok(()),
             Verdict::Refused(reason) => Err(Failure::new(MachineState::Confirming, reason, "")),
@@ -301,8 +335,24 @@ impl Deployment<'_> {
     }
 }
 
-/// A finished `switch-to-configuration` as the phase's result.
-pub(super) fn judge(ended: Ended, command: &str, phase: MachineState) -> Result<(), Failure> {
+impl Deployment<'_> {
+    /// A finished `switch-to-configuration` as the phase's result, logged.
+    pub(super) fn judge(
+        &self,
+        ended: Ended,
+        command: &str,
+        phase: MachineState,
+    ) -> Result<(), Failure> {
+        let how = match &ended.status {
+            Ok(status) => status.describe(),
+            Err(why) => why.clone(),
+        };
+        self.log(&format!("{command}: {how}"), &ended.output);
+        judge(ended, command, phase)
+    }
+}
+
+fn judge(ended: Ended, command: &str, phase: MachineState) -> Result<(), Failure> {
     match ended.status {
         Ok(status) if status.success() => {
             tracing::debug!(command, output = %ended.tail, "activated");

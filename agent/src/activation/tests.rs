@@ -138,6 +138,23 @@ async fn a_failing_health_check_rolls_back_to_the_exact_previous_closure() {
     assert_eq!(host.resolve("boot-entry"), None);
     assert_eq!(host.calls(), ["new test", "old test"]);
     assert_eq!(states(&progress).last(), Some(&MachineState::RollingBack));
+
+    // The log holds every command in order, with what each printed.
+    let log = host.activator().logbook().read("d-1");
+    let order = [
+        "== health check 1/2 `true`, attempt 1: passed",
+        "== health check 2/2 `echo unhealthy; exit 1`, attempt 1: failed",
+        "unhealthy",
+        "== rolling back to ",
+        "== rolled-back: checking failed",
+        "did not pass within",
+    ];
+    let mut at = 0;
+    for wanted in order {
+        let found = log[at..].find(wanted);
+        assert!(found.is_some(), "{wanted:?} after byte {at} in:\n{log}");
+        at += found.unwrap() + wanted.len();
+    }
 }
 
 #[tokio::test]

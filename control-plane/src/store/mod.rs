@@ -22,6 +22,7 @@ mod database;
 mod deployments;
 mod engine;
 mod events;
+mod history;
 mod paging;
 mod placements;
 mod queries;
@@ -49,6 +50,7 @@ pub use control::{Cancelled, Confirmation, RolledBack};
 pub use database::{Database, DatabaseError, PostgresTarget};
 pub use deployments::{SubmitError, Submitted};
 pub use events::Compacted;
+pub use history::LogLookup;
 pub use paging::{Page, PageQuery};
 pub use queries::MachineQuery;
 pub(crate) use replicas::log_reaped;
@@ -652,6 +654,9 @@ mod test_db;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test that cannot set up should panic
+mod tests_history;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test that cannot set up should panic
 mod tests_migration;

@@ -191,7 +191,17 @@ const MACHINE_COLUMNS: &str =
     "machine, closure, state, failed_phase, reason, output_tail, bytes_done,
      bytes_expected, paths_done, paths_expected, updated_ms, wave, reboot_required";
 
-fn machine_row(r: &dyn Row) -> Result<MachineStatus, StoreError> {
+/// [`MACHINE_COLUMNS`] of a table named `prefix` (`"m."`) in a join.
+pub(super) fn machine_columns(prefix: &str) -> String {
+    MACHINE_COLUMNS
+        .split(',')
+        .map(|column| format!("{prefix}{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A row read with [`MACHINE_COLUMNS`] first.
+pub(super) fn machine_row(r: &dyn Row) -> Result<MachineStatus, StoreError> {
     let copy = CopyProgress {
         bytes_done: from_sql(r.get(6)?),
         bytes_expected: from_sql(r.get(7)?),

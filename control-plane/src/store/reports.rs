@@ -27,6 +27,7 @@ pub enum ResultOutcome {
 static PROGRESS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "UPDATE machines SET state = ?3, updated_ms = ?4,
+             started_ms = CASE WHEN started_ms = 0 THEN ?4 ELSE started_ms END,
              bytes_done = COALESCE(?5, bytes_done), bytes_expected = COALESCE(?6, bytes_expected),
              paths_done = COALESCE(?7, paths_done), paths_expected = COALESCE(?8, paths_expected)
          WHERE deployment_id = ?1 AND machine = ?2 AND state NOT IN ({})
@@ -40,7 +41,8 @@ static PROGRESS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 static RESULT_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "UPDATE machines SET state = ?3, failed_phase = ?4, reason = ?5, output_tail = ?6,
-             updated_ms = ?7, reboot_required = ?8
+             updated_ms = ?7, reboot_required = ?8,
+             started_ms = CASE WHEN started_ms = 0 THEN ?7 ELSE started_ms END
          WHERE deployment_id = ?1 AND machine = ?2 AND state NOT IN ({})
          RETURNING closure",
         *FINAL_STATES
@@ -115,6 +117,17 @@ impl Store {
                 &result.reason,
                 &result.current_system,
             )?;
+            // Kept even when the row is final already: a superseded
+            // deployment still ran on the machine, and its output says how.
+            if !result.output.is_empty() {
+                tx.sql.exec(
+                    "INSERT INTO machine_logs (deployment_id, machine, output)
+                         SELECT ?1, ?2, ?3 WHERE EXISTS
+                             (SELECT 1 FROM machines WHERE deployment_id = ?1 AND machine = ?2)
+                     ON CONFLICT (deployment_id, machine) DO UPDATE SET output = excluded.output",
+                    &[&id as &dyn ToParam, &machine.as_str(), &result.output],
+                )?;
+            }
             let failed_phase =
                 MachineState::try_from(result.failed_phase).unwrap_or(MachineState::Unspecified);
             let closure: Option<String> = tx.sql.fetch_opt(

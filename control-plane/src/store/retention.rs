@@ -163,6 +163,8 @@ fn step(tx: &mut Tx<'_>, keep: i64, window_ms: i64) -> Result<Step, StoreError> 
             return Ok(Step::Events(u64::try_from(n).unwrap_or(0)));
         }
         tx.sql
+            .exec("DELETE FROM machine_logs WHERE deployment_id = ?1", &[&id])?;
+        tx.sql
             .exec("DELETE FROM machines WHERE deployment_id = ?1", &[&id])?;
         tx.sql
             .exec("DELETE FROM deployments WHERE id = ?1", &[&id])?;

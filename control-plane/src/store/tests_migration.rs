@@ -115,7 +115,7 @@ async fn a_version_2_database_gains_the_vm_host_column() {
     assert_is_current(&conn);
 }
 
-/// The database is at version 9: the columns of versions 4 and 9 are there
+/// The database is at version 10: the columns of versions 4, 9 and 10 are there
 /// and empty for what was stored before, nothing was pruned yet, the log's
 /// head is where its rows left off, and this process is the one replica.
 fn assert_is_current(conn: &rusqlite::Connection) {
@@ -123,7 +123,15 @@ fn assert_is_current(conn: &rusqlite::Connection) {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 9);
+    assert_eq!(version, 10);
+    let started_ms: i64 = conn
+        .query_row("SELECT started_ms FROM machines LIMIT 1", [], |r| r.get(0))
+        .unwrap_or_default();
+    assert_eq!(started_ms, 0);
+    let logs: i64 = conn
+        .query_row("SELECT count(*) FROM machine_logs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(logs, 0);
     let selectors: String = conn
         .query_row("SELECT selectors FROM deployments LIMIT 1", [], |r| {
             r.get(0)

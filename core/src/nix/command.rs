@@ -1,7 +1,6 @@
-//! Running one command with a deadline and keeping the end of its output:
+//! Running one command with a deadline and keeping its output, bounded:
 //! what activation, health checks and the Nix wrapper share.
 
-use std::collections::VecDeque;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,12 +9,12 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::Command;
 
 use super::progress::strip_ansi;
+use crate::limits::MAX_ACTIVATION_LOG_BYTES;
+use crate::output::BoundedOutput;
 
 /// How long to keep reading output after the process ended: a background
 /// child may hold the pipe open forever.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
-/// Longer lines are cut: a tail is for humans.
-const MAX_LINE_CHARS: usize = 2000;
 
 /// A command that ran to its end.
 #[derive(Debug, Clone)]
@@ -24,6 +23,9 @@ pub struct CommandOutput {
     /// The last lines of stdout and stderr, interleaved as they arrived,
     /// colour removed.
     pub tail: String,
+    /// All of it, or its start and end within
+    /// [`MAX_ACTIVATION_LOG_BYTES`], for the logs an agent keeps.
+    pub output: String,
 }
 
 impl CommandOutput {
@@ -44,6 +46,7 @@ pub enum RunError {
         command: String,
         timeout: Duration,
         tail: String,
+        output: String,
     },
     #[error("waiting for {command} failed: {source}")]
     Wait {
@@ -60,6 +63,14 @@ impl RunError {
             RunError::Spawn { .. } | RunError::Wait { .. } => "",
         }
     }
+
+    /// All the output captured before things went wrong, bounded.
+    pub fn output(&self) -> &str {
+        match self {
+            RunError::TimedOut { output, .. } => output,
+            RunError::Spawn { .. } | RunError::Wait { .. } => "",
+        }
+    }
 }
 
 /// `program arg1 arg2`, for messages.
@@ -73,8 +84,8 @@ pub fn describe(command: &Command) -> String {
 }
 
 /// Runs `command` with stdin closed, killing it (and every process in its
-/// process group) once `timeout` passes, and keeps the last `tail_lines`
-/// lines of its combined output.
+/// process group) once `timeout` passes, and keeps its combined output
+/// (bounded) and its last `tail_lines` lines.
 pub async fn run_captured(
     mut command: Command,
     timeout: Option<Duration>,
@@ -93,13 +104,13 @@ pub async fn run_captured(
         source,
     })?;
     let pid = child.id();
-    let tail = Arc::new(Mutex::new(Tail::new(tail_lines)));
+    let output = Arc::new(Mutex::new(BoundedOutput::new(MAX_ACTIVATION_LOG_BYTES)));
     let mut readers = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
-        readers.spawn(collect_lines(out, tail.clone()));
+        readers.spawn(collect_lines(out, output.clone()));
     }
     if let Some(err) = child.stderr.take() {
-        readers.spawn(collect_lines(err, tail.clone()));
+        readers.spawn(collect_lines(err, output.clone()));
     }
 
     let waited = match timeout {
@@ -109,9 +120,11 @@ pub async fn run_captured(
     match waited {
         Ok(Ok(status)) => {
             drain(&mut readers).await;
+            let (tail, output) = take(&output, tail_lines);
             Ok(CommandOutput {
                 status,
-                tail: take(&tail),
+                tail,
+                output,
             })
         }
         Ok(Err(source)) => Err(RunError::Wait {
@@ -125,10 +138,12 @@ pub async fn run_captured(
             // Reap it; the group kill already made it exit.
             let _ = child.kill().await;
             drain(&mut readers).await;
+            let (tail, output) = take(&output, tail_lines);
             Err(RunError::TimedOut {
                 command: description,
                 timeout: timeout.unwrap_or_default(),
-                tail: take(&tail),
+                tail,
+                output,
             })
         }
     }
@@ -150,11 +165,15 @@ async fn drain(readers: &mut tokio::task::JoinSet<()>) {
     }
 }
 
-fn take(tail: &Mutex<Tail>) -> String {
-    tail.lock().map(|t| t.render()).unwrap_or_default()
+/// The last `tail_lines` lines and the whole (bounded) output.
+fn take(output: &Mutex<BoundedOutput>, tail_lines: usize) -> (String, String) {
+    output
+        .lock()
+        .map(|o| (o.last_lines(tail_lines), o.render()))
+        .unwrap_or_default()
 }
 
-async fn collect_lines(stream: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
+async fn collect_lines(stream: impl AsyncRead + Unpin, output: Arc<Mutex<BoundedOutput>>) {
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     loop {
@@ -164,52 +183,11 @@ async fn collect_lines(stream: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
             Ok(_) => {
                 let line = String::from_utf8_lossy(&buf);
                 let line = strip_ansi(line.trim_end_matches(['\n', '\r']));
-                if let Ok(mut t) = tail.lock() {
-                    t.push(line);
+                if let Ok(mut output) = output.lock() {
+                    output.push(&line);
                 }
             }
         }
-    }
-}
-
-/// The last `max` lines of some output.
-#[derive(Debug)]
-pub struct Tail {
-    lines: VecDeque<String>,
-    max: usize,
-}
-
-impl Tail {
-    pub fn new(max: usize) -> Self {
-        Self {
-            lines: VecDeque::new(),
-            max,
-        }
-    }
-
-    pub fn push(&mut self, mut line: String) {
-        if self.max == 0 {
-            return;
-        }
-        if line.chars().count() > MAX_LINE_CHARS {
-            line = line
-                .chars()
-                .take(MAX_LINE_CHARS)
-                .chain("…".chars())
-                .collect();
-        }
-        if self.lines.len() == self.max {
-            self.lines.pop_front();
-        }
-        self.lines.push_back(line);
-    }
-
-    pub fn render(&self) -> String {
-        self.lines
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 }
 
@@ -288,10 +266,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn long_lines_are_cut() {
-        let mut tail = Tail::new(2);
-        tail.push("x".repeat(MAX_LINE_CHARS + 10));
-        assert_eq!(tail.render().chars().count(), MAX_LINE_CHARS + 1);
+    #[tokio::test]
+    async fn the_whole_output_is_kept_beside_the_tail() {
+        let out = run_captured(sh("seq 1 100"), None, 3).await.unwrap();
+        assert_eq!(out.tail, "98\n99\n100");
+        assert_eq!(out.output.lines().count(), 100);
+        assert!(out.output.starts_with("1\n2\n"), "{}", out.output);
     }
 }

@@ -94,6 +94,7 @@ impl Nix {
                         command: name,
                         timeout: limit,
                         tail: tracker.messages(),
+                        output: String::new(),
                     }
                     .into());
                 }

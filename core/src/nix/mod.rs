@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-pub use command::{CommandOutput, RunError, Tail, describe, run_captured};
+pub use command::{CommandOutput, RunError, describe, run_captured};
 pub use progress::{CopyProgress, CopyTracker, strip_ansi};
 pub use query::{PathInfo, PathInfoQuery};
 
+use crate::limits::MAX_ACTIVATION_LOG_BYTES;
+use crate::output::BoundedOutput;
 use crate::store_path::{StorePath, StorePathError};
 
 /// Lines of output kept for error messages.
@@ -319,6 +321,7 @@ impl Nix {
                         command: name.clone(),
                         timeout: limit,
                         tail: String::new(),
+                        output: String::new(),
                     })?
             }
             None => run.await,
@@ -328,14 +331,11 @@ impl Nix {
             source,
         })?;
         if !output.status.success() {
-            let mut tail = Tail::new(TAIL_LINES);
-            for line in String::from_utf8_lossy(&output.stderr).lines() {
-                tail.push(strip_ansi(line));
-            }
+            let stderr = strip_ansi(&String::from_utf8_lossy(&output.stderr));
             return Err(NixError::Failed {
                 command: name,
                 status: output.status,
-                tail: tail.render(),
+                tail: BoundedOutput::of(&stderr, MAX_ACTIVATION_LOG_BYTES).last_lines(TAIL_LINES),
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())

@@ -153,7 +153,7 @@ fn note(d: &Deployment) -> String {
 }
 
 /// An empty string as null: the field does not apply.
-fn non_empty(s: &str) -> Value {
+pub fn non_empty(s: &str) -> Value {
     if s.is_empty() { Value::Null } else { s.into() }
 }
 
@@ -230,27 +230,26 @@ pub fn summary_json(d: &Deployment) -> Value {
 
 /// A deployment with the machines that were read.
 pub fn deployment_json(d: &Deployment) -> Value {
-    let machines: Vec<Value> = d
-        .machines
-        .iter()
-        .map(|m| {
-            json!({
-                "machine": m.machine,
-                "closure": m.closure,
-                "state": m.state().label(),
-                "failedPhase": phase_json(m.failed_phase()),
-                "reason": m.reason,
-                "outputTail": m.output_tail,
-                "copy": m.copy.as_ref().map(copy_json),
-                "updatedAt": format::rfc3339_or_null(m.updated_at_ms),
-                "wave": m.wave,
-                "rebootRequired": m.reboot_required,
-            })
-        })
-        .collect();
+    let machines: Vec<Value> = d.machines.iter().map(machine_json).collect();
     let mut v = summary_json(d);
     v["machines"] = machines.into();
     v
+}
+
+/// One machine's row in a deployment.
+pub fn machine_json(m: &MachineStatus) -> Value {
+    json!({
+        "machine": m.machine,
+        "closure": m.closure,
+        "state": m.state().label(),
+        "failedPhase": phase_json(m.failed_phase()),
+        "reason": m.reason,
+        "outputTail": m.output_tail,
+        "copy": m.copy.as_ref().map(copy_json),
+        "updatedAt": format::rfc3339_or_null(m.updated_at_ms),
+        "wave": m.wave,
+        "rebootRequired": m.reboot_required,
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ pub mod ci;
 pub mod completions;
 pub mod config;
 pub mod deployments;
+pub mod logs;
+pub mod machine;
 pub mod pki;
 pub mod plan;
 pub mod publish;

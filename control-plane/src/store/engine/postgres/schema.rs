@@ -54,6 +54,15 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE agents ADD COLUMN cert_not_after_ms BIGINT NOT NULL DEFAULT 0;",
     // 9: a deployment's `--on` selectors.
     "ALTER TABLE deployments ADD COLUMN selectors TEXT NOT NULL DEFAULT '';",
+    // 10: when each machine began a deployment, and the output it sent
+    // with its result.
+    "ALTER TABLE machines ADD COLUMN started_ms BIGINT NOT NULL DEFAULT 0;
+     CREATE TABLE machine_logs (
+         deployment_id TEXT NOT NULL,
+         machine       TEXT NOT NULL,
+         output        TEXT NOT NULL,
+         PRIMARY KEY (deployment_id, machine)
+     );",
 ];
 
 const SCHEMA: &str = "

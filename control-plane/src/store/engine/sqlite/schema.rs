@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use crate::store::StoreError;
 
-const VERSION: i64 = 9;
+const VERSION: i64 = 10;
 
 /// The deployments table of version 2. Digests are no longer unique: a
 /// rollback or a forced resubmit stores the same artifact again.
@@ -178,6 +178,15 @@ CREATE TABLE IF NOT EXISTS revocations (
     revoked_by TEXT    NOT NULL,
     revoked_ms INTEGER NOT NULL
 );
+
+-- The output each machine sent with its result: apart from machines so
+-- that pages of rows never read it. (Version 10.)
+CREATE TABLE IF NOT EXISTS machine_logs (
+    deployment_id TEXT NOT NULL,
+    machine       TEXT NOT NULL,
+    output        TEXT NOT NULL,
+    PRIMARY KEY (deployment_id, machine)
+);
 ";
 
 /// Set connection options and create the tables if they are missing.
@@ -234,6 +243,9 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StoreError> {
     )?;
     // Version 8 -> 9: a deployment's `--on` selectors.
     add_column(conn, "deployments", "selectors", "TEXT NOT NULL DEFAULT ''")?;
+    // Version 9 -> 10: when a machine began a deployment (machine_logs is
+    // made above).
+    add_column(conn, "machines", "started_ms", "INTEGER NOT NULL DEFAULT 0")?;
     conn.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }
