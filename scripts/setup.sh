@@ -31,6 +31,8 @@ declare -A wanted=(
     [qemu-system-x86_64]=qemu-system-x86
     # The certificate tests read the serial a server presents (s_client).
     [openssl]=openssl
+    # The live view's test runs ctl in a real terminal (capture-pane).
+    [tmux]=tmux
 )
 missing=()
 for cmd in "${!wanted[@]}"; do
@@ -48,7 +50,7 @@ if ((${#missing[@]} > 0)); then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, gcc, qemu-system-x86, openssl, ca-certificates, python3-pip)"
+    log "Debian packages: all present (nix-bin, git, busybox-static, iproute2, iptables, util-linux, gcc, qemu-system-x86, openssl, tmux, ca-certificates, python3-pip)"
 fi
 
 # A guest kernel for the VM tests: Debian's cloud kernel (virtio, 9p and

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use procurator_core::StorePath;
-use procurator_core::nix::{CopyProgress, Nix, NixError};
+use procurator_core::nix::{CopyProgress, Nix, NixError, PathInfoQuery};
 
 const NIX_CONF: &str = "experimental-features = nix-command flakes
 build-users-group =
@@ -131,6 +131,25 @@ async fn copy_from_checks_signatures_against_only_the_given_keys() {
         .unwrap();
     assert!(is_in_store(&dest, &closure));
     assert_eq!((last.paths_done, last.paths_expected), (2, 2));
+    // Bytes from the narinfos: Nix reports none from a file:// cache.
+    let offered = f
+        .nix
+        .path_info(
+            PathInfoQuery {
+                store: Some(&f.cache_url("signed", None)),
+                recursive: true,
+                closure_size: false,
+            },
+            std::slice::from_ref(&closure),
+        )
+        .await
+        .unwrap();
+    let nar_bytes: u64 = offered.iter().map(|p| p.nar_size).sum();
+    assert!(nar_bytes > 0, "{offered:?}");
+    assert_eq!(
+        (last.bytes_done, last.bytes_expected),
+        (nar_bytes, nar_bytes)
+    );
     assert!(seen.contains(&last) && seen.len() >= 2, "{seen:?}");
     assert!(seen.first().is_some_and(|p| p.paths_done < 2), "{seen:?}");
 

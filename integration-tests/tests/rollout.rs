@@ -178,6 +178,22 @@ fn a_failing_health_check_rolls_back_to_the_old_closure() {
         "watch shows why (the check's command): {watched}"
     );
 
+    // Each copy from the file:// cache ended at 100 %, in bytes from the
+    // narinfos (Nix reports none from such a cache).
+    let events = ctl
+        .run(&["watch", id, "--output", "json"])
+        .expect("watch json");
+    for m in MACHINES {
+        let full = events.stdout.lines().any(|line| {
+            let e: Value = serde_json::from_str(line).unwrap_or_default();
+            let copy = &e["copy"];
+            e["machine"] == *m
+                && copy["bytesExpected"].as_u64().is_some_and(|n| n > 0)
+                && copy["bytesDone"] == copy["bytesExpected"]
+        });
+        assert!(full, "{m}: no copy reached its expected bytes: {events}");
+    }
+
     // The rolled-back machine's log: without a deployment, its newest.
     let logs = ctl.run(&["logs", "worker-2"]).expect("logs");
     logs.expect_code(0).expect("logs of worker-2");

@@ -29,6 +29,8 @@ const FIRST_POLL: Duration = Duration::from_millis(2);
 const MAX_POLL: Duration = Duration::from_millis(100);
 /// Liveness is asked at most this often (`systemctl` is not free).
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a runner that looked gone is given to show up again.
+const EXEC_GRACE: Duration = Duration::from_millis(250);
 const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How `switch-to-configuration` is started.
@@ -205,7 +207,7 @@ impl Activator {
                 Err(e) => break Err(e.to_string()),
             }
             if Instant::now() >= next_liveness {
-                if !alive(launched).await {
+                if !alive(launched).await && !alive_after(launched, EXEC_GRACE).await {
                     // It may have written the status just before it ended.
                     break match RunStatus::read(&launched.status_file) {
                         Ok(Some(status)) => Ok(status),
@@ -231,6 +233,14 @@ impl Activator {
 }
 
 /// Whether the unit or the runner process still runs.
+/// Whether the runner is alive when looked at again after `grace`. A
+/// process in the middle of an `exec` (setsid becoming the runner) can show
+/// no command line for a moment, and must not be taken for one that ended.
+async fn alive_after(launched: &Launched, grace: Duration) -> bool {
+    tokio::time::sleep(grace).await;
+    alive(launched).await
+}
+
 async fn alive(launched: &Launched) -> bool {
     if let Some(unit) = &launched.unit {
         let mut command = Command::new("systemctl");

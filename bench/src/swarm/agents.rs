@@ -483,7 +483,13 @@ impl SimulatedAgent {
                 paths_done: 1,
                 paths_expected: 1,
             };
-            let _ = tx.send(progress(MachineState::Copying, None, "copying"));
+            // Halfway, as a real copy reports along the way.
+            let halfway = CopyProgress {
+                bytes_done: 2048,
+                paths_done: 0,
+                ..copied
+            };
+            let _ = tx.send(progress(MachineState::Copying, Some(halfway), "copying"));
             sleep_ms(behaviour.copy_delay_ms).await;
             let _ = tx.send(progress(MachineState::Copying, Some(copied), "copied"));
             let _ = tx.send(progress(MachineState::Activating, None, "switch test"));

@@ -1,12 +1,13 @@
 //! `nix copy --from`: pulling a closure from a binary cache, checking its
 //! signatures against the caller's keys only, and reporting progress.
 
+use std::collections::HashMap;
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use super::progress::{CopyProgress, CopyTracker};
-use super::{Nix, NixError, RunError, TAIL_LINES};
+use super::{Nix, NixError, PathInfoQuery, RunError, TAIL_LINES};
 use crate::store_path::StorePath;
 
 impl Nix {
@@ -17,7 +18,9 @@ impl Nix {
     /// keys in nix.conf are replaced, not extended, so an unsigned or
     /// otherwise-signed closure is refused. With no keys nothing that is
     /// missing can be copied. `on_progress` is called whenever the progress
-    /// changes; the final progress is returned.
+    /// changes; the final progress is returned. Its bytes come from the
+    /// narinfos of the paths the destination lacks, so they add up on
+    /// every cache and Nix version (Nix itself reports none from `file://`).
     pub async fn copy_from(
         &self,
         substituter: &str,
@@ -48,6 +51,8 @@ impl Nix {
             "internal-json",
             "-v",
         ]);
+        // Asked before the copy starts, which would change the answer.
+        let sizes = self.missing_sizes(substituter, closure).await;
         let mut command = self.nix(&args);
         // The options are always the same: name what differs.
         let name = format!("nix copy --from {substituter} {closure}");
@@ -60,7 +65,7 @@ impl Nix {
             command: name.clone(),
             source,
         })?;
-        let mut tracker = CopyTracker::new(TAIL_LINES);
+        let mut tracker = CopyTracker::new(TAIL_LINES).expecting(sizes);
 
         let follow = async {
             let mut last = CopyProgress::default();
@@ -114,5 +119,34 @@ impl Nix {
                 tail: tracker.messages(),
             })
         }
+    }
+
+    /// The NAR size of each path of `closure` the destination lacks, from
+    /// `substituter`'s narinfos; empty when either cannot say (the copy
+    /// then reports what Nix does, and fails with the real reason).
+    async fn missing_sizes(&self, substituter: &str, closure: &StorePath) -> HashMap<String, u64> {
+        let remote = PathInfoQuery {
+            store: Some(substituter),
+            recursive: true,
+            closure_size: false,
+        };
+        let Ok(offered) = self.path_info(remote, std::slice::from_ref(closure)).await else {
+            return HashMap::new();
+        };
+        let paths: Vec<StorePath> = offered.iter().map(|p| p.path.clone()).collect();
+        let local = PathInfoQuery {
+            store: self.destination.as_deref(),
+            ..PathInfoQuery::default()
+        };
+        let Ok(held) = self.path_info(local, &paths).await else {
+            return HashMap::new();
+        };
+        let held: std::collections::HashSet<&StorePath> =
+            held.iter().filter(|p| p.valid).map(|p| &p.path).collect();
+        offered
+            .iter()
+            .filter(|p| p.valid && !held.contains(&p.path))
+            .map(|p| (p.path.as_str().to_owned(), p.nar_size))
+            .collect()
     }
 }

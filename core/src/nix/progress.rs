@@ -10,7 +10,12 @@
 //!   cache reports no bytes at all.
 //!
 //! Newer Nix reports `[done, expected, running, failed]` paths on the 103
-//! activity and bytes on each 100 activity; both are understood too.
+//! activity and bytes on each 100 activity (in ~8 KiB steps, none for small
+//! paths); both are understood too.
+//!
+//! So that the bytes add up on every cache and Nix, the caller may give
+//! each missing path's NAR size (from its narinfo, [`CopyTracker::expecting`]):
+//! a path then counts whole when its copy ends.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -72,6 +77,12 @@ pub struct CopyTracker {
     paths_announced: u64,
     paths_reported: (u64, u64),
     bytes_expected_hint: u64,
+    /// NAR sizes of the paths to copy, by path, when the caller knew them.
+    sizes: HashMap<String, u64>,
+    /// The path each running copy-path activity copies.
+    copying: HashMap<u64, String>,
+    /// The NAR sizes of the paths whose copy ended.
+    bytes_of_copied: u64,
     messages: VecDeque<String>,
     max_messages: usize,
 }
@@ -85,9 +96,18 @@ impl CopyTracker {
             paths_announced: 0,
             paths_reported: (0, 0),
             bytes_expected_hint: 0,
+            sizes: HashMap::new(),
+            copying: HashMap::new(),
+            bytes_of_copied: 0,
             messages: VecDeque::new(),
             max_messages,
         }
+    }
+
+    /// The NAR size of each path the copy is expected to fetch.
+    pub fn expecting(mut self, sizes: HashMap<String, u64>) -> Self {
+        self.sizes = sizes;
+        self
     }
 
     /// Takes one line of stderr; returns whether the progress may have changed.
@@ -137,6 +157,11 @@ impl CopyTracker {
                 ..Activity::default()
             },
         );
+        if raw.kind == ACT_COPY_PATH
+            && let Some(path) = raw.fields.first().and_then(Value::as_str)
+        {
+            self.copying.insert(raw.id, path.to_owned());
+        }
         if raw.kind == ACT_COPY_PATHS
             && let Some(n) = parse_copying_n_paths(&raw.text)
         {
@@ -150,6 +175,10 @@ impl CopyTracker {
         match self.activities.get(&id) {
             Some(a) if a.kind == ACT_COPY_PATH => {
                 self.paths_stopped += 1;
+                if let Some(path) = self.copying.remove(&id) {
+                    // Taken out: a path counts once, however often it is reported.
+                    self.bytes_of_copied += self.sizes.remove(&path).unwrap_or(0);
+                }
                 true
             }
             _ => false,
@@ -210,9 +239,15 @@ impl CopyTracker {
         };
         let paths_expected = self.paths_announced.max(self.paths_reported.1);
         let paths_done = self.paths_stopped.max(self.paths_reported.0);
+        // What the narinfos said: the paths copied whole, and all of them.
+        let bytes_done = bytes_done.max(self.bytes_of_copied);
+        let sized = self.bytes_of_copied + self.sizes.values().sum::<u64>();
         CopyProgress {
             bytes_done,
-            bytes_expected: bytes_expected.max(self.bytes_expected_hint).max(bytes_done),
+            bytes_expected: bytes_expected
+                .max(self.bytes_expected_hint)
+                .max(sized)
+                .max(bytes_done),
             paths_done: if paths_expected > 0 {
                 paths_done.min(paths_expected)
             } else {

@@ -96,6 +96,38 @@ fn newer_nix_progress_on_copy_paths_and_copy_path_is_understood() {
 }
 
 #[test]
+fn with_narinfo_sizes_the_bytes_fill_even_when_nix_reports_none() {
+    // Nix 2.8 from a file:// cache: paths start and stop, no bytes at all.
+    let lines = [
+        r#"@nix {"action":"start","id":1,"level":3,"text":"copying 2 paths","type":103}"#,
+        r#"@nix {"action":"start","fields":["/nix/store/x-a","file:///c","local"],"id":2,"level":3,"text":"copying path","type":100}"#,
+        r#"@nix {"action":"stop","id":2}"#,
+        r#"@nix {"action":"start","fields":["/nix/store/x-b","file:///c","local"],"id":3,"level":3,"text":"copying path","type":100}"#,
+    ];
+    let sizes = [("/nix/store/x-a", 1000), ("/nix/store/x-b", 3000)]
+        .map(|(p, n)| (p.to_owned(), n))
+        .into();
+    let mut tracker = CopyTracker::new(4).expecting(sizes);
+    for line in lines {
+        tracker.feed(line);
+    }
+    let halfway = tracker.progress();
+    assert_eq!((halfway.bytes_done, halfway.bytes_expected), (1000, 4000));
+    tracker.feed(r#"@nix {"action":"stop","id":3}"#);
+    // A path reported twice still counts once.
+    tracker.feed(r#"@nix {"action":"stop","id":3}"#);
+    assert_eq!(
+        tracker.progress(),
+        CopyProgress {
+            bytes_done: 4000,
+            bytes_expected: 4000,
+            paths_done: 2,
+            paths_expected: 2
+        }
+    );
+}
+
+#[test]
 fn copying_n_paths_is_parsed() {
     assert_eq!(parse_copying_n_paths("copying 4 paths"), Some(4));
     assert_eq!(parse_copying_n_paths("copying 1 path"), Some(1));

@@ -40,7 +40,8 @@ pub struct PathInfoQuery<'a> {
 }
 
 impl Nix {
-    /// `nix path-info --json [--store URI] [-r] [-S] PATHS...`.
+    /// `nix path-info --json [--store URI] [-r] [-S] PATHS...`, never
+    /// substituting.
     ///
     /// A path the store does not hold comes back with `valid: false`: Nix
     /// 2.8 prints `{"path": P, "valid": false}` for it and exits 0, newer Nix
@@ -52,7 +53,10 @@ impl Nix {
     ) -> Result<Vec<PathInfo>, NixError> {
         let mut found: BTreeMap<StorePath, PathInfo> = BTreeMap::new();
         for chunk in paths.chunks(PATHS_PER_CALL) {
-            let mut args = vec!["path-info", "--json"];
+            // A query: a path the store lacks must not be fetched from the
+            // substituters (Nix 2.8 tries to, and retries an unreachable
+            // cache.nixos.org for seconds before answering).
+            let mut args = vec!["path-info", "--json", "--option", "substitute", "false"];
             if let Some(store) = query.store {
                 args.extend(["--store", store]);
             }

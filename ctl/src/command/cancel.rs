@@ -34,6 +34,9 @@ pub struct Args {
     pub wait: bool,
 
     #[command(flatten)]
+    pub follow: render::FollowArgs,
+
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -78,7 +81,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     } else {
         // Machines in flight finish or roll back first. The whole history is
         // replayed: the Deployment carries no revision to start from.
-        let mut renderer = render::for_output(args.output.output);
+        let mut renderer = render::for_output(args.output.output, args.follow.style());
         follow::follow_view(&mut conn, &id, 0, renderer.as_mut())
             .await?
             .state

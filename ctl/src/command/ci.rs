@@ -97,6 +97,9 @@ pub struct Args {
     pub force: bool,
 
     #[command(flatten)]
+    pub follow: render::FollowArgs,
+
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -298,10 +301,11 @@ async fn chain(conn: &ConnectionArgs, args: &Args, report: &mut Report) -> anyho
         return Ok(Outcome::Success);
     }
     let mut renderer = match args.output.output {
-        OutputFormat::Text => render::for_output(OutputFormat::Text),
+        OutputFormat::Text => render::for_output(OutputFormat::Text, args.follow.style()),
         // The rollout as plain lines on stderr: stdout is for the summary.
         OutputFormat::Json => Box::new(PlainRenderer {
             out: Box::new(std::io::stderr()),
+            style: args.follow.style(),
         }),
     };
     // Start just before the submit so the `submitted` event is shown.

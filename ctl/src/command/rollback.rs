@@ -46,6 +46,9 @@ pub struct Args {
     pub verify: IntentPublicKeyArgs,
 
     #[command(flatten)]
+    pub follow: render::FollowArgs,
+
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -140,7 +143,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     if !args.wait {
         return Ok(Outcome::Success);
     }
-    let mut renderer = render::for_output(args.output.output);
+    let mut renderer = render::for_output(args.output.output, args.follow.style());
     // Just before the new deployment was stored, so its `submitted` event shows.
     let from = response.revision.saturating_sub(1);
     follow::follow(&mut conn, &response.deployment_id, from, renderer.as_mut()).await

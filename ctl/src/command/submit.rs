@@ -40,6 +40,9 @@ pub struct Args {
     pub on: OnArgs,
 
     #[command(flatten)]
+    pub follow: render::FollowArgs,
+
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -97,7 +100,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
     if !args.wait {
         return Ok(Outcome::Success);
     }
-    let mut renderer = render::for_output(args.output.output);
+    let mut renderer = render::for_output(args.output.output, args.follow.style());
     // `revision` is where the deployment was stored: start just before it so
     // the `submitted` event (machines, commit) is part of what we show.
     let from = response.revision.saturating_sub(1);

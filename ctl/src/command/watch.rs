@@ -19,6 +19,9 @@ pub struct Args {
     pub from_revision: u64,
 
     #[command(flatten)]
+    pub follow: render::FollowArgs,
+
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -28,7 +31,7 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
         Some(id) => parse_id(&id)?,
         None => newest(&mut conn).await?,
     };
-    let mut renderer = render::for_output(args.output.output);
+    let mut renderer = render::for_output(args.output.output, args.follow.style());
     follow::follow(&mut conn, &id, args.from_revision, renderer.as_mut()).await
 }
 

@@ -1,6 +1,7 @@
 //! Showing a followed deployment: live bars on a terminal, one line per
 //! event otherwise, NDJSON for scripts; a summary at the end.
 
+mod frame;
 mod json;
 mod plain;
 mod progress;
@@ -29,17 +30,40 @@ pub trait Renderer {
     fn finish(&mut self, view: &DeploymentView) -> anyhow::Result<()>;
 }
 
+/// How the summary at the end lists machines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SummaryStyle {
+    /// Every machine by name, not only the failed ones.
+    pub all: bool,
+}
+
+/// The flags of every command that follows a deployment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FollowArgs {
+    /// In the summary at the end, list every machine; by default the failed
+    /// ones are listed and the rest counted per state.
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl FollowArgs {
+    pub fn style(&self) -> SummaryStyle {
+        SummaryStyle { all: self.all }
+    }
+}
+
 /// The renderer for `--output` and whatever stdout is.
-pub fn for_output(format: OutputFormat) -> Box<dyn Renderer> {
+pub fn for_output(format: OutputFormat, style: SummaryStyle) -> Box<dyn Renderer> {
     match format {
         OutputFormat::Json => Box::new(JsonRenderer {
             out: Box::new(std::io::stdout()),
         }),
         OutputFormat::Text if std::io::stdout().is_terminal() => {
-            Box::new(progress::ProgressRenderer::new())
+            Box::new(progress::ProgressRenderer::new(style))
         }
         OutputFormat::Text => Box::new(PlainRenderer {
             out: Box::new(std::io::stdout()),
+            style,
         }),
     }
 }
@@ -47,6 +71,7 @@ pub fn for_output(format: OutputFormat) -> Box<dyn Renderer> {
 /// One line per event, then the summary.
 pub struct PlainRenderer {
     pub out: Box<dyn Write>,
+    pub style: SummaryStyle,
 }
 
 impl Renderer for PlainRenderer {
@@ -63,7 +88,10 @@ impl Renderer for PlainRenderer {
     }
 
     fn finish(&mut self, view: &DeploymentView) -> anyhow::Result<()> {
-        write_flush(&mut self.out, &format!("\n{}", summary::summary_text(view)))
+        write_flush(
+            &mut self.out,
+            &format!("\n{}", summary::summary_text(view, self.style)),
+        )
     }
 }
 
@@ -174,6 +202,7 @@ mod tests {
         let out = Captured::default();
         drive(&mut PlainRenderer {
             out: Box::new(out.clone()),
+            style: SummaryStyle::default(),
         });
         assert_eq!(
             out.text(),
@@ -182,7 +211,7 @@ mod tests {
              07:15:02 d-1 succeeded: 1 succeeded\n\
              \n\
              deployment d-1 succeeded: 1 of 1 machines ok, 0 failed\n\
-             \x20 worker-1  succeeded\n"
+             \x20 1 succeeded: worker-1\n"
         );
     }
 
@@ -205,6 +234,7 @@ mod tests {
         let out = Captured::default();
         let mut renderer = PlainRenderer {
             out: Box::new(out.clone()),
+            style: SummaryStyle::default(),
         };
         let mut view = DeploymentView::new("d-1");
         view.machines.entry("worker-2".into()).or_default();
@@ -250,7 +280,7 @@ mod tests {
              deployment d-1 halted: 0 of 2 machines ok, 1 failed\n\
              \x20 halted: 1 machine failed, the failure budget is 0 (worker-1)\n\
              \x20 worker-1  failed\n\
-             \x20 worker-2  cancelled\n"
+             \x20 1 cancelled: worker-2\n"
         );
         assert_eq!(crate::failure::exit_code(&Ok(view.outcome())), 3);
     }

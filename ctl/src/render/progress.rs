@@ -1,242 +1,210 @@
-//! The live view on a terminal: one line per machine, its phase with a
-//! spinner, a byte bar while copying, a tick or a cross at the end.
+//! The live view on a terminal: a frame (`frame.rs`) redrawn in place a few
+//! times a second, never taller or wider than the terminal, measured again
+//! at every redraw so a resize takes effect at once. Waves, halts and
+//! reconnects are printed above it and scroll away; the summary replaces it
+//! at the end.
 
-use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use procurator_proto::v1::{Event, MachineState, event};
+use procurator_proto::v1::{Event, event};
 
-use super::plain::{copy_text, event_text, state_text};
+use super::frame::frame;
+use super::plain::event_text;
 use super::summary::summary_text;
-use super::view::{DeploymentView, MachineView};
-use super::{Renderer, write_flush};
+use super::view::DeploymentView;
+use super::{Renderer, SummaryStyle, write_flush};
 
-const TICK: Duration = Duration::from_millis(120);
+/// How often the frame is drawn: elapsed times and spinners move, and a
+/// burst of events costs one redraw, not one each.
+const REDRAW: Duration = Duration::from_millis(150);
 
 pub struct ProgressRenderer {
-    multi: MultiProgress,
-    /// The line above the machines naming the wave being rolled out.
-    header: Option<ProgressBar>,
-    bars: BTreeMap<String, ProgressBar>,
-    /// The name column's width the prefixes were last set for.
-    width: usize,
+    screen: Arc<Mutex<Screen>>,
+    stop: Arc<AtomicBool>,
+    painter: Option<JoinHandle<()>>,
+    style: SummaryStyle,
+}
+
+/// What is on the terminal, and what to draw next.
+struct Screen {
+    view: DeploymentView,
+    /// Lines of the frame now on the terminal, the cursor at the end of the last.
+    drawn: usize,
+    /// The terminal's size when the frame was drawn.
+    size: (usize, usize),
+    tick: usize,
+    dirty: bool,
 }
 
 impl ProgressRenderer {
-    pub fn new() -> Self {
+    pub fn new(style: SummaryStyle) -> Self {
         Self {
-            // stdout: we only get here when stdout is the terminal.
-            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stdout()),
-            header: None,
-            bars: BTreeMap::new(),
-            width: 0,
+            screen: Arc::new(Mutex::new(Screen {
+                view: DeploymentView::new(""),
+                drawn: 0,
+                size: (0, 0),
+                tick: 0,
+                dirty: true,
+            })),
+            stop: Arc::new(AtomicBool::new(false)),
+            painter: None,
+            style,
         }
     }
 
-    fn bar(&mut self, name: &str) -> ProgressBar {
-        if let Some(bar) = self.bars.get(name) {
-            return bar.clone();
-        }
-        let bar = self.multi.add(ProgressBar::new(0));
-        bar.set_style(style(SPINNER));
-        bar.enable_steady_tick(TICK);
-        self.bars.insert(name.to_owned(), bar.clone());
-        bar
+    fn screen(&self) -> MutexGuard<'_, Screen> {
+        lock(&self.screen)
     }
 
-    /// Every machine again: after a new machine widened the name column, or
-    /// at the start and the end.
-    fn show_all(&mut self, view: &DeploymentView) {
-        self.width = view.name_width();
-        for (name, m) in &view.machines {
-            self.show(name, m);
+    fn stop_painting(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(painter) = self.painter.take() {
+            // A painter that panicked has nothing left to draw.
+            let _ = painter.join();
+        }
+    }
+}
+
+fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
+    // A panic while drawing leaves a screen that can be drawn again.
+    screen
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Screen {
+    /// Rows and columns now; 24×80 when the terminal does not say.
+    fn measure() -> (usize, usize) {
+        let (rows, cols) = console::Term::stdout().size();
+        match (rows, cols) {
+            (0, _) | (_, 0) => (24, 80),
+            (rows, cols) => (usize::from(rows), usize::from(cols)),
         }
     }
 
-    /// The current wave, in a line kept above the machines.
-    fn show_wave(&mut self, view: &DeploymentView) {
-        let Some(text) = wave_header(view) else {
+    /// Removes the frame, leaving the cursor where it began.
+    fn erase(&mut self, out: &mut impl std::io::Write) {
+        if self.drawn == 0 {
             return;
-        };
-        let header = self.header.get_or_insert_with(|| {
-            let bar = self.multi.insert(0, ProgressBar::new(0));
-            bar.set_style(style(HEADER));
-            bar
-        });
-        header.set_message(text);
+        }
+        let _ = write!(out, "\r");
+        if self.drawn > 1 {
+            let _ = write!(out, "\x1b[{}A", self.drawn - 1);
+        }
+        let _ = write!(out, "\x1b[J");
+        self.drawn = 0;
     }
 
-    fn show(&mut self, name: &str, m: &MachineView) {
-        let bar = self.bar(name);
-        bar.set_prefix(prefix(name, m, self.width));
-        if m.state.is_final() {
-            let (mark, template) = match m.state {
-                s if s.is_success() => ("✔", DONE_OK),
-                s if s.is_failure() => ("✘", DONE_FAILED),
-                // Superseded or cancelled: neither.
-                _ => ("–", DONE_OTHER),
-            };
-            bar.set_style(style(template));
-            let mut text = format!(
-                "{mark} {}",
-                state_text(m.state, m.failed_phase, &m.message, None)
+    fn draw(&mut self, out: &mut impl std::io::Write) {
+        let size = Self::measure();
+        if size != self.size && self.drawn > 0 {
+            // Narrower, the old lines wrapped into rows we cannot count:
+            // start from a clean screen.
+            let _ = write!(out, "\x1b[2J\x1b[H");
+            self.drawn = 0;
+        }
+        self.size = size;
+        self.erase(out);
+        let lines = frame(
+            &self.view,
+            procurator_core::now_ms(),
+            size.0,
+            size.1,
+            self.tick,
+        );
+        let _ = write!(out, "{}", lines.join("\n"));
+        let _ = out.flush();
+        self.drawn = lines.len();
+        self.dirty = false;
+    }
+
+    /// `text` above the frame, which is drawn again below it.
+    fn println(&mut self, out: &mut impl std::io::Write, text: &str) {
+        self.erase(out);
+        for line in text.trim_end().lines() {
+            let _ = writeln!(
+                out,
+                "{}",
+                console::truncate_str(line, self.size.1.max(2) - 1, "…")
             );
-            if m.reboot_required {
-                text.push_str(" (reboot required)");
-            }
-            bar.finish_with_message(text);
+        }
+        self.draw(out);
+    }
+}
+
+fn paint(screen: Arc<Mutex<Screen>>, stop: Arc<AtomicBool>) {
+    let mut ticks = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(REDRAW);
+        ticks += 1;
+        let mut screen = lock(&screen);
+        if stop.load(Ordering::Relaxed) {
             return;
         }
-        match (&m.copy, m.state) {
-            (Some(copy), MachineState::Copying) => {
-                bar.set_style(style(COPYING));
-                bar.set_length(copy.bytes_expected.max(copy.bytes_done).max(1));
-                bar.set_position(copy.bytes_done);
-                bar.set_message(format!("copying {}", copy_text(copy)));
-            }
-            _ => {
-                bar.set_style(style(SPINNER));
-                bar.set_message(state_text(m.state, m.failed_phase, &m.message, None));
-            }
+        // The spinner turns and the clock moves every few redraws.
+        if ticks.is_multiple_of(4) {
+            screen.tick += 1;
+            screen.dirty = true;
+        }
+        if screen.dirty || Screen::measure() != screen.size {
+            screen.draw(&mut std::io::stdout().lock());
         }
     }
-
-    fn println(&self, text: &str) {
-        // Printed above the bars; if the terminal is gone there is no one to tell.
-        let _ = self.multi.println(text.trim_end());
-    }
-}
-
-/// `worker-1  wave 2`: the name in a column, then the machine's wave (counted
-/// from 1, as `watch` prints waves) when the deployment has waves.
-fn prefix(name: &str, m: &MachineView, width: usize) -> String {
-    match m.wave {
-        Some(wave) => format!("{name:<width$}  wave {}", wave + 1),
-        None => format!("{name:<width$}"),
-    }
-}
-
-/// `wave 2/3 canary`, or None before any wave started.
-fn wave_header(view: &DeploymentView) -> Option<String> {
-    let w = view.wave.as_ref()?;
-    let mut text = format!("wave {}/{}", w.index + 1, w.total);
-    if !w.name.is_empty() {
-        text.push(' ');
-        text.push_str(&w.name);
-    }
-    Some(text)
-}
-
-const HEADER: &str = "{wide_msg:.bold}";
-const SPINNER: &str = "{prefix} {spinner:.cyan} {wide_msg}";
-const COPYING: &str = "{prefix} {spinner:.cyan} [{bar:24.cyan/blue}] {wide_msg}";
-const DONE_OK: &str = "{prefix}   {wide_msg:.green}";
-const DONE_FAILED: &str = "{prefix}   {wide_msg:.red}";
-const DONE_OTHER: &str = "{prefix}   {wide_msg:.yellow}";
-
-fn style(template: &str) -> ProgressStyle {
-    // The templates are constants; should one not parse, a plain bar still works.
-    ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_spinner())
-        .progress_chars("=> ")
 }
 
 impl Renderer for ProgressRenderer {
     fn start(&mut self, view: &DeploymentView) -> anyhow::Result<()> {
-        let mut header = format!("following deployment {}", view.id);
-        if !view.git_commit.is_empty() {
-            header.push_str(&format!(
-                " (commit {})",
-                crate::format::short_commit(&view.git_commit)
-            ));
+        {
+            let mut screen = self.screen();
+            screen.view = view.clone();
+            screen.draw(&mut std::io::stdout().lock());
         }
-        if !view.rollback_of.is_empty() {
-            header.push_str(&format!(", rollback of {}", view.rollback_of));
-        }
-        self.println(&header);
-        self.show_wave(view);
-        self.show_all(view);
+        let (screen, stop) = (self.screen.clone(), self.stop.clone());
+        self.painter = Some(std::thread::spawn(move || paint(screen, stop)));
         Ok(())
     }
 
-    fn event(&mut self, ev: &Event, view: &DeploymentView) -> anyhow::Result<()> {
-        if view.name_width() != self.width {
-            self.show_all(view);
-        }
-        match &ev.kind {
-            Some(event::Kind::Submitted(s)) => {
-                for name in &s.machines {
-                    if let Some(m) = view.machines.get(name) {
-                        self.show(name, m);
-                    }
-                }
-            }
-            Some(event::Kind::Machine(u)) => {
-                if let Some(m) = view.machines.get(&u.machine) {
-                    self.show(&u.machine, m);
-                }
-            }
-            // Connections matter while waiting for agents: say so above the bars.
-            Some(event::Kind::Agent(_) | event::Kind::Certificate(_)) => {
-                self.println(&event_text(ev, view))
-            }
-            Some(event::Kind::WaveStarted(w)) => {
-                self.println(&event_text(ev, view));
-                self.show_wave(view);
-                for name in &w.machines {
-                    if let Some(m) = view.machines.get(name) {
-                        self.show(name, m);
-                    }
-                }
-            }
-            Some(
-                event::Kind::Halted(_) | event::Kind::VmsPlaced(_) | event::Kind::Cancelled(_),
-            ) => self.println(&event_text(ev, view)),
-            Some(event::Kind::Finished(_)) | None => {}
+    fn event(&mut self, ev: &Event, _view: &DeploymentView) -> anyhow::Result<()> {
+        let mut screen = self.screen();
+        // A copy of the fold, so that an event costs no copy of the fleet.
+        screen.view.apply(ev);
+        screen.dirty = true;
+        // Connections and certificates are not printed: one line each would
+        // scroll the view away on a large fleet (`watch --output json` has them).
+        if let Some(
+            event::Kind::WaveStarted(_)
+            | event::Kind::Halted(_)
+            | event::Kind::VmsPlaced(_)
+            | event::Kind::Cancelled(_),
+        ) = &ev.kind
+        {
+            let text = event_text(ev, &screen.view);
+            screen.println(&mut std::io::stdout().lock(), &text);
         }
         Ok(())
     }
 
     fn notice(&mut self, message: &str) {
-        self.multi.suspend(|| eprintln!("{message}"));
+        let mut screen = self.screen();
+        let mut out = std::io::stdout().lock();
+        screen.erase(&mut out);
+        eprintln!("{message}");
+        screen.draw(&mut out);
     }
 
     fn finish(&mut self, view: &DeploymentView) -> anyhow::Result<()> {
-        // The view may know more than the events said (a final GetDeployment).
-        self.show_all(view);
-        if let Some(header) = &self.header {
-            header.finish();
-        }
-        for bar in self.bars.values() {
-            if !bar.is_finished() {
-                bar.abandon();
-            }
-        }
-        write_flush(&mut std::io::stdout(), &format!("\n{}", summary_text(view)))
+        self.stop_painting();
+        let mut screen = self.screen();
+        screen.erase(&mut std::io::stdout().lock());
+        write_flush(&mut std::io::stdout(), &summary_text(view, self.style))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::render::view::WaveView;
-
-    #[test]
-    fn machines_show_their_wave_and_the_header_the_current_one() {
-        let mut view = DeploymentView::new("d-1");
-        assert_eq!(wave_header(&view), None);
-        view.wave = Some(WaveView {
-            index: 1,
-            total: 3,
-            name: "canary".into(),
-        });
-        assert_eq!(wave_header(&view).as_deref(), Some("wave 2/3 canary"));
-        let m = MachineView {
-            wave: Some(1),
-            ..Default::default()
-        };
-        assert_eq!(prefix("w1", &m, 8), "w1        wave 2");
-        assert_eq!(prefix("w1", &MachineView::default(), 4), "w1  ");
+impl Drop for ProgressRenderer {
+    fn drop(&mut self) {
+        self.stop_painting();
     }
 }

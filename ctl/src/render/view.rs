@@ -21,6 +21,10 @@ pub struct MachineView {
     pub wave: Option<u32>,
     /// The new closure needs a reboot the agent was not allowed to do.
     pub reboot_required: bool,
+    /// When it left pending (Unix ms, the control plane's clock); 0: not yet.
+    pub since_ms: i64,
+    /// When it reached a final state; 0: not yet.
+    pub ended_ms: i64,
 }
 
 impl Default for MachineView {
@@ -34,7 +38,24 @@ impl Default for MachineView {
             copy: None,
             wave: None,
             reboot_required: false,
+            since_ms: 0,
+            ended_ms: 0,
         }
+    }
+}
+
+impl MachineView {
+    /// How long it has been (or was) on the deployment, as of `now_ms`.
+    pub fn elapsed_ms(&self, now_ms: i64) -> Option<i64> {
+        if self.since_ms == 0 {
+            return None;
+        }
+        let until = if self.ended_ms != 0 {
+            self.ended_ms
+        } else {
+            now_ms
+        };
+        Some((until - self.since_ms).max(0))
     }
 }
 
@@ -67,6 +88,8 @@ pub struct DeploymentView {
     pub intent_keys: Vec<String>,
     /// Who submitted it with force; empty when nobody did.
     pub forced_by: String,
+    /// When it was submitted (Unix ms); 0: not known.
+    pub created_ms: i64,
 }
 
 impl DeploymentView {
@@ -83,6 +106,7 @@ impl DeploymentView {
             rollback_of: String::new(),
             intent_keys: Vec::new(),
             forced_by: String::new(),
+            created_ms: 0,
         }
     }
 
@@ -97,11 +121,29 @@ impl DeploymentView {
         self.rollback_of.clone_from(&d.rollback_of);
         self.intent_keys.clone_from(&d.intent_keys);
         self.forced_by.clone_from(&d.forced_by);
+        if d.created_at_ms != 0 {
+            self.created_ms = d.created_at_ms;
+        }
         let has_waves = !d.waves.is_empty();
         for m in &d.machines {
+            // The row says when it last changed, not when it began: the best
+            // there is for a machine already under way.
+            let known = self.machines.get(&m.machine);
+            let since_ms = match known {
+                Some(k) if k.since_ms != 0 => k.since_ms,
+                _ if m.state() != MachineState::Pending => m.updated_at_ms,
+                _ => 0,
+            };
+            let ended_ms = match known {
+                Some(k) if k.ended_ms != 0 => k.ended_ms,
+                _ if m.state().is_final() => m.updated_at_ms,
+                _ => 0,
+            };
             self.machines.insert(
                 m.machine.clone(),
                 MachineView {
+                    since_ms,
+                    ended_ms,
                     state: m.state(),
                     failed_phase: m.failed_phase(),
                     closure: m.closure.clone(),
@@ -134,6 +176,9 @@ impl DeploymentView {
     pub fn apply(&mut self, ev: &Event) {
         match &ev.kind {
             Some(event::Kind::Submitted(s)) => {
+                if self.created_ms == 0 {
+                    self.created_ms = ev.at_ms;
+                }
                 self.git_commit.clone_from(&s.git_commit);
                 self.intent_keys.clone_from(&s.intent_keys);
                 self.forced_by.clone_from(&s.forced_by);
@@ -141,7 +186,7 @@ impl DeploymentView {
                     self.machines.entry(m.clone()).or_default();
                 }
             }
-            Some(event::Kind::Machine(u)) => self.apply_machine(u),
+            Some(event::Kind::Machine(u)) => self.apply_machine(u, ev.at_ms),
             Some(event::Kind::Finished(f)) => {
                 self.state = f.state();
                 self.finished = true;
@@ -170,9 +215,19 @@ impl DeploymentView {
         }
     }
 
-    fn apply_machine(&mut self, u: &MachineUpdate) {
+    fn apply_machine(&mut self, u: &MachineUpdate, at_ms: i64) {
         let m = self.machines.entry(u.machine.clone()).or_default();
         let state = u.state();
+        if m.since_ms == 0 && state != MachineState::Pending {
+            m.since_ms = at_ms;
+        }
+        if state.is_final() {
+            if m.ended_ms == 0 {
+                m.ended_ms = at_ms;
+            }
+        } else {
+            m.ended_ms = 0;
+        }
         // Not every update repeats the closure: keep the last one seen. Copy
         // figures mean something only while copying.
         m.state = state;
@@ -208,15 +263,6 @@ impl DeploymentView {
             .values()
             .filter(|m| matches!(m.state, MachineState::Pending | MachineState::Cancelled))
             .count()
-    }
-
-    /// The widest machine name, for aligning columns.
-    pub fn name_width(&self) -> usize {
-        self.machines
-            .keys()
-            .map(|k| k.chars().count())
-            .max()
-            .unwrap_or(0)
     }
 }
 
