@@ -28,6 +28,8 @@ pub struct Behaviour {
     /// `kernel`, `initrd` and `kernel-modules` link into a kernel package
     /// built from this content (the same content: the same store path).
     pub kernel: Option<&'static str>,
+    /// `test` prints a line, waits, prints another and waits again.
+    pub slow_test: bool,
 }
 
 pub struct Host {
@@ -86,6 +88,11 @@ impl Host {
         } else {
             String::new()
         };
+        let slow_test = if behaviour.slow_test {
+            "echo 'first half'; sleep 1; echo 'second half'; sleep 1;"
+        } else {
+            ""
+        };
         let fail_boot = if behaviour.fail_boot {
             format!("echo 'boot entry for {tag} failed' >&2; exit 5;")
         } else {
@@ -117,7 +124,7 @@ impl Host {
     #!/bin/sh
     echo "{tag} \$1" >> {dir}/calls
     case "\$1" in
-      test|switch) {fail_test} ln -sfn $out {dir}/current-system ;;
+      test|switch) {slow_test} {fail_test} ln -sfn $out {dir}/current-system ;;
     esac
     case "\$1" in
       boot|switch) {fail_boot} ln -sfn $out {dir}/boot-entry ;;

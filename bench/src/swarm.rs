@@ -152,6 +152,12 @@ pub struct RunFigures {
     pub ctl_deployment_rows_s: f64,
     pub ctl_status_s: f64,
     pub ctl_watch_s: f64,
+    /// `procurator-ctl logs ID m-0` and `machine m-0`, and their floor:
+    /// the one RPC each makes, from a bare gRPC client.
+    pub ctl_logs_s: f64,
+    pub ctl_machine_s: f64,
+    pub floor_log_s: f64,
+    pub floor_history_s: f64,
     pub floor_rows_s: f64,
     pub floor_agents_s: f64,
 }
@@ -315,7 +321,23 @@ async fn measure(
             (Some((storm_s, down, before, after)), None)
         };
 
-        // Every agent is connected again: what an operator's commands cost.
+        // Five deployments of every machine in the store, as a fleet has
+        // after a week: what an operator's commands cost then.
+        let all = 0..planes.replicas.len();
+        for generation in 3..=5 {
+            rollout(
+                planes,
+                &mut swarm,
+                &operator,
+                pki,
+                n,
+                generation,
+                0,
+                0,
+                all.clone(),
+            )
+            .await?;
+        }
         let commands = commands::measure(pki, &urls[0], &operator, &with_confirm.id, n).await?;
 
         let sorted = stats::sorted(&with_confirm.desired_ms);
@@ -374,6 +396,10 @@ async fn measure(
             ctl_deployment_rows_s: commands.deployment_rows_s,
             ctl_status_s: commands.status_s,
             ctl_watch_s: commands.watch_s,
+            ctl_logs_s: commands.logs_s,
+            ctl_machine_s: commands.machine_s,
+            floor_log_s: commands.floor_log_s,
+            floor_history_s: commands.floor_history_s,
             floor_rows_s: commands.floor_rows_s,
             floor_agents_s: commands.floor_agents_s,
             watch_gaps: watched

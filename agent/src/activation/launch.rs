@@ -72,7 +72,16 @@ impl Deployment<'_> {
         phase: MachineState,
     ) -> Result<Ended, Failure> {
         let launched = self.launch(how, program, args, phase).await?;
-        Ok(self.activator.await_launched(&launched).await)
+        let name = program
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let doing = format!("{name} {}", args.join(" "));
+        Ok(self
+            .activator
+            .await_launched(&launched, |line| {
+                self.report(phase, format!("{doing}: {line}"));
+            })
+            .await)
     }
 
     async fn launch(
@@ -194,12 +203,21 @@ impl Deployment<'_> {
 
 impl Activator {
     /// Waits, at most the switch timeout, for a launched command's status
-    /// file. A runner that is gone without one failed.
-    pub(super) async fn await_launched(&self, launched: &Launched) -> Ended {
+    /// file. A runner that is gone without one failed. Meanwhile the last
+    /// line it printed goes to `on_output` when it changed, at most every
+    /// `output_interval`: the operator's live view shows it.
+    pub(super) async fn await_launched(
+        &self,
+        launched: &Launched,
+        mut on_output: impl FnMut(&str),
+    ) -> Ended {
         let timeout = self.settings.switch_timeout;
         let deadline = Instant::now() + timeout;
         let mut poll = FIRST_POLL;
         let mut next_liveness = Instant::now();
+        let output_interval = self.settings.output_interval;
+        let mut next_output = Instant::now() + output_interval;
+        let mut last_line = String::new();
         let status = loop {
             match RunStatus::read(&launched.status_file) {
                 Ok(Some(status)) => break Ok(status),
@@ -215,6 +233,15 @@ impl Activator {
                     };
                 }
                 next_liveness = Instant::now() + LIVENESS_INTERVAL;
+            }
+            if Instant::now() >= next_output {
+                if let Some(line) = last_line_of(&launched.output_file)
+                    && line != last_line
+                {
+                    on_output(&line);
+                    last_line = line;
+                }
+                next_output = Instant::now() + output_interval;
             }
             if Instant::now() >= deadline {
                 stop(launched).await;
@@ -312,6 +339,24 @@ async fn stop(launched: &Launched) {
     if let Err(e) = run_captured(command, Some(HELPER_TIMEOUT), 0).await {
         tracing::warn!(error = %e, "cannot stop an activation that ran out of time");
     }
+}
+
+/// The last line with text in a command's output file, colour removed, cut
+/// to what a progress message holds. Reads only the file's end.
+fn last_line_of(path: &Path) -> Option<String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    const END: u64 = 4096;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(END))).ok()?;
+    let mut end = Vec::new();
+    file.take(END).read_to_end(&mut end).ok()?;
+    let text = String::from_utf8_lossy(&end);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    Some(procurator_core::limits::clip(
+        &procurator_core::nix::strip_ansi(line),
+        procurator_core::limits::MAX_STRING_BYTES,
+    ))
 }
 
 /// A command's output file, bounded: an activation may print without end.

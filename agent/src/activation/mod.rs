@@ -49,6 +49,9 @@ pub struct Settings {
     pub tail_lines: usize,
     /// Copy progress is sent at most this often (plus a final one).
     pub progress_interval: Duration,
+    /// A running switch's last line of output is sent at most this often
+    /// (detached launches only).
+    pub output_interval: Duration,
     /// How `switch-to-configuration` is started.
     pub launcher: Launcher,
     /// `systemctl reboot` works here (systemd is PID 1).
@@ -61,6 +64,8 @@ impl Default for Settings {
             switch_timeout: Duration::from_secs(15 * 60),
             tail_lines: procurator_core::nix::TAIL_LINES,
             progress_interval: Duration::from_millis(250),
+            // A few events per machine and activation, even on a large fleet.
+            output_interval: Duration::from_secs(5),
             launcher: Launcher::Child,
             can_reboot: false,
         }

@@ -49,7 +49,7 @@ impl Activator {
         let ended = match &recorded {
             Some(launched) => {
                 tracing::info!(command = %launched.command, status_file = %launched.status_file.display(), "waiting for the activation the last run started");
-                Some(self.await_launched(launched).await)
+                Some(self.await_launched(launched, |_| {}).await)
             }
             None => None,
         };

@@ -93,6 +93,41 @@ async fn detached_activations_run_and_leave_their_status_and_output() {
     assert_eq!(outcome.current_system, new.as_str());
 }
 
+#[tokio::test]
+async fn a_running_switchs_last_line_of_output_is_reported() {
+    let (host, _old) = host_running_old().await;
+    let slow = host
+        .system(
+            "slow",
+            Behaviour {
+                slow_test: true,
+                ..Behaviour::default()
+            },
+        )
+        .await;
+    let mut activator = host.activator();
+    activator.settings.launcher = detached(&host);
+    activator.settings.output_interval = Duration::from_millis(100);
+    let (sink, progress) = recorder();
+    let outcome = activator.run(&desired(&slow), &sink).await;
+    assert_eq!(outcome.state, MachineState::Succeeded, "{outcome:?}");
+    let messages: Vec<String> = progress
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.state() == MachineState::Activating)
+        .map(|p| p.message.clone())
+        .collect();
+    for half in ["first half", "second half"] {
+        let said = messages
+            .iter()
+            .filter(|m| m.as_str() == format!("switch-to-configuration test: {half}"))
+            .count();
+        // Once each: a line that did not change is not sent again.
+        assert_eq!(said, 1, "{half}: {messages:#?}");
+    }
+}
+
 /// A journal as the agent leaves it when killed while `launched` runs.
 fn killed_while_activating(host: &Host, old: &StorePath, new: &StorePath, launched: Launched) {
     let entry = Entry {

@@ -521,6 +521,7 @@ impl SimulatedAgent {
                         deployment_id: id.clone(),
                         state: MachineState::Succeeded.into(),
                         current_system: desired.closure.clone(),
+                        output: activation_log(&desired.closure, None),
                         ..Default::default()
                     }
                 }
@@ -531,6 +532,7 @@ impl SimulatedAgent {
                         state: MachineState::RolledBack.into(),
                         failed_phase: phase.into(),
                         reason: reason.into(),
+                        output: activation_log(&desired.closure, Some(reason)),
                         ..Default::default()
                     }
                 }
@@ -587,6 +589,25 @@ async fn sleep_ms(ms: u64) {
     if ms > 0 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+}
+
+/// What a real agent's log of one deployment holds (agent/src/logbook.rs),
+/// about 3 KiB of it: the sections of every step, an activation's output.
+fn activation_log(closure: &str, failure: Option<&str>) -> String {
+    let mut log = format!(
+        "== nix copy --from file:///cache {closure}: copied 1 paths, 4096 bytes\n\
+         == {closure}/bin/switch-to-configuration test: exit status: 0\n"
+    );
+    for step in 1..=40 {
+        log.push_str(&format!("activation step {step} of 40\n"));
+    }
+    match failure {
+        None => log.push_str(&format!(
+            "== {closure}/bin/switch-to-configuration boot: exit status: 0\n== succeeded: {closure} runs"
+        )),
+        Some(reason) => log.push_str(&format!("== rolled-back: activating failed\n{reason}")),
+    }
+    log
 }
 
 pub fn unix_micros() -> u64 {

@@ -1,13 +1,16 @@
 //! What an operator runs against the swarm's control plane once every
 //! agent is connected: `procurator-ctl deployments`, `deployments ID`,
-//! `status` and `watch ID` at the swarm's size, each timed, beside the
-//! floor of the same pages read with a bare gRPC client.
+//! `status`, `watch ID`, `logs ID MACHINE` and `machine MACHINE` at the
+//! swarm's size, each timed, beside the floor of the same pages read with
+//! a bare gRPC client.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use procurator_proto::v1::{ListAgentsRequest, ListMachinesRequest};
+use procurator_proto::v1::{
+    GetMachineHistoryRequest, GetMachineLogRequest, ListAgentsRequest, ListMachinesRequest,
+};
 use serde_json::Value;
 
 use super::operator::Client;
@@ -19,6 +22,11 @@ pub struct CommandTimes {
     pub deployment_rows_s: f64,
     pub status_s: f64,
     pub watch_s: f64,
+    pub logs_s: f64,
+    pub machine_s: f64,
+    /// The one RPC of `logs` and of `machine`.
+    pub floor_log_s: f64,
+    pub floor_history_s: f64,
     /// Every row of the deployment, every agent: the pages alone.
     pub floor_rows_s: f64,
     pub floor_agents_s: f64,
@@ -79,6 +87,51 @@ pub async fn measure(
         count(&agents)
     );
     let (watch_s, _) = run(&["watch", id])?;
+    // The first machine of the swarm (`agents::PREFIX`-0).
+    let machine = format!("{}-0", super::PREFIX);
+    let (logs_s, log) = run(&["logs", id, &machine])?;
+    ensure!(
+        log["output"]
+            .as_str()
+            .is_some_and(|o| o.contains("activation step 40 of 40")),
+        "logs {id} {machine} printed no activation output: {log}"
+    );
+    let (machine_s, history) = run(&["machine", &machine])?;
+    ensure!(
+        count(&history) >= 5,
+        "machine {machine} listed {} deployments, not 5 or more",
+        count(&history)
+    );
+
+    let started = Instant::now();
+    let floor_log = operator
+        .clone()
+        .get_machine_log(GetMachineLogRequest {
+            machine: machine.clone(),
+            deployment_id: id.to_owned(),
+        })
+        .await
+        .context("GetMachineLog")?
+        .into_inner();
+    let floor_log_s = started.elapsed().as_secs_f64();
+    ensure!(!floor_log.output.is_empty(), "GetMachineLog: no output");
+    let started = Instant::now();
+    let floor_history = operator
+        .clone()
+        .get_machine_history(GetMachineHistoryRequest {
+            machine: machine.clone(),
+            page_size: 20,
+            page_token: String::new(),
+        })
+        .await
+        .context("GetMachineHistory")?
+        .into_inner();
+    let floor_history_s = started.elapsed().as_secs_f64();
+    ensure!(
+        floor_history.entries.len() >= 5,
+        "GetMachineHistory: {} entries",
+        floor_history.entries.len()
+    );
 
     let started = Instant::now();
     let mut rows = 0;
@@ -130,6 +183,10 @@ pub async fn measure(
         deployment_rows_s,
         status_s,
         watch_s,
+        logs_s,
+        machine_s,
+        floor_log_s,
+        floor_history_s,
         floor_rows_s,
         floor_agents_s,
     })
