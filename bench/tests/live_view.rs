@@ -113,7 +113,8 @@ fn artifact() -> Value {
         "gitCommit": "3f2c1a9b8e7d6c5b4a3928170f6e5d4c3b2a1908",
         "blueprint": blueprint,
         "closures": closures,
-        "rollout": { "maxInFlight": MACHINES },
+        // The two failures must not halt the rollout before the copies start.
+        "rollout": { "maxInFlight": MACHINES, "failureBudget": FAILING },
     })
 }
 
@@ -184,10 +185,18 @@ fn the_live_view_fits_the_terminal_and_shows_failures_first() {
         &["--copy-delay-ms", "600000"],
     );
 
+    let ctl = fleet.ctl().expect("ctl");
+    // Every agent connected first: each is sent its desired state at once.
+    wait_for("60 agents connected", Duration::from_secs(60), || {
+        let shown = ctl.run(&["status", "--connected", "--output", "json"])?;
+        let agents: Value = serde_json::from_str(&shown.stdout)?;
+        Ok((agents.as_array().map(Vec::len) == Some(MACHINES)).then_some(()))
+    })
+    .expect("the simulated agents connect");
+
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("deployment.json");
     std::fs::write(&path, artifact().to_string()).expect("write the artifact");
-    let ctl = fleet.ctl().expect("ctl");
     let submitted = ctl
         .run(&["submit", path.to_str().expect("utf-8"), "--output", "json"])
         .expect("submit");

@@ -100,7 +100,11 @@ impl Deployment<'_> {
                     .await;
                 match copied {
                     Ok(last) => {
-                        self.log(&format!("nix copy --from {substituter} {closure}: copied {} paths, {} bytes", last.paths_done, last.bytes_done), "");
+                        let copied = format!(
+                            "nix copy --from {substituter} {closure}: copied {} paths, {} bytes",
+                            last.paths_done, last.bytes_done
+                        );
+                        self.log(&copied, "");
                         self.report_copy(
                             MachineState::Copying,
                             format!("copied {closure} from {substituter}"),
