@@ -154,10 +154,10 @@ pub struct RunFigures {
     pub ctl_watch_s: f64,
     /// `procurator-ctl logs ID m-0` and `machine m-0`, and their floor:
     /// the one RPC each makes, from a bare gRPC client.
-    pub ctl_logs_s: f64,
-    pub ctl_machine_s: f64,
-    pub floor_log_s: f64,
-    pub floor_history_s: f64,
+    pub ctl_logs_ms: f64,
+    pub ctl_machine_ms: f64,
+    pub floor_log_ms: f64,
+    pub floor_history_ms: f64,
     pub floor_rows_s: f64,
     pub floor_agents_s: f64,
 }
@@ -396,10 +396,10 @@ async fn measure(
             ctl_deployment_rows_s: commands.deployment_rows_s,
             ctl_status_s: commands.status_s,
             ctl_watch_s: commands.watch_s,
-            ctl_logs_s: commands.logs_s,
-            ctl_machine_s: commands.machine_s,
-            floor_log_s: commands.floor_log_s,
-            floor_history_s: commands.floor_history_s,
+            ctl_logs_ms: commands.logs_s * 1000.0,
+            ctl_machine_ms: commands.machine_s * 1000.0,
+            floor_log_ms: commands.floor_log_s * 1000.0,
+            floor_history_ms: commands.floor_history_s * 1000.0,
             floor_rows_s: commands.floor_rows_s,
             floor_agents_s: commands.floor_agents_s,
             watch_gaps: watched
