@@ -82,6 +82,7 @@ pub async fn follow_view(
                 ));
                 let now = deployment_with_rows(conn, deployment_id, &RowFilter::default()).await?;
                 view.merge(&now);
+                renderer.replaced(&view);
                 last_revision = resume_from;
                 if view.finished {
                     break;

@@ -26,6 +26,9 @@ pub trait Renderer {
     fn event(&mut self, ev: &Event, view: &DeploymentView) -> anyhow::Result<()>;
     /// Something the operator should know that is not an event (a reconnect).
     fn notice(&mut self, message: &str);
+    /// `view` took in the deployment as `GetDeployment` and `ListMachines`
+    /// tell it now (after a gap in the events), not event by event.
+    fn replaced(&mut self, _view: &DeploymentView) {}
     /// The deployment ended.
     fn finish(&mut self, view: &DeploymentView) -> anyhow::Result<()>;
 }

@@ -187,6 +187,12 @@ impl Renderer for ProgressRenderer {
         Ok(())
     }
 
+    fn replaced(&mut self, view: &DeploymentView) {
+        let mut screen = self.screen();
+        screen.view = view.clone();
+        screen.dirty = true;
+    }
+
     fn notice(&mut self, message: &str) {
         let mut screen = self.screen();
         let mut out = std::io::stdout().lock();
