@@ -54,6 +54,9 @@ pub enum Command {
     Machine(command::machine::Args),
     /// What a deployment ran on a machine: every command and its output.
     Logs(command::logs::Args),
+    /// Serve the web dashboard on this machine (a URL with its token is
+    /// printed), backed by the control plane with your certificate.
+    Dashboard(command::dashboard::Args),
     /// Evaluate and build the flake; show which machines changed since the
     /// previous deployment.
     Plan(command::plan::Args),
@@ -190,6 +193,7 @@ pub async fn run(cli: Cli, resolved: Resolved) -> anyhow::Result<Outcome> {
         Command::Deployments(args) => command::deployments::run(conn, args).await,
         Command::Machine(args) => command::machine::run(conn, args).await,
         Command::Logs(args) => command::logs::run(conn, args).await,
+        Command::Dashboard(args) => command::dashboard::run(conn, args).await,
         Command::Plan(args) => command::plan::run(conn, args).await,
         Command::Publish(args) => command::publish::run(args).await,
         Command::Artifact(args) => command::artifact::run(args).await,

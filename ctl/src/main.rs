@@ -12,6 +12,7 @@ mod cli;
 mod command;
 mod config;
 mod connection;
+mod dashboard;
 mod failure;
 mod follow;
 mod format;

@@ -46,14 +46,19 @@ pub async fn run(conn: &ConnectionArgs, args: Args) -> anyhow::Result<Outcome> {
         .into_inner();
     match args.output.output {
         OutputFormat::Text => output::print(&log_text(&log))?,
-        OutputFormat::Json => output::print_json(&json!({
-            "machine": log.machine,
-            "deploymentId": log.deployment_id,
-            "state": log.state().label(),
-            "output": log.output,
-        }))?,
+        OutputFormat::Json => output::print_json(&log_json(&log))?,
     }
     Ok(Outcome::Success)
+}
+
+/// The log as `--output json` prints it (exact: no escaping).
+pub fn log_json(log: &MachineLog) -> serde_json::Value {
+    json!({
+        "machine": log.machine,
+        "deploymentId": log.deployment_id,
+        "state": log.state().label(),
+        "output": log.output,
+    })
 }
 
 /// A heading, then the output line by line with control characters

@@ -6,6 +6,7 @@ pub mod cancel;
 pub mod ci;
 pub mod completions;
 pub mod config;
+pub mod dashboard;
 pub mod deployments;
 pub mod logs;
 pub mod machine;
