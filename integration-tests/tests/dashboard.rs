@@ -28,10 +28,19 @@ impl Drop for Dashboard {
 /// One HTTP/1.1 request: the status code, the headers (lower-case names)
 /// and the body.
 fn get(addr: &str, target: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>, String) {
+    let cookie = cookie.map(|c| ("Cookie", c));
+    get_with(addr, target, cookie.as_slice())
+}
+
+fn get_with(
+    addr: &str,
+    target: &str,
+    extra: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to the dashboard");
     let mut request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(cookie) = cookie {
-        request.push_str(&format!("Cookie: {cookie}\r\n"));
+    for (name, value) in extra {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).expect("send");
@@ -49,6 +58,28 @@ fn get(addr: &str, target: &str, cookie: Option<&str>) -> (u16, Vec<(String, Str
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     (code, headers, body.to_owned())
+}
+
+/// The server-sent events of a body: (id, event, data as JSON).
+fn sse_events(body: &str) -> Vec<(u64, String, Value)> {
+    // Chunked transfer: only `id:`/`event:`/`data:` lines matter here.
+    let mut events = Vec::new();
+    let (mut id, mut kind) = (None, String::new());
+    for line in body.lines() {
+        if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("event:") {
+            kind = v.trim().to_owned();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            let data = serde_json::from_str(v.trim()).expect("JSON data");
+            events.push((
+                id.take().expect("an id before the data"),
+                kind.clone(),
+                data,
+            ));
+        }
+    }
+    events
 }
 
 fn json_of(addr: &str, target: &str, cookie: &str) -> Value {
@@ -171,6 +202,43 @@ fn the_dashboard_needs_its_token_and_shows_the_fleet_history_and_logs() {
         output.contains(&format!("== succeeded: {} runs", closures["worker-1"])),
         "{log}"
     );
+
+    // The deployment's events as server-sent events: every one, in order,
+    // the finishing one last; a reconnect with Last-Event-ID gets only
+    // what came after it.
+    let target = format!("/api/deployments/{id}/events");
+    let (code, headers, body) = get(&dashboard.addr, &target, Some(&cookie));
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")),
+        "{headers:?}"
+    );
+    let all = sse_events(&body);
+    let revisions: Vec<u64> = all.iter().map(|(id, _, _)| *id).collect();
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "in order: {revisions:?}"
+    );
+    assert_eq!(all.last().map(|e| e.1.as_str()), Some("finished"), "{body}");
+    for m in MACHINES {
+        assert!(
+            all.iter()
+                .any(|(_, _, d)| d["machine"] == *m && d["state"] == "succeeded"),
+            "{m} succeeded in the events: {body}"
+        );
+    }
+    let middle = revisions[revisions.len() / 2];
+    let last_seen = middle.to_string();
+    let (_, _, body) = get_with(
+        &dashboard.addr,
+        &target,
+        &[("Cookie", &cookie), ("Last-Event-ID", &last_seen)],
+    );
+    let after: Vec<u64> = sse_events(&body).iter().map(|(id, _, _)| *id).collect();
+    let expected: Vec<u64> = revisions.iter().copied().filter(|r| *r > middle).collect();
+    assert_eq!(after, expected, "resumed after {middle}");
 
     // What the control plane refuses comes back as an error, with its reason.
     let (code, _, body) = get(

@@ -2,17 +2,23 @@
 //! calls and in the same shapes as ctl's `--output json`: `/api/agents` as
 //! `status`, `/api/deployments` as `deployments`, a deployment's summary
 //! and one page of its rows, a machine's history as `machine`, a log as
-//! `logs`.
+//! `logs`; and a deployment's events as server-sent events, fed by `Watch`
+//! and resumed from the browser's `Last-Event-ID` (the event's revision).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use procurator_proto::v1::{GetMachineLogRequest, ListDeploymentsRequest, ListMachinesRequest};
+use futures::{Stream, StreamExt as _};
+use procurator_proto::v1::{
+    Event, GetMachineLogRequest, ListDeploymentsRequest, ListMachinesRequest, WatchRequest, event,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -35,6 +41,7 @@ pub fn routes() -> Router<Arc<Dashboard>> {
         .route("/api/deployments", get(deployment_list))
         .route("/api/deployments/{id}", get(deployment))
         .route("/api/deployments/{id}/machines", get(machines))
+        .route("/api/deployments/{id}/events", get(events))
         .route("/api/machines/{name}", get(history))
         .route("/api/machines/{name}/log", get(log))
 }
@@ -183,5 +190,89 @@ async fn log(
                 .to_string();
             Err(from_grpc(&status, message))
         }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Events after this revision; `Last-Event-ID` wins when the browser
+    /// reconnects by itself.
+    #[serde(default)]
+    from: u64,
+}
+
+/// The revision to resume after: the browser's `Last-Event-ID`, else `from`.
+fn resume_from(headers: &HeaderMap, from: u64) -> u64 {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(from)
+}
+
+/// One event as SSE: `id` its revision (so a reconnect resumes after it),
+/// `event` its type, `data` the JSON line `watch --output json` prints.
+fn to_sse(ev: &Event) -> sse::Event {
+    let kind = match &ev.kind {
+        Some(event::Kind::Finished(_)) => "finished",
+        _ => "update",
+    };
+    sse::Event::default()
+        .id(ev.revision.to_string())
+        .event(kind)
+        .data(crate::render::event_json(ev).to_string())
+}
+
+async fn events(
+    State(state): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, Failure> {
+    let from_revision = resume_from(&headers, query.from);
+    // The stream runs without the connection's lock: other pages go on.
+    let (mut client, url) = {
+        let conn = state.conn.lock().await;
+        (conn.client.clone(), conn.url.clone())
+    };
+    let request = WatchRequest {
+        deployment_id: id.clone(),
+        from_revision,
+    };
+    let stream = match client.watch(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let message =
+                crate::connection::describe_status(&status, &url, &format!("watching {id}"));
+            return Err(from_grpc(&status, message));
+        }
+    };
+    // A broken Watch ends the SSE stream with an `error` event; the browser
+    // reconnects and resumes after the last id it got.
+    let events = stream.map(move |item| {
+        Ok(match item {
+            Ok(ev) => to_sse(&ev),
+            Err(status) => sse::Event::default()
+                .event("error")
+                .data(json!({ "error": status.message() }).to_string()),
+        })
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn a_reconnect_resumes_after_the_last_event_id() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(resume_from(&headers, 7), 7);
+        headers.insert("last-event-id", HeaderValue::from_static("42"));
+        assert_eq!(resume_from(&headers, 7), 42);
+        headers.insert("last-event-id", HeaderValue::from_static("junk"));
+        assert_eq!(resume_from(&headers, 7), 7);
     }
 }

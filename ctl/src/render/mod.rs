@@ -13,7 +13,7 @@ use std::io::{IsTerminal as _, Write};
 use anyhow::Context as _;
 use procurator_proto::v1::Event;
 
-pub use json::{copy_json, phase_json};
+pub use json::{copy_json, event_json, phase_json};
 pub use view::DeploymentView;
 
 use crate::output::OutputFormat;

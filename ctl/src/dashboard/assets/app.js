@@ -7,6 +7,8 @@
 
 const page = document.getElementById("page");
 const statusLine = document.getElementById("status");
+// The live deployment page's event source, closed when the page changes.
+let live = null;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -87,19 +89,53 @@ async function deployment(id, pageToken) {
   const query = pageToken ? "?page_token=" + encodeURIComponent(pageToken) : "";
   const rows = await api("/api/deployments/" + encodeURIComponent(id) + "/machines" + query);
   const counts = Object.entries(d.machineCounts || {}).map(([label, n]) => n + " " + label).join(", ");
-  const body = rows.machines.map((m) =>
-    el("tr", {},
+  const shown = new Map();
+  const body = rows.machines.map((m) => {
+    const state = stateCell(m.state + (m.failedPhase ? " (" + m.failedPhase + ")" : ""));
+    const reason = el("td", {}, m.reason || "");
+    shown.set(m.machine, { state, reason });
+    return el("tr", {},
       el("td", {}, link("#/machine/" + encodeURIComponent(m.machine), m.machine)),
-      stateCell(m.state + (m.failedPhase ? " (" + m.failedPhase + ")" : "")),
+      state,
       el("td", {}, el("code", { title: m.closure }, shortPath(m.closure))),
-      el("td", {}, m.reason || "")));
+      reason);
+  });
   const more = rows.nextPageToken
     ? el("p", {}, link("#/deployment/" + encodeURIComponent(id) + "/" + encodeURIComponent(rows.nextPageToken), "Next machines"))
     : "";
+  const stateWord = el("strong", { class: "state-" + d.state }, d.state);
+  const countText = el("span", {}, counts);
   show("Deployment " + d.id,
-    el("p", {}, "State: ", el("strong", { class: "state-" + d.state }, d.state), " · commit ", el("code", {}, d.gitCommit), " · " + counts),
+    el("p", {}, "State: ", stateWord, " · commit ", el("code", {}, d.gitCommit), " · ", countText),
     table(d.counts.total + " machines", ["Machine", "State", "Closure", "Reason"], body),
     more);
+  if (d.finishedAt) return;
+  // Live: each event moves its row; the counts are read again at most
+  // once a second. The browser resumes after the last event id by itself.
+  let recount = null;
+  live = new EventSource("/api/deployments/" + encodeURIComponent(id) + "/events");
+  live.addEventListener("update", (message) => {
+    const e = JSON.parse(message.data);
+    const row = e.machine && shown.get(e.machine);
+    if (row) {
+      const label = e.state + (e.failedPhase ? " (" + e.failedPhase + ")" : "");
+      row.state.textContent = label;
+      row.state.className = "state-" + e.state;
+      row.reason.textContent = e.message || "";
+    }
+    recount = recount || setTimeout(async () => {
+      recount = null;
+      const now = await api("/api/deployments/" + encodeURIComponent(id));
+      countText.textContent = Object.entries(now.machineCounts || {}).map(([label, n]) => n + " " + label).join(", ");
+    }, 1000);
+  });
+  live.addEventListener("finished", (message) => {
+    const e = JSON.parse(message.data);
+    stateWord.textContent = e.state;
+    stateWord.className = "state-" + e.state;
+    statusLine.textContent = "Deployment " + id + " " + e.state;
+    live.close();
+  });
 }
 
 async function machine(name) {
@@ -124,6 +160,10 @@ async function machine(name) {
 }
 
 async function route() {
+  if (live) {
+    live.close();
+    live = null;
+  }
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   statusLine.textContent = "";
   try {
