@@ -86,36 +86,10 @@ fn agents(ca_dir: &Path, url: &str, first: usize, count: usize, behaviour: &[&st
 }
 
 fn artifact() -> Value {
-    let mut blueprint = serde_json::Map::new();
-    let mut closures = serde_json::Map::new();
-    for i in 0..MACHINES {
-        let name = format!("m-{i}");
-        blueprint.insert(
-            name.clone(),
-            json!({
-                "role": "worker",
-                "cpu": 1.0,
-                "memory": { "amount": 1.0, "unit": "GB" },
-                "deployment": { "addr": name, "backend": "nixos" },
-            }),
-        );
-        // 32 characters of Nix's base-32 alphabet, one path per machine.
-        let hash: String = format!("{i:0>32}")
-            .chars()
-            .map(|c| if c == '0' { 'a' } else { c })
-            .collect();
-        closures.insert(
-            name.clone(),
-            json!(format!("/nix/store/{hash}-nixos-system-{name}")),
-        );
-    }
-    json!({
-        "gitCommit": "3f2c1a9b8e7d6c5b4a3928170f6e5d4c3b2a1908",
-        "blueprint": blueprint,
-        "closures": closures,
-        // The two failures must not halt the rollout before the copies start.
-        "rollout": { "maxInFlight": MACHINES, "failureBudget": FAILING },
-    })
+    let mut artifact = procurator_integration_tests::simulated::artifact("m", MACHINES, 1, 0);
+    // The two failures must not halt the rollout before the copies start.
+    artifact["rollout"]["failureBudget"] = json!(FAILING);
+    artifact
 }
 
 /// The rows of the machine table on `screen`: each row's first word.

@@ -30,6 +30,7 @@ pub mod postgres;
 pub mod process;
 pub mod rogue;
 pub mod scenario;
+pub mod simulated;
 pub mod vms;
 
 use std::path::{Path, PathBuf};
