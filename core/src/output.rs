@@ -108,10 +108,6 @@ impl BoundedOutput {
         self.left_out_lines > 0
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.head.is_empty() && self.tail.is_empty() && !self.is_cut()
-    }
-
     /// The last `n` lines kept.
     pub fn last_lines(&self, n: usize) -> String {
         let from_tail = self.tail.len().min(n);
@@ -261,6 +257,6 @@ mod tests {
             let output = BoundedOutput::of(&numbered(50), max);
             assert!(output.render().len() <= max.max(MARKER_ROOM), "{max}");
         }
-        assert!(BoundedOutput::new(100).is_empty());
+        assert!(BoundedOutput::new(100).render().is_empty());
     }
 }

@@ -90,6 +90,19 @@ pub fn ago(now_ms: i64, then_ms: i64) -> String {
     }
 }
 
+/// `9,998`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// How long something took: `850ms`, `4.2s`, `3m12s`, `2h05m`.
 pub fn span(ms: i64) -> String {
     let ms = ms.max(0);
@@ -178,6 +191,13 @@ pub fn short_store_path(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(thousands(9_998), "9,998");
+        assert_eq!(thousands(100), "100");
+        assert_eq!(thousands(1_000_000), "1,000,000");
+    }
 
     #[test]
     fn spans_read_at_a_glance() {

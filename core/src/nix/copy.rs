@@ -123,8 +123,18 @@ impl Nix {
 
     /// The NAR size of each path of `closure` the destination lacks, from
     /// `substituter`'s narinfos; empty when either cannot say (the copy
-    /// then reports what Nix does, and fails with the real reason).
+    /// then reports what Nix does, and fails with the real reason), and
+    /// without asking the substituter when the destination holds `closure`
+    /// already (then it holds all of its closure).
     async fn missing_sizes(&self, substituter: &str, closure: &StorePath) -> HashMap<String, u64> {
+        let local = PathInfoQuery {
+            store: self.destination.as_deref(),
+            ..PathInfoQuery::default()
+        };
+        let top = self.path_info(local, std::slice::from_ref(closure)).await;
+        if top.is_ok_and(|held| held.iter().any(|p| p.valid)) {
+            return HashMap::new();
+        }
         let remote = PathInfoQuery {
             store: Some(substituter),
             recursive: true,
@@ -134,10 +144,6 @@ impl Nix {
             return HashMap::new();
         };
         let paths: Vec<StorePath> = offered.iter().map(|p| p.path.clone()).collect();
-        let local = PathInfoQuery {
-            store: self.destination.as_deref(),
-            ..PathInfoQuery::default()
-        };
         let Ok(held) = self.path_info(local, &paths).await else {
             return HashMap::new();
         };

@@ -25,6 +25,7 @@ use tonic::Code;
 
 use super::Dashboard;
 use crate::command::{deployments, logs, machine, status};
+use crate::connection::Connection;
 use crate::format;
 
 /// Deployments the history page lists.
@@ -53,6 +54,11 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
+}
+
+/// `status` from the control plane, said as ctl says it.
+fn refused(conn: &Connection, status: &tonic::Status, doing: &str) -> Failure {
+    from_grpc(status, conn.error(status, doing).to_string())
 }
 
 fn from_grpc(status: &tonic::Status, message: String) -> Failure {
@@ -85,12 +91,7 @@ async fn deployment_list(State(state): Shared) -> Result<Json<Value>, Failure> {
     let request = ListDeploymentsRequest { limit: HISTORY };
     let listed = match conn.client.list_deployments(request).await {
         Ok(response) => response.into_inner().deployments,
-        Err(status) => {
-            return Err(from_grpc(
-                &status,
-                conn.error(&status, "listing deployments").to_string(),
-            ));
-        }
+        Err(status) => return Err(refused(&conn, &status, "listing deployments")),
     };
     Ok(Json(Value::Array(
         listed.iter().map(deployments::summary_json).collect(),
@@ -146,12 +147,11 @@ async fn machines(
                 "nextPageToken": deployments::non_empty(&page.next_page_token),
             })))
         }
-        Err(status) => {
-            let message = conn
-                .error(&status, &format!("listing the machines of {id}"))
-                .to_string();
-            Err(from_grpc(&status, message))
-        }
+        Err(status) => Err(refused(
+            &conn,
+            &status,
+            &format!("listing the machines of {id}"),
+        )),
     }
 }
 
@@ -184,12 +184,11 @@ async fn log(
     };
     match conn.client.get_machine_log(request).await {
         Ok(response) => Ok(Json(logs::log_json(&response.into_inner()))),
-        Err(status) => {
-            let message = conn
-                .error(&status, &format!("reading the output of {name}"))
-                .to_string();
-            Err(from_grpc(&status, message))
-        }
+        Err(status) => Err(refused(
+            &conn,
+            &status,
+            &format!("reading the output of {name}"),
+        )),
     }
 }
 

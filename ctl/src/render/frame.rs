@@ -44,27 +44,19 @@ pub fn frame(
     let room = height.saturating_sub(lines.len() + 1);
     if shown > 0 && room > 0 {
         let fits = if shown <= room { shown } else { room - 1 };
-        let name_width = failed
-            .iter()
-            .chain(&in_flight)
-            .take(fits)
-            .map(|(n, _)| n.chars().count())
-            .max()
-            .unwrap_or(0)
-            .max("MACHINE".len());
-        let phase_width = failed
-            .iter()
-            .chain(&in_flight)
-            .take(fits)
-            .map(|(_, m)| phase(m).chars().count())
-            .max()
-            .unwrap_or(0);
+        let listed: Vec<&(&String, &MachineView)> =
+            failed.iter().chain(&in_flight).take(fits).collect();
+        let widest = |width: &dyn Fn(&(&String, &MachineView)) -> usize| {
+            listed.iter().map(|r| width(r)).max().unwrap_or(0)
+        };
+        let name_width = widest(&|(n, _)| n.chars().count()).max("MACHINE".len());
+        let phase_width = widest(&|(_, m)| phase(m).chars().count());
         let widths = (name_width, phase_width);
         lines.push(format!(
             "{:<name_width$}  {:<phase_width$}  {:>7}  DETAIL",
             "MACHINE", "PHASE", "ELAPSED"
         ));
-        for (name, m) in failed.iter().chain(&in_flight).take(fits) {
+        for (name, m) in listed {
             lines.push(row(name, m, widths, now_ms, tick, width));
         }
         if fits < shown {
@@ -123,19 +115,19 @@ fn totals(view: &DeploymentView, width: usize) -> String {
     let in_flight = total - finished - pending;
     let mut text = format!(
         "{}/{} ok · {} failed",
-        thousands(ok),
-        thousands(total),
-        thousands(failed)
+        format::thousands(ok),
+        format::thousands(total),
+        format::thousands(failed)
     );
     if in_flight > 0 {
-        let _ = write!(text, " · {} in flight", thousands(in_flight));
+        let _ = write!(text, " · {} in flight", format::thousands(in_flight));
     }
     if pending > 0 {
-        let _ = write!(text, " · {} pending", thousands(pending));
+        let _ = write!(text, " · {} pending", format::thousands(pending));
     }
     let others = finished - ok - failed;
     if others > 0 {
-        let _ = write!(text, " · {} other", thousands(others));
+        let _ = write!(text, " · {} other", format::thousands(others));
     }
     let bar_width = (width / 3).clamp(10, 40);
     format!("{}  {text}", bar(finished as u64, total as u64, bar_width))
@@ -148,7 +140,7 @@ fn breakdown(view: &DeploymentView) -> String {
         .iter()
         .filter_map(|state| {
             let n = view.machines.values().filter(|m| m.state == *state).count();
-            (n > 0).then(|| format!("{} {}", thousands(n), state.label()))
+            (n > 0).then(|| format!("{} {}", format::thousands(n), state.label()))
         })
         .collect();
     if parts.is_empty() {
@@ -236,19 +228,6 @@ fn bar(done: u64, total: u64, width: usize) -> String {
         out.push_str(&" ".repeat(width - filled - 1));
     }
     out.push(']');
-    out
-}
-
-/// `9,998`.
-pub fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
     out
 }
 
@@ -361,9 +340,6 @@ mod tests {
 
     #[test]
     fn numbers_and_bars_read_at_a_glance() {
-        assert_eq!(thousands(9_998), "9,998");
-        assert_eq!(thousands(100), "100");
-        assert_eq!(thousands(1_000_000), "1,000,000");
         assert_eq!(bar(0, 0, 4), "[    ]");
         assert_eq!(bar(1, 2, 4), "[==> ]");
         assert_eq!(bar(2, 2, 4), "[====]");

@@ -8,7 +8,6 @@ use std::fmt::Write as _;
 use procurator_proto::v1::DeploymentState;
 
 use super::SummaryStyle;
-use super::frame::thousands;
 use super::plain::{indented_tail, state_text};
 use super::view::{DeploymentView, MachineView};
 use crate::format;
@@ -30,14 +29,14 @@ pub fn summary_text(view: &DeploymentView, style: SummaryStyle) -> String {
     let _ = writeln!(
         out,
         ": {} of {} machines ok, {} failed",
-        thousands(
+        format::thousands(
             view.machines
                 .values()
                 .filter(|m| m.state.is_success())
                 .count()
         ),
-        thousands(view.machines.len()),
-        thousands(failed)
+        format::thousands(view.machines.len()),
+        format::thousands(failed)
     );
     if !view.rollback_of.is_empty() {
         let _ = writeln!(out, "  rollback of {}", view.rollback_of);
@@ -139,7 +138,7 @@ fn counted(rest: &[(&String, &MachineView)]) -> String {
                 let _ = writeln!(
                     out,
                     "  {} {} (--all lists them)",
-                    thousands(n),
+                    format::thousands(n),
                     state.label()
                 );
             }
