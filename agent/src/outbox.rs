@@ -2,6 +2,7 @@
 //! results are persisted in `STATE_DIR/results.json` until a stream took
 //! them; of progress only the newest matters.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -26,8 +27,14 @@ struct Stored {
 #[derive(Debug, Default)]
 struct State {
     results: Vec<Stored>,
-    progress: Option<Progress>,
+    /// Unsent progress, the newest of each phase in turn: a report replaces
+    /// one of its own phase, never the last of an earlier one (a copy's
+    /// final figures must not vanish behind "activating").
+    progress: VecDeque<Progress>,
 }
+
+/// Phases one deployment reports in a row, at most.
+const MAX_PENDING_PROGRESS: usize = 16;
 
 /// The next message for the control plane.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +70,7 @@ impl Outbox {
             logbook: Logbook::new(state_dir),
             state: Mutex::new(State {
                 results,
-                progress: None,
+                progress: VecDeque::new(),
             }),
             notify: Notify::new(),
         }
@@ -96,13 +103,9 @@ impl Outbox {
         state
             .results
             .retain(|s| !same(&s.outcome, &outcome.deployment_id, &outcome.closure));
-        if state
+        state
             .progress
-            .as_ref()
-            .is_some_and(|p| p.deployment_id == outcome.deployment_id)
-        {
-            state.progress = None;
-        }
+            .retain(|p| p.deployment_id != outcome.deployment_id);
         state.results.push(Stored {
             outcome,
             delivered: false,
@@ -143,9 +146,25 @@ impl Outbox {
         true
     }
 
-    /// Replaces any progress not sent yet.
+    /// Replaces unsent progress of the same deployment and phase, else
+    /// queues behind it.
     pub fn progress(&self, progress: Progress) {
-        self.lock().progress = Some(progress);
+        let mut state = self.lock();
+        let queue = &mut state.progress;
+        match queue.back_mut() {
+            Some(last)
+                if last.deployment_id == progress.deployment_id && last.state == progress.state =>
+            {
+                *last = progress;
+            }
+            _ => {
+                if queue.len() == MAX_PENDING_PROGRESS {
+                    queue.pop_front();
+                }
+                queue.push_back(progress);
+            }
+        }
+        drop(state);
         self.notify.notify_one();
     }
 
@@ -159,7 +178,7 @@ impl Outbox {
                 if let Some(stored) = state.results.iter().find(|s| !s.delivered) {
                     return Outgoing::Result(stored.outcome.clone());
                 }
-                if let Some(progress) = state.progress.take() {
+                if let Some(progress) = state.progress.pop_front() {
                     return Outgoing::Progress(progress);
                 }
             }
@@ -217,6 +236,28 @@ mod tests {
             message: message.into(),
             ..Progress::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_new_phase_queues_behind_the_last_report_of_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::load(dir.path());
+        let at = |state: procurator_proto::v1::MachineState, message: &str| Progress {
+            state: state.into(),
+            ..progress("d-1", message)
+        };
+        use procurator_proto::v1::MachineState::{Activating, Copying};
+        outbox.progress(at(Copying, "half"));
+        outbox.progress(at(Copying, "copied"));
+        outbox.progress(at(Activating, "switch"));
+        assert_eq!(
+            outbox.next().await,
+            Outgoing::Progress(at(Copying, "copied"))
+        );
+        assert_eq!(
+            outbox.next().await,
+            Outgoing::Progress(at(Activating, "switch"))
+        );
     }
 
     #[tokio::test]
